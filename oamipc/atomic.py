@@ -1,0 +1,48 @@
+"""Atomic file output: nothing half-written is ever left at the destination.
+
+Every file oamipc writes (ONNX models, reports, saved programs) goes through
+:func:`atomic_output`: the writer fills a temporary file in the destination's directory (same
+file system, so the final ``os.replace`` is atomic), and only a writer that returned normally gets
+its file renamed into place.  On any exception -- including ``KeyboardInterrupt`` and a full
+disk -- the temporary file is removed and the destination is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from oamipc.errors import OutputError
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Fail early, before any expensive work, if ``path`` cannot be written."""
+    dest = Path(path)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    if dest.is_dir():
+        raise OutputError(f"output path {dest} is a directory: give a file name, e.g. {dest / 'model.onnx'}")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {dest}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {dest}: directory {parent} is not writable; choose another path")
+    return dest
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds."""
+    dest = check_writable(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}; check the path and free disk space") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

@@ -1,0 +1,107 @@
+"""The pruning plan: which units of which group are kept, as plain data.
+
+A plan is the hand-off between choosing (importance + selection) and removing (the prune
+transform).  It names groups by their producers (``UnitGroup.key``), so it can be saved as JSON,
+inspected, compared between criteria, and replayed on a fresh copy of the same model: the unit
+analysis of that copy must find the same groups with the same sizes, or the plan is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oamipc.atomic import atomic_output
+from oamipc.errors import PlanError
+from oamipc.units import UnitGraph
+
+
+@dataclass
+class GroupPlan:
+    """Kept units of one group, by local index (position in ``UnitGroup.units``)."""
+
+    key: str
+    name: str
+    size: int
+    kept: list[int]
+
+    @property
+    def removed(self) -> int:
+        return self.size - len(self.kept)
+
+
+@dataclass
+class Plan:
+    """Kept units per group plus how they were chosen (criterion, settings)."""
+
+    groups: list[GroupPlan]
+    criterion: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mask(cls, graph: UnitGraph, kept: np.ndarray, criterion: str = "",
+                  settings: dict[str, Any] | None = None) -> Plan:
+        groups = [GroupPlan(g.key, g.name, g.size, [i for i, u in enumerate(g.units) if kept[u]])
+                  for g in graph.groups]
+        return cls(groups, criterion, dict(settings or {}))
+
+    def kept_mask(self, graph: UnitGraph) -> np.ndarray:
+        """The plan as a mask over ``graph``'s units; PlanError if it does not fit the graph."""
+        by_key = graph.group_by_key()
+        mask = np.ones(graph.n_units, dtype=bool)
+        for gp in self.groups:
+            g = by_key.get(gp.key)
+            if g is None:
+                raise PlanError(f"plan names group {gp.name!r} ({gp.key}) that this model does not have; "
+                                "was the plan made for another architecture?")
+            if g.size != gp.size:
+                raise PlanError(f"plan has {gp.size} units for group {gp.name!r} but the model has {g.size}; "
+                                "replay a plan only on the model it was made for")
+            bad = [i for i in gp.kept if not 0 <= i < g.size]
+            if bad:
+                raise PlanError(f"plan keeps unit {bad[0]} of group {gp.name!r}, which has {g.size} units")
+            keep = set(gp.kept)
+            for i, u in enumerate(g.units):
+                mask[u] = i in keep
+            lost = [u for u in g.pinned if not mask[u]]
+            if lost:
+                raise PlanError(f"plan removes unit {g.units.index(lost[0])} of group {gp.name!r}, which must be "
+                                f"kept ({g.pinned[lost[0]]})")
+        return mask
+
+    def widths(self) -> dict[str, tuple[int, int]]:
+        return {gp.name: (gp.size, len(gp.kept)) for gp in self.groups}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "settings": self.settings,
+                "groups": [asdict(g) for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        try:
+            groups = [GroupPlan(str(g["key"]), str(g["name"]), int(g["size"]), [int(i) for i in g["kept"]])
+                      for g in data["groups"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"not a valid plan: missing or malformed field {exc}; "
+                            "use a file written by `oamipc compile --save-plan`") from exc
+        return cls(groups, str(data.get("criterion", "")), dict(data.get("settings", {})))
+
+    def save(self, path: str | Path) -> None:
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise PlanError(f"plan file {path} does not exist") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(f"cannot read plan {path}: {exc}; it must be JSON written by oamipc") from exc
+        if not isinstance(data, dict):
+            raise PlanError(f"plan {path} is not a JSON object")
+        return cls.from_dict(data)

@@ -1,0 +1,94 @@
+"""One interface for every importance criterion: a score per unit, higher = more important.
+
+Criteria (L1/L2 magnitude, mean activation, first-order Taylor, random, and the MILP) are
+analyses that return a float array over the units of the :class:`oamipc.units.UnitGraph`.  A
+unit that couples several producers' channels gets the sum of its members' scores.  Criteria
+register under a short name (``l1``, ``taylor``, ...) so the selection step and the CLI can ask
+for them by name; the registry is filled as the criteria's modules are imported (``oamipc.passes``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import fx
+
+from oamipc.errors import UsageError
+from oamipc.passmanager import Analysis, AnalysisManager
+from oamipc.units import UnitGraph
+
+from .unit_groups import UnitGroupAnalysis
+
+
+@dataclass(frozen=True)
+class ImportanceAnalysis(Analysis[np.ndarray]):
+    """Base class: subclasses set ``criterion`` and implement :meth:`scores`."""
+
+    criterion: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+    leaf_modules: tuple[str, ...] = ()
+
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> np.ndarray:
+        ctx = am.context
+        if self.needs_data and ctx.calib_x is None:
+            raise UsageError(f"importance {self.criterion!r} needs calibration data: pass --data")
+        if self.needs_labels and ctx.calib_y is None:
+            raise UsageError(f"importance {self.criterion!r} needs labelled data: give --data with labels")
+        graph = am.get(self.unit_analysis(), gm)
+        scores = np.asarray(self.scores(gm, graph, am), dtype=np.float64)
+        if scores.shape != (graph.n_units,):
+            raise AssertionError(f"{self.criterion}: {scores.shape} scores for {graph.n_units} units")
+        return np.nan_to_num(scores, nan=0.0, posinf=np.finfo(np.float64).max)
+
+    def unit_analysis(self) -> Analysis[UnitGraph]:
+        return UnitGroupAnalysis(self.leaf_modules)
+
+    @abstractmethod
+    def scores(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager) -> np.ndarray:
+        """A score per unit of ``graph`` (higher: more important)."""
+
+
+def aggregate(graph: UnitGraph, per_producer: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Sum per-channel scores of every producer into the units that own those channels."""
+    out = np.zeros(graph.n_units, dtype=np.float64)
+    for unit, members in graph.members.items():
+        out[unit] = sum(float(per_producer[t][c]) for t, c in members if t in per_producer)
+    return out
+
+
+def producer_weights(gm: fx.GraphModule, graph: UnitGraph) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) of every producer layer, weight reshaped to (out, -1)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for layer in graph.layers:
+        if layer.target in out:
+            continue
+        mod = gm.get_submodule(layer.target)
+        w: Any = mod.weight
+        out[layer.target] = (w.reshape(w.shape[0], -1), getattr(mod, "bias", None))
+    return out
+
+
+_CRITERIA: dict[str, type[ImportanceAnalysis]] = {}
+
+
+def register_criterion(cls: type[ImportanceAnalysis]) -> type[ImportanceAnalysis]:
+    """Class decorator: make a criterion available by its ``criterion`` name."""
+    _CRITERIA[cls.criterion] = cls
+    return cls
+
+
+def criteria() -> dict[str, type[ImportanceAnalysis]]:
+    """Registered criteria by name (import ``oamipc.passes`` first)."""
+    return dict(sorted(_CRITERIA.items()))
+
+
+def get_criterion(name: str, leaf_modules: tuple[str, ...] = ()) -> ImportanceAnalysis:
+    if name not in _CRITERIA:
+        raise UsageError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(_CRITERIA))}")
+    return _CRITERIA[name](leaf_modules=leaf_modules)

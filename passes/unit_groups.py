@@ -1,0 +1,573 @@
+"""Unit-group analysis: which neurons and channels can be removed, and what each removal touches.
+
+How it works (one forward walk over the graph, then a union-find):
+
+1. Every output neuron of a Linear and output channel of a Conv (not depthwise) is a *source
+   unit* with a fresh id.  Each tensor gets a layout: the source id behind each index of its
+   channel dimension (see :mod:`oamipc.units`).
+2. Ops move layouts forward: element-wise ops and pooling keep them; flatten/view expand a
+   channel into its ``H*W`` block of features; ``cat`` concatenates them (``cat([x, x])`` simply
+   repeats the units); ``split``/``chunk`` slice them; a depthwise conv maps output ``o`` to input
+   channel ``o // multiplier``.
+3. Ops that combine tensors element-wise (``add``, ``sub``, ``mul``, ``div``) *couple* the source
+   units at equal positions: a union-find merges them into one unit (a residual channel, a
+   squeeze-excitation gate and the channel it scales).
+4. Anything else is a barrier: every unit that reaches it is *pinned* (kept), with the reason,
+   and its output is treated as not removable.  The network outputs pin their units too, so
+   output neurons are never removed.
+5. Grouped convolutions and GroupNorm add *equal-count blocks*: the kept count must be the same
+   in every block so that the layer stays valid.
+
+The result (:class:`oamipc.units.UnitGraph`) also holds the exact cost model of every
+Linear/Conv layer as a function of the kept units.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import fx, nn
+
+from oamipc import ir
+from oamipc.passmanager import Analysis, AnalysisManager, register
+from oamipc.units import Barrier, LayerCost, Layout, SplitLayout, UnitGraph, UnitGroup
+
+log = logging.getLogger(__name__)
+
+OUTPUT_REASON = "reaches a network output"
+
+
+class _UnionFind:
+    """Union-find over source ids, remembering why a set was pinned."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.pin_reason: dict[int, str] = {}
+
+    def add(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        root = a
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[a] != root:
+            self.parent[a], a = root, self.parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # Keep the smaller id as the root so results do not depend on call order.
+            lo, hi = min(ra, rb), max(ra, rb)
+            self.parent[hi] = lo
+
+    def pin(self, ids: np.ndarray, reason: str) -> int:
+        n = 0
+        for s in ids.tolist():
+            if s >= 0:
+                self.pin_reason.setdefault(s, reason)
+                n += 1
+        return n
+
+
+class _Walker:
+    """One forward walk over the graph that assigns layouts (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, leaf_modules: frozenset[str]) -> None:
+        self.gm = gm
+        self.leaf_modules = leaf_modules
+        self.uf = _UnionFind()
+        self.layouts: dict[str, Layout | SplitLayout | None] = {}
+        self.producers: dict[int, tuple[str, int]] = {}  # source id -> (module target, channel)
+        self.layers: list[tuple[fx.Node, str, np.ndarray, np.ndarray]] = []
+        self.blocks: list[tuple[list[np.ndarray], str]] = []
+        self.barriers: list[Barrier] = []
+        self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+    # ----------------------------------------------------------------- helpers
+    def layout(self, arg: Any) -> Layout | None:
+        if isinstance(arg, fx.Node):
+            lay = self.layouts.get(arg.name)
+            return lay if isinstance(lay, Layout) else None
+        return None
+
+    def barrier(self, node: fx.Node, reason: str) -> None:
+        pinned = 0
+        for arg in ir.iter_nodes((node.args, node.kwargs)):
+            lay = self.layouts.get(arg.name)
+            for piece in (lay.pieces if isinstance(lay, SplitLayout) else (lay,)):
+                if piece is not None:
+                    pinned += self.uf.pin(piece.units, f"feeds {ir.where(node)}: {reason}")
+        if pinned:
+            self.barriers.append(Barrier(node.name, ir.op_name(node) if node.op != "call_module"
+                                         else type(ir.get_module(self.gm, str(node.target))).__name__,
+                                         reason, pinned))
+        self.layouts[node.name] = None
+
+    def new_units(self, target: str, n: int, dim: int) -> Layout:
+        ids = self.uf.add(n)
+        for c, s in enumerate(ids.tolist()):
+            self.producers[s] = (target, c)
+        return Layout(dim, ids)
+
+    def untracked(self, n: int, dim: int) -> np.ndarray:
+        return np.full(n, -1, dtype=np.int64)
+
+    # ----------------------------------------------------------------- walk
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self.layouts[node.name] = None
+            elif node.op == "output":
+                for arg in ir.iter_nodes(node.args):
+                    lay = self.layouts.get(arg.name)
+                    for piece in (lay.pieces if isinstance(lay, SplitLayout) else (lay,)):
+                        if piece is not None:
+                            self.uf.pin(piece.units, OUTPUT_REASON)
+            elif node.op == "call_module":
+                self.visit_module(node)
+            else:
+                self.visit_function(node)
+
+    def visit_module(self, node: fx.Node) -> None:
+        target = str(node.target)
+        mod = ir.get_module(self.gm, target)
+        x = node.args[0] if node.args else None
+        lay = self.layout(x)
+        if target in self.leaf_modules:
+            return self.barrier(node, "kept opaque (leaf module)")
+        if isinstance(mod, (nn.Linear, *ir.CONV_MODULES, *ir.BATCHNORM_MODULES, nn.LayerNorm,
+                            nn.GroupNorm)) and self.calls[node.target] > 1:
+            return self.barrier(node, f"module is called {self.calls[node.target]} times (shared weights)")
+        if isinstance(mod, nn.Linear):
+            return self.visit_linear(node, target, mod, x, lay)
+        if isinstance(mod, ir.CONV_MODULES):
+            return self.visit_conv(node, target, mod, x, lay)
+        if isinstance(mod, ir.BATCHNORM_MODULES):
+            return self.pass_through(node, lay, dim=1)
+        if isinstance(mod, nn.LayerNorm):
+            shape = ir.tensor_shape(x)
+            if len(mod.normalized_shape) != 1 or shape is None:
+                return self.barrier(node, "LayerNorm over more than the channel dimension")
+            return self.pass_through(node, lay, dim=len(shape) - 1)
+        if isinstance(mod, nn.GroupNorm):
+            return self.visit_groupnorm(node, mod, lay)
+        if isinstance(mod, ir.ELEMENTWISE_MODULES):
+            self.layouts[node.name] = lay
+            return None
+        if isinstance(mod, ir.POOL_MODULES):
+            return self.pass_through(node, lay, dim=1)
+        if isinstance(mod, nn.Flatten):
+            return self.visit_reshape(node, lay)
+        if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+            return self.visit_softmax(node, lay, mod.dim)
+        return self.barrier(node, f"{type(mod).__name__} is not supported by the unit analysis")
+
+    def pass_through(self, node: fx.Node, lay: Layout | None, *, dim: int) -> None:
+        """Ops that keep each channel where it is, provided it sits on ``dim``."""
+        if lay is not None and lay.dim != dim:
+            return self.barrier(node, f"expects channels on dim {dim}, got dim {lay.dim}")
+        self.layouts[node.name] = lay
+        return None
+
+    def visit_linear(self, node: fx.Node, target: str, mod: nn.Linear, x: Any, lay: Layout | None) -> None:
+        in_shape, out_shape = ir.tensor_shape(x), ir.tensor_shape(node)
+        if in_shape is None or out_shape is None:
+            return self.barrier(node, "shapes were not propagated")
+        last = len(in_shape) - 1
+        if lay is not None and lay.dim != last:
+            self.barrier(node, "input channels are not on the feature dimension")
+            lay = None
+        in_units = lay.units if lay is not None else self.untracked(mod.in_features, last)
+        out = self.new_units(target, mod.out_features, len(out_shape) - 1)
+        self.layouts[node.name] = out
+        self.layers.append((node, "linear", in_units, out.units))
+        return None
+
+    def visit_conv(self, node: fx.Node, target: str, mod: nn.Conv1d | nn.Conv2d, x: Any,
+                   lay: Layout | None) -> None:
+        if lay is not None and lay.dim != 1:
+            self.barrier(node, "input channels are not on dim 1")
+            lay = None
+        cin, cout, g = mod.in_channels, mod.out_channels, mod.groups
+        if g == 1:
+            in_units = lay.units if lay is not None else self.untracked(cin, 1)
+            out = self.new_units(target, cout, 1)
+            self.layers.append((node, "conv", in_units, out.units))
+        elif g == cin and cin > 1:
+            # Depthwise: output o reads input o // mult only, so it shares that input's unit.
+            mult = cout // cin
+            in_units = lay.units if lay is not None else self.untracked(cin, 1)
+            out = Layout(1, np.repeat(in_units, mult))
+            self.layers.append((node, "depthwise", in_units, out.units))
+        else:
+            # Grouped: keep every input (their per-group counts are fixed), prune outputs in
+            # equal numbers per group.
+            if lay is not None:
+                self.uf.pin(lay.units, f"feeds grouped conv {target} (groups={g})")
+            in_units = self.untracked(cin, 1)
+            out = self.new_units(target, cout, 1)
+            self.blocks.append((list(np.split(out.units, g)), f"grouped conv {target}"))
+            self.layers.append((node, "grouped", in_units, out.units))
+        self.layouts[node.name] = out
+        return None
+
+    def visit_groupnorm(self, node: fx.Node, mod: nn.GroupNorm, lay: Layout | None) -> None:
+        if lay is not None and lay.dim != 1:
+            return self.barrier(node, "GroupNorm input channels are not on dim 1")
+        if lay is not None and 1 < mod.num_groups < mod.num_channels:
+            self.blocks.append((list(np.split(lay.units, mod.num_groups)), f"GroupNorm {node.target}"))
+        self.layouts[node.name] = lay
+        return None
+
+    def visit_function(self, node: fx.Node) -> None:
+        kind = ir.op_kind(node)
+        args = [a for a in node.args]
+        lay = self.layout(args[0]) if args else None
+        tracked_inputs = [a for a in ir.iter_nodes((node.args, node.kwargs))
+                          if self.layouts.get(a.name) is not None]
+        if kind == ir.NON_TENSOR or (kind is None and not tracked_inputs):
+            self.layouts[node.name] = None
+            return None
+        if kind == ir.ELEMENTWISE:
+            self.layouts[node.name] = lay
+            return None
+        if kind == ir.BINARY:
+            return self.visit_binary(node)
+        if kind == ir.POOL:
+            return self.pass_through(node, lay, dim=1)
+        if kind in (ir.RESHAPE, ir.RESIZE_CONST):
+            return self.visit_reshape(node, lay)
+        if kind == ir.REDUCE:
+            return self.visit_reduce(node, lay)
+        if kind == ir.SOFTMAX:
+            return self.visit_softmax(node, lay, ir.arg_or_kwarg(node, 1, "dim"))
+        if kind == ir.CAT:
+            return self.visit_cat(node)
+        if kind == ir.SPLIT:
+            return self.visit_split(node, lay)
+        if kind == ir.GETITEM:
+            return self.visit_getitem(node)
+        return self.barrier(node, f"op {ir.op_name(node)} is not supported by the unit analysis")
+
+    def visit_binary(self, node: fx.Node) -> None:
+        out_shape = ir.tensor_shape(node)
+        if out_shape is None:
+            return self.barrier(node, "shapes were not propagated")
+        rank = len(out_shape)
+        tensors = [a for a in ir.iter_nodes(node.args) if ir.tensor_shape(a) is not None]
+        dims = {}
+        for a in tensors:
+            lay = self.layout(a)
+            if lay is not None:
+                dims[a.name] = lay.dim + rank - len(ir.tensor_shape(a) or ())
+        if not dims:
+            self.layouts[node.name] = None
+            return None
+        if len(set(dims.values())) > 1:
+            return self.barrier(node, "combines tensors whose channels lie on different dims")
+        dim = next(iter(dims.values()))
+        width = out_shape[dim]
+        merged = np.full(width, -1, dtype=np.int64)
+        untracked_full = False
+        for a in tensors:
+            shape = ir.tensor_shape(a) or ()
+            adim = dim - (rank - len(shape))
+            size = shape[adim] if 0 <= adim < len(shape) else 1
+            lay = self.layout(a)
+            if size == 1 and width > 1:
+                if lay is not None:
+                    self.uf.pin(lay.units, f"broadcast over the channels at {ir.where(node)}")
+                continue
+            if lay is None:
+                untracked_full = True
+                continue
+            for i, s in enumerate(lay.units.tolist()):
+                if s < 0:
+                    continue
+                if merged[i] < 0:
+                    merged[i] = s
+                else:
+                    self.uf.union(int(merged[i]), s)
+        if untracked_full:
+            self.uf.pin(merged, f"combined with a tensor of fixed channels at {ir.where(node)}")
+            merged = np.full(width, -1, dtype=np.int64)
+        self.layouts[node.name] = Layout(dim, merged)
+        return None
+
+    def visit_reshape(self, node: fx.Node, lay: Layout | None) -> None:
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        src = node.args[0] if node.args else None
+        in_shape, out_shape = ir.tensor_shape(src), ir.tensor_shape(node)
+        if in_shape is None or out_shape is None:
+            return self.barrier(node, "shapes were not propagated")
+        c = in_shape[lay.dim]
+        prefix = ir.prod(in_shape[: lay.dim])
+        suffix = ir.prod(in_shape[lay.dim + 1:])
+        for d in range(len(out_shape)):
+            if ir.prod(out_shape[:d]) != prefix:
+                continue
+            if out_shape[d] == c and ir.prod(out_shape[d + 1:]) == suffix:
+                self.layouts[node.name] = Layout(d, lay.units)
+                return None
+            if out_shape[d] == c * suffix:
+                # Flatten: channel k becomes the contiguous block of its `suffix` features.
+                self.layouts[node.name] = Layout(d, np.repeat(lay.units, suffix))
+                return None
+        return self.barrier(node, f"reshape {in_shape} -> {out_shape} splits or mixes the channel dim")
+
+    def visit_reduce(self, node: fx.Node, lay: Layout | None) -> None:
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        in_shape = ir.tensor_shape(node.args[0]) or ()
+        dims = ir.arg_or_kwarg(node, 1, "dim")
+        keepdim = bool(ir.arg_or_kwarg(node, 2, "keepdim", False))
+        if dims is None:
+            return self.barrier(node, "reduces over every dimension, channels included")
+        dims_list = [dims] if isinstance(dims, int) else list(dims)
+        rank = len(in_shape)
+        norm = sorted({d % rank for d in dims_list})
+        if lay.dim in norm:
+            return self.barrier(node, "reduces over the channel dimension")
+        new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in norm if d < lay.dim)
+        self.layouts[node.name] = Layout(new_dim, lay.units)
+        return None
+
+    def visit_softmax(self, node: fx.Node, lay: Layout | None, dim: Any) -> None:
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        rank = len(ir.tensor_shape(node) or ())
+        if not isinstance(dim, int) or dim % rank == lay.dim:
+            return self.barrier(node, "normalises over the channel dimension")
+        self.layouts[node.name] = lay
+        return None
+
+    def visit_cat(self, node: fx.Node) -> None:
+        tensors = list(ir.arg_or_kwarg(node, 0, "tensors", ()))
+        out_shape = ir.tensor_shape(node)
+        if out_shape is None or not all(isinstance(t, fx.Node) for t in tensors):
+            return self.barrier(node, "cat of values that are not graph tensors")
+        rank = len(out_shape)
+        dim = int(ir.arg_or_kwarg(node, 1, "dim", 0)) % rank
+        lays = [self.layout(t) for t in tensors]
+        tracked_dims = {lay.dim for lay in lays if lay is not None}
+        if not tracked_dims:
+            self.layouts[node.name] = None
+            return None
+        if tracked_dims == {dim}:
+            parts = [lay.units if lay is not None else self.untracked((ir.tensor_shape(t) or ())[dim], dim)
+                     for t, lay in zip(tensors, lays)]
+            self.layouts[node.name] = Layout(dim, np.concatenate(parts))
+            return None
+        if len(tracked_dims) == 1 and None not in lays:
+            # Concatenated along another dim: channel i of every input is the same channel.
+            return self.visit_binary_like(node, lays)
+        return self.barrier(node, "cat along a dim that is not the channel dim of every input")
+
+    def visit_binary_like(self, node: fx.Node, lays: list[Layout | None]) -> None:
+        first = lays[0]
+        assert first is not None
+        for lay in lays[1:]:
+            assert lay is not None
+            for a, b in zip(first.units.tolist(), lay.units.tolist()):
+                if a >= 0 and b >= 0:
+                    self.uf.union(a, b)
+                elif a >= 0 or b >= 0:
+                    self.uf.pin(np.array([max(a, b)]), f"combined with fixed channels at {ir.where(node)}")
+        self.layouts[node.name] = first
+        return None
+
+    def visit_split(self, node: fx.Node, lay: Layout | None) -> None:
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        shapes = ir.tuple_shapes(node)
+        if shapes is None:
+            return self.barrier(node, "shapes of the split pieces were not propagated")
+        rank = len(shapes[0])
+        default_dim = 0
+        dim = int(ir.arg_or_kwarg(node, 2, "dim", default_dim)) % rank
+        if dim != lay.dim:
+            self.layouts[node.name] = SplitLayout(tuple(lay for _ in shapes))
+            return None
+        pieces, start = [], 0
+        for s in shapes:
+            pieces.append(Layout(dim, lay.units[start:start + s[dim]]))
+            start += s[dim]
+        self.layouts[node.name] = SplitLayout(tuple(pieces))
+        return None
+
+    def visit_getitem(self, node: fx.Node) -> None:
+        src, index = node.args[0], node.args[1]
+        lay = self.layouts.get(src.name) if isinstance(src, fx.Node) else None
+        if isinstance(lay, SplitLayout) and isinstance(index, int):
+            self.layouts[node.name] = lay.pieces[index]
+            return None
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        return self.barrier(node, "indexes into a tensor with channels")
+
+
+@register
+@dataclass(frozen=True)
+class UnitGroupAnalysis(Analysis[UnitGraph]):
+    """Find the removable units of a traced, shape-propagated GraphModule and group them.
+
+    ``leaf_modules`` are kept opaque: units feeding them are pinned and their outputs are not
+    removable.
+    """
+
+    name: ClassVar[str] = "unit-groups"
+    leaf_modules: tuple[str, ...] = ()
+
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> UnitGraph:
+        walker = _Walker(gm, frozenset(self.leaf_modules))
+        walker.run()
+        graph = _resolve(walker)
+        log.info("unit groups: %d units in %d groups (%d prunable), %d barriers", graph.n_units,
+                 len(graph.groups), sum(g.prunable for g in graph.groups), len(graph.barriers))
+        return graph
+
+
+def _resolve(w: _Walker) -> UnitGraph:
+    """Turn source ids into units (union-find components) and producers into groups."""
+    uf = w.uf
+    n_src = len(uf.parent)
+    roots = np.array([uf.find(s) for s in range(n_src)], dtype=np.int64)
+    # Units are numbered by their smallest source id: deterministic, graph order.
+    uniq_roots = sorted(set(roots.tolist()))
+    unit_of_root = {r: i for i, r in enumerate(uniq_roots)}
+    src_unit = np.array([unit_of_root[r] for r in roots.tolist()], dtype=np.int64)
+    n_units = len(uniq_roots)
+
+    def to_units(ids: np.ndarray) -> np.ndarray:
+        out = np.full(len(ids), -1, dtype=np.int64)
+        tracked = ids >= 0
+        out[tracked] = src_unit[ids[tracked]]
+        return out
+
+    members: dict[int, list[tuple[str, int]]] = {u: [] for u in range(n_units)}
+    for s, (target, ch) in sorted(w.producers.items()):
+        members[int(src_unit[s])].append((target, ch))
+
+    # Groups: producers linked through a shared unit.
+    prod_parent: dict[str, str] = {}
+
+    def pfind(p: str) -> str:
+        while prod_parent.setdefault(p, p) != p:
+            p = prod_parent[p]
+        return p
+
+    for u in range(n_units):
+        targets = [t for t, _ in members[u]]
+        for t in targets[1:]:
+            a, b = pfind(targets[0]), pfind(t)
+            if a != b:
+                prod_parent[b] = a
+    order: list[str] = []
+    for s in range(n_src):
+        t = w.producers[s][0]
+        if t not in order:
+            order.append(t)
+    group_units: dict[str, list[int]] = {}
+    group_producers: dict[str, list[str]] = {}
+    for t in order:
+        group_producers.setdefault(pfind(t), []).append(t)
+    for u in range(n_units):
+        root = pfind(members[u][0][0])
+        group_units.setdefault(root, []).append(u)
+    groups: list[UnitGroup] = []
+    unit_group = np.zeros(n_units, dtype=np.int64)
+    for root in sorted(group_units, key=lambda r: order.index(group_producers[r][0])):
+        prods = group_producers[root]
+        gid = len(groups)
+        name = prods[0] if len(prods) == 1 else f"{prods[0]} (+{len(prods) - 1} coupled)"
+        g = UnitGroup(gid, name, prods, sorted(group_units[root]))
+        for u in g.units:
+            unit_group[u] = gid
+        groups.append(g)
+    for s, reason in sorted(uf.pin_reason.items()):
+        u = int(src_unit[s])
+        groups[unit_group[u]].pinned.setdefault(u, reason)
+
+    for blocks_src, why in w.blocks:
+        blocks = [to_units(b) for b in blocks_src]
+        flat = np.concatenate(blocks)
+        gids = {int(unit_group[u]) for u in flat.tolist() if u >= 0}
+        if (flat < 0).any() or len(gids) != 1:
+            for u in flat.tolist():
+                if u >= 0:
+                    groups[unit_group[u]].pinned.setdefault(u, f"{why}: equal counts per group cannot be kept")
+            continue
+        g = groups[gids.pop()]
+        block_lists = [sorted(set(b.tolist())) for b in blocks]
+        if sum(len(b) for b in block_lists) != len(set(flat.tolist())) or set(flat.tolist()) != set(g.units):
+            for u in g.units:
+                g.pinned.setdefault(u, f"{why}: blocks overlap or do not cover the group")
+        elif g.blocks is None or g.blocks == block_lists:
+            g.blocks = block_lists
+        elif _refines(block_lists, g.blocks):
+            g.blocks = block_lists
+        elif not _refines(g.blocks, block_lists):
+            for u in g.units:
+                g.pinned.setdefault(u, f"{why}: conflicting equal-count constraints")
+
+    layouts: dict[str, Layout | SplitLayout] = {}
+    for name, lay in w.layouts.items():
+        if isinstance(lay, Layout):
+            layouts[name] = Layout(lay.dim, to_units(lay.units))
+        elif isinstance(lay, SplitLayout):
+            layouts[name] = SplitLayout(tuple(Layout(p.dim, to_units(p.units)) if p is not None else None
+                                              for p in lay.pieces))
+    layers = [_layer_cost(w.gm, node, kind, to_units(i), to_units(o)) for node, kind, i, o in w.layers]
+    return UnitGraph(n_units, groups, unit_group, layouts, layers, w.barriers, members)
+
+
+def _refines(fine: list[list[int]], coarse: list[list[int]]) -> bool:
+    """True when equal counts in every ``fine`` block imply equal counts in every ``coarse`` one."""
+    inside = []
+    for c in coarse:
+        members = set(c)
+        n = [f for f in fine if set(f) <= members]
+        if sum(len(f) for f in n) != len(c):
+            return False
+        inside.append(len(n))
+    return len(set(inside)) == 1 and len({len(f) for f in fine}) == 1
+
+
+def _layer_cost(gm: fx.GraphModule, node: fx.Node, kind: str, in_units: np.ndarray,
+                out_units: np.ndarray) -> LayerCost:
+    """MACs/params per (kept input x kept output) of one Linear/Conv layer."""
+    mod = ir.get_module(gm, str(node.target))
+    out_shape = ir.tensor_shape(node) or ()
+    n_out = len(out_units)
+    positions = ir.prod(out_shape) / max(n_out, 1)  # spatial positions (or tokens) x batch
+    batch = out_shape[0] if out_shape else 1
+    positions /= max(batch, 1)  # MACs are reported per sample
+    bias = 1.0 if getattr(mod, "bias", None) is not None else 0.0
+    if kind == "linear":
+        return LayerCost(node.name, str(node.target), kind, in_units, out_units,
+                         positions, 0.0, 1.0, bias)
+    assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
+    k = float(ir.prod(mod.kernel_size))
+    if kind == "conv":
+        return LayerCost(node.name, str(node.target), kind, in_units, out_units,
+                         positions * k, 0.0, k, bias)
+    per_out_in = mod.in_channels / mod.groups if kind == "grouped" else 1.0
+    return LayerCost(node.name, str(node.target), kind, in_units, out_units,
+                     0.0, positions * k * per_out_in, 0.0, k * per_out_in + bias)
+
+
+__all__ = ["UnitGroupAnalysis", "OUTPUT_REASON"]
