@@ -1,0 +1,320 @@
+"""Turn a model into the one IR of oamipc: a module-level ``fx.GraphModule`` with shapes.
+
+:func:`trace` runs ``torch.fx`` symbolic tracing (or keeps a GraphModule that loading already
+produced from a ``torch.export`` program), puts the result in eval mode and calls
+:func:`propagate_shapes`, which every transform re-runs afterwards.  Both turn failures into a
+one-line :class:`TraceError` that names the place (module path and source line, or graph node)
+and the way out (``--leaf-module``, ``--input-shape``), because the raw torch.fx errors name
+neither.  :func:`parse_input_shape` and :func:`example_inputs_for` build the example input from
+the CLI's ``--input-shape``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sysconfig
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+
+from oamipc.errors import TraceError, UsageError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["example_inputs_for", "parse_input_shape", "propagate_shapes", "trace"]
+
+_EXAMPLE_SHAPE = "1,1,28,28"
+_TORCH_DIR = Path(torch.__file__).resolve().parent
+_STDLIB_DIRS = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
+_THIS_FILE = Path(__file__).resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    leaf_modules: Sequence[str] = (),
+) -> fx.GraphModule:
+    """A GraphModule of ``model`` in eval mode with ``tensor_meta`` on every tensor node.
+
+    Modules named in ``leaf_modules`` (qualified names such as ``layer1.0``) stay opaque
+    ``call_module`` nodes, like torch's own layers; oamipc then leaves their insides unpruned.
+    A model that already is a GraphModule (a loaded ``.pt2``) is used as it is.  The result
+    shares parameters with ``model``: copy the model first if it must stay untouched.
+    """
+    if isinstance(model, fx.GraphModule):
+        if leaf_modules:
+            log.warning("leaf modules %s ignored: the model is already a graph (from a .pt2)",
+                        ", ".join(leaf_modules))
+        gm = model
+    else:
+        gm = _symbolic_trace(model, tuple(leaf_modules))
+    gm.eval()
+    propagate_shapes(gm, example_inputs)
+    log.info("traced %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
+    return gm
+
+
+class _Tracer(fx.Tracer):
+    """An fx tracer that keeps chosen modules opaque and remembers where tracing broke."""
+
+    def __init__(self, leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+        self.failed_in: tuple[str, nn.Module] | None = None  # deepest module being traced
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaf_names or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the exception first
+                try:
+                    self.failed_in = (self.path_of_module(m), m)
+                except NameError:  # not in the hierarchy: let the enclosing module be named
+                    pass
+            raise
+
+
+def _symbolic_trace(model: nn.Module, leaf_modules: tuple[str, ...]) -> fx.GraphModule:
+    _check_leaf_names(model, leaf_modules)
+    tracer = _Tracer(frozenset(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx and user code raise many types
+        raise _trace_error(model, tracer.failed_in, exc) from exc
+    return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+
+
+def _check_leaf_names(model: nn.Module, leaf_modules: tuple[str, ...]) -> None:
+    names = [name for name, _ in model.named_modules() if name]
+    known = set(names)
+    for leaf in leaf_modules:
+        if leaf == "":
+            raise TraceError("--leaf-module '' would hide the whole model; name a submodule such as "
+                             f"'{names[0] if names else 'layer1'}'")
+        if leaf not in known:
+            close = difflib.get_close_matches(leaf, names, n=3) or names[:5]
+            raise TraceError(
+                f"--leaf-module '{leaf}' is not a submodule of {type(model).__name__}; "
+                f"valid names include {', '.join(close) or '(none: the model has no submodules)'}"
+            )
+
+
+def _trace_error(model: nn.Module, failed_in: tuple[str, nn.Module] | None, exc: Exception) -> TraceError:
+    """A one-line error naming the module, the user's source line and the way out."""
+    location = _user_frame(exc)
+    reason = _first_sentence(exc)
+    if failed_in is not None and failed_in[0]:
+        path, module = failed_in
+        return TraceError(
+            f"torch.fx cannot trace module '{path}' ({type(module).__name__}){location}: {reason}; "
+            f"pass --leaf-module {path} to keep that module opaque (it is then not pruned), "
+            f"or make its forward traceable"
+        )
+    return TraceError(
+        f"torch.fx cannot trace the forward of {type(model).__name__}{location}: {reason}; "
+        f"torch.fx follows no Python control flow on tensor values: move that code into a "
+        f"submodule and pass it to --leaf-module, or rewrite it with tensor ops (torch.where)"
+    )
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` at file:line (`code`)`` for the deepest frame outside torch, the stdlib and oamipc."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.filename.startswith("<") or _is_library(Path(frame.filename).resolve()):
+            continue
+        code = f" (`{frame.line.strip()}`)" if frame.line else ""
+        return f" at {frame.filename}:{frame.lineno}{code}"
+    return ""
+
+
+def _is_library(file: Path) -> bool:
+    """torch, the standard library or this module: frames that are not the model's code."""
+    if file == _THIS_FILE or file.is_relative_to(_TORCH_DIR):
+        return True
+    if {"site-packages", "dist-packages"} & set(file.parts):
+        return False  # installed model code (torchvision, timm, ...) counts as the user's
+    return any(file.is_relative_to(d) for d in _STDLIB_DIRS)
+
+
+# --------------------------------------------------------------------------------------------
+# Shape propagation
+# --------------------------------------------------------------------------------------------
+
+
+class _ShapeFailure(Exception):
+    """Carries the node that failed out of the interpreter."""
+
+    def __init__(self, node: fx.Node, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.node = node
+        self.cause = cause
+
+
+class _NodeShapeProp(ShapeProp):
+    """ShapeProp that reports which node failed instead of printing a traceback.
+
+    torch's ShapeProp prints the traceback to stderr and buries the node in a multi-line
+    message; this one runs each node itself (without fake tensors) and raises
+    :class:`_ShapeFailure` with the node, writing the same ``tensor_meta``/``type`` meta.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = fx.Interpreter.run_node(self, n)
+        except _ShapeFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any op may fail on a wrong input
+            raise _ShapeFailure(n, exc) from exc
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)  # stale after a transform changed this node
+        n.meta["type"] = type(result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """Run ``gm`` on ``example_inputs`` without gradients, recording ``node.meta["tensor_meta"]``.
+
+    Returns the model's output on the inputs.  A failure raises a :class:`TraceError` naming
+    the node (and module) that failed, the input shape given, and which shape to pass instead.
+    """
+    inputs = tuple(example_inputs)
+    _check_input_count(gm, inputs)
+    try:
+        with torch.no_grad():
+            return _NodeShapeProp(gm).propagate(*inputs)
+    except _ShapeFailure as failure:
+        raise _shape_error(gm, failure.node, failure.cause, inputs) from failure.cause
+
+
+def _check_input_count(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    if getattr(gm.graph._codegen, "pytree_info", None) is not None:
+        return  # nested inputs: the codegen flattens them, counts do not compare
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]
+    if not len(required) <= len(inputs) <= len(placeholders):
+        names = ", ".join(n.name for n in placeholders)
+        raise TraceError(
+            f"the model takes {len(required)} input(s) ({names}) but {len(inputs)} example input(s) "
+            f"were given ({_shapes(inputs)}); give one --input-shape per model input"
+        )
+
+
+def _shape_error(
+    gm: fx.GraphModule, node: fx.Node, cause: BaseException, inputs: tuple[torch.Tensor, ...]
+) -> TraceError:
+    """The one-line error for a failed propagation: node, module, input shape, fix."""
+    where = f"node '{node.name}' ({node.op}"
+    if node.op == "call_module":
+        where += f" {node.target}: {type(gm.get_submodule(str(node.target))).__name__}"
+    elif node.op == "call_function":
+        where += f" {getattr(node.target, '__name__', node.target)}"
+    where += ")"
+    reason = f"{type(cause).__name__}: {_first_line(cause)}" if not str(cause).strip() else _first_line(cause)
+    if isinstance(cause, AssertionError):
+        reason += " (the model's own check rejected the example input)"
+    return TraceError(
+        f"shape propagation failed at {where} for input shape {_shapes(inputs)}: {reason}; "
+        f"pass --input-shape matching the model, e.g. {_suggest_shape(gm, node, inputs)}"
+    )
+
+
+def _suggest_shape(gm: fx.GraphModule, node: fx.Node, inputs: tuple[torch.Tensor, ...]) -> str:
+    """A shape that fixes the first layer when it reads the input directly, else a generic one."""
+    source = node.args[0] if node.args else None
+    if node.op == "call_module" and isinstance(source, fx.Node) and source.op == "placeholder":
+        index = [n for n in gm.graph.nodes if n.op == "placeholder"].index(source)
+        if index < len(inputs):
+            shape = list(inputs[index].shape)
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and len(shape) == module.weight.dim():
+                shape[1] = module.in_channels
+                return ",".join(map(str, shape)) + f" ({module.in_channels} input channels)"
+            if isinstance(module, nn.Linear) and shape:
+                shape[-1] = module.in_features
+                return ",".join(map(str, shape)) + f" ({module.in_features} input features)"
+    return f"{_EXAMPLE_SHAPE} for 28x28 grey images"
+
+
+def _shapes(inputs: tuple[torch.Tensor, ...]) -> str:
+    return " and ".join(
+        ",".join(str(d) for d in t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs
+    ) or "(no inputs)"
+
+
+# --------------------------------------------------------------------------------------------
+# Example inputs
+# --------------------------------------------------------------------------------------------
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1,1,28,28"`` (or ``"1x1x28x28"``, brackets allowed) -> ``(1, 1, 28, 28)``."""
+    cleaned = text.strip().strip("()[]").replace("x", ",").replace("X", ",")
+    parts = [p.strip() for p in cleaned.split(",")]
+    if parts and parts[-1] == "" and len(parts) > 1:
+        parts = parts[:-1]  # a trailing comma, as in "(1,)"
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(
+            f"--input-shape '{text}' is not a list of positive integers; write it like "
+            f"{_EXAMPLE_SHAPE} (batch, channels, height, width)"
+        )
+    return shape
+
+
+def example_inputs_for(shape: Sequence[int], *, seed: int = 0) -> tuple[torch.Tensor]:
+    """One standard-normal input of ``shape``, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(tuple(int(d) for d in shape), generator=generator),)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """fx's messages run on for several sentences; the first says what happened."""
+    text = _first_line(exc)
+    head, sep, _ = text.partition(". ")
+    return head if sep and len(head) > 20 else text.rstrip(".")
