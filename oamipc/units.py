@@ -131,6 +131,9 @@ class UnitGraph:
     layers: list[LayerCost]
     barriers: list[Barrier]
     members: dict[int, list[tuple[str, int]]]  # unit -> (producer target, channel index) pairs
+    # Unit sets that must keep at least one unit each (the pieces of a channel split/chunk: torch
+    # cannot split off an empty piece that the rest of the graph still indexes).
+    floors: list[np.ndarray] = field(default_factory=list)
 
     def all_kept(self) -> np.ndarray:
         return np.ones(self.n_units, dtype=bool)

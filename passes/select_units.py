@@ -39,16 +39,18 @@ log = logging.getLogger(__name__)
 class _GroupChooser:
     """The nested kept sets of one group, indexed by kept count."""
 
-    def __init__(self, group: UnitGroup, scores: np.ndarray, min_keep: int, round_to: int) -> None:
+    def __init__(self, group: UnitGroup, scores: np.ndarray, min_keep: int, round_to: int,
+                 forced: set[int] | None = None) -> None:
         self.group = group
         self.scores = scores
         blocks = group.blocks or [list(group.units)]
         self.blocks = blocks
-        # Per block: pinned units first, then unpinned by descending score (ties: lower index first).
-        self.order = [sorted(b, key=lambda u: (u not in group.pinned, -scores[u], u)) for b in blocks]
+        must = set(group.pinned) | (forced or set())
+        # Per block: pinned/forced units first, then the rest by descending score (ties: lower index).
+        self.order = [sorted(b, key=lambda u: (u not in must, -scores[u], u)) for b in blocks]
         n_blocks = len(blocks)
         block_size = len(blocks[0])
-        pinned_max = max(sum(u in group.pinned for u in b) for b in blocks)
+        pinned_max = max(sum(u in must for u in b) for b in blocks)
         k_min = max(pinned_max, math.ceil(max(min_keep, 1) / n_blocks))
         counts = [k * n_blocks for k in range(min(k_min, block_size), block_size + 1)]
         allowed = [n for n in counts if n % max(round_to, 1) == 0 or n == group.size]
@@ -84,7 +86,8 @@ def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, f
     if round_to < 1:
         raise UsageError(f"--round-to must be at least 1, got {round_to}")
     kept = graph.all_kept()
-    choosers = [_GroupChooser(g, scores, min_keep, round_to) for g in graph.groups if g.prunable]
+    forced = _floor_units(graph, scores)
+    choosers = [_GroupChooser(g, scores, min_keep, round_to, forced) for g in graph.groups if g.prunable]
     if prune_ratio is not None:
         for ch in choosers:
             n = ch.at_least(ch.group.size - math.floor(prune_ratio * ch.group.size))
@@ -92,6 +95,18 @@ def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, f
         return kept
     assert flops_budget is not None
     return _select_budget(graph, scores, choosers, kept, flops_budget)
+
+
+def _floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
+    """The best-scoring unit of every split piece that has no pinned unit: kept so no piece empties."""
+    pinned = graph.pinned_mask()
+    forced: set[int] = set()
+    for piece in graph.floors:
+        units = piece.tolist()
+        if not units or any(pinned[u] or u in forced for u in units):
+            continue
+        forced.add(min(units, key=lambda u: (-scores[u], u)))
+    return forced
 
 
 def _apply(kept: np.ndarray, ch: _GroupChooser, n: int) -> None:

@@ -88,6 +88,7 @@ class _Walker:
         self.producers: dict[int, tuple[str, int]] = {}  # source id -> (module target, channel)
         self.layers: list[tuple[fx.Node, str, np.ndarray, np.ndarray]] = []
         self.blocks: list[tuple[list[np.ndarray], str]] = []
+        self.floors: list[np.ndarray] = []
         self.barriers: list[Barrier] = []
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
 
@@ -403,7 +404,10 @@ class _Walker:
             return None
         pieces, start = [], 0
         for s in shapes:
-            pieces.append(Layout(dim, lay.units[start:start + s[dim]]))
+            piece = lay.units[start:start + s[dim]]
+            pieces.append(Layout(dim, piece))
+            if (piece >= 0).all():  # a piece holding a fixed channel is never empty
+                self.floors.append(piece)
             start += s[dim]
         self.layouts[node.name] = SplitLayout(tuple(pieces))
         return None
@@ -532,7 +536,8 @@ def _resolve(w: _Walker) -> UnitGraph:
             layouts[name] = SplitLayout(tuple(Layout(p.dim, to_units(p.units)) if p is not None else None
                                               for p in lay.pieces))
     layers = [_layer_cost(w.gm, node, kind, to_units(i), to_units(o)) for node, kind, i, o in w.layers]
-    return UnitGraph(n_units, groups, unit_group, layouts, layers, w.barriers, members)
+    floors = [np.unique(to_units(f)) for f in w.floors]
+    return UnitGraph(n_units, groups, unit_group, layouts, layers, w.barriers, members, floors)
 
 
 def _refines(fine: list[list[int]], coarse: list[list[int]]) -> bool:
