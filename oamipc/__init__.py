@@ -1,7 +1,25 @@
-"""oamipc: make trained PyTorch networks smaller and faster by removing neurons and channels."""
+"""oamipc: make trained PyTorch networks smaller and faster by removing neurons and channels.
 
+Python API::
+
+    import oamipc
+    model = oamipc.load_model("examples/digits_cnn.pt")
+    result = oamipc.compile(model, torch.randn(1, 1, 8, 8), data=oamipc.load_data("digits"),
+                            importance="taylor", flops_budget=0.5)
+    oamipc.export_onnx(result.module, result.example_inputs, "small.onnx")
+    print(result.report["accuracy"], result.report["after"]["macs"])
+"""
+
+from oamipc.data import Dataset, DataSplits, load_data
+from oamipc.driver import CompileResult, compile
 from oamipc.errors import OamipcError
+from oamipc.export import export_onnx, verify_onnx
+from oamipc.loading import load_model
+from oamipc.plan import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["OamipcError", "__version__"]
+__all__ = [
+    "CompileResult", "DataSplits", "Dataset", "OamipcError", "Plan", "__version__", "compile", "export_onnx",
+    "load_data", "load_model", "verify_onnx",
+]

@@ -1,0 +1,311 @@
+"""The ``oamipc`` command line: the only module that prints.
+
+Commands parse options, call the driver, and render what it returns.  An :class:`OamipcError`
+becomes one red line and its exit code (1; 2 for usage errors); Ctrl-C exits 130.  Set
+``OAMIPC_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from oamipc.errors import OamipcError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained PyTorch networks smaller and faster by removing neurons and channels.")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+EXIT_INTERRUPTED = 130
+
+
+def _fail(exc: OamipcError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    if not os.environ.get("OAMIPC_DEBUG"):
+        err_console.print("[dim](set OAMIPC_DEBUG=1 for the traceback)[/]", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn known failures into one line and an exit code."""
+    try:
+        yield
+    except OamipcError as exc:
+        if os.environ.get("OAMIPC_DEBUG"):
+            raise
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/] (no output was written)")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextmanager
+def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress display fed by the library's ``progress(what, done, total)`` callbacks."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        yield update
+
+
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers like 1,1,28,28, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{what} must be positive integers like 1,1,28,28, got {text!r}")
+    return values
+
+
+def _json_arg(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON ({exc.msg}): {text!r}; e.g. '{{\"hidden\": [64, 64]}}'") from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _fmt_int(v: Any) -> str:
+    return f"{int(v):,}" if v is not None else "-"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if not a or not b:
+        return "-"
+    return f"{b / a:.3f}x"
+
+
+def _summary_table(report: dict[str, Any]) -> Table:
+    table = Table(title="oamipc compile", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("after/before", justify="right")
+    b, a = report["before"], report["after"]
+    table.add_row("parameters", _fmt_int(b["params"]), _fmt_int(a["params"]), _ratio(b["params"], a["params"]))
+    table.add_row("FLOPs (MACs)", _fmt_int(b["macs"]), _fmt_int(a["macs"]), _ratio(b["macs"], a["macs"]))
+    onnx = report.get("onnx", {})
+    if "bytes_before" in onnx:
+        table.add_row("ONNX bytes", _fmt_int(onnx["bytes_before"]), _fmt_int(onnx["bytes"]),
+                      _ratio(onnx["bytes_before"], onnx["bytes"]))
+    acc = report.get("accuracy")
+    if acc:
+        table.add_row(f"accuracy ({acc['dataset']}, n={acc['samples']})", f"{100 * acc['before']:.2f}%",
+                      f"{100 * acc['after']:.2f}%", f"{100 * (acc['after'] - acc['before']):+.2f} pt")
+    lat = report.get("latency")
+    if lat:
+        for row in lat["rows"]:
+            table.add_row(f"latency batch {row['batch']} (median ms)", f"{row['a_median_ms']:.4f}",
+                          f"{row['b_median_ms']:.4f}", f"{row['b_median_ms'] / row['a_median_ms']:.3f}x")
+    return table
+
+
+def _widths_table(report: dict[str, Any]) -> Table:
+    table = Table(title="kept units per layer", title_justify="left")
+    table.add_column("layer")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for name, w in report["widths"].items():
+        table.add_row(name, str(w["before"]), str(w["after"]))
+    return table
+
+
+Model = Annotated[Path, typer.Argument(help="Model file: torch.export program (.pt2), state dict (.pt) or pickle.")]
+ModelClass = Annotated[Optional[str], typer.Option("--model-class", help="pkg.module:ClassOrFactory for a state dict.")]
+ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="JSON kwargs (object) or args (list) for the class.")]
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickled model (runs code in the file!).")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,1,28,28 (default: from --data).")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | fashion-mnist | file.pt | file.npz | pkg.module:function")]
+DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
+LeafModules = Annotated[Optional[list[str]], typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Model,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned ONNX model.")],
+    model_class: ModelClass = None,
+    model_args: ModelArgs = None,
+    trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+    data: DataOpt = None,
+    data_dir: DataDir = None,
+    importance: Annotated[str, typer.Option("--importance", help="l1 | l2 | activation | taylor | random")] = "l1",
+    prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Fraction of units removed per group.")] = None,
+    flops_budget: Annotated[Optional[float], typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.")] = None,
+    min_keep: Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.")] = 1,
+    round_to: Annotated[int, typer.Option("--round-to", help="Round kept widths up to a multiple of this.")] = 1,
+    leaf_module: LeafModules = None,
+    pipeline: Annotated[Optional[str], typer.Option("-p", "--pipeline", help="Pass pipeline, e.g. 'prune-units{importance=l2,prune-ratio=0.5}'.")] = None,
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Replay a plan saved with --save-plan.")] = None,
+    save_plan: Annotated[Optional[Path], typer.Option("--save-plan", help="Write the plan (kept units) as JSON.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the full report as JSON.")] = None,
+    save_pt: Annotated[Optional[Path], typer.Option("--save-pt", help="Also write the pruned model as a torch.export program.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
+    exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Prune MODEL and write a smaller, verified ONNX file."""
+    from oamipc.driver import FileJob, compile_file
+
+    _setup_logging(verbose)
+    with _errors():
+        job = FileJob(str(model), str(output), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
+                      _ints(input_shape, "--input-shape"), data, data_dir, str(plan) if plan else None,
+                      str(save_plan) if save_plan else None, str(report) if report else None,
+                      str(save_pt) if save_pt else None, bench, _ints(batch, "--batch") or (1,), exporter=exporter)
+        with _progress() as progress:
+            result = compile_file(job, progress, importance=importance, prune_ratio=prune_ratio,
+                                  flops_budget=flops_budget, min_keep=min_keep, round_to=round_to,
+                                  leaf_modules=tuple(leaf_module or ()), pipeline=pipeline, seed=seed,
+                                  calib_samples=calib_samples)
+    console.print(_widths_table(result))
+    console.print(_summary_table(result))
+    onnx = result["onnx"]
+    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
+                  f"max rel err {onnx['max_rel_err']:.2e})")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: Model,
+    model_class: ModelClass = None,
+    model_args: ModelArgs = None,
+    trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+    data: DataOpt = None,
+    data_dir: DataDir = None,
+    leaf_module: LeafModules = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Show the graph, unit groups, widths, parameters, FLOPs and barriers of MODEL."""
+    from oamipc.driver import inspect_file
+
+    with _errors():
+        summary = inspect_file(str(model), model_class=model_class, model_args=_json_arg(model_args, "--model-args"),
+                               trust_pickle=trust_pickle, input_shape=_ints(input_shape, "--input-shape"),
+                               data=data, data_dir=data_dir, leaf_modules=tuple(leaf_module or ()))
+    if as_json:
+        console.print_json(json.dumps(summary, default=str))
+        return
+    console.print(f"[bold]{model}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
+                  f"{_fmt_int(summary['params'])} parameters, {_fmt_int(summary['macs'])} MACs")
+    layers = Table(title="layers", title_justify="left")
+    for col in ("layer", "type", "in", "out", "MACs"):
+        layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
+    for name, layer in summary["layers"].items():
+        layers.add_row(name, layer["type"], str(layer["in"]), str(layer["out"]), _fmt_int(layer["macs"]))
+    console.print(layers)
+    groups = Table(title="unit groups", title_justify="left")
+    for col in ("group", "producers", "units", "pinned", "prunable", "why pinned"):
+        groups.add_column(col)
+    for g in summary["units"]["groups"]:
+        groups.add_row(g["name"], ", ".join(g["producers"]), str(g["units"]), str(g["pinned"]),
+                       "yes" if g["prunable"] else "no", "; ".join(g["pinned_reasons"]))
+    console.print(groups)
+    if summary["units"]["barriers"]:
+        barriers = Table(title="barriers (units feeding them are kept)", title_justify="left")
+        for col in ("node", "op", "reason", "units kept"):
+            barriers.add_column(col)
+        for b in summary["units"]["barriers"]:
+            barriers.add_row(b["node"], b["op"], b["reason"], str(b["units_pinned"]))
+        console.print(barriers)
+
+
+@app.command("bench")
+def bench_cmd(
+    model_a: Annotated[Path, typer.Argument(help="ONNX model (the baseline, A).")],
+    model_b: Annotated[Optional[Path], typer.Argument(help="Second ONNX model (B), measured interleaved with A.")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,64",
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per model and batch size.")] = 200,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 20,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when really usable) | cpu | cuda")] = "auto",
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+) -> None:
+    """Measure onnxruntime latency of one model, or of A vs B interleaved."""
+    from oamipc.atomic import atomic_output, check_writable
+    from oamipc.bench import benchmark
+
+    with _errors():
+        if json_out:
+            check_writable(json_out)
+        paths = [model_a] + ([model_b] if model_b else [])
+        with _progress() as progress:
+            result = benchmark(paths, batch_sizes=_ints(batch, "--batch") or (1,), runs=runs, warmup=warmup,
+                               device=device, intra_op_threads=threads,
+                               progress=(lambda d, t: progress("bench", d, t)) if progress else None)
+        data = result.to_dict()
+        if json_out:
+            with atomic_output(json_out) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
+    table = Table(title=f"onnxruntime latency ({data['provider']}, {threads} thread(s))", title_justify="left")
+    for col in ("model", "batch", "median ms", "p90 ms", "p99 ms", "samples/s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for row in data["rows"]:
+        for key, path in (("a", model_a), ("b", model_b)):
+            if f"{key}_median_ms" in row and row[f"{key}_median_ms"] is not None:
+                table.add_row(str(path), str(row["batch"]), f"{row[f'{key}_median_ms']:.4f}", f"{row[f'{key}_p90_ms']:.4f}",
+                              f"{row[f'{key}_p99_ms']:.4f}", f"{row[f'{key}_throughput']:.1f}")
+    console.print(table)
+    if model_b:
+        for row in data["rows"]:
+            console.print(f"batch {row['batch']}: B/A latency {row['b_median_ms'] / row['a_median_ms']:.3f}x "
+                          f"(median of pairwise ratios {row['pairwise_ratio']:.3f}x)")
+
+
+@app.command("passes")
+def passes_cmd() -> None:
+    """List the passes and analyses a pipeline (-p) can name, with their options."""
+    import oamipc.passes  # noqa: F401 - registers the pass library
+    from oamipc.pipeline import describe_registry
+
+    table = Table(title="passes", title_justify="left")
+    for col in ("name", "kind", "options (defaults)"):
+        table.add_column(col)
+    for row in describe_registry():
+        table.add_row(*row)
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]")
+        sys.exit(EXIT_INTERRUPTED)

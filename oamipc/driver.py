@@ -1,0 +1,280 @@
+"""The driver: assembles the default passes into the compile pipeline.
+
+Data flows one way::
+
+    load -> trace (shapes) -> unit groups -> importance -> plan -> prune -> export -> verify -> bench
+
+:func:`compile` is the Python API (module in, pruned GraphModule and report out).
+:func:`compile_file` is what ``oamipc compile`` runs: it adds loading, ONNX export of the
+original and the pruned model, verification with onnxruntime, and an A/B latency measurement.
+This module and the CLI are the only places that import the pass library.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from oamipc import passes
+from oamipc.data import Dataset, DataSplits, accuracy
+from oamipc.errors import DataError, UsageError
+from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
+from oamipc.pipeline import parse_pipeline
+from oamipc.plan import Plan
+from oamipc.tracing import trace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CALIB_SAMPLES = 512
+
+
+@dataclass
+class CompileResult:
+    """The pruned GraphModule, the plan that was applied, and the report (JSON-ready dict)."""
+
+    module: fx.GraphModule
+    report: dict[str, Any]
+    plan: Plan | None
+    original: fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...] = field(default=())
+
+
+def _as_splits(data: Any) -> DataSplits | None:
+    """Accept DataSplits, a Dataset, an (x, y) tuple or a tensor x."""
+    if data is None or isinstance(data, DataSplits):
+        return data
+    if isinstance(data, Dataset):
+        return DataSplits(data, data)
+    if isinstance(data, torch.Tensor):
+        ds = Dataset("tensor", data.float(), None)
+        return DataSplits(ds, ds)
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        ds = Dataset("tensors", torch.as_tensor(data[0]).float(), torch.as_tensor(data[1]).long())
+        return DataSplits(ds, ds)
+    raise DataError(f"data must be a DataSplits, Dataset, (x, y) tuple or tensor, got {type(data).__name__}")
+
+
+def _fit(ds: Dataset, sample_shape: tuple[int, ...]) -> Dataset:
+    return ds if tuple(ds.x.shape[1:]) == sample_shape else ds.reshaped(sample_shape)
+
+
+def compile(  # noqa: A001 - the product's verb
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    *,
+    data: Any = None,
+    importance: str = "l1",
+    prune_ratio: float | None = None,
+    flops_budget: float | None = None,
+    min_keep: int = 1,
+    round_to: int = 1,
+    leaf_modules: Sequence[str] = (),
+    pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
+    plan: Plan | None = None,
+    seed: int = 0,
+    calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    verify: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompileResult:
+    """Trace ``model``, choose units with ``importance`` and remove them; return the result.
+
+    Give ``prune_ratio`` (fraction of units removed per group) or ``flops_budget`` (fraction of
+    MACs kept), or a saved ``plan`` to replay, or a full ``pipeline``.  ``data`` provides
+    calibration samples for data-driven criteria and accuracy before/after when labelled.
+    The input ``model`` is not modified.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=tuple(leaf_modules))
+    original = copy.deepcopy(gm)
+    splits = _as_splits(data)
+    sample_shape = tuple(example_inputs[0].shape[1:])
+    calib: Dataset | None = None
+    test: Dataset | None = None
+    if splits is not None:
+        calib = _fit(splits.train, sample_shape).stratified_sample(min(calib_samples, len(splits.train.x)), seed=seed)
+        test = _fit(splits.test, sample_shape)
+    ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
+                         progress=progress)
+    steps: list[Pass | Analysis[Any]]
+    if pipeline is None:
+        if plan is None and prune_ratio is None and flops_budget is None:
+            raise UsageError("say how much to remove: --prune-ratio, --flops-budget, --plan or a pipeline")
+        steps = [passes.PruneUnitsPass(importance, prune_ratio, flops_budget, min_keep, round_to,
+                                       tuple(leaf_modules), plan)]
+    elif isinstance(pipeline, str):
+        steps = parse_pipeline(pipeline)
+    else:
+        steps = list(pipeline)
+    am = AnalysisManager(ctx)
+    units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
+    before = passes.count_costs(gm)
+    unit_summary = units.summary()
+    gm = PassManager(steps, verify=verify).run(gm, am)
+    after = passes.count_costs(gm)
+    report: dict[str, Any] = {
+        "settings": {"importance": importance, "prune_ratio": prune_ratio, "flops_budget": flops_budget,
+                     "min_keep": min_keep, "round_to": round_to, "seed": seed,
+                     "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
+                     "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
+        "input_shape": list(example_inputs[0].shape),
+        "units": unit_summary,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        **ctx.report,
+        "timings_s": dict(am.timings),
+    }
+    report["widths"] = {name: {"before": layer["out"], "after": after.layers.get(name, {}).get("out", 0)}
+                        for name, layer in before.layers.items()}
+    if test is not None and test.y is not None:
+        report["accuracy"] = {"before": accuracy(original, test), "after": accuracy(gm, test),
+                              "dataset": test.name, "samples": len(test.x)}
+    report["timings_s"]["compile_total"] = time.perf_counter() - start
+    applied = Plan.from_dict(ctx.report["prune"]["plan"]) if "prune" in ctx.report else None
+    return CompileResult(gm, report, applied, original, example_inputs)
+
+
+def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    """Write the pruned model as a ``torch.export`` program (loads without unpickling code)."""
+    from oamipc.atomic import atomic_output
+    from oamipc.errors import ExportError
+
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        try:
+            program = torch.export.export(module, example_inputs,
+                                          dynamic_shapes=tuple({0: batch} for _ in example_inputs))
+        except Exception:  # noqa: BLE001 - a batch-1 or hard-coded-batch model: export it static
+            program = torch.export.export(module, example_inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"cannot save {path} as a torch.export program: {str(exc).splitlines()[0]}") from exc
+    with atomic_output(path) as tmp:
+        torch.export.save(program, str(tmp))
+
+
+@dataclass
+class FileJob:
+    """Everything ``oamipc compile`` needs besides the pruning options (paths and switches)."""
+
+    model: str
+    output: str
+    model_class: str | None = None
+    model_args: Any = None
+    trust_pickle: bool = False
+    input_shape: tuple[int, ...] | None = None
+    data: str | None = None
+    data_dir: str | None = None
+    plan_path: str | None = None
+    save_plan: str | None = None
+    report_path: str | None = None
+    save_pt: str | None = None
+    bench: bool = True
+    bench_batches: tuple[int, ...] = (1, 64)
+    bench_runs: int = 50
+    exporter: str = "torchscript"
+    verify_samples: int = 64
+
+
+def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None = None,
+                 **options: Any) -> dict[str, Any]:
+    """``oamipc compile``: load, compile, export, verify, benchmark; return the report.
+
+    ``options`` are the keyword options of :func:`compile`.  Output paths are checked before any
+    work is done; every file is written atomically.
+    """
+    from oamipc.atomic import atomic_output, check_writable
+    from oamipc.bench import benchmark
+    from oamipc.data import load_data
+    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+    from oamipc.loading import load_model
+    from oamipc.tracing import example_inputs_for
+
+    for out in (job.output, job.save_plan, job.report_path, job.save_pt):
+        if out:
+            check_writable(out)
+    model = load_model(job.model, model_class=job.model_class, model_args=job.model_args,
+                       trust_pickle=job.trust_pickle)
+    splits = load_data(job.data, data_dir=job.data_dir) if job.data else None
+    shape = job.input_shape
+    if shape is None:
+        if splits is None:
+            raise UsageError("give --input-shape (e.g. 1,1,28,28) or --data so the model can be traced")
+        shape = (1, *splits.train.x.shape[1:])
+    example = example_inputs_for(shape, seed=options.get("seed", 0))
+    plan = Plan.load(job.plan_path) if job.plan_path else None
+    result = compile(model, example, data=splits, plan=plan, progress=progress, **options)
+    report = result.report
+    report["model"] = job.model
+    with temp_dir() as scratch:
+        # Export and verify in scratch space; only a verified file is moved to the output path.
+        pruned = Path(scratch) / "pruned.onnx"
+        if progress:
+            progress("export", 0, 1)
+        export_onnx(result.module, result.example_inputs, pruned, exporter=job.exporter)
+        if splits is not None:
+            test = _fit(splits.test, tuple(shape[1:]))
+            check_inputs: tuple[torch.Tensor, ...] = (test.x[: job.verify_samples],)
+        else:
+            check_inputs = result.example_inputs
+        report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
+                          **verify_onnx(pruned, result.module, check_inputs).to_dict()}
+        if job.bench:
+            before = Path(scratch) / "original.onnx"
+            export_onnx(result.original, result.example_inputs, before, exporter=job.exporter)
+            report["onnx"]["bytes_before"] = onnx_size_bytes(before)
+            bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
+                              progress=(lambda d, t: progress("bench", d, t)) if progress else None)
+            report["latency"] = bench.to_dict()
+        with atomic_output(job.output) as tmp:
+            shutil.copyfile(pruned, tmp)
+    if job.save_pt:
+        _save_program(result.module, result.example_inputs, Path(job.save_pt))
+        report["saved_program"] = job.save_pt
+    if job.save_plan and result.plan is not None:
+        result.plan.save(job.save_plan)
+    if job.report_path:
+        import json
+
+        with atomic_output(job.report_path) as tmp:
+            tmp.write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def temp_dir() -> tempfile.TemporaryDirectory[str]:
+    """A scratch directory for intermediate ONNX files (removed on exit, also on errors)."""
+    return tempfile.TemporaryDirectory(prefix="oamipc-")
+
+
+def inspect_file(model_path: str, *, model_class: str | None = None, model_args: Any = None,
+                 trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
+                 data_dir: str | None = None, leaf_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``oamipc inspect``: graph summary, unit groups, per-layer widths, parameters, MACs, barriers."""
+    from oamipc.data import load_data
+    from oamipc.loading import load_model
+    from oamipc.tracing import example_inputs_for
+
+    model = load_model(model_path, model_class=model_class, model_args=model_args, trust_pickle=trust_pickle)
+    shape = input_shape
+    if shape is None:
+        if data is None:
+            raise UsageError("give --input-shape (e.g. 1,1,28,28) or --data so the model can be traced")
+        shape = (1, *load_data(data, data_dir=data_dir).train.x.shape[1:])
+    example = example_inputs_for(shape)
+    gm = trace(model, example, leaf_modules=leaf_modules)
+    am = AnalysisManager(CompileContext(example))
+    units = am.get(passes.UnitGroupAnalysis(leaf_modules), gm)
+    costs = passes.count_costs(gm)
+    return {"model": model_path, "input_shape": list(shape), "nodes": len(gm.graph.nodes),
+            "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}
