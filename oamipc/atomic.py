@@ -19,27 +19,49 @@ from oamipc.errors import OutputError
 
 
 def check_writable(path: str | os.PathLike[str]) -> Path:
-    """Fail early, before any expensive work, if ``path`` cannot be written."""
+    """Fail early, before any expensive work, if ``path`` cannot be written.
+
+    Permission bits are not enough (root ignores them; read-only and pseudo file systems do not
+    show in them), so this creates and removes a probe file where the output will go.
+    """
     dest = Path(path)
     parent = dest.parent if str(dest.parent) else Path(".")
     if dest.is_dir():
         raise OutputError(f"output path {dest} is a directory: give a file name, e.g. {dest / 'model.onnx'}")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {dest}: {parent} is a file, not a directory; choose another path")
     if not parent.is_dir():
         raise OutputError(f"cannot write {dest}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {dest}: directory {parent} is not writable; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: directory {parent} is not writable "
+                          f"({exc.strerror or exc}); choose another path") from exc
+    os.close(fd)
+    os.unlink(probe)
     return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds."""
     dest = check_writable(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}; choose another path") from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp creates the file private (0600); give the result the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except OSError as exc:
         raise OutputError(f"cannot write {dest}: {exc.strerror or exc}; check the path and free disk space") from exc

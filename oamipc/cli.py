@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -32,9 +33,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _fail(exc: OamipcError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    if not os.environ.get("OAMIPC_DEBUG"):
-        err_console.print("[dim](set OAMIPC_DEBUG=1 for the traceback)[/]", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -74,7 +73,7 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise UsageError(f"{what} must be comma-separated integers like 1,1,28,28, got {text!r}") from None
     if not values or any(v <= 0 for v in values):

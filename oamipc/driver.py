@@ -12,9 +12,11 @@ This module and the CLI are the only places that import the pass library.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import shutil
+import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -146,22 +148,23 @@ def compile(  # noqa: A001 - the product's verb
     return CompileResult(gm, report, applied, original, example_inputs)
 
 
-def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], path: Path,
+                  label: str) -> None:
     """Write the pruned model as a ``torch.export`` program (loads without unpickling code)."""
-    from oamipc.atomic import atomic_output
     from oamipc.errors import ExportError
 
     batch = torch.export.Dim("batch", min=1)
+    # torch.export specialises a dimension of size 1, so trace the dynamic batch with two samples.
+    two = tuple(torch.cat([x[:1], x[:1]]) for x in example_inputs)
     try:
         try:
-            program = torch.export.export(module, example_inputs,
+            program = torch.export.export(module, two,
                                           dynamic_shapes=tuple({0: batch} for _ in example_inputs))
         except Exception:  # noqa: BLE001 - a batch-1 or hard-coded-batch model: export it static
             program = torch.export.export(module, example_inputs)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot save {path} as a torch.export program: {str(exc).splitlines()[0]}") from exc
-    with atomic_output(path) as tmp:
-        torch.export.save(program, str(tmp))
+        raise ExportError(f"cannot save {label} as a torch.export program: {str(exc).splitlines()[0]}") from exc
+    torch.export.save(program, str(path))
 
 
 @dataclass
@@ -237,18 +240,26 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
             bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                               progress=(lambda d, t: progress("bench", d, t)) if progress else None)
             report["latency"] = bench.to_dict()
-        with atomic_output(job.output) as tmp:
-            shutil.copyfile(pruned, tmp)
-    if job.save_pt:
-        _save_program(result.module, result.example_inputs, Path(job.save_pt))
-        report["saved_program"] = job.save_pt
-    if job.save_plan and result.plan is not None:
-        result.plan.save(job.save_plan)
-    if job.report_path:
-        import json
-
-        with atomic_output(job.report_path) as tmp:
-            tmp.write_text(json.dumps(report, indent=1, default=str))
+        # Every requested file is made in scratch space first and moved into place only when all
+        # of them were made: a failure leaves no output at all, not some of them.
+        staged: list[tuple[Path, str]] = [(pruned, job.output)]
+        if job.save_pt:
+            program = Path(scratch) / "pruned.pt2"
+            _save_program(result.module, result.example_inputs, program, job.save_pt)
+            staged.append((program, job.save_pt))
+            report["saved_program"] = job.save_pt
+        if job.save_plan and result.plan is not None:
+            plan_file = Path(scratch) / "plan.json"
+            result.plan.save(plan_file)
+            staged.append((plan_file, job.save_plan))
+        if job.report_path:
+            report_file = Path(scratch) / "report.json"
+            report_file.write_text(json.dumps(report, indent=1, default=str))
+            staged.append((report_file, job.report_path))
+        with contextlib.ExitStack() as stack:
+            targets = [(src, stack.enter_context(atomic_output(dest))) for src, dest in staged]
+            for src, tmp in targets:
+                shutil.copyfile(src, tmp)
     return report
 
 

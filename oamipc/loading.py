@@ -24,9 +24,11 @@ import io
 import json
 import logging
 import operator
+import os
 import pickle
 import re
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -163,7 +165,10 @@ def _torch_load(file: Path, *, trust_pickle: bool) -> object:
     """``torch.load`` with weights only; full unpickling only when the user trusts the file."""
     plain = _is_plain_pickle(file)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below says more.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _unsafe_global(exc) or ("a plain pickle.dump stream" if plain else None)
         if found is None:
@@ -406,6 +411,10 @@ def _check_finite(state: Mapping[str, Any], file: Path) -> None:
 def _import_module(name: str, spec: str, error: type[OamipcError]) -> Any:
     if name.endswith(".py") or "/" in name or "\\" in name:
         return _import_file(Path(name), spec, error)
+    # Like `python -m`, look in the working directory too: `--model-class mynets:Net` should find
+    # ./mynets.py even when oamipc runs as an installed console script.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -536,7 +545,9 @@ def _pt2_payloads(
 
 def _loads_weights_only(data: bytes) -> bool:
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not provably safe"
         return False
     return True
