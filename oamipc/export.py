@@ -19,6 +19,7 @@ default) and ``dynamo`` (``torch.export`` based: ~4 s, the one PyTorch develops 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -150,7 +151,14 @@ def _export_torchscript(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...
 
 def _export_dynamo(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tmp: Path, names: _Names,
                    opset: int | None) -> None:
-    """The ``torch.export`` based exporter; one shared ``batch`` symbol makes dim 0 dynamic."""
+    """The ``torch.export`` based exporter; one shared ``batch`` symbol makes dim 0 dynamic.
+
+    It needs the optional package ``onnxscript`` (the ``[dynamo]`` extra); its absence is said
+    plainly rather than surfacing as a bare ``ModuleNotFoundError`` from deep inside torch.
+    """
+    if importlib.util.find_spec("onnxscript") is None:
+        raise ModuleNotFoundError("the dynamo exporter needs the package onnxscript: "
+                                  "pip install 'oamipc[dynamo]' (or pip install onnxscript)")
     kwargs: dict[str, Any] = {}
     params = inspect.signature(torch.onnx.export).parameters
     if "external_data" in params:  # keep the weights inside the one file

@@ -134,6 +134,7 @@ def test_export_is_single_dynamic_file_matching_torch(tmp_path: Path, name: str,
 
 
 def test_dynamo_exporter_small_graphmodule(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (the [dynamo] extra)")
     gm = fx.symbolic_trace(_conv_bn().eval())
     path = export_onnx(gm, (torch.randn(1, 1, 8, 8),), tmp_path / "dyn.onnx", exporter="dynamo")
 
@@ -143,6 +144,17 @@ def test_dynamo_exporter_small_graphmodule(tmp_path: Path) -> None:
         (got,) = _run_ort(path, x)
         torch.testing.assert_close(torch.from_numpy(got), gm(x), rtol=1e-4, atol=1e-5)
     assert verify_onnx(path, gm, torch.randn(5, 1, 8, 8)).passed
+
+
+def test_dynamo_exporter_without_onnxscript_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    gm = fx.symbolic_trace(_conv_bn().eval())
+    with pytest.raises(ExportError, match=r"oamipc\[dynamo\]"):
+        export_onnx(gm, (torch.randn(1, 1, 8, 8),), tmp_path / "dyn.onnx", exporter="dynamo")
+    assert not (tmp_path / "dyn.onnx").exists()
 
 
 def test_multiple_inputs_and_outputs(tmp_path: Path) -> None:
