@@ -160,7 +160,7 @@ def compile_cmd(
     input_shape: InputShape = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
-    importance: Annotated[str, typer.Option("--importance", help="l1 | l2 | activation | taylor | random")] = "l1",
+    importance: Annotated[str, typer.Option("--importance", help="l1 | l2 | activation | taylor | random | mip")] = "l1",
     prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Fraction of units removed per group.")] = None,
     flops_budget: Annotated[Optional[float], typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.")] = None,
     min_keep: Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.")] = 1,
@@ -176,6 +176,13 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget.")] = "budget",
+    solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP sub-problem.")] = 20.0,
+    total_time_limit: Annotated[float, typer.Option("--total-time-limit", help="Seconds for all MILP sub-problems.")] = 120.0,
+    gap: Annotated[Optional[float], typer.Option("--gap", help="Relative MIP gap at which a solve stops.")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="Solver threads.")] = None,
+    mip_samples: Annotated[int, typer.Option("--mip-samples", help="Calibration samples inside the MILP; the rest are held out.")] = 64,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Prune MODEL and write a smaller, verified ONNX file."""
@@ -191,7 +198,10 @@ def compile_cmd(
             result = compile_file(job, progress, importance=importance, prune_ratio=prune_ratio,
                                   flops_budget=flops_budget, min_keep=min_keep, round_to=round_to,
                                   leaf_modules=tuple(leaf_module or ()), pipeline=pipeline, seed=seed,
-                                  calib_samples=calib_samples)
+                                  calib_samples=calib_samples,
+                                  mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
+                                               "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
+                                               "samples": mip_samples})
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     onnx = result["onnx"]

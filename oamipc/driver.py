@@ -19,7 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ def compile(  # noqa: A001 - the product's verb
     plan: Plan | None = None,
     seed: int = 0,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
+    mip_options: Mapping[str, Any] | None = None,
     verify: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompileResult:
@@ -93,6 +94,8 @@ def compile(  # noqa: A001 - the product's verb
     Give ``prune_ratio`` (fraction of units removed per group) or ``flops_budget`` (fraction of
     MACs kept), or a saved ``plan`` to replay, or a full ``pipeline``.  ``data`` provides
     calibration samples for data-driven criteria and accuracy before/after when labelled.
+    ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip_budget.MipOptions``:
+    formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
     The input ``model`` is not modified.
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -109,7 +112,7 @@ def compile(  # noqa: A001 - the product's verb
         calib = _fit(splits.train, sample_shape).stratified_sample(min(calib_samples, len(splits.train.x)), seed=seed)
         test = _fit(splits.test, sample_shape)
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
-                         progress=progress)
+                         progress=progress, options={"mip": dict(mip_options or {})})
     steps: list[Pass | Analysis[Any]]
     if pipeline is None:
         if plan is None and prune_ratio is None and flops_budget is None:
@@ -130,6 +133,7 @@ def compile(  # noqa: A001 - the product's verb
         "settings": {"importance": importance, "prune_ratio": prune_ratio, "flops_budget": flops_budget,
                      "min_keep": min_keep, "round_to": round_to, "seed": seed,
                      "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
+                     "mip": dict(mip_options or {}),
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
         "input_shape": list(example_inputs[0].shape),
         "units": unit_summary,

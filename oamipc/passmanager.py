@@ -51,6 +51,9 @@ class CompileContext:
     seed: int = 0
     report: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
+    # Settings of analyses that are not pass options, by analysis family (e.g. "mip": solver,
+    # time limits); constant over one compile, so they need not be part of cache keys.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def tick(self, what: str, done: int, total: int) -> None:
         """Report progress of a long step (the CLI draws a bar; the library only calls back)."""

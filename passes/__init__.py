@@ -9,6 +9,7 @@ from .costs import CostAnalysis, Costs, count_costs
 from .importance_activation import ActivationImportance
 from .importance_base import ImportanceAnalysis, criteria, get_criterion
 from .importance_magnitude import L1Importance, L2Importance
+from .importance_mip import MipImportance
 from .importance_random import RandomImportance
 from .importance_taylor import TaylorImportance
 from .prune_units import PruneUnitsPass, apply_plan
@@ -16,7 +17,7 @@ from .select_units import SelectUnitsAnalysis, select
 from .unit_groups import UnitGroupAnalysis
 
 __all__ = [
-    "ActivationImportance", "CostAnalysis", "Costs", "ImportanceAnalysis", "L1Importance", "L2Importance",
+    "ActivationImportance", "CostAnalysis", "Costs", "ImportanceAnalysis", "L1Importance", "L2Importance", "MipImportance",
     "PruneUnitsPass", "RandomImportance", "SelectUnitsAnalysis", "TaylorImportance", "UnitGroupAnalysis",
     "apply_plan", "count_costs", "criteria", "get_criterion", "select",
 ]

@@ -86,7 +86,7 @@ def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, f
     if round_to < 1:
         raise UsageError(f"--round-to must be at least 1, got {round_to}")
     kept = graph.all_kept()
-    forced = _floor_units(graph, scores)
+    forced = floor_units(graph, scores)
     choosers = [_GroupChooser(g, scores, min_keep, round_to, forced) for g in graph.groups if g.prunable]
     if prune_ratio is not None:
         for ch in choosers:
@@ -97,7 +97,7 @@ def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, f
     return _select_budget(graph, scores, choosers, kept, flops_budget)
 
 
-def _floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
+def floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
     """The best-scoring unit of every split piece that has no pinned unit: kept so no piece empties."""
     pinned = graph.pinned_mask()
     forced: set[int] = set()
@@ -188,9 +188,15 @@ class SelectUnitsAnalysis(Analysis[Plan]):
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Plan:
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
-        scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
-        kept = select(graph, scores, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
-                      min_keep=self.min_keep, round_to=self.round_to)
+        criterion = get_criterion(self.importance, self.leaf_modules)
+        if getattr(criterion, "plans", False):  # the MILP chooses for the target itself
+            kept, scores = criterion.plan(gm, graph, am, prune_ratio=self.prune_ratio,  # type: ignore[attr-defined]
+                                          flops_budget=self.flops_budget, min_keep=self.min_keep,
+                                          round_to=self.round_to)
+        else:
+            scores = am.get(criterion, gm)
+            kept = select(graph, scores, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
+                          min_keep=self.min_keep, round_to=self.round_to)
         settings = {"prune_ratio": self.prune_ratio, "flops_budget": self.flops_budget,
                     "min_keep": self.min_keep, "round_to": self.round_to, "seed": am.context.seed}
         am.context.report["scores"] = {

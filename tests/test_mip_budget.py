@@ -1,0 +1,94 @@
+"""The budgeted MILP: exact MAC constraint, held-out acceptance guard, determinism, CLI wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pulp
+import pytest
+import torch
+
+import oamipc
+from oamipc.errors import UsageError
+from oamipc.passes import UnitGroupAnalysis
+from oamipc.passes.mip_budget import BudgetSolver, Calibration, MipOptions
+from oamipc.passmanager import AnalysisManager, CompileContext
+from oamipc.solver import solve
+from oamipc.tracing import trace
+
+from .models import ZOO, example_input
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"samples": 16, "holdout": 64, "time_limit": 5.0, "total_time_limit": 15.0}
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_chain", "resnet"])
+def test_mac_constraint_equals_the_cost_model(name: str) -> None:
+    """With the keep variables fixed, the linearised MAC row equals UnitGraph.macs exactly,
+    including layers that read and write the same group (products of widths)."""
+    x = example_input(name, batch=1)
+    gm = trace(ZOO[name].factory(), (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    rng = np.random.default_rng(0)
+    calib = Calibration(x, torch.zeros(1, dtype=torch.long), x, torch.zeros(1, dtype=torch.long),
+                        torch.zeros(1), torch.zeros(1))
+    for group in [g for g in graph.groups if g.prunable]:
+        current = rng.random(graph.n_units) < 0.7
+        free = [u for u in group.units if u not in group.pinned]
+        bs = BudgetSolver(gm, graph, calib, MipOptions(), prune_ratio=None, flops_budget=1.0, min_keep=1,
+                          round_to=1, forced=set())
+        choice = rng.random(len(free)) < 0.5
+        m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
+        for u, c in zip(free, choice):  # fixed after creation: PuLP resets a binary's bounds to [0, 1]
+            m[u].lowBound = m[u].upBound = float(c)
+        prob = pulp.LpProblem("macs", pulp.LpMinimize)
+        bs._macs(prob, group, m, current)
+        macs_row = list(prob.constraints.values())[-1]
+        prob += pulp.LpAffineExpression()
+        assert solve(prob).status == "optimal"
+        expected = current.copy()
+        for u, c in zip(free, choice):
+            expected[u] = c
+        # The row is  macs(m) - budget <= 0.
+        assert pulp.value(macs_row) + bs.total_macs == pytest.approx(graph.macs(expected), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def digits_mlp_mip() -> tuple[oamipc.CompileResult, oamipc.CompileResult]:
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    data = oamipc.load_data("digits")
+    runs = [oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=data, importance="mip", flops_budget=0.3,
+                           calib_samples=128, mip_options=FAST) for _ in range(2)]
+    return runs[0], runs[1]
+
+
+def test_mip_meets_the_budget_and_never_worsens_the_held_out_loss(digits_mlp_mip) -> None:
+    result, _ = digits_mlp_mip
+    report = result.report
+    assert report["after"]["macs"] <= 0.3 * report["before"]["macs"] + 1e-9
+    mip = report["mip"]
+    assert mip["holdout_loss"]["final"] <= mip["holdout_loss"]["warm_start"] + 1e-12
+    assert mip["warm_start"]["chosen"] in {c["criterion"] for c in mip["warm_start"]["candidates"]}
+    outcomes = {s["outcome"] for s in mip["subproblems"]}
+    assert outcomes <= {"improved", "unchanged", "rejected", "no-incumbent", "skipped"}
+    last = mip["subproblems"][0]  # the last hidden layer: affine in its keep variables
+    assert last["encoding"]["relu_binaries"] == 0
+    assert last["solve"]["status"] in {"optimal", "feasible"}
+    assert last["solve"]["n_binaries"] >= last["free_units"]
+    json.dumps(report)
+
+
+def test_mip_is_deterministic(digits_mlp_mip) -> None:
+    a, b = digits_mlp_mip
+    assert a.plan == b.plan
+
+
+def test_mip_needs_data_and_a_known_formulation() -> None:
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    with pytest.raises(UsageError, match="needs calibration data"):
+        oamipc.compile(model, torch.zeros(1, 1, 8, 8), importance="mip", flops_budget=0.5)
+    with pytest.raises(UsageError, match="formulation"):
+        oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=oamipc.load_data("digits"), importance="mip",
+                       flops_budget=0.5, mip_options={"formulation": "magic"})
