@@ -63,7 +63,7 @@ _INSTALL_HINT = {
     "highs": "install it with `pip install highspy`",
     "cbc": "reinstall PuLP (`pip install --force-reinstall pulp`), which bundles CBC, or install "
     "CBC with `pip install pulp[cbc]`",
-    "scip": "install it with `pip install pyscipopt`",
+    "scip": "install it with `pip install 'oamipc[scip]'` (pyscipopt)",
 }
 
 # Absolute tolerance when checking a warm start against constraints, bounds and integrality.

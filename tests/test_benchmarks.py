@@ -28,3 +28,14 @@ def test_latency_vs_flops_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert rows[0]["flops_ratio"] == pytest.approx(1.0)
     assert 0.2 < rows[1]["flops_ratio"] < 0.5
     assert "| prune ratio |" in capsys.readouterr().out
+
+
+def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q.json"
+    _load("mip_quality").main(["--models", "digits_mlp", "--budgets", "0.3", "--criteria", "l2,mip",
+                               "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["criterion"] for r in rows] == ["l2", "mip"]
+    assert all(r["macs_kept"] <= 0.3 + 1e-9 for r in rows)
+    assert rows[1]["mip"]["holdout_loss"]["final"] <= rows[1]["mip"]["holdout_loss"]["warm_start"] + 1e-12
+    assert "| digits_mlp" in capsys.readouterr().out
