@@ -347,7 +347,7 @@ def test_scip_missing_names_pyscipopt() -> None:
     if "scip" in AVAILABLE:
         pytest.skip("pyscipopt is installed")
     prob, _ = knapsack()
-    with pytest.raises(SolverError, match="pip install pyscipopt") as info:
+    with pytest.raises(SolverError, match=r"oamipc\[scip\].*pyscipopt") as info:
         solve(prob, solver="scip")
     assert "\n" not in str(info.value)
 
