@@ -319,13 +319,11 @@ class BudgetSolver:
                 else:
                     prob += count == self.round_to * t
         if group.blocks:
-            first = group.blocks[0]
-            ref = pulp.LpAffineExpression([(m[u], 1.0) if u in m else (None, 0.0) for u in first if u in m],
-                                          constant=sum(1 for u in first if u not in m and current[u]))
-            for block in group.blocks[1:]:
-                other = pulp.LpAffineExpression([(m[u], 1.0) for u in block if u in m],
-                                                constant=sum(1 for u in block if u not in m and current[u]))
-                prob += other == ref
+            counts = [pulp.LpAffineExpression([(m[u], 1.0) for u in block if u in m],
+                                              constant=sum(1 for u in block if u not in m and current[u]))
+                      for block in group.blocks]
+            for other in counts[1:]:
+                prob += other == counts[0]
 
     def _macs(self, prob: pulp.LpProblem, group: UnitGroup, m: dict[int, pulp.LpVariable],
               current: np.ndarray) -> None:
