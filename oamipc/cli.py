@@ -176,13 +176,15 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
-    formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget.")] = "budget",
+    formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget | paper.")] = "budget",
+    relax: Annotated[bool, typer.Option("--relax", help="--formulation paper: solve the LP relaxation.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
     solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP sub-problem.")] = 20.0,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP sub-problem.")] = 5.0,
     total_time_limit: Annotated[float, typer.Option("--total-time-limit", help="Seconds for all MILP sub-problems.")] = 120.0,
     gap: Annotated[Optional[float], typer.Option("--gap", help="Relative MIP gap at which a solve stops.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Solver threads.")] = None,
-    mip_samples: Annotated[int, typer.Option("--mip-samples", help="Calibration samples inside the MILP; the rest are held out.")] = 64,
+    mip_samples: Annotated[Optional[int], typer.Option("--mip-samples", help="Calibration samples inside the MILP (budget: 64, the rest held out; paper: one per class).")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Prune MODEL and write a smaller, verified ONNX file."""
@@ -201,7 +203,7 @@ def compile_cmd(
                                   calib_samples=calib_samples,
                                   mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
                                                "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
-                                               "samples": mip_samples})
+                                               "samples": mip_samples, "relax": relax, "jobs": jobs})
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     onnx = result["onnx"]

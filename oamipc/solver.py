@@ -883,3 +883,32 @@ def solve(
         seconds,
     )
     return result
+
+
+def complete_solution(
+    prob: pulp.LpProblem,
+    fixed: Mapping[pulp.LpVariable, float],
+    *,
+    solver: str = "highs",
+    time_limit: float | None = None,
+    threads: int | None = None,
+) -> tuple[dict[pulp.LpVariable, float], float] | None:
+    """Extend a partial assignment (usually every binary) to a complete solution of ``prob``.
+
+    The variables in ``fixed`` are held at their values while the rest is solved for (an LP when
+    every integer variable is fixed); their bounds are restored afterwards.  Returns the values of
+    every variable and the objective, or ``None`` when no completion exists.  This turns a plan
+    into a MIP start that satisfies every auxiliary row (products, slacks, rounding counters).
+    """
+    saved = {v: (v.lowBound, v.upBound) for v in fixed}
+    for v, value in fixed.items():
+        v.lowBound = v.upBound = float(value)
+    try:
+        result = solve(prob, solver=solver, time_limit=time_limit, threads=threads)
+    finally:
+        for v, (lo, hi) in saved.items():
+            v.lowBound, v.upBound = lo, hi
+    if not result.has_solution():
+        return None
+    values = {v: float(v.varValue) for v in prob.variables() if v.varValue is not None}
+    return values, float(result.objective) if result.objective is not None else float("nan")

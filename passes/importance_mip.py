@@ -2,11 +2,15 @@
 
 Unlike the other criteria, the MILP needs the target (a MAC budget or a ratio) to decide, so it
 *plans* rather than only scores: :class:`~.select_units.SelectUnitsAnalysis` calls
-:meth:`MipImportance.plan` with the target.  The plan starts from the best cheap criterion and
-is improved by :mod:`.mip_budget` (the budgeted, layer-decomposed formulation).
+:meth:`MipImportance.plan` with the target.  Two formulations:
+
+* ``budget`` (default): the plan starts from the best cheap criterion and is improved by
+  :mod:`.mip_budget` (layer sub-problems, then the joint stage of :mod:`.mip_joint`).  The
+  reported score of a unit is 1 + its normalised magnitude when kept, its normalised magnitude
+  when removed: kept units always rank above removed ones.
+* ``paper``: the thesis's continuous scores (:mod:`.mip_paper`), ranked to the target.
+
 Solver settings come from ``CompileContext.options["mip"]`` (see :class:`.mip_budget.MipOptions`).
-The reported score of a unit is 1 + its normalised magnitude when kept, its normalised magnitude
-when removed: kept units always rank above removed ones.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import fx
 
 from oamipc.errors import UsageError
@@ -23,7 +28,9 @@ from oamipc.passmanager import AnalysisManager, register
 from oamipc.units import UnitGraph
 
 from .importance_base import ImportanceAnalysis, get_criterion, register_criterion
-from .mip_budget import WARM_CRITERIA, Calibration, MipOptions, margin_loss, plan_budget, unit_magnitude
+from .mip_budget import WARM_CRITERIA, Calibration, MipOptions, network_logits, margin_loss, plan_budget, unit_magnitude
+from .mip_masked import margins
+from .mip_paper import LAMBDA, paper_scores, pick_samples
 
 
 @register
@@ -50,6 +57,9 @@ class MipImportance(ImportanceAnalysis):
             raise UsageError("importance 'mip' needs calibration data: pass --data")
         opts = MipOptions.from_context(am)
         start = time.perf_counter()
+        if opts.formulation == "paper":
+            return self._paper(gm, graph, am, opts, start, prune_ratio=prune_ratio, flops_budget=flops_budget,
+                               min_keep=min_keep, round_to=round_to)
         calib = Calibration.build(gm, am, opts)
         report: dict[str, Any] = {"formulation": opts.formulation, "solver": opts.solver,
                                   "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
@@ -70,10 +80,11 @@ class MipImportance(ImportanceAnalysis):
         assert best is not None
         report["warm_start"] = {"chosen": best[1], "candidates": warm_rows}
         forced = floor_units(graph, am.get(get_criterion(best[1], self.leaf_modules), gm))
-        kept, records = plan_budget(gm, graph, am, warm=best[2], opts=opts, calib=calib,
-                                    prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep,
-                                    round_to=round_to, forced=forced)
+        kept, records, joint = plan_budget(gm, graph, am, warm=best[2], opts=opts, calib=calib,
+                                           prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep,
+                                           round_to=round_to, forced=forced)
         report["subproblems"] = [r.__dict__ for r in records]
+        report["joint_rounds"] = [r.__dict__ for r in joint]
         report["holdout_loss"] = {"warm_start": best[0],
                                   "final": margin_loss(gm, graph, kept, calib.x_hold, calib.y_hold, calib.margin_hold)}
         report["seconds"] = time.perf_counter() - start
@@ -84,3 +95,40 @@ class MipImportance(ImportanceAnalysis):
             top = mags[g.units].max() if g.units else 0.0
             norm[g.units] = mags[g.units] / top if top > 0 else 0.0
         return kept, norm + kept.astype(np.float64)
+
+    def _paper(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, opts: MipOptions, start: float, *,
+               prune_ratio: float | None, flops_budget: float | None, min_keep: int,
+               round_to: int) -> tuple[np.ndarray, np.ndarray]:
+        """The thesis's formulation: averaged class-problem scores, ranked to the target."""
+        from .select_units import select
+
+        ctx = am.context
+        assert ctx.calib_x is not None
+        x = ctx.calib_x.float()
+        with torch.no_grad():
+            logits = network_logits(gm, x)
+        predicted = logits.argmax(1)
+        y = ctx.calib_y if ctx.calib_y is not None else predicted
+        classes = int(logits.shape[1])
+        per_class = max(1, (opts.samples or classes) // classes)
+        problems = pick_samples(x, y, predicted, margins(logits, y), classes, per_class)
+        pinned = graph.pinned_mask()
+        free = [u for g in graph.groups if g.prunable for u in g.units if not pinned[u]]
+        time_limit = min(opts.time_limit, opts.total_time_limit * opts.jobs / max(len(problems), 1))
+        scores, records = paper_scores(gm, graph, free, problems, solver=opts.solver, time_limit=time_limit,
+                                       threads=opts.threads, relax=opts.relax, jobs=opts.jobs, progress=ctx.tick)
+        # The scores are comparable across layers already (the objective normalises by layer size).
+        kept = select(graph, scores, prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep,
+                      round_to=round_to, normalise=False)
+        tau_kept = graph.all_kept()
+        tau_kept[free] = scores[free] >= opts.tau
+        ctx.report["mip"] = {
+            "formulation": "paper", "solver": opts.solver, "relaxed": opts.relax, "lambda": LAMBDA,
+            "samples": int(sum(len(p.x) for p in problems)), "per_class": per_class, "jobs": opts.jobs,
+            "loss": "multiclass hinge on the original logit margins (linear surrogate of cross-entropy)",
+            "classes": [r.__dict__ for r in records],
+            "threshold_rule": {"tau": opts.tau, "units_kept": int(tau_kept[free].sum()), "units_free": len(free),
+                               "macs_kept": graph.macs(tau_kept) / graph.macs()},
+            "seconds": time.perf_counter() - start,
+        }
+        return kept, scores

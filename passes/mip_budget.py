@@ -43,17 +43,23 @@ import pulp
 import torch
 from torch import fx
 
+from oamipc import ir
 from oamipc.errors import PlanError, UsageError
 from oamipc.passmanager import AnalysisManager
+from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph, UnitGroup
 
 from .mip_encode import Encoder, EncodingStats
+from .mip_joint import JointStage
+from .mip_masked import MaskedNetwork, margins
+from .mip_rows import as_keep, group_rows, mac_expression
 from .prune_units import apply_plan
 
 log = logging.getLogger(__name__)
 
 TIE_REWARD = 1e-3  # total weight of the magnitude tie-breaker per group, in units of the mean hinge
 WARM_CRITERIA = ("l2", "l1", "taylor", "activation")
+DEFAULT_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,25 @@ class MipOptions:
 
     formulation: str = "budget"
     solver: str = "highs"
-    time_limit: float = 20.0  # seconds per sub-problem
+    time_limit: float = 5.0  # seconds per sub-problem
     total_time_limit: float = 120.0  # seconds for all sub-problems
     gap: float | None = None
     threads: int | None = None
-    samples: int = 64  # MILP samples (stratified); the rest of the calibration set is held out
+    samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
+    jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
+    relax: bool = False  # paper: solve the LP relaxation
+    tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
     holdout: int = 448
     sweeps: int = 1
     warm: str = "auto"  # a criterion name, or the best cheap one on held-out data
+    joint: bool = True  # the joint linearised stage after the layer sub-problems
+    joint_radius: int = 0  # first trust radius (units flipped); 0: a tenth of the free units, at least 4
+    joint_rounds: int = 30
+    joint_nodes: int = 200  # branch-and-bound nodes per joint solve (a deterministic work limit)
+    joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
+    exact_binaries: int = 4000  # layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage
+    margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
+    accept: str = "hinge"  # held-out acceptance: hinge | accuracy (errors first, hinge breaks ties)
 
     @classmethod
     def from_context(cls, am: AnalysisManager) -> MipOptions:
@@ -78,13 +95,20 @@ class MipOptions:
         if unknown:
             raise UsageError(f"unknown MIP option(s): {', '.join(sorted(unknown))}")
         opts = cls(**raw)
-        if opts.formulation != "budget":
-            raise UsageError(f"--formulation {opts.formulation!r} is not available; this version has 'budget' "
-                             "(the thesis's 'paper' formulation is planned)")
-        if opts.samples < 1:
+        if opts.formulation not in ("budget", "paper"):
+            raise UsageError(f"--formulation {opts.formulation!r}: use 'budget' (default) or 'paper'")
+        if opts.relax and opts.formulation != "paper":
+            raise UsageError("--relax applies to --formulation paper only")
+        if opts.jobs < 1:
+            raise UsageError(f"--jobs must be >= 1, got {opts.jobs}")
+        if opts.samples is not None and opts.samples < 1:
             raise UsageError(f"--mip-samples must be >= 1, got {opts.samples}")
         if opts.time_limit <= 0 or opts.total_time_limit <= 0:
             raise UsageError("--time-limit must be positive")
+        if opts.accept not in ("hinge", "accuracy"):
+            raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
+        if not 0.0 < opts.margin_cap <= 1.0:
+            raise UsageError(f"MIP margin cap {opts.margin_cap}: give a quantile in (0, 1]")
         return opts
 
 
@@ -106,26 +130,21 @@ class Calibration:
             raise UsageError("importance 'mip' needs calibration data: pass --data")
         x = ctx.calib_x.float()
         with torch.no_grad():
-            logits = _logits(gm, x)
+            logits = network_logits(gm, x)
         y = ctx.calib_y if ctx.calib_y is not None else logits.argmax(1)
-        n = min(opts.samples, len(x))
+        n = min(opts.samples or DEFAULT_SAMPLES, len(x))
         hold = slice(n, n + opts.holdout) if len(x) > n else slice(0, n)
-        margins = _margins(logits, y)
-        return cls(x[:n], y[:n], x[hold], y[hold], margins[:n], margins[hold])
+        target = margins(logits, y)
+        if opts.margin_cap < 1.0:
+            target = target.clamp(max=float(torch.quantile(target[:n], opts.margin_cap)))
+        return cls(x[:n], y[:n], x[hold], y[hold], target[:n], target[hold])
 
 
-def _logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def network_logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = gm(x)
     while isinstance(out, (tuple, list)):
         out = out[0]
     return out.double()
-
-
-def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y.view(-1, 1), float("-inf"))
-    return true - other.amax(1)
 
 
 def margin_loss(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray, x: torch.Tensor, y: torch.Tensor,
@@ -135,8 +154,8 @@ def margin_loss(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray, x: torch
     if not kept.all():
         apply_plan(pruned, graph, kept)
     with torch.no_grad():
-        margins = _margins(_logits(pruned, x), y)
-    return float((target - margins).clamp(min=0).mean())
+        got = margins(network_logits(pruned, x), y)
+    return float((target - got).clamp(min=0).mean())
 
 
 @dataclass
@@ -161,6 +180,34 @@ def group_order(gm: fx.GraphModule, graph: UnitGraph) -> list[UnitGroup]:
     position = {node.target: i for i, node in enumerate(gm.graph.nodes) if node.op == "call_module"}
     groups = [g for g in graph.groups if g.prunable]
     return sorted(groups, key=lambda g: (-max(position.get(p, -1) for p in g.producers), g.id))
+
+
+_NONLINEAR_OPS = {"relu", "relu_", "max_pool1d", "max_pool2d"}
+
+
+def nonlinear_elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> int:
+    """ReLU/max-pool elements per sample downstream of the layers reading ``group``'s units.
+
+    An upper bound on the binaries per sample of the group's sub-problem (the encoder creates one
+    only for elements whose bounds leave the phase open), known before encoding anything.
+    """
+    units = set(group.units)
+    readers = {layer.node for layer in graph.layers if any(int(u) in units for u in layer.in_units.tolist())}
+    seen: set[str] = set()
+    stack = [n for n in gm.graph.nodes if n.name in readers]
+    total = 0
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        mod = ir.get_module(gm, str(node.target)) if node.op == "call_module" else None
+        name = ir.op_name(node) if mod is None else ""
+        if isinstance(mod, (torch.nn.ReLU, torch.nn.MaxPool1d, torch.nn.MaxPool2d)) or name in _NONLINEAR_OPS:
+            shape = ir.tensor_shape(node)
+            total += ir.prod(shape[1:]) if shape else 0
+        stack.extend(node.users)
+    return total
 
 
 def unit_magnitude(gm: fx.GraphModule, graph: UnitGraph) -> np.ndarray:
@@ -199,22 +246,34 @@ class BudgetSolver:
         self.pinned = graph.pinned_mask()
         self.total_macs = graph.macs()
         self.records: list[SubProblemRecord] = []
+        self.joint_rounds: list[Any] = []
+        self.net = MaskedNetwork(gm, graph)
 
     def holdout_loss(self, kept: np.ndarray) -> float:
+        """The acceptance measure on held-out samples: the margin hinge, or errors first."""
         c = self.calib
-        return margin_loss(self.gm, self.graph, kept, c.x_hold, c.y_hold, c.margin_hold)
+        got = margins(self.net.logits(c.x_hold, kept[None, :])[0], c.y_hold)
+        hinge = float((c.margin_hold - got).clamp(min=0).mean())
+        if self.opts.accept == "accuracy":
+            return float((got <= 0).sum()) + hinge / (1.0 + hinge)
+        return hinge
 
     def run(self, kept: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
+        deadline = start + self.opts.total_time_limit
         order = group_order(self.gm, self.graph)
         current = kept.copy()
+        pruned = copy.deepcopy(self.gm)
+        if not current.all():
+            apply_plan(pruned, self.graph, current)
+        self.net.verify(self.calib.x_hold[:64], current, pruned)  # the masked evaluation is the real network
         best_loss = self.holdout_loss(current)
-        steps = len(order) * self.opts.sweeps
+        steps = (len(order) + int(self.opts.joint)) * self.opts.sweeps
         done = 0
         for _sweep in range(self.opts.sweeps):
             for group in order:
                 done += 1
-                left = self.opts.total_time_limit - (time.perf_counter() - start)
+                left = deadline - time.perf_counter()
                 free = [u for u in group.units if not self.pinned[u] and u not in self.forced]
                 record = SubProblemRecord(group.name, len(free), int(current[group.units].sum()),
                                           int(current[group.units].sum()), "skipped", holdout_before=best_loss)
@@ -222,6 +281,11 @@ class BudgetSolver:
                 if self.progress:
                     self.progress(f"MILP {group.name}", done - 1, steps)
                 if not free or left <= 0.5:
+                    continue
+                binaries = len(self.calib.x) * nonlinear_elements_after(self.gm, self.graph, group)
+                if binaries > self.opts.exact_binaries:
+                    record.solve = {"status": f"up to {binaries} ReLU/max-pool binaries (> {self.opts.exact_binaries}); "
+                                              "left to the joint stage"}
                     continue
                 candidate = self.solve_group(group, free, current, min(self.opts.time_limit, left), record)
                 if candidate is None:
@@ -237,9 +301,32 @@ class BudgetSolver:
                     current, best_loss = candidate, loss
                 else:
                     record.outcome = "rejected"
+            if self.opts.joint and deadline - time.perf_counter() > 0.5:
+                done += 1
+                if self.progress:
+                    self.progress("MILP joint", done - 1, steps)
+                current = self.joint(current, deadline)
+                best_loss = self.holdout_loss(current)
         if self.progress:
             self.progress("MILP", steps, steps)
         return current
+
+    def joint(self, current: np.ndarray, deadline: float) -> np.ndarray:
+        free = [u for g in self.graph.groups if g.prunable for u in g.units
+                if not self.pinned[u] and u not in self.forced]
+        if not free:
+            return current
+        stage = JointStage(self.net, self.graph, self.calib.x, self.calib.y, self.calib.margin, free=free,
+                           magnitude=self.magnitude, flops_budget=self.flops_budget,
+                           fixed_count=self.prune_ratio is not None, min_keep=self.min_keep, round_to=self.round_to,
+                           solver=self.opts.solver, time_limit=self.opts.time_limit, threads=self.opts.threads,
+                           tie_reward=TIE_REWARD, node_limit=self.opts.joint_nodes,
+                           competitors=self.opts.joint_rivals)
+        radius = self.opts.joint_radius or max(4, len(free) // 10)
+        out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
+                        deadline=deadline)
+        self.joint_rounds.extend(stage.rounds)
+        return out
 
     # ------------------------------------------------------------------ one sub-problem
     def solve_group(self, group: UnitGroup, free: list[int], current: np.ndarray, time_limit: float,
@@ -266,8 +353,6 @@ class BudgetSolver:
             log.warning("MILP for %s: the warm start is infeasible in the encoding; group left unchanged", group.name)
             return None
         record.objective_warm = warm[1]
-        from oamipc.solver import solve
-
         result = solve(prob, solver=self.opts.solver, time_limit=time_limit, gap=self.opts.gap,
                        threads=self.opts.threads, warm_start=warm[0])
         record.solve = result.to_dict()
@@ -300,93 +385,24 @@ class BudgetSolver:
 
     def _target(self, prob: pulp.LpProblem, group: UnitGroup, free: list[int], m: dict[int, pulp.LpVariable],
                 current: np.ndarray) -> None:
-        fixed_kept = sum(1 for u in group.units if u not in m and current[u])
-        count = pulp.LpAffineExpression([(m[u], 1.0) for u in free], constant=fixed_kept)
-        if self.prune_ratio is not None:
-            prob += count == int(current[group.units].sum())
-        else:
-            prob += count >= max(self.min_keep, 1)
+        keep = as_keep(m)
+        group_rows(prob, group, keep, current, fixed_count=self.prune_ratio is not None, min_keep=self.min_keep,
+                   round_to=self.round_to, prefix=f"g{group.id}_")
+        if self.prune_ratio is None:
             self._macs(prob, group, m, current)
-            if self.round_to > 1:
-                size = group.size
-                top = size // self.round_to
-                t = pulp.LpVariable(f"t{group.id}", lowBound=0, upBound=top, cat=pulp.LpInteger)
-                rest = size % self.round_to
-                if rest:
-                    full = pulp.LpVariable(f"full{group.id}", cat=pulp.LpBinary)
-                    prob += count == self.round_to * t + rest * full
-                    prob += full <= t - top + 1
-                else:
-                    prob += count == self.round_to * t
-        if group.blocks:
-            counts = [pulp.LpAffineExpression([(m[u], 1.0) for u in block if u in m],
-                                              constant=sum(1 for u in block if u not in m and current[u]))
-                      for block in group.blocks]
-            for other in counts[1:]:
-                prob += other == counts[0]
 
     def _macs(self, prob: pulp.LpProblem, group: UnitGroup, m: dict[int, pulp.LpVariable],
               current: np.ndarray) -> None:
-        """Exact MACs of the pruned network <= budget, affine in ``m`` but for self-coupled layers."""
-        terms: dict[Any, float] = {}
-        const = 0.0
-
-        def add(var: Any, c: float) -> None:
-            terms[var] = terms.get(var, 0.0) + c
-
-        for layer in self.graph.layers:
-            a_in, b_in = _width(layer.in_units, m, current)
-            a_out, b_out = _width(layer.out_units, m, current)
-            # macs = c_io * n_in * n_out + c_o * n_out with n = b + sum a_u m_u
-            const += layer.c_io * b_in * b_out + layer.c_o * b_out
-            for u, a in a_out.items():
-                add(m[u], layer.c_io * b_in * a + layer.c_o * a)
-            for u, a in a_in.items():
-                add(m[u], layer.c_io * b_out * a)
-            if layer.c_io and a_in and a_out:
-                # (sum_i a_i m_i) (sum_j b_j m_j): p_i = m_i * W with W = sum_j b_j m_j.
-                w_max = float(sum(a_out.values()))
-                w = pulp.LpAffineExpression([(m[u], float(a)) for u, a in a_out.items()])
-                for u, a in a_in.items():
-                    p = pulp.LpVariable(f"p_{layer.node}_{u}", lowBound=0.0, upBound=w_max)
-                    prob += p <= w_max * m[u]
-                    prob += p <= w
-                    prob += p >= w - w_max * (1 - m[u])
-                    add(p, layer.c_io * a)
-        budget = float(self.flops_budget) * self.total_macs
-        prob += pulp.LpAffineExpression([(v, c) for v, c in terms.items() if abs(c) > 0]) + const <= budget
+        """Exact MACs of the pruned network <= budget (:func:`.mip_rows.mac_expression`)."""
+        assert self.flops_budget is not None
+        macs = mac_expression(prob, self.graph, as_keep(m), current, prefix=f"g{group.id}_")
+        prob += macs <= float(self.flops_budget) * self.total_macs
 
     def _warm_values(self, prob: pulp.LpProblem, m: dict[int, pulp.LpVariable],
                      current: np.ndarray) -> tuple[dict[pulp.LpVariable, float], float] | None:
-        """The complete solution of the current plan: solve with every ``m`` fixed to it."""
-        from oamipc.solver import solve
-
-        saved = {u: (v.lowBound, v.upBound) for u, v in m.items()}
-        for u, v in m.items():
-            v.lowBound = v.upBound = float(current[u])
-        try:
-            result = solve(prob, solver=self.opts.solver, time_limit=self.opts.time_limit, threads=self.opts.threads)
-        finally:
-            for u, v in m.items():
-                v.lowBound, v.upBound = saved[u]
-        if not result.has_solution():
-            return None
-        values = {v: float(v.varValue) for v in prob.variables() if v.varValue is not None}
-        return values, float(result.objective) if result.objective is not None else float("nan")
-
-
-def _width(units: np.ndarray, m: dict[int, pulp.LpVariable], current: np.ndarray) -> tuple[dict[int, float], float]:
-    """A layer side's width as ``b + sum_u a_u m_u`` (a: positions per free unit)."""
-    a: dict[int, float] = {}
-    b = 0.0
-    for u in units.tolist():
-        if u < 0:
-            b += 1
-        elif u in m:
-            a[u] = a.get(u, 0.0) + 1.0
-        elif current[u]:
-            b += 1
-    return a, b
+        """The complete solution of the current plan (every ``m`` fixed to it)."""
+        return complete_solution(prob, {v: float(current[u]) for u, v in m.items()}, solver=self.opts.solver,
+                                 time_limit=self.opts.time_limit, threads=self.opts.threads)
 
 
 def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
@@ -397,11 +413,11 @@ def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
 
 def plan_budget(gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, warm: np.ndarray, opts: MipOptions,
                 calib: Calibration, prune_ratio: float | None, flops_budget: float | None, min_keep: int,
-                round_to: int, forced: set[int]) -> tuple[np.ndarray, list[SubProblemRecord]]:
+                round_to: int, forced: set[int]) -> tuple[np.ndarray, list[SubProblemRecord], list[Any]]:
     """Improve the plan ``warm`` with the budgeted sub-problems; return it and the records."""
     if prune_ratio is None and flops_budget is None:
         raise PlanError("the MILP needs a target: --flops-budget or --prune-ratio")
     solver = BudgetSolver(gm, graph, calib, opts, prune_ratio=prune_ratio, flops_budget=flops_budget,
                           min_keep=min_keep, round_to=round_to, forced=forced, progress=am.context.tick)
     kept = solver.run(warm)
-    return kept, solver.records
+    return kept, solver.records, solver.joint_rounds

@@ -435,8 +435,25 @@ class Encoder:
         hi_all = s.hi.reshape(-1)
         lo_all = s.lo.reshape(-1)
         for e in torch.nonzero(mask.reshape(-1)).flatten().tolist():
+            x_terms = self._terms(s, flat_coef, e)
+            if float(lo_all[e]) < -1e-4 * (1.0 + abs(float(hi_all[e]))):  # pads of the bounds aside
+                raise UnsupportedGraphError(
+                    f"the paper formulation gates a unit with relu(x - (1 - s) U+), which needs x >= 0 (a value "
+                    f"after a ReLU); {ir.where(node)} reads values that can be negative; use --formulation budget")
+            if not x_terms:
+                # A constant x: U+ = max(x, 0), so relu(x - (1 - s) U+) = s * max(x, 0) exactly.
+                value = max(float(flat_const[e]), 0.0)
+                flat_const[e] = 0.0
+                if n_old:
+                    coef.reshape(n_old, -1)[:, e] = 0.0
+                if value > 0.0:
+                    onehot = torch.zeros_like(const).reshape(-1)
+                    onehot[e] = value
+                    vars_.append(m)
+                    extra.append(onehot.reshape(const.shape))
+                continue
             u_plus = max(float(hi_all[e]), 0.0)
-            terms = self._terms(s, flat_coef, e) + [(m, u_plus)]
+            terms = x_terms + [(m, u_plus)]
             c = float(flat_const[e]) - u_plus
             lo, hi = float(lo_all[e]) - u_plus, float(hi_all[e])
             h = self._relu_element(terms, c, lo, hi)

@@ -73,8 +73,12 @@ class _GroupChooser:
 
 
 def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, flops_budget: float | None,
-           min_keep: int = 1, round_to: int = 1) -> np.ndarray:
-    """The kept-unit mask for the given scores and target (see the module docstring)."""
+           min_keep: int = 1, round_to: int = 1, normalise: bool = True) -> np.ndarray:
+    """The kept-unit mask for the given scores and target (see the module docstring).
+
+    ``normalise=False`` ranks raw scores across groups (for scores that are already comparable,
+    such as the thesis's layer-normalised MILP scores in [0, 1]).
+    """
     if (prune_ratio is None) == (flops_budget is None):
         raise UsageError("give exactly one of --prune-ratio and --flops-budget")
     if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
@@ -94,7 +98,7 @@ def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, f
             _apply(kept, ch, n)
         return kept
     assert flops_budget is not None
-    return _select_budget(graph, scores, choosers, kept, flops_budget)
+    return _select_budget(graph, scores, choosers, kept, flops_budget, normalise)
 
 
 def floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
@@ -116,7 +120,7 @@ def _apply(kept: np.ndarray, ch: _GroupChooser, n: int) -> None:
 
 
 def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
-                   budget: float) -> np.ndarray:
+                   budget: float, normalise: bool = True) -> np.ndarray:
     total = graph.macs()
     target = budget * total
     # Incremental MACs: per layer, how many input/output positions each unit occupies.
@@ -141,7 +145,7 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
     for ch in choosers:
         s = scores[ch.group.units]
         mean = float(np.mean(np.abs(s)))
-        norm[ch.group.id] = mean if mean > 0 else 1.0
+        norm[ch.group.id] = mean if mean > 0 and normalise else 1.0
     current = {ch.group.id: ch.group.size for ch in choosers}
     heap: list[tuple[float, int, int]] = []
 

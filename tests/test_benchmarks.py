@@ -32,10 +32,11 @@ def test_latency_vs_flops_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q.json"
-    _load("mip_quality").main(["--models", "digits_mlp", "--budgets", "0.3", "--criteria", "l2,mip",
+    _load("mip_quality").main(["--models", "digits_mlp", "--budgets", "0.3", "--criteria", "l2,mip,mip_paper_lp",
                                "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["criterion"] for r in rows] == ["l2", "mip"]
+    assert [r["criterion"] for r in rows] == ["l2", "mip", "mip_paper_lp"]
     assert all(r["macs_kept"] <= 0.3 + 1e-9 for r in rows)
     assert rows[1]["mip"]["holdout_loss"]["final"] <= rows[1]["mip"]["holdout_loss"]["warm_start"] + 1e-12
+    assert rows[2]["mip"]["classes"] and all(c["status"] == "optimal" for c in rows[2]["mip"]["classes"])
     assert "| digits_mlp" in capsys.readouterr().out

@@ -21,7 +21,10 @@ from oamipc.tracing import trace
 from .models import ZOO, example_input
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = {"samples": 16, "holdout": 64, "time_limit": 5.0, "total_time_limit": 15.0}
+# Small enough that no solve reaches its time limit (node limits bound the joint stage), so the
+# plan must be the same on every run.
+FAST = {"samples": 16, "holdout": 64, "time_limit": 30.0, "total_time_limit": 300.0, "joint_rivals": 1,
+        "joint_nodes": 20, "joint_rounds": 4, "exact_binaries": 0}
 
 
 @pytest.mark.parametrize("name", ["mlp", "residual_chain", "resnet"])
@@ -82,6 +85,9 @@ def test_mip_meets_the_budget_and_never_worsens_the_held_out_loss(digits_mlp_mip
 
 def test_mip_is_deterministic(digits_mlp_mip) -> None:
     a, b = digits_mlp_mip
+    rounds = a.report["mip"]["joint_rounds"]
+    assert rounds and not any(r["time_limited"] for r in rounds)
+    assert [r["outcome"] for r in rounds] == [r["outcome"] for r in b.report["mip"]["joint_rounds"]]
     assert a.plan == b.plan
 
 

@@ -40,12 +40,14 @@ def _setup(name: str, n: int = 2):
     return gm, graph, x
 
 
-def _encode_fixed(gm, graph, x, kept: np.ndarray) -> np.ndarray:
-    """Encode with every free unit a keep variable, fix them to ``kept``, solve, return the logits."""
+def _encode_fixed(gm, graph, x, kept: np.ndarray, mode: str = "keep") -> np.ndarray:
+    """Encode with every free unit a keep variable (or a paper score), fix them to ``kept``, solve,
+    return the logits."""
     prob = pulp.LpProblem("oracle", pulp.LpMinimize)
     pinned = graph.pinned_mask()
-    free = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in range(graph.n_units) if not pinned[u]}
-    enc = Encoder(gm, graph, x, graph.all_kept(), free, prob)
+    cat = pulp.LpBinary if mode == "keep" else pulp.LpContinuous
+    free = {u: pulp.LpVariable(f"m{u}", 0, 1, cat=cat) for u in range(graph.n_units) if not pinned[u]}
+    enc = Encoder(gm, graph, x, graph.all_kept(), free, prob, mode=mode)
     logits = enc.logits()
     for u, var in free.items():
         var.lowBound = var.upBound = float(kept[u])
@@ -90,6 +92,31 @@ def test_logits_equal_pruned_network_with_units_removed(name: str) -> None:
     with torch.no_grad():
         ref = pruned(x).double().numpy()
     np.testing.assert_allclose(z, ref, atol=1e-4, rtol=1e-4)
+
+
+# The thesis's shifted ReLU gates values after a ReLU; these zoo models read only such values.
+PAPER = ["mlp", "lenet5", "vgg_bn", "flatten_view", "conv1d"]
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_scores_at_0_and_1_equal_the_pruned_network(name: str) -> None:
+    """relu(x - (1 - s) U+) with s = 1 is the network and with s = 0 removes the unit."""
+    gm, graph, x = _setup(name)
+    kept = _removal(graph, seed=4)
+    z = _encode_fixed(gm, graph, x, kept, mode="paper")
+    pruned = copy.deepcopy(gm)
+    apply_plan(pruned, graph, kept)
+    with torch.no_grad():
+        ref = pruned(x).double().numpy()
+    np.testing.assert_allclose(z, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_gate_refuses_values_that_can_be_negative() -> None:
+    gm, graph, x = _setup("residual_chain")
+    pinned = graph.pinned_mask()
+    free = {u: pulp.LpVariable(f"s{u}", 0, 1) for u in range(graph.n_units) if not pinned[u]}
+    with pytest.raises(UnsupportedGraphError, match="x >= 0"):
+        Encoder(gm, graph, x, graph.all_kept(), free, pulp.LpProblem("p", pulp.LpMinimize), mode="paper").logits()
 
 
 def test_fixed_units_outside_the_free_set_are_removed_as_constants() -> None:

@@ -1,0 +1,169 @@
+"""The ``mip`` criterion, ``paper`` formulation: the thesis's continuous importance scores.
+
+What the OAMIP thesis does (method notes, section 2), with a linear loss so that it stays a MILP:
+
+* one continuous score ``s_u`` in [0, 1] per free unit of *every* prunable group, shared by all
+  samples and all positions of a channel;
+* a unit enters every layer that reads it through the shifted ReLU ``relu(x - (1 - s_u) U+)``
+  (``U+`` the upper bound of ``x``; :mod:`.mip_encode`, ``mode="paper"``): ``s = 1`` is the
+  network, ``s = 0`` removes the unit;
+* loss: the multiclass hinge on the logit margin, ``xi_k >= M_k - (z_y - z_c)`` for ``c != y``
+  with ``M_k`` the original network's margin (the thesis's log-sum-exp would need a conic solver);
+* objective ``lambda * mean xi + sum_groups (1 / N_g) sum_u (s_u - 2)`` (``lambda = 5``);
+* calibration: one correctly classified sample per class (``--mip-samples`` changes the count;
+  samples are taken per class in the calibration set's seeded, stratified order), one MILP per
+  class (the thesis's scale trick) with the scores averaged over the classes.  The per-class
+  problems are independent: ``--jobs N`` solves them in N forked worker processes (where the
+  platform has fork; elsewhere one after another);
+* ``--relax`` solves the LP relaxation (ReLU phase binaries continuous) instead;
+* the plan: the averaged scores ranked to the target (``--flops-budget``/``--prune-ratio``, by the
+  ordinary selection, raw scores compared across layers), and the report also gives the thesis's threshold rule ``s >= tau``
+  (``tau`` 0.1 by default) and the MACs it would keep.
+
+A class problem that ends without an incumbent gives score 1 to every unit (nothing learned) and
+says so in the report; every class problem is warm-started from ``s = 1`` (the unpruned network,
+always feasible).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pulp
+import torch
+from torch import fx
+
+from oamipc.solver import complete_solution, solve
+from oamipc.units import UnitGraph
+
+from .mip_encode import Encoder
+
+log = logging.getLogger(__name__)
+
+LAMBDA = 5.0
+
+
+@dataclass
+class ClassProblem:
+    """Inputs of one class's MILP (picklable: it travels to worker processes)."""
+
+    label: int
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor  # original margins
+
+
+@dataclass
+class ClassRecord:
+    """How one class's MILP ended."""
+
+    label: int
+    samples: int
+    status: str = ""
+    outcome: str = "solved"  # solved | no-incumbent
+    solve: dict[str, Any] = field(default_factory=dict)
+    encoding: dict[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    scores: list[float] = field(default_factory=list)
+
+
+def pick_samples(x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor, target: torch.Tensor, classes: int,
+                 per_class: int) -> list[ClassProblem]:
+    """The first ``per_class`` correctly classified samples of every class, in calibration order."""
+    problems = []
+    for c in range(classes):
+        idx = torch.nonzero((y == c) & (predicted == c)).flatten()[:per_class]
+        if len(idx):
+            problems.append(ClassProblem(c, x[idx], y[idx], target[idx]))
+    return problems
+
+
+def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: ClassProblem, *, solver: str,
+                time_limit: float, threads: int | None, relax: bool, lam: float = LAMBDA) -> ClassRecord:
+    """Build and solve one class's MILP; return its scores (see the module docstring)."""
+    t0 = time.perf_counter()
+    rec = ClassRecord(problem.label, len(problem.x))
+    prob = pulp.LpProblem(f"paper_class{problem.label}", pulp.LpMinimize)
+    s = {u: pulp.LpVariable(f"s{u}", lowBound=0.0, upBound=1.0) for u in free}
+    enc = Encoder(gm, graph, problem.x, graph.all_kept(), s, prob, mode="paper", name=f"c{problem.label}")
+    logits = enc.logits()
+    xi = []
+    for k, sym in enumerate(logits):
+        yk = int(problem.y[k])
+        v = pulp.LpVariable(f"xi{k}", lowBound=0.0)
+        xi.append(v)
+        zy = enc.expression(sym, yk)
+        for c in range(sym.const.numel()):
+            if c != yk:
+                prob += v - float(problem.target[k]) + zy - enc.expression(sym, c) >= 0
+    terms = [(v, lam / len(xi)) for v in xi]
+    for group in graph.groups:
+        units = [u for u in group.units if u in s]
+        terms += [(s[u], 1.0 / len(units)) for u in units]
+    prob += pulp.LpAffineExpression(terms)
+    if relax:
+        for var in prob.variables():
+            if var.cat == pulp.LpInteger:
+                var.cat = pulp.LpContinuous
+    rec.encoding = enc.stats.to_dict()
+    rec.build_seconds = time.perf_counter() - t0
+    warm = complete_solution(prob, {v: 1.0 for v in s.values()}, solver=solver, time_limit=time_limit,
+                             threads=threads)
+    result = solve(prob, solver=solver, time_limit=time_limit, threads=threads,
+                   warm_start=warm[0] if warm else None)
+    rec.solve = result.to_dict()
+    rec.status = result.status
+    if not result.has_solution():
+        rec.outcome = "no-incumbent"
+        rec.scores = [1.0] * len(free)
+    else:
+        rec.scores = [float(min(1.0, max(0.0, s[u].varValue or 0.0))) for u in free]
+    return rec
+
+
+_SHARED: tuple[Any, ...] | None = None  # (gm, graph, free, problems, kwargs), inherited by forked workers
+
+
+def _worker(index: int) -> ClassRecord:
+    torch.set_num_threads(1)
+    assert _SHARED is not None
+    gm, graph, free, problems, kwargs = _SHARED
+    return solve_class(gm, graph, free, problems[index], **kwargs)
+
+
+def paper_scores(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problems: list[ClassProblem], *,
+                 solver: str, time_limit: float, threads: int | None, relax: bool, jobs: int,
+                 progress: Any = None) -> tuple[np.ndarray, list[ClassRecord]]:
+    """Average the class problems' scores (units outside ``free`` score 1)."""
+    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax}
+    records: list[ClassRecord] = []
+    if jobs > 1 and len(problems) > 1 and hasattr(os, "fork"):
+        # Fork: the workers inherit the graph (fx GraphModules do not pickle reliably).
+        import multiprocessing
+
+        global _SHARED
+        _SHARED = (gm, graph, free, problems, kwargs)
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=min(jobs, len(problems)), mp_context=ctx) as pool:
+                for i, rec in enumerate(pool.map(_worker, range(len(problems)))):
+                    records.append(rec)
+                    if progress:
+                        progress("MILP classes", i + 1, len(problems))
+        finally:
+            _SHARED = None
+    else:
+        for i, p in enumerate(problems):
+            if progress:
+                progress("MILP classes", i, len(problems))
+            records.append(solve_class(gm, graph, free, p, **kwargs))
+    scores = np.ones(graph.n_units)
+    if records:
+        scores[free] = np.mean([r.scores for r in records], axis=0)
+    return scores, records

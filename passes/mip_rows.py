@@ -1,0 +1,125 @@
+"""Constraints on keep variables shared by the MILP stages: the exact MAC budget and group rules.
+
+Each stage expresses "unit ``u`` is kept" as a 0/1-valued affine expression ``m[u]`` of its own
+binaries (the layer sub-problems use ``m_u`` itself; the joint stage uses a flip variable ``t_u``
+and ``m_u = cur_u + (1 - 2 cur_u) t_u``).  Units without an entry are fixed to the current plan.
+
+* **MACs.**  ``macs = sum_layers c_io * n_in * n_out + c_o * n_out`` with ``n = b + sum a_u m_u``
+  (the unit analysis's cost model).  Terms in one side's variables are linear; the product of the
+  two sides (a layer whose input and output units are both free) is linearised exactly with one
+  continuous ``p_i = m_i * W`` per input unit (``W`` the output width's free part, ``m_i`` 0/1):
+  ``p <= W_max m``, ``p <= W``, ``p >= W - W_max (1 - m)``, ``p >= 0``.
+* **Groups.**  At least ``min_keep`` units; with ``--prune-ratio`` the count stays at the plan's;
+  ``--round-to`` as ``count = r t (+ rest * full)``; equal counts in every block (grouped convs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pulp
+
+from oamipc.units import UnitGraph, UnitGroup
+
+Keep = dict[int, pulp.LpAffineExpression]
+
+
+def as_keep(variables: dict[int, pulp.LpVariable]) -> Keep:
+    """Plain binaries as keep expressions."""
+    return {u: pulp.LpAffineExpression([(v, 1.0)]) for u, v in variables.items()}
+
+
+class _Linear:
+    """A sparse accumulator ``const + sum coef * var`` (faster than chained PuLP arithmetic)."""
+
+    def __init__(self) -> None:
+        self.terms: dict[Any, float] = {}
+        self.const = 0.0
+
+    def add(self, expr: pulp.LpAffineExpression, c: float) -> None:
+        for var, w in expr.items():
+            self.terms[var] = self.terms.get(var, 0.0) + c * w
+        self.const += c * expr.constant
+
+    def add_var(self, var: pulp.LpVariable, c: float) -> None:
+        self.terms[var] = self.terms.get(var, 0.0) + c
+
+    def expression(self) -> pulp.LpAffineExpression:
+        return pulp.LpAffineExpression([(v, c) for v, c in self.terms.items() if abs(c) > 0], constant=self.const)
+
+
+def _width(units: np.ndarray, m: Keep, current: np.ndarray) -> tuple[dict[int, float], float]:
+    """A layer side's width as ``b + sum_u a_u m_u`` (a: positions per free unit)."""
+    a: dict[int, float] = {}
+    b = 0.0
+    for u in units.tolist():
+        if u < 0:
+            b += 1
+        elif u in m:
+            a[u] = a.get(u, 0.0) + 1.0
+        elif current[u]:
+            b += 1
+    return a, b
+
+
+def mac_expression(prob: pulp.LpProblem, graph: UnitGraph, m: Keep, current: np.ndarray,
+                   prefix: str) -> pulp.LpAffineExpression:
+    """The exact MACs of the network under ``m`` (adds the product variables' rows to ``prob``)."""
+    acc = _Linear()
+    for li, layer in enumerate(graph.layers):
+        a_in, b_in = _width(layer.in_units, m, current)
+        a_out, b_out = _width(layer.out_units, m, current)
+        acc.const += layer.c_io * b_in * b_out + layer.c_o * b_out
+        for u, a in a_out.items():
+            acc.add(m[u], layer.c_io * b_in * a + layer.c_o * a)
+        for u, a in a_in.items():
+            acc.add(m[u], layer.c_io * b_out * a)
+        if layer.c_io and a_in and a_out:
+            w_max = float(sum(a_out.values()))
+            w = _Linear()
+            for u, a in a_out.items():
+                w.add(m[u], a)
+            w_expr = w.expression()
+            for u, a in a_in.items():
+                p = pulp.LpVariable(f"{prefix}p{li}_{u}", lowBound=0.0, upBound=w_max)
+                prob += p - w_max * m[u] <= 0
+                prob += p - w_expr <= 0
+                prob += p - w_expr - w_max * m[u] >= -w_max
+                acc.add_var(p, layer.c_io * a)
+    return acc.expression()
+
+
+def count_expression(units: list[int], m: Keep, current: np.ndarray) -> pulp.LpAffineExpression:
+    """How many of ``units`` are kept."""
+    acc = _Linear()
+    for u in units:
+        if u in m:
+            acc.add(m[u], 1.0)
+        elif current[u]:
+            acc.const += 1.0
+    return acc.expression()
+
+
+def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndarray, *, fixed_count: bool,
+               min_keep: int, round_to: int, prefix: str) -> None:
+    """Count, rounding and equal-block rules of one group (see the module docstring)."""
+    count = count_expression(group.units, m, current)
+    if fixed_count:
+        prob += count == int(current[group.units].sum())
+    else:
+        prob += count >= max(min_keep, 1)
+        if round_to > 1:
+            top = group.size // round_to
+            t = pulp.LpVariable(f"{prefix}t{group.id}", lowBound=0, upBound=top, cat=pulp.LpInteger)
+            rest = group.size % round_to
+            if rest:
+                full = pulp.LpVariable(f"{prefix}full{group.id}", cat=pulp.LpBinary)
+                prob += count == round_to * t + rest * full
+                prob += full <= t - top + 1
+            else:
+                prob += count == round_to * t
+    if group.blocks:
+        counts = [count_expression(block, m, current) for block in group.blocks]
+        for other in counts[1:]:
+            prob += other == counts[0]
