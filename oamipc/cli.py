@@ -160,7 +160,7 @@ def compile_cmd(
     input_shape: InputShape = None,
     data: DataOpt = None,
     data_dir: DataDir = None,
-    importance: Annotated[str, typer.Option("--importance", help="l1 | l2 | activation | taylor | random | mip")] = "l1",
+    importance: Annotated[str, typer.Option("--importance", help="auto (mip with --data, else l1) | mip | l1 | l2 | activation | taylor | random")] = "auto",
     prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Fraction of units removed per group.")] = None,
     flops_budget: Annotated[Optional[float], typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.")] = None,
     min_keep: Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.")] = 1,
@@ -178,6 +178,7 @@ def compile_cmd(
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
     formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget | paper.")] = "budget",
     relax: Annotated[bool, typer.Option("--relax", help="--formulation paper: solve the LP relaxation.")] = False,
+    bounds: Annotated[str, typer.Option("--bounds", help="MILP bounds: crown (sound, default) | interval | sample (the thesis's per-sample phases).")] = "crown",
     jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
     solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
     time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP sub-problem.")] = 5.0,
@@ -203,7 +204,8 @@ def compile_cmd(
                                   calib_samples=calib_samples,
                                   mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
                                                "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
-                                               "samples": mip_samples, "relax": relax, "jobs": jobs})
+                                               "samples": mip_samples, "relax": relax, "jobs": jobs,
+                                               "bounds": bounds})
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     onnx = result["onnx"]

@@ -75,7 +75,7 @@ def compile(  # noqa: A001 - the product's verb
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
     *,
     data: Any = None,
-    importance: str = "l1",
+    importance: str = "auto",
     prune_ratio: float | None = None,
     flops_budget: float | None = None,
     min_keep: int = 1,
@@ -94,6 +94,8 @@ def compile(  # noqa: A001 - the product's verb
     Give ``prune_ratio`` (fraction of units removed per group) or ``flops_budget`` (fraction of
     MACs kept), or a saved ``plan`` to replay, or a full ``pipeline``.  ``data`` provides
     calibration samples for data-driven criteria and accuracy before/after when labelled.
+    ``importance="auto"`` (the default) is ``mip`` when ``data`` is given (the MILP needs
+    calibration samples) and ``l1`` otherwise; the report says which one ran.
     ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip_budget.MipOptions``:
     formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
     The input ``model`` is not modified.
@@ -111,6 +113,9 @@ def compile(  # noqa: A001 - the product's verb
     if splits is not None:
         calib = _fit(splits.train, sample_shape).stratified_sample(min(calib_samples, len(splits.train.x)), seed=seed)
         test = _fit(splits.test, sample_shape)
+    if importance == "auto":
+        importance = "mip" if calib is not None else "l1"
+        log.info("importance: %s (%s)", importance, "calibration data given" if calib is not None else "no --data")
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
                          progress=progress, options={"mip": dict(mip_options or {})})
     steps: list[Pass | Analysis[Any]]

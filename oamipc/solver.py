@@ -337,6 +337,25 @@ def _highs_threads(requested: int | None) -> int | None:
         return None
 
 
+def reset_after_fork() -> None:
+    """Make HiGHS usable in a process forked from one that already solved with it.
+
+    A forked child inherits HiGHS's global task scheduler but none of its worker threads, so its
+    first solve would wait for them forever; this drops the inherited scheduler (and the
+    remembered thread setting) so the child starts its own.  Call it first thing in a worker.
+    """
+    global _HIGHS_THREADS_FIXED, _HIGHS_THREADS
+    _HIGHS_THREADS_FIXED = False
+    _HIGHS_THREADS = 0
+    try:
+        import highspy
+    except ImportError:
+        return
+    reset = getattr(highspy.Highs, "resetGlobalScheduler", None)
+    if reset is not None:
+        reset(True)
+
+
 @contextlib.contextmanager
 def _stdout_fd_silenced(active: bool) -> Iterator[None]:
     """Send file descriptor 1 to the null device (C-level prints such as HiGHS's banner)."""

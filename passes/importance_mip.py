@@ -61,7 +61,7 @@ class MipImportance(ImportanceAnalysis):
             return self._paper(gm, graph, am, opts, start, prune_ratio=prune_ratio, flops_budget=flops_budget,
                                min_keep=min_keep, round_to=round_to)
         calib = Calibration.build(gm, am, opts)
-        report: dict[str, Any] = {"formulation": opts.formulation, "solver": opts.solver,
+        report: dict[str, Any] = {"formulation": opts.formulation, "solver": opts.solver, "bounds": opts.bounds,
                                   "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
                                   "loss": "margin-preserving hinge (original margins), held-out acceptance"}
         # Warm start: the best cheap criterion on held-out samples.
@@ -116,7 +116,8 @@ class MipImportance(ImportanceAnalysis):
         free = [u for g in graph.groups if g.prunable for u in g.units if not pinned[u]]
         time_limit = min(opts.time_limit, opts.total_time_limit * opts.jobs / max(len(problems), 1))
         scores, records = paper_scores(gm, graph, free, problems, solver=opts.solver, time_limit=time_limit,
-                                       threads=opts.threads, relax=opts.relax, jobs=opts.jobs, progress=ctx.tick)
+                                       threads=opts.threads, relax=opts.relax, jobs=opts.jobs, bounds=opts.bounds,
+                                       progress=ctx.tick)
         # The scores are comparable across layers already (the objective normalises by layer size).
         kept = select(graph, scores, prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep,
                       round_to=round_to, normalise=False)
@@ -124,6 +125,7 @@ class MipImportance(ImportanceAnalysis):
         tau_kept[free] = scores[free] >= opts.tau
         ctx.report["mip"] = {
             "formulation": "paper", "solver": opts.solver, "relaxed": opts.relax, "lambda": LAMBDA,
+            "bounds": opts.bounds,
             "samples": int(sum(len(p.x) for p in problems)), "per_class": per_class, "jobs": opts.jobs,
             "loss": "multiclass hinge on the original logit margins (linear surrogate of cross-entropy)",
             "classes": [r.__dict__ for r in records],

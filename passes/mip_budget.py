@@ -49,7 +49,7 @@ from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph, UnitGroup
 
-from .mip_encode import Encoder, EncodingStats
+from .mip_encode import BOUNDS, Encoder, EncodingStats
 from .mip_joint import JointStage
 from .mip_masked import MaskedNetwork, margins
 from .mip_rows import as_keep, group_rows, mac_expression
@@ -75,6 +75,7 @@ class MipOptions:
     samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
     jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
     relax: bool = False  # paper: solve the LP relaxation
+    bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
     tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
     holdout: int = 448
     sweeps: int = 1
@@ -99,6 +100,8 @@ class MipOptions:
             raise UsageError(f"--formulation {opts.formulation!r}: use 'budget' (default) or 'paper'")
         if opts.relax and opts.formulation != "paper":
             raise UsageError("--relax applies to --formulation paper only")
+        if opts.bounds not in BOUNDS:
+            raise UsageError(f"--bounds {opts.bounds!r}: use one of {', '.join(BOUNDS)}")
         if opts.jobs < 1:
             raise UsageError(f"--jobs must be >= 1, got {opts.jobs}")
         if opts.samples is not None and opts.samples < 1:
@@ -334,7 +337,8 @@ class BudgetSolver:
         t0 = time.perf_counter()
         prob = pulp.LpProblem(f"group_{group.id}", pulp.LpMinimize)
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
-        enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}")
+        enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}",
+                      bounds=self.opts.bounds)
         logits = enc.logits()
         xi = self._hinge(prob, enc, logits)
         self._target(prob, group, free, m, current)
@@ -408,6 +412,7 @@ class BudgetSolver:
 def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
     d = stats.to_dict()
     d["mean_interval_width"] = d.pop("width_per_layer")
+    d["mean_interval_width_before_crown"] = d.pop("interval_width_per_layer")
     return d
 
 

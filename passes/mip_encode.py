@@ -64,6 +64,7 @@ from oamipc.units import Layout, SplitLayout, UnitGraph
 log = logging.getLogger(__name__)
 
 EPS_COEF = 1e-9  # coefficients below this are dropped (solvers mislabel optima with them)
+BOUNDS = ("crown", "interval", "sample")
 _BOUND_PAD = 1e-6  # bounds are widened by this (relative + absolute) against rounding
 
 # Ops that are affine in their tensor arguments (given the constant ones).
@@ -108,6 +109,9 @@ class EncodingStats:
     continuous: int = 0
     rows: int = 0
     width_per_layer: dict[str, float] = field(default_factory=dict)  # mean interval width at each ReLU
+    # The same before CROWN's tightening (interval arithmetic from the earlier layers' final bounds).
+    interval_width_per_layer: dict[str, float] = field(default_factory=dict)
+    bounds: str = "crown"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -123,9 +127,18 @@ class Encoder:
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor, kept: np.ndarray,
                  free: dict[int, pulp.LpVariable], prob: pulp.LpProblem, *, mode: str = "keep",
-                 name: str = "e") -> None:
+                 name: str = "e", bounds: str = "crown") -> None:
         if mode not in ("keep", "paper"):
             raise ValueError(f"unknown encoding mode {mode!r}")
+        if bounds not in BOUNDS:
+            raise ValueError(f"unknown bounds {bounds!r}: use one of {', '.join(BOUNDS)}")
+        self.bounds = bounds
+        # Linear relaxations of ReLU outputs for back-substitution (CROWN): var -> (vars, coef, const of
+        # the pre-activation, upper slope, upper intercept, lower slope).
+        self._relax: dict[int, tuple[list[int], np.ndarray, float, float, float, float]] = {}
+        self._phase: dict[str, torch.Tensor] = {}
+        self.record_bounds = False  # tests: keep every ReLU input's bounds in relu_bounds
+        self.relu_bounds: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
         self.gm = gm
         self.graph = graph
         self.x = x.detach().to(torch.float64)
@@ -140,7 +153,7 @@ class Encoder:
         self.free_index: dict[int, int] = {}
         for u, var in sorted(free.items()):
             self.free_index[u] = self._add_var(var, 0.0, 1.0)
-        self.stats = EncodingStats(samples=self.n, keep_variables=len(free))
+        self.stats = EncodingStats(samples=self.n, keep_variables=len(free), bounds=bounds)
         self.reading_layers = {layer.node for layer in graph.layers}
         self._count = 0
         self._module_cache: dict[str, nn.Module] = {}
@@ -474,13 +487,18 @@ class Encoder:
         if hi <= 0.0:
             self.stats.relu_stable += 1
             return None
+        vars_ = [i for i, _ in terms]
+        coefs = np.array([w for _, w in terms])
         if lo >= 0.0:
             self.stats.relu_stable += 1
             h = self._new("a", lo, hi)
             self.stats.continuous += 1
             self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
+            self._relax[h] = (vars_, coefs, c, 1.0, 0.0, 1.0)  # h = a exactly
             return h
         h = self._new("h", 0.0, hi)
+        slope = hi / (hi - lo)
+        self._relax[h] = (vars_, coefs, c, slope, -slope * lo, 1.0 if hi >= -lo else 0.0)
         v = self._new("v", 0.0, 1.0, pulp.LpBinary)
         self.stats.relu_binaries += 1
         neg = [(i, -w) for i, w in terms]
@@ -492,19 +510,33 @@ class Encoder:
     def _relu_all(self, node: fx.Node, value: list[Sym]) -> list[Sym]:
         out = []
         widths = []
-        for s in value:
+        ibp_widths = []
+        phases = self._sample_phases(node) if self.bounds == "sample" else None
+        for k, s in enumerate(value):
             flat_const = s.const.reshape(-1)
             n_old = len(s.vars)
             flat_coef = s.coef.reshape(n_old, -1).numpy() if n_old else np.zeros((0, flat_const.numel()))
             dependent = (np.abs(flat_coef) >= EPS_COEF).any(axis=0) if n_old else np.zeros(flat_const.numel(), bool)
-            lo, hi = s.lo.reshape(-1), s.hi.reshape(-1)
+            lo, hi = s.lo.reshape(-1).clone(), s.hi.reshape(-1).clone()
+            ibp_widths += (hi - lo)[torch.from_numpy(dependent)].tolist()
+            if self.bounds == "crown" and n_old and any(v in self._relax for v in s.vars):
+                c_lo, c_hi = self._crown(s)
+                lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
+            if self.record_bounds:
+                self.relu_bounds.setdefault(node.name, []).append((lo.clone(), hi.clone(), dependent.copy()))
             const = torch.relu(flat_const.clone())
             const[torch.from_numpy(dependent)] = 0.0
             new_vars: list[int] = []
             rows: list[int] = []
             for e in np.nonzero(dependent)[0].tolist():
                 widths.append(float(hi[e] - lo[e]))
-                h = self._relu_element(self._terms(s, flat_coef, e), float(flat_const[e]), float(lo[e]), float(hi[e]))
+                terms = self._terms(s, flat_coef, e)
+                if phases is not None:
+                    # The thesis's per-sample bounds: the phase the unpruned network has on this sample.
+                    h = self._fixed_phase(terms, float(flat_const[e]), bool(phases[k].reshape(-1)[e] > 0),
+                                          float(lo[e]), float(hi[e]))
+                else:
+                    h = self._relu_element(terms, float(flat_const[e]), float(lo[e]), float(hi[e]))
                 if h is not None:
                     new_vars.append(h)
                     rows.append(e)
@@ -514,7 +546,71 @@ class Encoder:
             out.append(self._sym(const.reshape(s.const.shape), new_vars, coef.reshape(len(new_vars), *s.const.shape)))
         if widths:
             self.stats.width_per_layer[node.name] = float(np.mean(widths))
+            self.stats.interval_width_per_layer[node.name] = float(np.mean(ibp_widths))
         return out
+
+    # ------------------------------------------------------------------ bounds
+    def _crown(self, s: Sym) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds of every element of ``s`` by back-substituting the ReLU relaxations (CROWN).
+
+        An expression in ReLU outputs ``h_j`` is bounded above by replacing each ``h_j`` with its
+        upper line ``su a_j + iu`` where its coefficient is positive and its lower line ``sl a_j``
+        where negative (the reverse for the lower bound), ``a_j`` being the pre-activation as an
+        expression of earlier variables; repeated until only variables without a relaxation (keep
+        variables, products, max-pool outputs) remain, which take their box bounds.  Sound for
+        every value of the keep variables in [0, 1], and never looser than interval arithmetic on
+        the first layer after the free units, usually much tighter after it.
+        """
+        n_e = s.const.numel()
+        result = []
+        for sign in (1.0, -1.0):  # upper bound of s, then upper bound of -s (= -lower)
+            rows: dict[int, np.ndarray] = {}
+            for i, v in enumerate(s.vars):
+                rows[v] = rows.get(v, 0.0) + sign * s.coef[i].reshape(-1).numpy()
+            const = sign * s.const.reshape(-1).numpy().copy()
+            while True:
+                relaxed = [v for v in rows if v in self._relax]
+                if not relaxed:
+                    break
+                j = max(relaxed)  # relaxations only refer to earlier variables
+                c = rows.pop(j)
+                vars_, coefs, c0, su, iu, sl = self._relax[j]
+                slope = np.where(c > 0, su, sl)
+                const += c * (slope * c0 + np.where(c > 0, iu, 0.0))
+                scaled = c * slope
+                for v, w in zip(vars_, coefs.tolist()):
+                    rows[v] = rows.get(v, np.zeros(n_e)) + w * scaled
+            for v, r in rows.items():
+                const += np.where(r > 0, r * self.var_hi[v], r * self.var_lo[v])
+            result.append(torch.from_numpy(const))
+        hi = result[0].reshape(s.const.shape).reshape(-1)
+        lo = -result[1].reshape(-1)
+        pad = _BOUND_PAD * (1.0 + torch.maximum(lo.abs(), hi.abs()))
+        return lo - pad, hi + pad
+
+    def _sample_phases(self, node: fx.Node) -> torch.Tensor:
+        """Pre-activation of ``node`` (a ReLU) in the unpruned network on every sample."""
+        if not self._phase:
+            recorder = _Recorder(self.gm)
+            with torch.no_grad():
+                recorder.run(self.x.to(next(self.gm.parameters()).dtype))
+            self._phase = recorder.inputs
+        return self._phase[node.name].double()
+
+    def _fixed_phase(self, terms: list[tuple[int, float]], c: float, active: bool, lo: float,
+                     hi: float) -> int | None:
+        """``--bounds sample``: relu(a) as ``a`` or ``0`` by the unpruned network's phase (no binary).
+
+        Not valid once units are removed (a phase can flip); the thesis's bounds behave the same.
+        """
+        self.stats.relu_stable += 1
+        if not active:
+            return None
+        # h = a >= 0: the phase stays active (feasible at the unpruned network, where a > 0).
+        h = self._new("a", max(lo, 0.0), max(hi, 0.0))
+        self.stats.continuous += 1
+        self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
+        return h
 
     def _maxpool(self, node: fx.Node, mod: nn.Module | None, args: Any, kwargs: Any) -> list[Sym]:
         shape_in = tuple(args[0][0].const.shape)
@@ -575,6 +671,22 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------- helpers
+class _Recorder(fx.Interpreter):
+    """Runs the unpruned network and keeps the input of every ReLU node (for sample phases)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.all_input_nodes:
+            first = self.env.get(n.all_input_nodes[0])
+            if isinstance(first, torch.Tensor):
+                self.inputs[n.name] = first.detach()
+        return out
+
+
 def ir_values(args: Any, kwargs: Any) -> list[Any]:
     """Tensor-ish values among (nested) args and kwargs, Sym lists counted as one value."""
     found: list[Any] = []

@@ -15,6 +15,9 @@ What the OAMIP thesis does (method notes, section 2), with a linear loss so that
   class (the thesis's scale trick) with the scores averaged over the classes.  The per-class
   problems are independent: ``--jobs N`` solves them in N forked worker processes (where the
   platform has fork; elsewhere one after another);
+* bounds: ``--bounds crown`` (default, sound for every score) or ``--bounds sample``, the
+  thesis's per-sample box: every downstream ReLU keeps the phase it has in the unpruned network on
+  that sample (no binaries; not valid once units are removed, exactly as in the thesis);
 * ``--relax`` solves the LP relaxation (ReLU phase binaries continuous) instead;
 * the plan: the averaged scores ranked to the target (``--flops-budget``/``--prune-ratio``, by the
   ordinary selection, raw scores compared across layers), and the report also gives the thesis's threshold rule ``s >= tau``
@@ -39,7 +42,7 @@ import pulp
 import torch
 from torch import fx
 
-from oamipc.solver import complete_solution, solve
+from oamipc.solver import complete_solution, reset_after_fork, solve
 from oamipc.units import UnitGraph
 
 from .mip_encode import Encoder
@@ -85,13 +88,15 @@ def pick_samples(x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor, targ
 
 
 def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: ClassProblem, *, solver: str,
-                time_limit: float, threads: int | None, relax: bool, lam: float = LAMBDA) -> ClassRecord:
+                time_limit: float, threads: int | None, relax: bool, bounds: str = "crown",
+                lam: float = LAMBDA) -> ClassRecord:
     """Build and solve one class's MILP; return its scores (see the module docstring)."""
     t0 = time.perf_counter()
     rec = ClassRecord(problem.label, len(problem.x))
     prob = pulp.LpProblem(f"paper_class{problem.label}", pulp.LpMinimize)
     s = {u: pulp.LpVariable(f"s{u}", lowBound=0.0, upBound=1.0) for u in free}
-    enc = Encoder(gm, graph, problem.x, graph.all_kept(), s, prob, mode="paper", name=f"c{problem.label}")
+    enc = Encoder(gm, graph, problem.x, graph.all_kept(), s, prob, mode="paper", name=f"c{problem.label}",
+                  bounds=bounds)
     logits = enc.logits()
     xi = []
     for k, sym in enumerate(logits):
@@ -131,6 +136,7 @@ _SHARED: tuple[Any, ...] | None = None  # (gm, graph, free, problems, kwargs), i
 
 
 def _worker(index: int) -> ClassRecord:
+    reset_after_fork()
     torch.set_num_threads(1)
     assert _SHARED is not None
     gm, graph, free, problems, kwargs = _SHARED
@@ -138,10 +144,10 @@ def _worker(index: int) -> ClassRecord:
 
 
 def paper_scores(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problems: list[ClassProblem], *,
-                 solver: str, time_limit: float, threads: int | None, relax: bool, jobs: int,
+                 solver: str, time_limit: float, threads: int | None, relax: bool, jobs: int, bounds: str = "crown",
                  progress: Any = None) -> tuple[np.ndarray, list[ClassRecord]]:
     """Average the class problems' scores (units outside ``free`` score 1)."""
-    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax}
+    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax, "bounds": bounds}
     records: list[ClassRecord] = []
     if jobs > 1 and len(problems) > 1 and hasattr(os, "fork"):
         # Fork: the workers inherit the graph (fx GraphModules do not pickle reliably).

@@ -54,8 +54,8 @@ def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
 
 def test_compile_writes_verified_outputs_that_agree(tmp_path: Path) -> None:
     out, pt2, plan, report = (tmp_path / n for n in ("small.onnx", "small.pt2", "plan.json", "report.json"))
-    code, stdout, stderr = run("compile", MLP, "--data", "digits", "--prune-ratio", "0.5", "--no-bench",
-                               "-o", str(out), "--save-pt", str(pt2), "--save-plan", str(plan),
+    code, stdout, stderr = run("compile", MLP, "--data", "digits", "--importance", "l1", "--prune-ratio", "0.5",
+                               "--no-bench", "-o", str(out), "--save-pt", str(pt2), "--save-plan", str(plan),
                                "--report", str(report))
     assert code == 0, stderr
     assert "parameters" in stdout and "accuracy" in stdout
@@ -233,3 +233,18 @@ def test_passes_lists_the_registry() -> None:
     assert code == 0
     for name in ("unit-groups", "importance-l1", "importance-taylor", "select-units", "prune-units"):
         assert name in stdout
+
+
+def test_default_importance_is_mip_with_data_and_l1_without(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    code, _, stderr = run("compile", MLP, "--data", "digits", "--flops-budget", "0.5", "--no-bench",
+                          "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16",
+                          "-o", str(tmp_path / "a.onnx"), "--report", str(report))
+    assert code == 0, stderr
+    rep = json.loads(report.read_text())
+    assert rep["settings"]["importance"] == "mip" and rep["mip"]["formulation"] == "budget"
+    code, _, stderr = run("compile", MLP, "--input-shape", "1,1,8,8", "--flops-budget", "0.5", "--no-bench",
+                          "-o", str(tmp_path / "b.onnx"),
+                          "--report", str(report))
+    assert code == 0, stderr
+    assert json.loads(report.read_text())["settings"]["importance"] == "l1"

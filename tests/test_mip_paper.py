@@ -22,6 +22,7 @@ def _compile(**opts):
 
 @pytest.fixture(scope="module")
 def relaxed():
+    # jobs=1 first: HiGHS has run in this process before the workers fork (they must not hang).
     return _compile(relax=True, jobs=1), _compile(relax=True, jobs=2)
 
 
@@ -56,3 +57,12 @@ def test_relax_needs_the_paper_formulation() -> None:
     with pytest.raises(UsageError, match="--relax"):
         oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=oamipc.load_data("digits"), importance="mip",
                        flops_budget=0.5, mip_options={"relax": True})
+
+
+def test_sample_bounds_give_the_paper_problem_no_relu_binaries_and_bad_bounds_are_refused() -> None:
+    rep = _compile(relax=False, bounds="sample", time_limit=2.0, total_time_limit=4.0).report["mip"]
+    assert rep["bounds"] == "sample"
+    # Only the score gates relu(x - (1 - s) U+) keep binaries; downstream phases are fixed.
+    assert all(c["encoding"]["relu_binaries"] <= c["encoding"]["keep_variables"] for c in rep["classes"])
+    with pytest.raises(UsageError, match="--bounds"):
+        _compile(bounds="loose")

@@ -431,3 +431,36 @@ def test_highs_threads_mismatch_from_elsewhere_recovers(
     with caplog.at_level(logging.WARNING, logger="oamipc.solver"):
         res = solve(knapsack()[0], threads=13)
     assert res.status == "optimal" and res.objective == pytest.approx(KNAPSACK_OPT)
+
+
+def _dense_knapsack() -> pulp.LpProblem:
+    """60 binaries, 30 random knapsack rows: enough branch and bound to use HiGHS's task scheduler."""
+    import random
+
+    rng = random.Random(0)
+    prob = pulp.LpProblem("dense", pulp.LpMaximize)
+    xs = [pulp.LpVariable(f"x{i}", cat=pulp.LpBinary) for i in range(60)]
+    prob += pulp.LpAffineExpression([(x, rng.randint(1, 50)) for x in xs])
+    for _ in range(30):
+        prob += pulp.LpAffineExpression([(x, rng.randint(1, 50)) for x in xs]) <= 400
+    return prob
+
+
+def _solve_in_child(reset: bool) -> str:
+    if reset:
+        solver_mod.reset_after_fork()
+    return solve(_dense_knapsack(), time_limit=20).status
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_forked_worker_can_solve_after_the_parent_did() -> None:
+    """A child forked after the parent ran HiGHS inherits a scheduler without threads; after
+    reset_after_fork it solves normally (without it, this solve hangs)."""
+    import multiprocessing
+
+    assert solve(_dense_knapsack(), time_limit=20).status == "optimal"
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        assert pool.apply_async(_solve_in_child, (True,)).get(timeout=60) == "optimal"
+    finally:
+        pool.terminate()
