@@ -140,6 +140,47 @@ def _widths_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _fmt(v: Any, spec: str = ".3g") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _mip_table(report: dict[str, Any]) -> Table | None:
+    """How the MILP analysis went: one row per sub-problem (or class problem), then the totals."""
+    mip = report.get("mip")
+    if not mip:
+        return None
+    table = Table(title=f"MIP analysis ({mip['formulation']}, {mip['solver']}, {mip.get('bounds', 'crown')} bounds)",
+                  title_justify="left")
+    for col in ("step", "binaries", "rows", "status", "gap", "solve s", "outcome"):
+        table.add_column(col, justify="left" if col in ("step", "status", "outcome") else "right")
+    if mip["formulation"] == "paper":
+        for c in mip["classes"]:
+            sv = c["solve"]
+            table.add_row(f"class {c['label']}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
+                          c["status"], _fmt(sv.get("gap")), _fmt(sv.get("seconds"), ".1f"), c["outcome"])
+        rule = mip["threshold_rule"]
+        table.caption = (f"scores ranked to the target; the thesis's rule s >= {rule['tau']} would keep "
+                         f"{rule['units_kept']}/{rule['units_free']} units, {100 * rule['macs_kept']:.1f}% of the MACs")
+        return table
+    for sp in mip["subproblems"]:
+        sv = sp["solve"]
+        table.add_row(f"layer {sp['group']}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
+                      str(sv.get("status", "-"))[:40], _fmt(sv.get("gap")), _fmt(sv.get("seconds"), ".1f"), sp["outcome"])
+    rounds = mip.get("joint_rounds", [])
+    if rounds:
+        improved = sum(r["outcome"] == "improved" for r in rounds)
+        seconds = sum(r["solve"].get("seconds") or 0.0 for r in rounds)
+        limited = sum(r.get("time_limited", False) for r in rounds)
+        table.add_row(f"joint ({len(rounds)} rounds)", _fmt_int(rounds[0]["solve"].get("n_binaries")),
+                      _fmt_int(rounds[0]["solve"].get("n_constraints")),
+                      f"{limited} time-limited" if limited else "node-limited", "-", f"{seconds:.1f}",
+                      f"{improved} improved")
+    h = mip["holdout_loss"]
+    table.caption = (f"warm start {mip['warm_start']['chosen']}; held-out margin loss {h['warm_start']:.4f} -> "
+                     f"{h['final']:.4f}; {mip['seconds']:.1f} s")
+    return table
+
+
 Model = Annotated[Path, typer.Argument(help="Model file: torch.export program (.pt2), state dict (.pt) or pickle.")]
 ModelClass = Annotated[Optional[str], typer.Option("--model-class", help="pkg.module:ClassOrFactory for a state dict.")]
 ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="JSON kwargs (object) or args (list) for the class.")]
@@ -178,6 +219,7 @@ def compile_cmd(
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
     formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget | paper.")] = "budget",
     relax: Annotated[bool, typer.Option("--relax", help="--formulation paper: solve the LP relaxation.")] = False,
+    mean_replacement: Annotated[bool, typer.Option("--mean-replacement", help="budget: removed units read as their calibration mean at Linear readers (modelled in the MILP; kept only if held-out data agrees).")] = False,
     bounds: Annotated[str, typer.Option("--bounds", help="MILP bounds: crown (sound, default) | interval | sample (the thesis's per-sample phases).")] = "crown",
     jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
     solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
@@ -205,7 +247,10 @@ def compile_cmd(
                                   mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
                                                "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
                                                "samples": mip_samples, "relax": relax, "jobs": jobs,
-                                               "bounds": bounds})
+                                               "bounds": bounds, "mean_replacement": mean_replacement})
+    mip_table = _mip_table(result)
+    if mip_table is not None:
+        console.print(mip_table)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     onnx = result["onnx"]

@@ -41,13 +41,15 @@ class Plan:
     groups: list[GroupPlan]
     criterion: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    # Mean replacement: per Linear module target, what to add to its bias before pruning.
+    bias_shift: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def from_mask(cls, graph: UnitGraph, kept: np.ndarray, criterion: str = "",
-                  settings: dict[str, Any] | None = None) -> Plan:
+                  settings: dict[str, Any] | None = None, bias_shift: dict[str, list[float]] | None = None) -> Plan:
         groups = [GroupPlan(g.key, g.name, g.size, [i for i, u in enumerate(g.units) if kept[u]])
                   for g in graph.groups]
-        return cls(groups, criterion, dict(settings or {}))
+        return cls(groups, criterion, dict(settings or {}), dict(bias_shift or {}))
 
     def kept_mask(self, graph: UnitGraph) -> np.ndarray:
         """The plan as a mask over ``graph``'s units; PlanError if it does not fit the graph."""
@@ -77,18 +79,21 @@ class Plan:
         return {gp.name: (gp.size, len(gp.kept)) for gp in self.groups}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "settings": self.settings,
-                "groups": [asdict(g) for g in self.groups]}
+        out = {"criterion": self.criterion, "settings": self.settings, "groups": [asdict(g) for g in self.groups]}
+        if self.bias_shift:
+            out["bias_shift"] = self.bias_shift
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         try:
             groups = [GroupPlan(str(g["key"]), str(g["name"]), int(g["size"]), [int(i) for i in g["kept"]])
                       for g in data["groups"]]
+            shift = {str(k): [float(v) for v in vals] for k, vals in dict(data.get("bias_shift", {})).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"not a valid plan: missing or malformed field {exc}; "
                             "use a file written by `oamipc compile --save-plan`") from exc
-        return cls(groups, str(data.get("criterion", "")), dict(data.get("settings", {})))
+        return cls(groups, str(data.get("criterion", "")), dict(data.get("settings", {})), shift)
 
     def save(self, path: str | Path) -> None:
         with atomic_output(path) as tmp:

@@ -49,8 +49,10 @@ class MipImportance(ImportanceAnalysis):
                          "with --flops-budget or --prune-ratio")
 
     def plan(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, prune_ratio: float | None,
-             flops_budget: float | None, min_keep: int, round_to: int) -> tuple[np.ndarray, np.ndarray]:
-        """The kept mask for the target, and per-unit scores consistent with it."""
+             flops_budget: float | None, min_keep: int, round_to: int
+             ) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
+        """The kept mask for the target, per-unit scores consistent with it, and the bias shifts of
+        mean replacement (empty unless ``--mean-replacement`` was asked for and helps)."""
         from .select_units import floor_units, select  # late: select_units imports this registry
 
         if am.context.calib_x is None:
@@ -80,13 +82,14 @@ class MipImportance(ImportanceAnalysis):
         assert best is not None
         report["warm_start"] = {"chosen": best[1], "candidates": warm_rows}
         forced = floor_units(graph, am.get(get_criterion(best[1], self.leaf_modules), gm))
-        kept, records, joint = plan_budget(gm, graph, am, warm=best[2], opts=opts, calib=calib,
+        kept, solver = plan_budget(gm, graph, am, warm=best[2], opts=opts, calib=calib,
                                            prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep,
                                            round_to=round_to, forced=forced)
-        report["subproblems"] = [r.__dict__ for r in records]
-        report["joint_rounds"] = [r.__dict__ for r in joint]
-        report["holdout_loss"] = {"warm_start": best[0],
-                                  "final": margin_loss(gm, graph, kept, calib.x_hold, calib.y_hold, calib.margin_hold)}
+        report["subproblems"] = [r.__dict__ for r in solver.records]
+        report["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
+        report["mean_replacement"] = solver.mean_replacement
+        report["holdout_loss"] = {"warm_start": best[0], "final": solver.holdout_loss(
+            kept, solver.net if solver.bias_shift else solver.plain_net)}
         report["seconds"] = time.perf_counter() - start
         am.context.report["mip"] = report
         mags = unit_magnitude(gm, graph)
@@ -94,11 +97,11 @@ class MipImportance(ImportanceAnalysis):
         for g in graph.groups:
             top = mags[g.units].max() if g.units else 0.0
             norm[g.units] = mags[g.units] / top if top > 0 else 0.0
-        return kept, norm + kept.astype(np.float64)
+        return kept, norm + kept.astype(np.float64), solver.bias_shift
 
     def _paper(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, opts: MipOptions, start: float, *,
                prune_ratio: float | None, flops_budget: float | None, min_keep: int,
-               round_to: int) -> tuple[np.ndarray, np.ndarray]:
+               round_to: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
         """The thesis's formulation: averaged class-problem scores, ranked to the target."""
         from .select_units import select
 
@@ -133,4 +136,4 @@ class MipImportance(ImportanceAnalysis):
                                "macs_kept": graph.macs(tau_kept) / graph.macs()},
             "seconds": time.perf_counter() - start,
         }
-        return kept, scores
+        return kept, scores, {}

@@ -1,4 +1,4 @@
-"""The ``mip`` criterion, ``budget`` formulation: choose the kept units by MILP, layer by layer.
+"""The ``mip`` criterion, ``budget`` formulation: choose the kept units by MILP, layer by layer, then jointly.
 
 Why this shape (``docs``: the method notes, section 6): one joint MILP over every layer's keep
 variables does not move within minutes, while a sub-problem over *one* unit group with everything
@@ -11,7 +11,9 @@ last hidden layer, or any layer followed only by linear maps).  So:
 2. **Sub-problems, last group to first.**  For group ``g``: binary ``m_u`` per free unit of ``g``
    (pinned and split-floor units stay), every other unit fixed to the current plan; the network
    on the MILP samples is encoded by :mod:`.mip_encode` (ReLU big-M only where a downstream
-   pre-activation is unstable).
+   pre-activation is unstable under CROWN bounds).  A group with more possible ReLU/max-pool
+   binaries than ``exact_binaries`` (counted from the graph before encoding anything) is left to
+   step 6: such MILPs do not move in seconds (measured: dual bound stuck, warm start returned).
 3. **Loss: margin preservation.**  Each calibration sample ``k`` keeps the logit margin
    ``M_k = z_y - max_{c != y} z_c`` of the original network: ``xi_k >= M_k - (z_y - z_c)`` for all
    ``c != y``, ``xi_k >= 0``; minimise ``mean xi`` minus a tiny reward for kept, group-normalised
@@ -27,7 +29,13 @@ last hidden layer, or any layer followed only by linear maps).  So:
    fixed), a time limit per sub-problem and in total.  The answer is accepted only if it lowers the
    loss on **held-out** calibration samples, measured by running the pruned network (never on the
    solver's word); every sub-problem's end (optimal / time limit with gap / no incumbent /
-   rejected / unchanged) goes into the report.
+   rejected / unchanged / skipped) goes into the report.
+6. **Joint stage** (:mod:`.mip_joint`): trust-region MILPs over flip variables of every layer at
+   once, on exactly measured single-flip effects, under the exact MAC budget of the whole
+   network, so the budget can move between layers (the layer sub-problems keep the warm start's
+   split).  Same loss, same held-out acceptance.  Held-out samples and flip effects are evaluated
+   by batched masked forward passes (:mod:`.mip_masked`), checked once against the physically
+   pruned network.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from oamipc.units import UnitGraph, UnitGroup
 from .mip_encode import BOUNDS, Encoder, EncodingStats
 from .mip_joint import JointStage
 from .mip_masked import MaskedNetwork, margins
+from .mip_means import bias_shift, fold_bias_shift, reading_means
 from .mip_rows import as_keep, group_rows, mac_expression
 from .prune_units import apply_plan
 
@@ -75,6 +84,7 @@ class MipOptions:
     samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
     jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
     relax: bool = False  # paper: solve the LP relaxation
+    mean_replacement: bool = False  # model removed units as their mean at Linear readers; kept if held-out says so
     bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
     tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
     holdout: int = 448
@@ -98,6 +108,8 @@ class MipOptions:
         opts = cls(**raw)
         if opts.formulation not in ("budget", "paper"):
             raise UsageError(f"--formulation {opts.formulation!r}: use 'budget' (default) or 'paper'")
+        if opts.mean_replacement and opts.formulation != "budget":
+            raise UsageError("--mean-replacement applies to --formulation budget only")
         if opts.relax and opts.formulation != "paper":
             raise UsageError("--relax applies to --formulation paper only")
         if opts.bounds not in BOUNDS:
@@ -250,12 +262,16 @@ class BudgetSolver:
         self.total_macs = graph.macs()
         self.records: list[SubProblemRecord] = []
         self.joint_rounds: list[Any] = []
-        self.net = MaskedNetwork(gm, graph)
+        self.means = reading_means(gm, graph, torch.cat([calib.x, calib.x_hold])) if opts.mean_replacement else {}
+        self.plain_net = MaskedNetwork(gm, graph)
+        self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
+        self.bias_shift: dict[str, list[float]] = {}
+        self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
 
-    def holdout_loss(self, kept: np.ndarray) -> float:
+    def holdout_loss(self, kept: np.ndarray, net: MaskedNetwork | None = None) -> float:
         """The acceptance measure on held-out samples: the margin hinge, or errors first."""
         c = self.calib
-        got = margins(self.net.logits(c.x_hold, kept[None, :])[0], c.y_hold)
+        got = margins((net or self.net).logits(c.x_hold, kept[None, :])[0], c.y_hold)
         hinge = float((c.margin_hold - got).clamp(min=0).mean())
         if self.opts.accept == "accuracy":
             return float((got <= 0).sum()) + hinge / (1.0 + hinge)
@@ -267,6 +283,8 @@ class BudgetSolver:
         order = group_order(self.gm, self.graph)
         current = kept.copy()
         pruned = copy.deepcopy(self.gm)
+        if self.means:
+            fold_bias_shift(pruned, bias_shift(self.gm, self.graph, current, self.means))
         if not current.all():
             apply_plan(pruned, self.graph, current)
         self.net.verify(self.calib.x_hold[:64], current, pruned)  # the masked evaluation is the real network
@@ -312,6 +330,12 @@ class BudgetSolver:
                 best_loss = self.holdout_loss(current)
         if self.progress:
             self.progress("MILP", steps, steps)
+        if self.means:
+            with_means, without = self.holdout_loss(current), self.holdout_loss(current, self.plain_net)
+            self.mean_replacement.update({"holdout_with": with_means, "holdout_without": without,
+                                          "applied": with_means < without})
+            if with_means < without:
+                self.bias_shift = bias_shift(self.gm, self.graph, current, self.means)
         return current
 
     def joint(self, current: np.ndarray, deadline: float) -> np.ndarray:
@@ -338,7 +362,7 @@ class BudgetSolver:
         prob = pulp.LpProblem(f"group_{group.id}", pulp.LpMinimize)
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
         enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}",
-                      bounds=self.opts.bounds)
+                      bounds=self.opts.bounds, means=self.means)
         logits = enc.logits()
         xi = self._hinge(prob, enc, logits)
         self._target(prob, group, free, m, current)
@@ -418,11 +442,11 @@ def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
 
 def plan_budget(gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, warm: np.ndarray, opts: MipOptions,
                 calib: Calibration, prune_ratio: float | None, flops_budget: float | None, min_keep: int,
-                round_to: int, forced: set[int]) -> tuple[np.ndarray, list[SubProblemRecord], list[Any]]:
+                round_to: int, forced: set[int]) -> tuple[np.ndarray, BudgetSolver]:
     """Improve the plan ``warm`` with the budgeted sub-problems; return it and the records."""
     if prune_ratio is None and flops_budget is None:
         raise PlanError("the MILP needs a target: --flops-budget or --prune-ratio")
     solver = BudgetSolver(gm, graph, calib, opts, prune_ratio=prune_ratio, flops_budget=flops_budget,
                           min_keep=min_keep, round_to=round_to, forced=forced, progress=am.context.tick)
     kept = solver.run(warm)
-    return kept, solver.records, solver.joint_rounds
+    return kept, solver

@@ -127,12 +127,13 @@ class Encoder:
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor, kept: np.ndarray,
                  free: dict[int, pulp.LpVariable], prob: pulp.LpProblem, *, mode: str = "keep",
-                 name: str = "e", bounds: str = "crown") -> None:
+                 name: str = "e", bounds: str = "crown", means: dict[str, torch.Tensor] | None = None) -> None:
         if mode not in ("keep", "paper"):
             raise ValueError(f"unknown encoding mode {mode!r}")
         if bounds not in BOUNDS:
             raise ValueError(f"unknown bounds {bounds!r}: use one of {', '.join(BOUNDS)}")
         self.bounds = bounds
+        self.means = means or {}  # reading node -> per-position mean: removed units read as it (not 0)
         # Linear relaxations of ReLU outputs for back-substitution (CROWN): var -> (vars, coef, const of
         # the pre-activation, upper slope, upper intercept, lower slope).
         self._relax: dict[int, tuple[list[int], np.ndarray, float, float, float, float]] = {}
@@ -355,24 +356,27 @@ class Encoder:
         dim = lay.dim
         if not removed.any() and not free_pos:
             return value
+        mu = self.means.get(node.name)
         if self._is_const(value):
             value = value.to(torch.float64).clone()
             idx = [slice(None)] * value.dim()
             idx[dim] = torch.from_numpy(np.nonzero(removed)[0])
-            value[tuple(idx)] = 0.0
+            value[tuple(idx)] = 0.0 if mu is None else mu[idx[dim]]
             if not free_pos:
                 return value
             return [self._mask_sym(self._sym(value[k], [], torch.zeros(0, *value.shape[1:], dtype=torch.float64)),
-                                   dim - 1, free_pos, removed, node) for k in range(self.n)]
-        return [self._mask_sym(s, dim - 1, free_pos, removed, node) for s in value]
+                                   dim - 1, free_pos, removed, node, mu) for k in range(self.n)]
+        return [self._mask_sym(s, dim - 1, free_pos, removed, node, mu) for s in value]
 
     def _mask_sym(self, s: Sym, dim: int, free_pos: dict[int, list[int]], removed: np.ndarray,
-                  node: fx.Node) -> Sym:
+                  node: fx.Node, mu: torch.Tensor | None = None) -> Sym:
+        """Positions of removed units read 0 (or ``mu``, 1-D inputs only); free ones ``m x + (1 - m) mu``."""
         const, coef = s.const.clone(), s.coef.clone()
         sel = [slice(None)] * const.dim()
         sel[dim] = torch.from_numpy(np.nonzero(removed)[0])
-        const[tuple(sel)] = 0.0
+        const[tuple(sel)] = 0.0 if mu is None else mu[sel[dim]]
         coef[(slice(None), *sel)] = 0.0
+        flat_mu = mu.reshape(-1) if mu is not None else None
         vars_ = list(s.vars)
         extra: list[torch.Tensor] = []
         for u, positions in sorted(free_pos.items()):
@@ -388,17 +392,20 @@ class Encoder:
                 const, coef, vars_, extra = self._paper_gate(s, const, coef, vars_, extra, mask, m, node)
                 continue
             flat_idx = torch.nonzero(mask.reshape(-1)).flatten()
-            # Constant elements: value * m_u.
+            # Constant elements: value * m_u (+ (1 - m_u) mu with mean replacement).
             row = torch.zeros_like(const).reshape(-1)
             const_idx = flat_idx[~dependent]
             row[const_idx] = const.reshape(-1)[const_idx]
             const.reshape(-1)[const_idx] = 0.0
+            if flat_mu is not None:
+                row[flat_idx] -= flat_mu[flat_idx]
+                const.reshape(-1)[flat_idx] += flat_mu[flat_idx]
             vars_.append(m)
             extra.append(row.reshape(const.shape))
             # Non-constant elements: the exact product m_u * x with a new variable each.
             for e in flat_idx[dependent].tolist():
                 y = self._product(s, e, m)
-                const.reshape(-1)[e] = 0.0
+                const.reshape(-1)[e] = 0.0 if flat_mu is None else float(flat_mu[e])
                 coef.reshape(len(s.vars), -1)[:, e] = 0.0
                 vars_.append(y)
                 onehot = torch.zeros_like(const).reshape(-1)

@@ -34,10 +34,12 @@ _CROSS_CHANNEL_OPS = {"group_norm", "layer_norm", "instance_norm", "local_respon
 
 
 class _Masked(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, reading: dict[str, Layout], masks: torch.Tensor) -> None:
+    def __init__(self, gm: fx.GraphModule, reading: dict[str, Layout], masks: torch.Tensor,
+                 means: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__(gm)
         self.reading = reading
         self.masks = masks  # (batch, n_units), float
+        self.means = means or {}
 
     def run_node(self, n: fx.Node) -> Any:
         lay = self.reading.get(n.name)
@@ -51,16 +53,20 @@ class _Masked(fx.Interpreter):
         scale[:, tracked] = self.masks[:, units[tracked]].to(x.dtype)
         shape = [x.shape[0]] + [1] * (x.dim() - 1)
         shape[lay.dim] = len(units)
-        args = (x * scale.reshape(shape), *args[1:])
+        scale = scale.reshape(shape)
+        mu = self.means.get(n.name)
+        masked = x * scale if mu is None else x * scale + mu.to(x.dtype) * (1 - scale)
+        args = (masked, *args[1:])
         return getattr(self, n.op)(n.target, args, kwargs)
 
 
 class MaskedNetwork:
     """``logits(x, keep)``: the network's first output for every (plan, sample) pair."""
 
-    def __init__(self, gm: fx.GraphModule, graph: UnitGraph) -> None:
+    def __init__(self, gm: fx.GraphModule, graph: UnitGraph, means: dict[str, torch.Tensor] | None = None) -> None:
         self.gm = gm
         self.graph = graph
+        self.means = means  # mean replacement at Linear readers (:mod:`.mip_means`)
         self.reading: dict[str, Layout] = {}
         for node in gm.graph.nodes:
             if node.name in {layer.node for layer in graph.layers}:
@@ -111,7 +117,7 @@ class MaskedNetwork:
                     p = block.shape[0]
                     xs = x.float().repeat(p, *[1] * (x.dim() - 1))
                     masks = block.repeat_interleave(n, dim=0)
-                    y = _Masked(self.gm, self.reading, masks).run(xs)
+                    y = _Masked(self.gm, self.reading, masks, self.means).run(xs)
                     while isinstance(y, (tuple, list)):
                         y = y[0]
                     out.append(y.double().reshape(p, n, -1))

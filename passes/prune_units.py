@@ -251,6 +251,10 @@ class PruneUnitsPass(Pass):
                                               self.min_keep, self.round_to, self.leaf_modules), gm)
         kept = plan.kept_mask(graph)
         macs_before, macs_after = graph.macs(), graph.macs(kept)
+        if plan.bias_shift:  # mean replacement: removed inputs' means folded into their readers' biases
+            from .mip_means import fold_bias_shift
+
+            fold_bias_shift(gm, plan.bias_shift)
         changed = apply_plan(gm, graph, kept) if not kept.all() else []
         am.context.report["prune"] = {
             "plan": plan.to_dict(),

@@ -194,10 +194,12 @@ class SelectUnitsAnalysis(Analysis[Plan]):
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
         criterion = get_criterion(self.importance, self.leaf_modules)
         if getattr(criterion, "plans", False):  # the MILP chooses for the target itself
-            kept, scores = criterion.plan(gm, graph, am, prune_ratio=self.prune_ratio,  # type: ignore[attr-defined]
-                                          flops_budget=self.flops_budget, min_keep=self.min_keep,
-                                          round_to=self.round_to)
+            kept, scores, *extra = criterion.plan(  # type: ignore[attr-defined]
+                gm, graph, am, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
+                min_keep=self.min_keep, round_to=self.round_to)
+            bias_shift = extra[0] if extra else {}
         else:
+            bias_shift = {}
             scores = am.get(criterion, gm)
             kept = select(graph, scores, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
                           min_keep=self.min_keep, round_to=self.round_to)
@@ -205,4 +207,4 @@ class SelectUnitsAnalysis(Analysis[Plan]):
                     "min_keep": self.min_keep, "round_to": self.round_to, "seed": am.context.seed}
         am.context.report["scores"] = {
             g.name: [float(scores[u]) for u in g.units] for g in graph.groups if g.prunable}
-        return Plan.from_mask(graph, kept, self.importance, settings)
+        return Plan.from_mask(graph, kept, self.importance, settings, bias_shift)

@@ -237,10 +237,11 @@ def test_passes_lists_the_registry() -> None:
 
 def test_default_importance_is_mip_with_data_and_l1_without(tmp_path: Path) -> None:
     report = tmp_path / "r.json"
-    code, _, stderr = run("compile", MLP, "--data", "digits", "--flops-budget", "0.5", "--no-bench",
-                          "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16",
-                          "-o", str(tmp_path / "a.onnx"), "--report", str(report))
+    code, stdout, stderr = run("compile", MLP, "--data", "digits", "--flops-budget", "0.5", "--no-bench",
+                               "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16",
+                               "-o", str(tmp_path / "a.onnx"), "--report", str(report))
     assert code == 0, stderr
+    assert "MIP analysis (budget, highs, crown bounds)" in stdout and "held-out margin loss" in stdout
     rep = json.loads(report.read_text())
     assert rep["settings"]["importance"] == "mip" and rep["mip"]["formulation"] == "budget"
     code, _, stderr = run("compile", MLP, "--input-shape", "1,1,8,8", "--flops-budget", "0.5", "--no-bench",
