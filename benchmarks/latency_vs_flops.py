@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 import oamipc
-from oamipc.bench import benchmark, cpu_model
+from oamipc.bench import benchmark
 from oamipc.data import load_data
 from oamipc.export import export_onnx, onnx_size_bytes
 from oamipc.loading import load_model

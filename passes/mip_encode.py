@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +58,7 @@ from torch import fx, nn
 
 from oamipc import ir
 from oamipc.errors import UnsupportedGraphError
-from oamipc.units import Layout, SplitLayout, UnitGraph
+from oamipc.units import Layout, UnitGraph
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from oamipc.passes import UnitGroupAnalysis, apply_plan, select
 from oamipc.passes.unit_groups import OUTPUT_REASON
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import propagate_shapes, trace
-from oamipc.units import Layout, UnitGraph
+from oamipc.units import UnitGraph
 
 
 def analyse(model: nn.Module, x: torch.Tensor, leaf_modules: tuple[str, ...] = ()) -> tuple[fx.GraphModule, UnitGraph]:
