@@ -57,7 +57,7 @@ from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph, UnitGroup
 
-from .mip_encode import BOUNDS, Encoder, EncodingStats
+from .mip_encode import BOUNDS, Encoder, EncodingStats, margin_hinge
 from .mip_joint import JointStage
 from .mip_masked import MaskedNetwork, margins
 from .mip_means import bias_shift, fold_bias_shift, reading_means
@@ -262,8 +262,9 @@ class BudgetSolver:
         self.total_macs = graph.macs()
         self.records: list[SubProblemRecord] = []
         self.joint_rounds: list[Any] = []
-        self.means = reading_means(gm, graph, torch.cat([calib.x, calib.x_hold])) if opts.mean_replacement else {}
         self.plain_net = MaskedNetwork(gm, graph)
+        self.means = reading_means(gm, self.plain_net.reading, torch.cat([calib.x, calib.x_hold])) \
+            if opts.mean_replacement else {}
         self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
@@ -364,7 +365,7 @@ class BudgetSolver:
         enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}",
                       bounds=self.opts.bounds, means=self.means)
         logits = enc.logits()
-        xi = self._hinge(prob, enc, logits)
+        xi = margin_hinge(prob, enc, logits, self.calib.y, self.calib.margin)
         self._target(prob, group, free, m, current)
         mags = self.magnitude[free]
         scale = mags.max() if len(mags) and mags.max() > 0 else 1.0
@@ -395,21 +396,6 @@ class BudgetSolver:
             log.warning("MILP for %s returned a plan over budget; ignored", group.name)
             return None
         return candidate
-
-    def _hinge(self, prob: pulp.LpProblem, enc: Encoder, logits: list[Any]) -> list[pulp.LpVariable]:
-        xi = []
-        for k, s in enumerate(logits):
-            yk = int(self.calib.y[k])
-            target = float(self.calib.margin[k])
-            v = pulp.LpVariable(f"xi{k}", lowBound=0.0)
-            xi.append(v)
-            zy = enc.expression(s, yk)
-            for c in range(s.const.numel()):
-                if c == yk:
-                    continue
-                # xi >= target - (z_y - z_c)
-                prob += v - target + zy - enc.expression(s, c) >= 0
-        return xi
 
     def _target(self, prob: pulp.LpProblem, group: UnitGroup, free: list[int], m: dict[int, pulp.LpVariable],
                 current: np.ndarray) -> None:

@@ -807,6 +807,25 @@ def _pool_windows(node: fx.Node, mod: nn.Module | None, args: Any, kwargs: Any, 
     return (cols.long() - 1).numpy()
 
 
+def margin_hinge(prob: pulp.LpProblem, enc: Encoder, logits: list[Sym], y: torch.Tensor,
+                 target: torch.Tensor) -> list[pulp.LpVariable]:
+    """Slack ``xi_k >= target_k - (z_y - z_c)`` for every class ``c != y_k``, ``xi_k >= 0``, per sample.
+
+    The linear surrogate of the loss both formulations minimise: each sample should keep the
+    logit margin ``target_k`` (usually the original network's).  Returns the slacks.
+    """
+    xi = []
+    for k, s in enumerate(logits):
+        yk = int(y[k])
+        v = pulp.LpVariable(f"xi{k}", lowBound=0.0)
+        xi.append(v)
+        zy = enc.expression(s, yk)
+        for c in range(s.const.numel()):
+            if c != yk:
+                prob += v - float(target[k]) + zy - enc.expression(s, c) >= 0
+    return xi
+
+
 def evaluate(enc: Encoder, syms: list[Sym]) -> np.ndarray:
     """The values of ``syms`` at the solver's solution (rows: samples)."""
     values = np.array([v.varValue if v.varValue is not None else 0.0 for v in enc.variables])
@@ -819,4 +838,4 @@ def evaluate(enc: Encoder, syms: list[Sym]) -> np.ndarray:
     return np.stack(out)
 
 
-__all__ = ["EPS_COEF", "Encoder", "EncodingStats", "Sym", "evaluate"]
+__all__ = ["EPS_COEF", "Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]

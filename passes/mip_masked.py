@@ -67,9 +67,10 @@ class MaskedNetwork:
         self.gm = gm
         self.graph = graph
         self.means = means  # mean replacement at Linear readers (:mod:`.mip_means`)
-        self.reading: dict[str, Layout] = {}
+        self.reading: dict[str, Layout] = {}  # reading layer node -> layout of its input
+        readers = {layer.node for layer in graph.layers}
         for node in gm.graph.nodes:
-            if node.name in {layer.node for layer in graph.layers}:
+            if node.name in readers:
                 arg = node.args[0]
                 lay = graph.layouts.get(arg.name) if isinstance(arg, fx.Node) else None
                 if isinstance(lay, Layout):

@@ -37,18 +37,13 @@ class _Inputs(fx.Interpreter):
         return super().run_node(n)
 
 
-def reading_means(gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position input means (float64) of every Linear layer that reads removable units."""
-    nodes = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.name not in {layer.node for layer in graph.layers}:
-            continue
-        if not isinstance(ir.get_module(gm, str(node.target)), nn.Linear):
-            continue
-        arg = node.args[0]
-        lay = graph.layouts.get(arg.name) if isinstance(arg, fx.Node) else None
-        if isinstance(lay, Layout) and lay.dim == 1 and bool((lay.units >= 0).any()):
-            nodes.add(node.name)
+def reading_means(gm: fx.GraphModule, reading: dict[str, Layout], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position input means (float64) of every Linear layer among ``reading`` (reader node ->
+    layout of its input, as :class:`.mip_masked.MaskedNetwork` finds them) that reads removable units."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    nodes = {name for name, lay in reading.items()
+             if lay.dim == 1 and bool((lay.units >= 0).any())
+             and isinstance(ir.get_module(gm, str(by_name[name].target)), nn.Linear)}
     if not nodes:
         return {}
     rec = _Inputs(gm, nodes)

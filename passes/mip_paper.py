@@ -45,7 +45,7 @@ from torch import fx
 from oamipc.solver import complete_solution, reset_after_fork, solve
 from oamipc.units import UnitGraph
 
-from .mip_encode import Encoder
+from .mip_encode import Encoder, margin_hinge
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,7 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
     enc = Encoder(gm, graph, problem.x, graph.all_kept(), s, prob, mode="paper", name=f"c{problem.label}",
                   bounds=bounds)
     logits = enc.logits()
-    xi = []
-    for k, sym in enumerate(logits):
-        yk = int(problem.y[k])
-        v = pulp.LpVariable(f"xi{k}", lowBound=0.0)
-        xi.append(v)
-        zy = enc.expression(sym, yk)
-        for c in range(sym.const.numel()):
-            if c != yk:
-                prob += v - float(problem.target[k]) + zy - enc.expression(sym, c) >= 0
+    xi = margin_hinge(prob, enc, logits, problem.y, problem.target)
     terms = [(v, lam / len(xi)) for v in xi]
     for group in graph.groups:
         units = [u for u in group.units if u in s]
