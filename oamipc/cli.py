@@ -210,7 +210,7 @@ def compile_cmd(
     pipeline: Annotated[Optional[str], typer.Option("-p", "--pipeline", help="Pass pipeline, e.g. 'prune-units{importance=l2,prune-ratio=0.5}'.")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Replay a plan saved with --save-plan.")] = None,
     save_plan: Annotated[Optional[Path], typer.Option("--save-plan", help="Write the plan (kept units) as JSON.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the full report as JSON.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the full report: an HTML page with plots for a .html/.htm path, JSON otherwise.")] = None,
     save_pt: Annotated[Optional[Path], typer.Option("--save-pt", help="Also write the pruned model as a torch.export program.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
@@ -344,6 +344,24 @@ def bench_cmd(
         for row in data["rows"]:
             console.print(f"batch {row['batch']}: B/A latency {row['b_median_ms'] / row['a_median_ms']:.3f}x "
                           f"(median of pairwise ratios {row['pairwise_ratio']:.3f}x)")
+
+
+@app.command("report")
+def report_cmd(
+    run: Annotated[Path, typer.Argument(help="A compile report: JSON from --report run.json, or a page made by oamipc.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the HTML page.")],
+    title: Annotated[Optional[str], typer.Option("--title", help="Page title (default: from the model path).")] = None,
+) -> None:
+    """Render a compile report as one self-contained HTML page with plots."""
+    from oamipc.atomic import check_writable
+    from oamipc.report_html import load_report, write_html
+
+    with _errors():
+        check_writable(output)
+        page = write_html(load_report(run), output, title=title)
+    console.print(f"wrote [bold]{escape(str(output))}[/] ({len(page.figures)} figures: {', '.join(page.figures) or 'none'})")
+    for note in page.notes:
+        console.print(f"  not shown: {escape(note)}", highlight=False)
 
 
 @app.command("passes")

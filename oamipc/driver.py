@@ -262,14 +262,25 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
             result.plan.save(plan_file)
             staged.append((plan_file, job.save_plan))
         if job.report_path:
-            report_file = Path(scratch) / "report.json"
-            report_file.write_text(json.dumps(report, indent=1, default=str))
+            if is_html_path(job.report_path):  # the self-contained page with plots
+                from oamipc.report_html import render_html
+
+                report_file = Path(scratch) / "report.html"
+                report_file.write_text(render_html(report), encoding="utf-8")
+            else:
+                report_file = Path(scratch) / "report.json"
+                report_file.write_text(json.dumps(report, indent=1, default=str))
             staged.append((report_file, job.report_path))
         with contextlib.ExitStack() as stack:
             targets = [(src, stack.enter_context(atomic_output(dest))) for src, dest in staged]
             for src, tmp in targets:
                 shutil.copyfile(src, tmp)
     return report
+
+
+def is_html_path(path: str | Path) -> bool:
+    """Whether a ``--report`` path asks for the HTML page (``.html``/``.htm``) rather than JSON."""
+    return Path(path).suffix.lower() in (".html", ".htm")
 
 
 def temp_dir() -> tempfile.TemporaryDirectory[str]:

@@ -1,0 +1,646 @@
+"""The compile report as one self-contained HTML page: tables plus one figure per claim.
+
+Why a page: the JSON report holds every number, but "did pruning keep the right units, and
+what did it buy?" is answered faster by pictures.  Each figure makes one claim and says which
+in its caption: per-layer widths before/after, the score distribution of every prunable group
+split into kept and removed units (with the threshold when one separates them), accuracy
+against FLOPs kept per criterion when the report holds a sweep, latency before/after per batch
+size, and the fine-tuning curves when the model was fine-tuned.
+
+The page opens offline: figures are drawn with matplotlib (through :class:`~matplotlib.figure.Figure`,
+never pyplot's global state) and inlined as SVG, the CSS is inline, and there are no scripts
+or fonts to fetch.  The full report is embedded as JSON in
+``<script type="application/json" id="oamipc-report">``, so :func:`load_report` can read a page
+back and re-render it.  A partial report (``--no-bench``, a replayed plan, no labels) never
+fails: a figure whose data is missing or malformed is replaced by a one-line note.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from oamipc.atomic import atomic_output
+from oamipc.errors import DataError
+
+__all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "write_html"]
+
+log = logging.getLogger(__name__)
+
+#: The id of the ``<script>`` block that carries the full JSON report.
+REPORT_SCRIPT_ID = "oamipc-report"
+
+# Each figure draws its main marks in colours no other part of the page uses, so a screenshot
+# can tell which figures really rendered (see FIGURE_COLOURS).
+_WIDTH_BEFORE = "#c7c7c7"
+_WIDTH_AFTER = "#1f5fb4"
+_KEPT = "#2ca02c"
+_REMOVED = "#d62728"
+_LAT_A = "#9467bd"
+_LAT_B = "#17becf"
+_SWEEP = ("#ff7f0e", "#8c564b", "#e377c2", "#1f77b4", "#bcbd22", "#7f7f7f", "#393b79", "#637939")
+_FT_LOSS = "#a05a2c"
+_FT_EVAL = "#e7298a"
+_FT_TRAIN = "#66a61e"
+
+#: The one colour that identifies each figure's data marks (bars, histogram bins, markers).
+FIGURE_COLOURS: dict[str, str] = {
+    "widths": _WIDTH_AFTER, "scores": _KEPT, "sweep": _SWEEP[0], "latency": _LAT_B, "finetune": _FT_EVAL,
+}
+
+#: Small multiples of the score figure: at most this many groups are drawn.
+MAX_SCORE_PANELS = 12
+#: The widths figure draws at most this many layers (one bar pair each).
+MAX_WIDTH_LAYERS = 80
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; background: #fff; }
+h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; font-size: 0.92em; }
+th:first-child, td:first-child { text-align: left; }
+figure { margin: 1em 0 2em 0; }
+figure svg { max-width: 100%; height: auto; }
+figcaption { font-size: 0.92em; color: #444; max-width: 900px; }
+p.note { color: #555; font-style: italic; }
+p.meta { color: #555; }
+"""
+
+
+class _Skip(Exception):
+    """A figure cannot be drawn from this report; the message is the page's one-line note."""
+
+
+@dataclass
+class Page:
+    """The rendered page and what went into it: figures drawn (keys) and notes for those skipped."""
+
+    html: str
+    figures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Drawn:
+    key: str
+    title: str
+    svg: str
+    caption: str
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _num(value: Any) -> float | None:
+    """``value`` as a finite float, or None (missing, non-numeric, NaN, inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt_int(value: Any) -> str:
+    v = _num(value)
+    return f"{int(v):,}" if v is not None else "-"
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    v = _num(value)
+    return format(v, spec) if v is not None else ("-" if value is None else str(value))
+
+
+def _svg(fig: Figure, key: str) -> str:
+    """The figure as an inline ``<svg>`` element (no XML prolog, DOCTYPE or metadata)."""
+    buf = io.StringIO()
+    # Deterministic ids per figure (svg.hashsalt) and text kept as <text> (svg.fonttype none):
+    # the page is stable across runs and its labels are searchable.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"oamipc-{key}"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    text = text[text.index("<svg"):]
+    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.DOTALL).strip()
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=96, layout="constrained")
+    fig.patch.set_facecolor("white")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# figures: each returns a drawn figure or raises _Skip with the reason
+
+
+def _fig_widths(report: dict[str, Any]) -> _Drawn:
+    widths = _dict(report.get("widths"))
+    rows = [(str(name), _num(_dict(w).get("before")), _num(_dict(w).get("after"))) for name, w in widths.items()]
+    rows = [(n, b, a) for n, b, a in rows if b is not None and a is not None]
+    if not rows:
+        raise _Skip("no per-layer widths in this report (field \"widths\")")
+    shown = rows[:MAX_WIDTH_LAYERS]
+    names = [n for n, _, _ in shown]
+    y = np.arange(len(shown))
+    fig = _new_figure(8.0, max(2.2, 0.32 * len(shown) + 1.0))
+    ax = fig.subplots()
+    h = 0.4
+    ax.barh(y - h / 2, [b for _, b, _ in shown], height=h, color=_WIDTH_BEFORE, label="before")
+    ax.barh(y + h / 2, [a for _, _, a in shown], height=h, color=_WIDTH_AFTER, label="after")
+    for yi, (_, b, a) in zip(y, shown):
+        ax.text(max(a, b), yi + h / 2, f" {int(a)}/{int(b)}", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("output units (neurons / channels)")
+    ax.set_xlim(0, max(1.0, *(max(b, a) for _, b, a in shown)) * 1.15)
+    ax.legend(loc="lower right", frameon=False)
+    changed = sum(a != b for _, b, a in rows)
+    caption = (f"Output width of each layer before (grey) and after (blue) pruning; {changed} of {len(rows)} "
+               "layers lost units. Labels give kept/original units.")
+    if len(rows) > len(shown):
+        caption += f" Only the first {len(shown)} layers are drawn; the JSON report has all {len(rows)}."
+    return _Drawn("widths", "Per-layer widths", _svg(fig, "widths"), caption)
+
+
+def _plan_groups(report: dict[str, Any]) -> dict[str, tuple[int, set[int]]]:
+    """Group name -> (size, kept local indices) from the applied plan."""
+    plan = _dict(_dict(report.get("prune")).get("plan"))
+    out: dict[str, tuple[int, set[int]]] = {}
+    for g in _list(plan.get("groups")):
+        g = _dict(g)
+        size = _num(g.get("size"))
+        if "name" in g and size is not None:
+            out[str(g["name"])] = (int(size), {int(i) for i in _list(g.get("kept"))})
+    return out
+
+
+def _fig_scores(report: dict[str, Any]) -> _Drawn:
+    scores = _dict(report.get("scores"))
+    if not scores:
+        raise _Skip("no per-unit scores in this report (a replayed --plan or a custom pipeline does not score units)")
+    plan = _plan_groups(report)
+    if not plan:
+        raise _Skip("no applied plan in this report (field prune.plan), so kept and removed units are unknown")
+    panels = []
+    for name, values in scores.items():
+        vals = [_num(v) for v in _list(values)]
+        if name not in plan or not vals or any(v is None for v in vals) or plan[name][0] != len(vals):
+            continue
+        kept_idx = plan[name][1]
+        arr = np.asarray(vals, dtype=np.float64)
+        mask = np.array([i in kept_idx for i in range(len(arr))])
+        panels.append((name, arr, mask))
+    if not panels:
+        raise _Skip("the scores do not match the plan's groups (names or sizes differ)")
+    shown = panels[:MAX_SCORE_PANELS]
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig = _new_figure(3.4 * cols, 2.3 * rows + 0.4)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    overlapping = []
+    for ax, (name, arr, mask) in zip(axes, shown):
+        lo, hi = float(arr.min()), float(arr.max())
+        if hi <= lo:
+            hi = lo + 1.0
+        kept, removed = arr[mask], arr[~mask]
+        separable = bool(len(kept) and len(removed) and removed.max() <= kept.min())
+        width = (hi - lo) / min(30, max(5, len(arr) // 4))
+        # With a threshold, put a bin edge on it so no bin mixes kept and removed units.
+        tau = float(removed.max() + kept.min()) / 2 if separable else lo
+        bins = tau + width * np.arange(math.floor((lo - tau) / width), math.ceil((hi - tau) / width) + 1)
+        ax.hist([removed, kept], bins=bins, stacked=True, histtype="stepfilled", color=[_REMOVED, _KEPT],
+                label=[f"removed ({len(removed)})", f"kept ({len(kept)})"])
+        if separable:
+            ax.axvline(tau, color="black", linestyle="--", linewidth=1)
+            ax.text(tau, ax.get_ylim()[1] * 0.97, f"{tau:.3g}", fontsize=7, va="top", ha="center",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        elif len(kept) and len(removed):
+            overlapping.append(name)
+        ax.set_title(name, fontsize=9)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, frameon=False)
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    fig.supxlabel("importance score", fontsize=9)
+    fig.supylabel("units", fontsize=9)
+    criterion = _dict(_dict(report.get("prune")).get("plan")).get("criterion") or _dict(
+        report.get("settings")).get("importance", "?")
+    caption = (f"Distribution of the {criterion} importance scores of each prunable group, split into "
+               "kept (green) and removed (red) units; the dashed line is a threshold that separates them.")
+    if overlapping:
+        caption += (f" In {len(overlapping)} group(s) ({', '.join(overlapping[:4])}"
+                    f"{', ...' if len(overlapping) > 4 else ''}) kept and removed scores overlap, so no threshold "
+                    "is drawn: the units were not chosen by score alone (")
+        caption += ("the MILP picks units itself" if criterion == "mip" else
+                    "units pinned by the graph, or equal counts kept per block of a grouped conv or GroupNorm")
+        caption += ")."
+    if criterion == "mip" and not overlapping:
+        caption += " With --importance mip the MILP chooses the units and these scores follow its choice"
+        caption += (" (normalised magnitude, plus 1 when kept)." if _dict(report.get("mip")).get("formulation") == "budget"
+                    else ".")
+    if len(panels) > len(shown):
+        caption += f" The first {len(shown)} of {len(panels)} groups are drawn."
+    return _Drawn("scores", "Score distribution per group", _svg(fig, "scores"), caption)
+
+
+def _fig_sweep(report: dict[str, Any]) -> _Drawn:
+    rows = [_dict(r) for r in _list(report.get("sweep"))]
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for r in rows:
+        x, y = _num(r.get("flops_kept")), _num(r.get("accuracy"))
+        if x is None or y is None:
+            continue
+        series.setdefault(str(r.get("criterion", "?")), []).append((x, y, _num(r.get("accuracy_finetuned"))))
+    if not series:
+        raise _Skip("no accuracy-vs-FLOPs sweep in this report (field \"sweep\": rows of criterion, flops_kept, "
+                    "accuracy from a sweep over criteria and budgets)")
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.subplots()
+    finetuned = False
+    for i, (crit, pts) in enumerate(series.items()):
+        pts.sort()
+        colour = _SWEEP[i % len(_SWEEP)]
+        ax.plot([100 * p[0] for p in pts], [100 * p[1] for p in pts], marker="o", markersize=7, linewidth=1.8,
+                color=colour, label=crit)
+        ft = [p for p in pts if p[2] is not None]
+        if ft:
+            finetuned = True
+            ax.plot([100 * p[0] for p in ft], [100 * p[2] for p in ft], marker="o", markersize=6,
+                    markerfacecolor="white", linestyle="--", linewidth=1.2, color=colour, label=f"{crit}, fine-tuned")
+    before, after = _dict(report.get("before")), _dict(report.get("after"))
+    acc = _dict(report.get("accuracy"))
+    mb, ma, aa = _num(before.get("macs")), _num(after.get("macs")), _num(acc.get("after"))
+    if mb and ma is not None and aa is not None:
+        ax.plot([100 * ma / mb], [100 * aa], marker="*", markersize=14, color="black", linestyle="none",
+                label="this run")
+    ab = _num(acc.get("before"))
+    if ab is not None:
+        ax.axhline(100 * ab, color="black", linewidth=0.8, linestyle=":", label="original model")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, 100 * ab - 1), max(high, 100 * ab + 1))
+    ax.set_xlabel("FLOPs (MACs) kept, %")
+    ax.set_ylabel("test accuracy, %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    caption = ("Test accuracy against the fraction of FLOPs (MACs) kept, one line per importance criterion "
+               "(higher and further left is better)")
+    caption += "; dashed lines with open markers are after fine-tuning." if finetuned else "."
+    return _Drawn("sweep", "Accuracy against FLOPs kept", _svg(fig, "sweep"), caption)
+
+
+def _fig_latency(report: dict[str, Any]) -> _Drawn:
+    lat = _dict(report.get("latency"))
+    rows = []
+    for r in _list(lat.get("rows")):
+        r = _dict(r)
+        batch, a, b = _num(r.get("batch")), _num(r.get("a_median_ms")), _num(r.get("b_median_ms"))
+        if batch is not None and a is not None and b is not None and a > 0 and b > 0:
+            rows.append((int(batch), a, b, _num(r.get("a_p90_ms")), _num(r.get("b_p90_ms"))))
+    if not rows:
+        raise _Skip("no latency measurement in this report (compiled with --no-bench)")
+    fig = _new_figure(max(4.5, 1.6 * len(rows) + 2.0), 3.8)
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    w = 0.38
+    ax.bar(x - w / 2, [r[1] for r in rows], width=w, color=_LAT_A, label="original (A)")
+    ax.bar(x + w / 2, [r[2] for r in rows], width=w, color=_LAT_B, label="pruned (B)")
+    for xi, (_, a, b, pa, pb) in zip(x, rows):
+        for dx, med, p90 in ((-w / 2, a, pa), (w / 2, b, pb)):
+            if p90 is not None and p90 >= med:
+                ax.plot([xi + dx, xi + dx], [med, p90], color="black", linewidth=1)
+                ax.plot([xi + dx - w / 6, xi + dx + w / 6], [p90, p90], color="black", linewidth=1)
+        ax.text(xi, max(a, b, pa or 0, pb or 0) * 1.08, f"B/A {b / a:.2f}x", ha="center", fontsize=8)
+    spread = max(max(r[1], r[2]) for r in rows) / min(min(r[1], r[2]) for r in rows)
+    if spread > 20:
+        ax.set_yscale("log")
+        ax.set_ylim(top=ax.get_ylim()[1] * 2)
+    else:
+        ax.set_ylim(0, max(max(r[1], r[2], r[3] or 0, r[4] or 0) for r in rows) * 1.25)
+    ax.set_xticks(x, [f"batch {r[0]}" for r in rows])
+    ax.set_ylabel("median latency, ms" + (" (log)" if spread > 20 else ""))
+    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    provider = lat.get("provider") or "?"
+    threads = lat.get("intra_op_threads")
+    runs = lat.get("runs")
+    where = str(provider) + (f", {threads} intra-op thread(s)" if threads is not None else "")
+    if lat.get("cpu") and "CPU" in str(provider):
+        where += f", {lat['cpu']}"
+    caption = (f"Median onnxruntime latency of the original (A, purple) and pruned (B, cyan) ONNX model per batch "
+               f"size, timed interleaved on {where}" + (f", {runs} runs each" if runs is not None else "")
+               + "; whiskers reach the 90th percentile, labels give B/A (below 1: the pruned model is faster).")
+    return _Drawn("latency", "Latency before/after", _svg(fig, "latency"), caption)
+
+
+def _fig_finetune(report: dict[str, Any]) -> _Drawn:
+    ft = report.get("finetune")
+    if not isinstance(ft, dict):
+        raise _Skip("no fine-tuning in this report")
+    hist = [_dict(h) for h in _list(ft.get("history"))]
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pts = [(_num(h.get("epoch")), _num(h.get(key))) for h in hist]
+        if any(e is None for e, _ in pts):  # no usable epoch numbers: count them
+            pts = [(float(i + 1), v) for i, (_, v) in enumerate(pts)]
+        good = [(e, v) for e, v in pts if e is not None and v is not None]
+        return [e for e, _ in good], [v for _, v in good]
+
+    loss = series("loss")
+    accs = [(label, colour, series(key)) for key, label, colour in
+            (("eval_accuracy", "eval", _FT_EVAL), ("train_accuracy", "train", _FT_TRAIN))]
+    accs = [a for a in accs if a[2][0]]
+    if not loss[0] and not accs:
+        raise _Skip("the fine-tuning record has no per-epoch history to draw")
+    fig = _new_figure(9.0, 3.4)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    if loss[0]:
+        ax_loss.plot(*loss, marker="o", markersize=6, color=_FT_LOSS)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    for label, colour, (e, v) in accs:
+        ax_acc.plot(e, [100 * x for x in v], marker="o", markersize=6, color=colour, label=label)
+    for key, label, style in (("accuracy_before", "pruned, before fine-tuning", "--"),
+                              ("accuracy_after", "after fine-tuning", "-.")):
+        v = _num(ft.get(key))
+        if v is not None:
+            ax_acc.axhline(100 * v, color="black", linewidth=0.8, linestyle=style, label=label)
+    orig = _num(_dict(report.get("accuracy")).get("before"))
+    if orig is not None:
+        ax_acc.axhline(100 * orig, color="grey", linewidth=0.8, linestyle=":", label="original model")
+    ax_acc.set_xlabel("epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.set_ylabel("accuracy, %")
+    ax_acc.grid(alpha=0.3)
+    if ax_acc.get_legend_handles_labels()[0]:
+        ax_acc.legend(fontsize=7, frameon=False)
+    caption = ("Fine-tuning of the pruned model: training loss (left) and accuracy (right) per epoch, with the "
+               "accuracy before and after fine-tuning and the original model's for reference.")
+    return _Drawn("finetune", "Fine-tuning", _svg(fig, "finetune"), caption)
+
+
+_FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], _Drawn]], ...] = (
+    ("widths", _fig_widths), ("scores", _fig_scores), ("sweep", _fig_sweep), ("latency", _fig_latency),
+    ("finetune", _fig_finetune),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def _table(header: Iterable[str] | None, rows: Iterable[Iterable[Any]]) -> str:
+    out = ["<table>"]
+    if header is not None:
+        out.append("<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    a, b = _num(a), _num(b)
+    return f"{b / a:.3f}x" if a and b is not None else "-"
+
+
+def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    b, a = _dict(report.get("before")), _dict(report.get("after"))
+    rows = [["parameters", _fmt_int(b.get("params")), _fmt_int(a.get("params")), _ratio(b.get("params"), a.get("params"))],
+            ["FLOPs (MACs)", _fmt_int(b.get("macs")), _fmt_int(a.get("macs")), _ratio(b.get("macs"), a.get("macs"))]]
+    onnx = _dict(report.get("onnx"))
+    if "bytes" in onnx:
+        rows.append(["ONNX bytes", _fmt_int(onnx.get("bytes_before")), _fmt_int(onnx.get("bytes")),
+                     _ratio(onnx.get("bytes_before"), onnx.get("bytes"))])
+    acc = _dict(report.get("accuracy"))
+    ab, aa = _num(acc.get("before")), _num(acc.get("after"))
+    if ab is not None and aa is not None:
+        rows.append([f"accuracy ({acc.get('dataset', '?')}, n={acc.get('samples', '?')})", f"{100 * ab:.2f}%",
+                     f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"])
+    ft = _dict(report.get("finetune"))
+    fb, fa = _num(ft.get("accuracy_before")), _num(ft.get("accuracy_after"))
+    if fb is not None and fa is not None:
+        rows.append([f"accuracy, fine-tuned ({ft.get('epochs', '?')} epochs)", f"{100 * fb:.2f}%", f"{100 * fa:.2f}%",
+                     f"{100 * (fa - fb):+.2f} pt"])
+    for r in _list(_dict(report.get("latency")).get("rows")):
+        r = _dict(r)
+        rows.append([f"latency batch {r.get('batch', '?')} (median ms)", _fmt(r.get("a_median_ms")),
+                     _fmt(r.get("b_median_ms")), _ratio(r.get("a_median_ms"), r.get("b_median_ms"))])
+    return rows
+
+
+def _settings_rows(report: dict[str, Any]) -> list[list[str]]:
+    settings = _dict(report.get("settings"))
+    rows = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            if key == "mip" and settings.get("importance") != "mip":
+                continue  # the MILP options only matter when the MILP ran
+            rows += [[f"{key}.{k}", "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)]
+                     for k, v in value.items()]
+        else:
+            rows.append([key, "-" if value is None else
+                         ", ".join(map(str, value)) if isinstance(value, list) else str(value)])
+    for key in ("model", "input_shape"):
+        if key in report:
+            rows.append([key, str(report[key])])
+    return rows
+
+
+def _mip_html(report: dict[str, Any]) -> str:
+    """A short account of the MILP analysis: one row per sub-problem (or class problem) and a line."""
+    mip = _dict(report.get("mip"))
+    if not mip:
+        return ""
+    head = (f"<h2>MIP analysis</h2>\n<p class=\"meta\">{_esc(mip.get('formulation', '?'))} formulation, "
+            f"{_esc(mip.get('solver', '?'))} solver, {_esc(mip.get('bounds', 'crown'))} bounds, "
+            f"{_fmt(mip.get('seconds'), '.1f')} s</p>")
+    header = ("step", "binaries", "rows", "status", "gap", "solve s", "outcome")
+    rows = []
+    line = ""
+    if mip.get("formulation") == "paper":
+        for c in _list(mip.get("classes")):
+            c = _dict(c)
+            sv = _dict(c.get("solve"))
+            rows.append([f"class {c.get('label', '?')}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
+                         str(c.get("status", "-")), _fmt(sv.get("gap"), ".3g"), _fmt(sv.get("seconds"), ".1f"),
+                         str(c.get("outcome", "-"))])
+        rule = _dict(mip.get("threshold_rule"))
+        if rule:
+            mk = _num(rule.get("macs_kept"))
+            line = (f"Scores ranked to the target; the thesis's rule s &ge; {_esc(rule.get('tau'))} would keep "
+                    f"{_esc(rule.get('units_kept'))}/{_esc(rule.get('units_free'))} units"
+                    + (f", {100 * mk:.1f}% of the MACs." if mk is not None else "."))
+    else:
+        for sp in _list(mip.get("subproblems")):
+            sp = _dict(sp)
+            sv = _dict(sp.get("solve"))
+            rows.append([f"layer {sp.get('group', '?')}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
+                         str(sv.get("status", "-"))[:40], _fmt(sv.get("gap"), ".3g"), _fmt(sv.get("seconds"), ".1f"),
+                         str(sp.get("outcome", "-"))])
+        rounds = [_dict(r) for r in _list(mip.get("joint_rounds"))]
+        if rounds:
+            improved = sum(r.get("outcome") == "improved" for r in rounds)
+            seconds = sum(_num(_dict(r.get("solve")).get("seconds")) or 0.0 for r in rounds)
+            rows.append([f"joint ({len(rounds)} rounds)", _fmt_int(_dict(rounds[0].get("solve")).get("n_binaries")),
+                         _fmt_int(_dict(rounds[0].get("solve")).get("n_constraints")), "-", "-", f"{seconds:.1f}",
+                         f"{improved} improved"])
+        warm = _dict(mip.get("warm_start")).get("chosen")
+        hold = _dict(mip.get("holdout_loss"))
+        hw, hf = _num(hold.get("warm_start")), _num(hold.get("final"))
+        parts = []
+        if warm:
+            parts.append(f"warm start: {_esc(warm)}")
+        if hw is not None and hf is not None:
+            parts.append(f"held-out margin loss {hw:.4f} &rarr; {hf:.4f}")
+        line = "; ".join(parts) + "." if parts else ""
+    table = _table(header, rows) if rows else ""
+    return "\n".join(s for s in (head, table, f"<p>{line}</p>" if line else "") if s)
+
+
+# ----------------------------------------------------------------------------------------------
+# the page
+
+
+def _embedded_json(report: dict[str, Any]) -> str:
+    """The report as JSON that is safe inside a ``<script>`` element.
+
+    ``<``, ``>`` and ``&`` can only occur inside JSON strings, where ``\\u003c`` etc. decode to the
+    same characters; escaping them means no ``</script>`` or ``<!--`` can end or confuse the block.
+    """
+    text = json.dumps(report, indent=1, default=str)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def build_page(report: dict[str, Any], *, title: str | None = None) -> Page:
+    """Render ``report`` (a compile report dict) into a :class:`Page`; never raises on missing fields."""
+    title = title or f"oamipc report: {report.get('model', 'compiled model')}"
+    page = Page(html="")
+    blocks: list[str] = []
+    for key, draw in _FIGURES:
+        try:
+            drawn = draw(report)
+        except _Skip as skip:
+            page.notes.append(f"{key}: {skip}")
+            continue
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as exc:
+            # A malformed field must not cost the reader the rest of the page.
+            log.warning("report figure %s skipped: %s: %s", key, type(exc).__name__, exc)
+            page.notes.append(f"{key}: skipped, the report's data for it is malformed ({type(exc).__name__}: {exc})")
+            continue
+        page.figures.append(key)
+        blocks.append(f"<figure class=\"plot\" id=\"fig-{drawn.key}\">\n<h2>{_esc(drawn.title)}</h2>\n{drawn.svg}\n"
+                      f"<figcaption>{_esc(drawn.caption)}</figcaption>\n</figure>")
+
+    importance = _dict(report.get("settings")).get("importance")
+    meta = ", ".join(_esc(s) for s in (
+        f"model {report['model']}" if "model" in report else "",
+        f"importance {importance}" if importance else "",
+        f"input {report['input_shape']}" if "input_shape" in report else "") if s)
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang=\"en\">",
+        "<head>",
+        "<meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        f"<h1>{_esc(title)}</h1>",
+        f"<p class=\"meta\">{meta}</p>" if meta else "",
+        "<h2>Summary</h2>",
+        _table(("", "before", "after", "after/before"), _summary_rows(report)),
+        *blocks,
+    ]
+    if page.notes:
+        parts.append("<h2>Not shown</h2>")
+        parts += [f"<p class=\"note\">{_esc(n)}</p>" for n in page.notes]
+    parts.append(_mip_html(report))
+    settings = _settings_rows(report)
+    if settings:
+        parts += ["<h2>Settings</h2>", _table(("setting", "value"), settings)]
+    parts += [
+        ("<p class=\"meta\">The full report is embedded in this page as JSON "
+         f"(<code>script#{REPORT_SCRIPT_ID}</code>); <code>oamipc report page.html -o new.html</code> re-renders it.</p>"),
+        f"<script type=\"application/json\" id=\"{REPORT_SCRIPT_ID}\">\n{_embedded_json(report)}\n</script>",
+        "</body>",
+        "</html>",
+    ]
+    page.html = "\n".join(p for p in parts if p) + "\n"
+    return page
+
+
+def render_html(report: dict[str, Any], *, title: str | None = None) -> str:
+    """The self-contained HTML page for ``report`` (pure: no files read or written)."""
+    return build_page(report, title=title).html
+
+
+def write_html(report: dict[str, Any], path: str | Path, *, title: str | None = None) -> Page:
+    """Write the page for ``report`` to ``path`` atomically; return what it contains."""
+    page = build_page(report, title=title)
+    with atomic_output(path) as tmp:
+        tmp.write_text(page.html, encoding="utf-8")
+    return page
+
+
+_SCRIPT_RE = re.compile(
+    r"<script[^>]*\bid=\"" + re.escape(REPORT_SCRIPT_ID) + r"\"[^>]*>(.*?)</script>", re.DOTALL | re.IGNORECASE)
+
+_HOW = ("give a JSON report written by `oamipc compile ... --report run.json` "
+        "or a page written by `oamipc report` / `--report run.html`")
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read a compile report from JSON or from a page made by :func:`write_html`; DataError if neither."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"report {p} does not exist; {_HOW}")
+    if p.is_dir():
+        raise DataError(f"report {p} is a directory; {_HOW}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read report {p}: {exc}; {_HOW}") from exc
+    where = str(p)
+    if text.lstrip()[:1] == "<":
+        match = _SCRIPT_RE.search(text)
+        if match is None:
+            raise DataError(f"{p} is an HTML page without an embedded oamipc report "
+                            f"(no <script id=\"{REPORT_SCRIPT_ID}\">); {_HOW}")
+        text = match.group(1)
+        where = f"the report embedded in {p}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                        f"{_HOW}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("before"), dict) or not isinstance(data.get("after"), dict):
+        raise DataError(f"{where} is not an oamipc compile report (it has no \"before\"/\"after\" cost fields); {_HOW}")
+    return data
