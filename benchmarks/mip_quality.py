@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", default="digits_mlp,digits_cnn")
     parser.add_argument("--budgets", default="0.5,0.3,0.15")
     parser.add_argument("--criteria", default="mip,mip_mr,mip_paper,mip_paper_lp,l1,l2,taylor,activation,random")
-    parser.add_argument("--time-limit", type=float, default=5.0, help="seconds per MILP sub-problem")
+    parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per MILP solve (a safety net)")
     parser.add_argument("--total-time-limit", type=float, default=120.0)
     parser.add_argument("--mip-samples", type=int, default=64, help="budget formulation (paper: one per class)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes for the paper's class problems")

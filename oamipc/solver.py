@@ -112,6 +112,11 @@ class SolveResult:
         """True when the result carries a feasible point (status optimal or feasible)."""
         return self.status in ("optimal", "feasible") and self.values is not None
 
+    def stopped_by_time(self, time_limit: float | None) -> bool:
+        """True when the solve ended unproven at (about) ``time_limit``: its answer depends on load."""
+        return (time_limit is not None and self.status in ("feasible", "no_solution", "error")
+                and self.seconds >= 0.98 * time_limit)
+
     def to_dict(self) -> dict[str, Any]:
         """The result as a JSON-ready dict, without the (possibly huge) variable values."""
         out: dict[str, Any] = {}

@@ -15,6 +15,7 @@ Solver settings come from ``CompileContext.options["mip"]`` (see :class:`.mip_bu
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,6 +33,8 @@ from .mip_budget import WARM_CRITERIA, Calibration, MipOptions, network_logits, 
 from .mip_masked import margins
 from .mip_paper import LAMBDA, paper_scores, pick_samples
 
+
+log = logging.getLogger(__name__)
 
 @register
 @register_criterion
@@ -90,6 +93,11 @@ class MipImportance(ImportanceAnalysis):
         report["mean_replacement"] = solver.mean_replacement
         report["holdout_loss"] = {"warm_start": best[0], "final": solver.holdout_loss(
             kept, solver.net if solver.bias_shift else solver.plain_net)}
+        report["reproducible"] = solver.reproducible()
+        if not report["reproducible"]:
+            log.warning("a MILP time limit was reached (--time-limit %g s per solve, --total-time-limit %g s): "
+                        "this plan may differ between runs; raise the limits for a reproducible plan",
+                        opts.time_limit, opts.total_time_limit)
         report["seconds"] = time.perf_counter() - start
         am.context.report["mip"] = report
         mags = unit_magnitude(gm, graph)

@@ -77,7 +77,7 @@ class MipOptions:
 
     formulation: str = "budget"
     solver: str = "highs"
-    time_limit: float = 5.0  # seconds per sub-problem
+    time_limit: float = 20.0  # seconds per solve: a safety net (node limits end solves reproducibly)
     total_time_limit: float = 120.0  # seconds for all sub-problems
     gap: float | None = None
     threads: int | None = None
@@ -93,7 +93,8 @@ class MipOptions:
     joint: bool = True  # the joint linearised stage after the layer sub-problems
     joint_radius: int = 0  # first trust radius (units flipped); 0: a tenth of the free units, at least 4
     joint_rounds: int = 30
-    joint_nodes: int = 200  # branch-and-bound nodes per joint solve (a deterministic work limit)
+    joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
+    layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
     joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
     exact_binaries: int = 4000  # layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage
     margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
@@ -188,6 +189,7 @@ class SubProblemRecord:
     holdout_before: float = 0.0
     holdout_after: float | None = None
     objective_warm: float | None = None
+    time_limited: bool = False  # stopped by the time limit, not a node limit or a proof: may vary between runs
 
 
 def group_order(gm: fx.GraphModule, graph: UnitGraph) -> list[UnitGroup]:
@@ -268,6 +270,12 @@ class BudgetSolver:
         self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
+        self.deadline_reached = False
+
+    def reproducible(self) -> bool:
+        """True when no solve and no stage was cut short by a clock: the plan is the same every run."""
+        return not (self.deadline_reached or any(r.time_limited for r in self.records)
+                    or any(r.time_limited for r in self.joint_rounds))
 
     def holdout_loss(self, kept: np.ndarray, net: MaskedNetwork | None = None) -> float:
         """The acceptance measure on held-out samples: the margin hinge, or errors first."""
@@ -331,6 +339,7 @@ class BudgetSolver:
                 best_loss = self.holdout_loss(current)
         if self.progress:
             self.progress("MILP", steps, steps)
+        self.deadline_reached = time.perf_counter() > deadline - 0.5
         if self.means:
             with_means, without = self.holdout_loss(current), self.holdout_loss(current, self.plain_net)
             self.mean_replacement.update({"holdout_with": with_means, "holdout_without": without,
@@ -352,7 +361,7 @@ class BudgetSolver:
                            competitors=self.opts.joint_rivals)
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
-                        deadline=deadline)
+                        deadline=deadline, jobs=self.opts.jobs)
         self.joint_rounds.extend(stage.rounds)
         return out
 
@@ -383,8 +392,9 @@ class BudgetSolver:
             return None
         record.objective_warm = warm[1]
         result = solve(prob, solver=self.opts.solver, time_limit=time_limit, gap=self.opts.gap,
-                       threads=self.opts.threads, warm_start=warm[0])
+                       threads=self.opts.threads, warm_start=warm[0], node_limit=self.opts.layer_nodes)
         record.solve = result.to_dict()
+        record.time_limited = result.stopped_by_time(time_limit)
         if not result.has_solution():
             record.outcome = "no-incumbent"
             return None

@@ -19,12 +19,22 @@ both with a MILP that is linear in the keep variables by construction:
   :mod:`.mip_rows`), every group's count/rounding/block rules.  Every group is free, so MACs can
   move from one layer to another.
 * **Acceptance on held-out samples** by a real forward pass.  Accepted: recompute the effects
-  around the new plan and go on.  Rejected: halve ``r``.  Stop at ``r < 1``, after ``max_rounds``,
-  or when the time is up.  The HiGHS solves are small (units + samples variables) and warm-started
+  around the new plan and go on.  Rejected: halve ``r``.  At ``r < 1`` start again from the first
+  radius if the plan moved since the last start, else stop; stop also after ``max_rounds`` or
+  when the time is up.
+* **Screening.**  With many free units a round's variables are the units that matter most as
+  single flips (:meth:`JointStage.candidates`): the solves stay small and far from their time
+  limits.  The HiGHS solves are small (units + samples variables) and warm-started
   from ``t = 0`` (the current plan, always feasible).
 * **Deterministic.**  Each solve stops after ``node_limit`` branch-and-bound nodes (a fixed amount
   of work, so the same plan every run); the time limit is only a safety net, and a round that
   reaches it is marked ``time_limited`` in the report (its plan may differ from run to run).
+* **Parallel (``jobs``).**  A round's solve depends on the previous round only through the plan
+  and the radius, and a rejected or empty round is followed, at the same plan, by one of half the
+  radius (the common case).  So with ``jobs > 1`` the radii ``r, r/2, r/4, ...`` are solved at once
+  in forked workers (:mod:`.mip_workers`) and the rounds then consume them in order, exactly as
+  one worker would have: the plan does not depend on ``jobs``; only solves a jump past them
+  makes useless are wasted.  Flip effects are measured once per plan.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from oamipc.units import UnitGraph
 
 from .mip_masked import MaskedNetwork
 from .mip_rows import Keep, group_rows, mac_expression
+from .mip_workers import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +73,7 @@ class JointRound:
     solve: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
     time_limited: bool = False
+    candidates: int = 0  # free units screened in (see JointStage.candidates)
 
 
 class JointStage:
@@ -70,7 +82,8 @@ class JointStage:
     def __init__(self, net: MaskedNetwork, graph: UnitGraph, x: torch.Tensor, y: torch.Tensor,
                  target: torch.Tensor, *, free: list[int], magnitude: np.ndarray, flops_budget: float | None,
                  fixed_count: bool, min_keep: int, round_to: int, solver: str, time_limit: float,
-                 threads: int | None, tie_reward: float, node_limit: int | None = None, competitors: int = 2) -> None:
+                 threads: int | None, tie_reward: float, node_limit: int | None = None, competitors: int = 2,
+                 screen_min: int = 48, screen_per_flip: int = 8) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.target = x, y, target
@@ -86,6 +99,8 @@ class JointStage:
         self.tie_reward = tie_reward
         self.node_limit = node_limit
         self.competitors = competitors
+        self.screen_min = screen_min
+        self.screen_per_flip = screen_per_flip
         self.rounds: list[JointRound] = []
 
     def effects(self, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,42 +112,105 @@ class JointStage:
         return z[0], z[1:] - z[0]
 
     def run(self, current: np.ndarray, holdout: Callable[[np.ndarray], float], *, radius: int, max_rounds: int,
-            deadline: float) -> np.ndarray:
+            deadline: float, jobs: int = 1) -> np.ndarray:
         best = holdout(current)
         r = radius
-        while r >= 1 and len(self.rounds) < max_rounds:
+        ahead: dict[int, tuple[np.ndarray | None, JointRound]] = {}  # solves at the current plan, by radius
+        effects: tuple[np.ndarray, np.ndarray] | None = None  # at the current plan
+        improved_since_restart = False
+        while len(self.rounds) < max_rounds:
+            if r < 1:
+                if not improved_since_restart:
+                    break
+                r, improved_since_restart = radius, False  # the plan moved: look far again
             left = deadline - time.perf_counter()
             if left <= 0.5:
                 break
-            rec = JointRound(radius=r, holdout_before=best)
+            if r not in ahead:
+                if effects is None:
+                    effects = self.effects(current)
+                radii = [r]
+                while len(radii) < jobs and radii[-1] > 1:
+                    radii.append(radii[-1] // 2)  # the radius a rejection usually falls back to
+                shared = (self, current, effects, radii, min(self.time_limit, left))
+                ahead = dict(zip(radii, fork_map(_round_task, shared, len(radii), jobs)))
+            candidate, rec = ahead.pop(r)
+            rec.holdout_before = best
             self.rounds.append(rec)
-            candidate = self.solve_round(current, r, min(self.time_limit, left), rec)
             if candidate is None or np.array_equal(candidate, current):
-                if rec.outcome == "unchanged" and r > 1:
-                    r //= 2  # the model sees no better plan this far out; look closer
-                    continue
-                break
+                if rec.outcome != "unchanged":
+                    break  # no answer from the solver: stop
+                r //= 2  # the model sees no better plan this far out; look closer
+                continue
             rec.flips = int((candidate != current).sum())
             loss = holdout(candidate)
             rec.holdout_after = loss
             if loss < best - 1e-12:
                 rec.outcome = "improved"
                 current, best = candidate, loss
+                ahead, effects = {}, None
+                improved_since_restart = True
             else:
                 rec.outcome = "rejected"
                 r = min(r, rec.flips) // 2
         return current
 
-    def solve_round(self, current: np.ndarray, radius: int, time_limit: float, rec: JointRound) -> np.ndarray | None:
+    def candidates(self, current: np.ndarray, effects: tuple[np.ndarray, np.ndarray], radius: int) -> list[int]:
+        """The free units this round may flip: all of them, or a screened set when there are many.
+
+        A round flips at most ``radius`` units, so it needs only the units that matter most as
+        single flips; with fewer columns the dense hinge rows and the MAC product rows shrink and
+        each solve stays far from the time limit (so the plan is reproducible).  Screening is exact
+        for single flips (the effects are): each flip's change of the mean hinge ``dL_u`` and of the
+        MACs ``dM_u``.  Kept: for removals and for restorations separately, the best by ``dL_u``
+        and the best by ``dL_u`` per MAC moved, ``screen_per_flip * radius`` units in all, at
+        least ``screen_min``; ties go to the lower unit id.
+        """
+        size = max(self.screen_min, self.screen_per_flip * radius)
+        if len(self.free) <= size:
+            return list(self.free)
+        z0, d = effects
+        idx = np.arange(len(self.y))
+        y = self.y.numpy()
+
+        def hinge(z: np.ndarray) -> np.ndarray:  # (..., N, C) -> mean hinge over samples
+            zy = z[..., idx, y]
+            other = z.copy()
+            other[..., idx, y] = -np.inf
+            return np.clip(self.target.numpy() - (zy - other.max(-1)), 0.0, None).mean(-1)
+
+        d_loss = hinge(z0[None] + d) - hinge(z0)
+        base = self.graph.macs(current)
+        d_macs = np.empty(len(self.free))
+        for i, u in enumerate(self.free):
+            flipped = current.copy()
+            flipped[u] = not current[u]
+            d_macs[i] = abs(self.graph.macs(flipped) - base)
+        keep = np.array([bool(current[u]) for u in self.free])
+        chosen: set[int] = set()
+        quarter = max(1, size // 4)
+        for side in (keep, ~keep):  # removals, then restorations
+            pos = np.flatnonzero(side)
+            # lowest first: least harm (removals) or most gain (restorations), alone and per MAC moved
+            for key in (d_loss[pos], d_loss[pos] / np.maximum(d_macs[pos], 1.0)):
+                chosen.update(pos[np.argsort(key, kind="stable")[:quarter]].tolist())
+        return [self.free[i] for i in sorted(chosen)]
+
+    def solve_round(self, current: np.ndarray, effects: tuple[np.ndarray, np.ndarray], radius: int,
+                    time_limit: float, rec: JointRound) -> np.ndarray | None:
+        """One trust-region MILP around ``current`` (``effects`` measured there); ``None``: no answer."""
         t0 = time.perf_counter()
-        z0, d = self.effects(current)
+        z0, d = effects
+        cands = self.candidates(current, effects, radius)
+        rec.candidates = len(cands)
+        d = d[[self.free.index(u) for u in cands]] if len(cands) < len(self.free) else d
         prob = pulp.LpProblem("joint", pulp.LpMinimize)
-        t = {u: pulp.LpVariable(f"t{u}", cat=pulp.LpBinary) for u in self.free}
+        t = {u: pulp.LpVariable(f"t{u}", cat=pulp.LpBinary) for u in cands}
         m: Keep = {u: pulp.LpAffineExpression([(t[u], -1.0)], constant=1.0) if current[u]
-                   else pulp.LpAffineExpression([(t[u], 1.0)]) for u in self.free}
+                   else pulp.LpAffineExpression([(t[u], 1.0)]) for u in cands}
         n = len(self.x)
         xi = [pulp.LpVariable(f"xi{k}", lowBound=0.0) for k in range(n)]
-        tvars = [t[u] for u in self.free]
+        tvars = [t[u] for u in cands]
         for k in range(n):
             yk = int(self.y[k])
             tk = float(self.target[k])
@@ -143,7 +221,7 @@ class JointStage:
                 gap = tk - (z0[k, yk] - z0[k, c])
                 terms = [(xi[k], 1.0)] + [(v, float(s)) for v, s in zip(tvars, slope) if abs(s) >= 1e-9]
                 prob += pulp.LpConstraint(pulp.LpAffineExpression(terms), pulp.LpConstraintGE, rhs=gap)
-        prob += pulp.LpAffineExpression([(t[u], 1.0) for u in self.free]) <= radius
+        prob += pulp.LpAffineExpression([(t[u], 1.0) for u in cands]) <= radius
         for group in self.graph.groups:
             if group.prunable and any(u in m for u in group.units):
                 group_rows(prob, group, m, current, fixed_count=self.fixed_count, min_keep=self.min_keep,
@@ -174,13 +252,13 @@ class JointStage:
         result = solve(prob, solver=self.solver, time_limit=time_limit, threads=self.threads,
                        warm_start=completed[0], node_limit=self.node_limit)
         rec.solve = result.to_dict()
-        rec.time_limited = result.seconds >= time_limit * 0.98
+        rec.time_limited = result.stopped_by_time(time_limit)
         if not result.has_solution():
             rec.outcome = "no-incumbent"
             return None
         rec.model_objective = float(np.mean([v.varValue or 0.0 for v in xi]))
         candidate = current.copy()
-        for u in self.free:
+        for u in cands:
             if (t[u].varValue or 0.0) > 0.5:
                 candidate[u] = not current[u]
         if self.flops_budget is not None and self.graph.macs(candidate) > self.flops_budget * self.graph.macs() * (1 + 1e-9):
@@ -188,3 +266,12 @@ class JointStage:
             log.warning("joint MILP returned a plan over budget; ignored")
             return None
         return candidate
+
+
+def _round_task(shared: tuple[JointStage, np.ndarray, tuple[np.ndarray, np.ndarray], list[int], float],
+                index: int) -> tuple[np.ndarray | None, JointRound]:
+    """Solve the round of radius ``radii[index]`` (a worker task of :func:`.mip_workers.fork_map`)."""
+    stage, current, effects, radii, time_limit = shared
+    rec = JointRound(radius=radii[index])
+    candidate = stage.solve_round(current, effects, radii[index], time_limit, rec)
+    return candidate, rec

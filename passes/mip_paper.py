@@ -31,9 +31,7 @@ always feasible).
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +40,11 @@ import pulp
 import torch
 from torch import fx
 
-from oamipc.solver import complete_solution, reset_after_fork, solve
+from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
 from .mip_encode import Encoder, margin_hinge
+from .mip_workers import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +123,8 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
     return rec
 
 
-_SHARED: tuple[Any, ...] | None = None  # (gm, graph, free, problems, kwargs), inherited by forked workers
-
-
-def _worker(index: int) -> ClassRecord:
-    reset_after_fork()
-    torch.set_num_threads(1)
-    assert _SHARED is not None
-    gm, graph, free, problems, kwargs = _SHARED
+def _class_task(shared: tuple[Any, ...], index: int) -> ClassRecord:
+    gm, graph, free, problems, kwargs = shared
     return solve_class(gm, graph, free, problems[index], **kwargs)
 
 
@@ -141,26 +134,13 @@ def paper_scores(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problems
     """Average the class problems' scores (units outside ``free`` score 1)."""
     kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax, "bounds": bounds}
     records: list[ClassRecord] = []
-    if jobs > 1 and len(problems) > 1 and hasattr(os, "fork"):
-        # Fork: the workers inherit the graph (fx GraphModules do not pickle reliably).
-        import multiprocessing
-
-        global _SHARED
-        _SHARED = (gm, graph, free, problems, kwargs)
-        try:
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=min(jobs, len(problems)), mp_context=ctx) as pool:
-                for i, rec in enumerate(pool.map(_worker, range(len(problems)))):
-                    records.append(rec)
-                    if progress:
-                        progress("MILP classes", i + 1, len(problems))
-        finally:
-            _SHARED = None
-    else:
-        for i, p in enumerate(problems):
-            if progress:
-                progress("MILP classes", i, len(problems))
-            records.append(solve_class(gm, graph, free, p, **kwargs))
+    if progress:
+        progress("MILP classes", 0, len(problems))
+    shared = (gm, graph, free, problems, kwargs)
+    for rec in fork_map(_class_task, shared, len(problems), jobs):
+        records.append(rec)
+        if progress:
+            progress("MILP classes", len(records), len(problems))
     scores = np.ones(graph.n_units)
     if records:
         scores[free] = np.mean([r.scores for r in records], axis=0)

@@ -98,7 +98,7 @@ def test_single_flip_model_is_exact_and_plans_stay_within_budget() -> None:
     from oamipc.passes.mip_joint import JointRound
 
     rec = JointRound(radius=1)
-    cand = stage.solve_round(kept, 1, 10.0, rec)
+    cand = stage.solve_round(kept, stage.effects(kept), 1, 10.0, rec)
     assert cand is not None and rec.solve["status"] == "optimal"
     assert int((cand != kept).sum()) <= 1
     assert graph.macs(cand) <= budget * graph.macs() * (1 + 1e-9)
@@ -107,13 +107,14 @@ def test_single_flip_model_is_exact_and_plans_stay_within_budget() -> None:
     assert rec.model_objective <= rec.warm_objective + 1e-9
 
 
-def test_joint_stage_never_accepts_a_worse_plan_and_is_deterministic() -> None:
+def test_joint_stage_never_accepts_a_worse_plan_and_is_deterministic_for_any_jobs() -> None:
+    """Same plan and same rounds twice, and with the trust radii solved ahead in 2 forked workers."""
     gm, graph, x = _setup("mlp", n=24)
     kept = _random_plan(graph, np.random.default_rng(3), p=0.5)
     budget = graph.macs(kept) / graph.macs()
     x_hold = example_input("mlp", batch=32, seed=9)
 
-    def run() -> tuple[np.ndarray, list]:
+    def run(jobs: int = 1) -> tuple[np.ndarray, list]:
         net, stage, y, target = _stage(gm, graph, x, kept, budget)
         z_hold = net.logits(x_hold, graph.all_kept()[None, :])[0]
         y_hold = z_hold.argmax(1)
@@ -125,14 +126,16 @@ def test_joint_stage_never_accepts_a_worse_plan_and_is_deterministic() -> None:
 
         import time
 
-        out = stage.run(kept, holdout, radius=6, max_rounds=6, deadline=time.perf_counter() + 60)
+        out = stage.run(kept, holdout, radius=6, max_rounds=6, deadline=time.perf_counter() + 60, jobs=jobs)
         assert holdout(out) <= holdout(kept) + 1e-12
         for r in stage.rounds:
             if r.outcome == "improved":
                 assert r.holdout_after < r.holdout_before
         assert graph.macs(out) <= budget * graph.macs() * (1 + 1e-9)
-        return out, [r.outcome for r in stage.rounds]
+        return out, [(r.radius, r.outcome, r.flips) for r in stage.rounds]
 
-    a, b = run(), run()
+    a, b, c = run(), run(), run(jobs=2)
     np.testing.assert_array_equal(a[0], b[0])
-    assert a[1] == b[1]
+    np.testing.assert_array_equal(a[0], c[0])
+    assert a[1] == b[1] == c[1]
+    assert any(outcome != "improved" for _, outcome, _ in a[1]), "no round fell back to a smaller radius"
