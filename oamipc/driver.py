@@ -30,6 +30,8 @@ from torch import fx, nn
 from oamipc import passes
 from oamipc.data import Dataset, DataSplits, accuracy
 from oamipc.errors import DataError, UsageError
+from oamipc.finetune import FinetuneConfig
+from oamipc.finetune import finetune as finetune_module
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
@@ -87,6 +89,7 @@ def compile(  # noqa: A001 - the product's verb
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     mip_options: Mapping[str, Any] | None = None,
     verify: bool = True,
+    finetune: FinetuneConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompileResult:
     """Trace ``model``, choose units with ``importance`` and remove them; return the result.
@@ -98,6 +101,9 @@ def compile(  # noqa: A001 - the product's verb
     calibration samples) and ``l1`` otherwise; the report says which one ran.
     ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip_budget.MipOptions``:
     formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
+    ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
+    and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
+    ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
     The input ``model`` is not modified.
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -107,11 +113,16 @@ def compile(  # noqa: A001 - the product's verb
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=tuple(leaf_modules))
     original = copy.deepcopy(gm)
     splits = _as_splits(data)
+    if finetune is not None and (splits is None or splits.train.y is None or splits.test.y is None):
+        raise UsageError("fine-tuning (--finetune-epochs) needs labelled data to train on and to measure: "
+                         "give --data with labels (e.g. --data digits)")
     sample_shape = tuple(example_inputs[0].shape[1:])
     calib: Dataset | None = None
     test: Dataset | None = None
+    train: Dataset | None = None
     if splits is not None:
-        calib = _fit(splits.train, sample_shape).stratified_sample(min(calib_samples, len(splits.train.x)), seed=seed)
+        train = _fit(splits.train, sample_shape)
+        calib = train.stratified_sample(min(calib_samples, len(splits.train.x)), seed=seed)
         test = _fit(splits.test, sample_shape)
     if importance == "auto":
         importance = "mip" if calib is not None else "l1"
@@ -152,9 +163,29 @@ def compile(  # noqa: A001 - the product's verb
     if test is not None and test.y is not None:
         report["accuracy"] = {"before": accuracy(original, test), "after": accuracy(gm, test),
                               "dataset": test.name, "samples": len(test.x)}
+    if finetune is not None and train is not None and test is not None:
+        pruned_acc = report["accuracy"]["after"]
+        report["finetune"] = _finetune_section(gm, train, test, finetune, progress, accuracy_before=pruned_acc)
+        report["accuracy"] = {"before": report["accuracy"]["before"], "after_prune": pruned_acc,
+                              "after": report["finetune"]["accuracy_after"], "dataset": test.name,
+                              "samples": len(test.x)}
+        report["timings_s"]["finetune"] = report["finetune"]["seconds"]
     report["timings_s"]["compile_total"] = time.perf_counter() - start
     applied = Plan.from_dict(ctx.report["prune"]["plan"]) if "prune" in ctx.report else None
     return CompileResult(gm, report, applied, original, example_inputs)
+
+
+def _finetune_section(module: nn.Module, train: Dataset, test: Dataset, config: FinetuneConfig,
+                      progress: Callable[[str, int, int], None] | None, *,
+                      accuracy_before: float | None = None) -> dict[str, Any]:
+    """Fine-tune ``module`` in place on ``train``, measuring on ``test``; the report's ``finetune`` entry."""
+    before = accuracy(module, test) if accuracy_before is None else accuracy_before
+    history = finetune_module(module, train, config, eval_data=test, progress=progress)
+    after = history.final_eval_accuracy
+    log.info("fine-tuning: held-out accuracy %.4f -> %.4f in %.1f s", before, after or 0.0, history.seconds)
+    return {"config": config.to_dict(), "epochs": config.epochs, "train_dataset": train.name,
+            "train_samples": len(train), "history": history.to_dict(), "accuracy_before": before,
+            "accuracy_after": after, "seconds": history.seconds}
 
 
 def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], path: Path,
@@ -206,10 +237,8 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
     ``options`` are the keyword options of :func:`compile`.  Output paths are checked before any
     work is done; every file is written atomically.
     """
-    from oamipc.atomic import atomic_output, check_writable
-    from oamipc.bench import benchmark
+    from oamipc.atomic import check_writable
     from oamipc.data import load_data
-    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
     from oamipc.loading import load_model
     from oamipc.tracing import example_inputs_for
 
@@ -229,22 +258,86 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
     result = compile(model, example, data=splits, plan=plan, progress=progress, **options)
     report = result.report
     report["model"] = job.model
+    check = _fit(splits.test, tuple(shape[1:])) if splits is not None else None
+    _write_outputs(job, result.module, result.example_inputs, report, check_data=check, original=result.original,
+                   plan=result.plan, progress=progress)
+    return report
+
+
+def finetune_file(job: FileJob, config: FinetuneConfig, progress: Callable[[str, int, int], None] | None = None,
+                  *, leaf_modules: Sequence[str] = ()) -> dict[str, Any]:
+    """``oamipc finetune``: load, (replay the plan,) fine-tune, export, verify; return the report.
+
+    ``job.model`` is either a pruned program written by ``compile --save-pt`` (or any model to
+    fine-tune as it is), or, with ``job.plan_path``, the original model: the plan is replayed with
+    :func:`compile` (``leaf_modules`` as when the plan was made) and the pruned network
+    fine-tuned.  Training uses the data's train split, accuracy its test split.  Outputs are
+    checked before any work and written atomically, all or none, as by :func:`compile_file`.
+    """
+    from oamipc.atomic import check_writable
+    from oamipc.data import load_data
+    from oamipc.loading import load_model
+    from oamipc.tracing import example_inputs_for
+
+    for out in (job.output, job.report_path, job.save_pt):
+        if out:
+            check_writable(out)
+    if not job.data:
+        raise UsageError("fine-tuning needs labelled training data: give --data (e.g. --data digits)")
+    plan = Plan.load(job.plan_path) if job.plan_path else None
+    model = load_model(job.model, model_class=job.model_class, model_args=job.model_args,
+                       trust_pickle=job.trust_pickle)
+    splits = load_data(job.data, data_dir=job.data_dir)
+    if splits.train.y is None or splits.test.y is None:
+        raise UsageError(f"fine-tuning needs class labels, but --data {job.data} has none; give data with a 'y' array")
+    shape = job.input_shape or (1, *splits.train.x.shape[1:])
+    example = example_inputs_for(shape, seed=config.seed)
+    test = _fit(splits.test, tuple(shape[1:]))
+    if plan is not None:
+        result = compile(model, example, data=splits, plan=plan, leaf_modules=leaf_modules, seed=config.seed,
+                         finetune=config, progress=progress)
+        module, report = result.module, result.report
+    else:
+        start = time.perf_counter()
+        module = trace(model, example, leaf_modules=tuple(leaf_modules))
+        section = _finetune_section(module, _fit(splits.train, tuple(shape[1:])), test, config, progress)
+        report = {"input_shape": list(example[0].shape), "costs": passes.count_costs(module).to_dict(),
+                  "finetune": section,
+                  "accuracy": {"before": section["accuracy_before"], "after": section["accuracy_after"],
+                               "dataset": test.name, "samples": len(test)},
+                  "timings_s": {"finetune": section["seconds"], "total": time.perf_counter() - start}}
+    report["model"] = job.model
+    report["plan_file"] = job.plan_path
+    _write_outputs(job, module, example, report, check_data=test, progress=progress)
+    return report
+
+
+def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], report: dict[str, Any],
+                   *, check_data: Dataset | None, original: nn.Module | None = None, plan: Plan | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Export ``module`` to ONNX, verify it, and move every requested output into place at once.
+
+    Shared by ``oamipc compile`` and ``oamipc finetune``.  The ONNX file is checked with
+    onnxruntime against ``module`` on ``check_data`` (its first ``job.verify_samples`` samples,
+    else ``example_inputs``); with ``job.bench`` and an ``original``, both are timed A/B.  The
+    report gains ``onnx`` (and ``latency``, ``saved_program``) entries before it is written.
+    """
+    from oamipc.atomic import atomic_output
+    from oamipc.bench import benchmark
+    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+
     with temp_dir() as scratch:
         # Export and verify in scratch space; only a verified file is moved to the output path.
         pruned = Path(scratch) / "pruned.onnx"
         if progress:
             progress("export", 0, 1)
-        export_onnx(result.module, result.example_inputs, pruned, exporter=job.exporter)
-        if splits is not None:
-            test = _fit(splits.test, tuple(shape[1:]))
-            check_inputs: tuple[torch.Tensor, ...] = (test.x[: job.verify_samples],)
-        else:
-            check_inputs = result.example_inputs
+        export_onnx(module, example_inputs, pruned, exporter=job.exporter)
+        check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
         report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
-                          **verify_onnx(pruned, result.module, check_inputs).to_dict()}
-        if job.bench:
+                          **verify_onnx(pruned, module, check_inputs).to_dict()}
+        if job.bench and original is not None:
             before = Path(scratch) / "original.onnx"
-            export_onnx(result.original, result.example_inputs, before, exporter=job.exporter)
+            export_onnx(original, example_inputs, before, exporter=job.exporter)
             report["onnx"]["bytes_before"] = onnx_size_bytes(before)
             bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                               progress=(lambda d, t: progress("bench", d, t)) if progress else None)
@@ -254,12 +347,12 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
         staged: list[tuple[Path, str]] = [(pruned, job.output)]
         if job.save_pt:
             program = Path(scratch) / "pruned.pt2"
-            _save_program(result.module, result.example_inputs, program, job.save_pt)
+            _save_program(module, example_inputs, program, job.save_pt)
             staged.append((program, job.save_pt))
             report["saved_program"] = job.save_pt
-        if job.save_plan and result.plan is not None:
+        if job.save_plan and plan is not None:
             plan_file = Path(scratch) / "plan.json"
-            result.plan.save(plan_file)
+            plan.save(plan_file)
             staged.append((plan_file, job.save_plan))
         if job.report_path:
             if is_html_path(job.report_path):  # the self-contained page with plots
@@ -275,7 +368,6 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
             targets = [(src, stack.enter_context(atomic_output(dest))) for src, dest in staged]
             for src, tmp in targets:
                 shutil.copyfile(src, tmp)
-    return report
 
 
 def is_html_path(path: str | Path) -> bool:
