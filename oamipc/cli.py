@@ -53,7 +53,11 @@ def _errors() -> Iterator[None]:
 
 @contextmanager
 def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich progress display fed by the library's ``progress(what, done, total)`` callbacks."""
+    """A rich progress display fed by the library's ``progress(what, done, total)`` callbacks.
+
+    One bar per task: ``what`` names it, or ``"key|text"`` names it ``key`` and shows
+    ``key text`` as a description that may change from call to call (e.g. a running loss).
+    """
     if not enabled or not console.is_terminal:
         yield None
         return
@@ -62,9 +66,11 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] 
         tasks: dict[str, Any] = {}
 
         def update(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
+            key, _, text = what.partition("|")
+            description = f"{key} {text}" if text else key
+            if key not in tasks:
+                tasks[key] = bar.add_task(description, total=total)
+            bar.update(tasks[key], completed=done, total=total, description=description)
 
         yield update
 
@@ -120,14 +126,28 @@ def _summary_table(report: dict[str, Any]) -> Table:
                       _ratio(onnx["bytes_before"], onnx["bytes"]))
     acc = report.get("accuracy")
     if acc:
-        table.add_row(f"accuracy ({acc['dataset']}, n={acc['samples']})", f"{100 * acc['before']:.2f}%",
-                      f"{100 * acc['after']:.2f}%", f"{100 * (acc['after'] - acc['before']):+.2f} pt")
+        _accuracy_rows(table, acc, report.get("finetune"))
     lat = report.get("latency")
     if lat:
         for row in lat["rows"]:
             table.add_row(f"latency batch {row['batch']} (median ms)", f"{row['a_median_ms']:.4f}",
                           f"{row['b_median_ms']:.4f}", f"{row['b_median_ms'] / row['a_median_ms']:.3f}x")
     return table
+
+
+def _accuracy_rows(table: Table, acc: dict[str, Any], finetune: dict[str, Any] | None) -> None:
+    """Accuracy before/after; with fine-tuning also after pruning and the fine-tuning step itself."""
+    def row(label: str, before: float, after: float) -> None:
+        table.add_row(label, f"{100 * before:.2f}%", f"{100 * after:.2f}%", f"{100 * (after - before):+.2f} pt")
+
+    where = f"{acc['dataset']}, n={acc['samples']}"
+    if finetune is None or "after_prune" not in acc:
+        row(f"accuracy ({where})", acc["before"], acc["after"])
+        return
+    row(f"accuracy after pruning ({where})", acc["before"], acc["after_prune"])
+    row(f"accuracy, fine-tuning ({finetune['epochs']} epochs, {finetune['seconds']:.2f} s)",
+        acc["after_prune"], acc["after"])
+    row("accuracy, pruned + fine-tuned", acc["before"], acc["after"])
 
 
 def _widths_table(report: dict[str, Any]) -> Table:
@@ -189,6 +209,9 @@ InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Exampl
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | fashion-mnist | file.pt | file.npz | pkg.module:function")]
 DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
 LeafModules = Annotated[Optional[list[str]], typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
+Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size.")]
+Optimizer = Annotated[str, typer.Option("--optimizer", help="Fine-tuning optimizer: adam | adamw | sgd (momentum 0.9).")]
 
 
 @app.command("compile")
@@ -223,18 +246,27 @@ def compile_cmd(
     bounds: Annotated[str, typer.Option("--bounds", help="MILP bounds: crown (sound, default) | interval | sample (the thesis's per-sample phases).")] = "crown",
     jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
     solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP sub-problem.")] = 5.0,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP solve: a safety net; solves end at node limits, reproducibly.")] = 20.0,
     total_time_limit: Annotated[float, typer.Option("--total-time-limit", help="Seconds for all MILP sub-problems.")] = 120.0,
     gap: Annotated[Optional[float], typer.Option("--gap", help="Relative MIP gap at which a solve stops.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="Solver threads.")] = None,
     mip_samples: Annotated[Optional[int], typer.Option("--mip-samples", help="Calibration samples inside the MILP (budget: 64, the rest held out; paper: one per class).")] = None,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 128,
+    optimizer: Optimizer = "adam",
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Prune MODEL and write a smaller, verified ONNX file."""
     from oamipc.driver import FileJob, compile_file
+    from oamipc.finetune import FinetuneConfig
 
     _setup_logging(verbose)
     with _errors():
+        if finetune_epochs < 0:
+            raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
+        finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                                   seed=seed) if finetune_epochs else None)
         job = FileJob(str(model), str(output), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
                       _ints(input_shape, "--input-shape"), data, data_dir, str(plan) if plan else None,
                       str(save_plan) if save_plan else None, str(report) if report else None,
@@ -247,7 +279,8 @@ def compile_cmd(
                                   mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
                                                "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
                                                "samples": mip_samples, "relax": relax, "jobs": jobs,
-                                               "bounds": bounds, "mean_replacement": mean_replacement})
+                                               "bounds": bounds, "mean_replacement": mean_replacement},
+                                  finetune=finetune)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
@@ -256,6 +289,80 @@ def compile_cmd(
     onnx = result["onnx"]
     console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
                   f"max rel err {onnx['max_rel_err']:.2e})")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: Annotated[Path, typer.Argument(help="A pruned program from compile --save-pt (.pt2), or the original model with --plan.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned ONNX model.")],
+    data: Annotated[str | None, typer.Option("--data", help="Labelled data: digits | fashion-mnist | file.pt | file.npz | pkg.module:function")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs over the train split.")] = 2,
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 128,
+    optimizer: Optimizer = "adam",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="Weight decay (decoupled for adamw).")] = 0.0,
+    schedule: Annotated[str, typer.Option("--schedule", help="Learning rate: cosine (decays to 0) | constant.")] = "cosine",
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Replay this plan (from compile --save-plan) on MODEL first.")] = None,
+    save_pt: Annotated[Path | None, typer.Option("--save-pt", help="Also write the fine-tuned model as a torch.export program.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON (.html: a page with plots).")] = None,
+    model_class: ModelClass = None,
+    model_args: ModelArgs = None,
+    trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+    data_dir: DataDir = None,
+    leaf_module: LeafModules = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order (same seed: same weights).")] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Fine-tune a pruned MODEL on labelled data and write it as a verified ONNX file."""
+    from oamipc.driver import FileJob, finetune_file
+    from oamipc.finetune import FinetuneConfig
+
+    _setup_logging(verbose)
+    with _errors():
+        config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                                weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, seed=seed)
+        job = FileJob(str(model), str(output), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
+                      _ints(input_shape, "--input-shape"), data, data_dir, str(plan) if plan else None,
+                      report_path=str(report) if report else None, save_pt=str(save_pt) if save_pt else None,
+                      bench=False)
+        with _progress() as progress:
+            result = finetune_file(job, config, progress, leaf_modules=tuple(leaf_module or ()))
+    console.print(_history_table(result["finetune"]))
+    console.print(_finetune_table(result))
+    onnx = result["onnx"]
+    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
+                  f"max rel err {onnx['max_rel_err']:.2e})")
+
+
+def _history_table(finetune: dict[str, Any]) -> Table:
+    """One row per fine-tuning epoch: mean training loss, training and held-out accuracy."""
+    table = Table(title="fine-tuning", title_justify="left")
+    for col in ("epoch", "loss", "train accuracy", "held-out accuracy"):
+        table.add_column(col, justify="right")
+    for h in finetune["history"]:
+        held_out = "-" if h["eval_accuracy"] is None else f"{100 * h['eval_accuracy']:.2f}%"
+        table.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{100 * h['train_accuracy']:.2f}%", held_out)
+    return table
+
+
+def _finetune_table(report: dict[str, Any]) -> Table:
+    """``oamipc finetune``'s summary: accuracy before/after fine-tuning, epochs and seconds."""
+    ft = report["finetune"]
+    table = Table(title="oamipc finetune", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    acc = report["accuracy"]
+    if "after_prune" in acc:
+        _accuracy_rows(table, acc, ft)
+    else:
+        table.add_row(f"accuracy ({acc['dataset']}, n={acc['samples']})", f"{100 * acc['before']:.2f}%",
+                      f"{100 * acc['after']:.2f}%", f"{100 * (acc['after'] - acc['before']):+.2f} pt")
+    table.caption = f"{ft['epochs']} epochs on {ft['train_samples']} samples, {ft['seconds']:.2f} s"
+    return table
 
 
 @app.command("inspect")
@@ -376,6 +483,79 @@ def passes_cmd() -> None:
     for row in describe_registry():
         table.add_row(*row)
     console.print(table)
+
+
+@app.command("transfer")
+def transfer_cmd(
+    init: Annotated[Path, typer.Argument(help="The network at its initial weights (e.g. examples/fashion_lenet5_init.pt).")],
+    source: Annotated[str, typer.Option("--source", help="Dataset A: the plan is computed on it (digits | fashion-mnist | file | pkg.module:fn).")],
+    target: Annotated[str, typer.Option("--target", help="Dataset B: every arm is trained and tested on it.")],
+    trained: Annotated[Path | None, typer.Option("--trained", help="The network trained on A (same architecture); without it, --source-epochs trains one.")] = None,
+    source_epochs: Annotated[int, typer.Option("--source-epochs", help="Epochs to train INIT on A when --trained is not given.")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of every arm on B.")] = 5,
+    lr: Lr = 1e-3,
+    batch_size: BatchSize = 128,
+    optimizer: Optimizer = "adam",
+    importance: Annotated[str, typer.Option("--importance", help="Criterion of the plan on A: auto (mip) | mip | l1 | l2 | activation | taylor | random.")] = "auto",
+    flops_budget: Annotated[float | None, typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.")] = None,
+    prune_ratio: Annotated[float | None, typer.Option("--prune-ratio", help="Fraction of units removed per group.")] = None,
+    train_samples: Annotated[int | None, typer.Option("--train-samples", help="Use a stratified subset of this many training samples of A and B (quick runs).")] = None,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP solve (a safety net).")] = 20.0,
+    total_time_limit: Annotated[float, typer.Option("--total-time-limit", help="Seconds for all MILP sub-problems.")] = 120.0,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the full result as JSON.")] = None,
+    model_class: ModelClass = None,
+    model_args: ModelArgs = None,
+    trust_pickle: TrustPickle = False,
+    input_shape: InputShape = None,
+    data_dir: DataDir = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the training runs, the calibration samples and the random plan.")] = 0,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Lottery-ticket transfer: plan on A, rewind to INIT, train on B; compare with dense and random."""
+    from oamipc.atomic import atomic_output, check_writable
+    from oamipc.data import load_data
+    from oamipc.finetune import FinetuneConfig
+    from oamipc.loading import load_model
+    from oamipc.transfer import run_transfer
+
+    _setup_logging(verbose)
+    with _errors():
+        if report:
+            check_writable(report)
+        if trained is None and source_epochs < 1:
+            raise UsageError("give --trained (the network trained on the source data) or --source-epochs N to train one")
+        args = _json_arg(model_args, "--model-args")
+        load = {"model_class": model_class, "model_args": args, "trust_pickle": trust_pickle}
+        init_model = load_model(init, **load)
+        trained_model = load_model(trained, **load) if trained else None
+        config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, seed=seed)
+        source_config = FinetuneConfig(epochs=source_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                                       seed=seed) if trained is None else None
+        shape = _ints(input_shape, "--input-shape")
+        with _progress() as progress:
+            result = run_transfer(init_model, source=load_data(source, data_dir=data_dir),
+                                  target=load_data(target, data_dir=data_dir), trained=trained_model,
+                                  input_shape=shape[1:] if shape else None, importance=importance,
+                                  flops_budget=flops_budget, prune_ratio=prune_ratio,
+                                  mip_options={"time_limit": time_limit, "total_time_limit": total_time_limit},
+                                  train=config, source_train=source_config, train_samples=train_samples, seed=seed,
+                                  progress=progress)
+        if report:
+            with atomic_output(report) as tmp:
+                tmp.write_text(json.dumps(result, indent=1, default=str))
+    table = Table(title=f"transfer: plan on {result['source']} ({result['plan']['criterion']}, "
+                        f"{100 * result['plan']['macs_kept']:.1f}% MACs), trained on {result['target']}",
+                  title_justify="left")
+    for col in ("arm", "params", "MACs", "test acc. at init", f"test acc. after {epochs} epochs", "train s"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for arm in result["arms"]:
+        table.add_row(arm["name"], _fmt_int(arm["params"]), _fmt_int(arm["macs"]), f"{100 * arm['accuracy_init']:.2f}%",
+                      f"{100 * arm['accuracy']:.2f}%", f"{arm['seconds']:.1f}")
+    table.caption = (f"source network: {100 * result['source_accuracy']:.2f}% on {result['source']}'s test split; "
+                     f"inputs: {result['transform']['target']} (target), {result['transform']['source']} (source)")
+    console.print(table)
+    if report:
+        console.print(f"wrote [bold]{escape(str(report))}[/]")
 
 
 def main() -> None:
