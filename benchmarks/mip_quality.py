@@ -73,6 +73,7 @@ def run(models: list[str], budgets: list[float], criteria: list[str], mip_option
                 elif criterion in MIP_VARIANTS:
                     mip = rep["mip"]
                     row["mip"] = {"warm_start": mip["warm_start"]["chosen"], "holdout_loss": mip["holdout_loss"],
+                                  "seconds": mip["seconds"], "reproducible": mip["reproducible"],
                                   "mean_replacement": mip["mean_replacement"],
                                   "subproblems": [{k: s[k] for k in ("group", "free_units", "outcome", "build_seconds")}
                                                   | {"status": s["solve"].get("status"), "gap": s["solve"].get("gap"),
@@ -83,7 +84,8 @@ def run(models: list[str], budgets: list[float], criteria: list[str], mip_option
                                   "joint_rounds": [{k: r[k] for k in ("radius", "flips", "outcome", "holdout_before",
                                                                       "holdout_after")}
                                                    | {"status": r["solve"].get("status"), "gap": r["solve"].get("gap"),
-                                                      "solve_seconds": r["solve"].get("seconds")}
+                                                      "solve_seconds": r["solve"].get("seconds"),
+                                                      "time_limited": r["time_limited"], "candidates": r["candidates"]}
                                                    for r in mip["joint_rounds"]]}
                 rows.append(row)
                 print(f"  {name} budget {budget:.2f} {criterion:10s} acc {row['accuracy_after']:.4f} "

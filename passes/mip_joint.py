@@ -49,11 +49,12 @@ import numpy as np
 import pulp
 import torch
 
+from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
 from .mip_masked import MaskedNetwork
-from .mip_rows import Keep, group_rows, mac_expression
+from .mip_rows import Keep, group_rows, mac_expression, plan_violations
 from .mip_workers import fork_map
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class JointRound:
 
     radius: int
     flips: int = 0
-    outcome: str = "unchanged"  # improved | rejected | unchanged | no-incumbent
+    outcome: str = "unchanged"  # improved | rejected | unchanged | no-incumbent | invalid | solver-error
     holdout_before: float = 0.0
     holdout_after: float | None = None
     model_objective: float | None = None  # the linear model's hinge at the solution
@@ -74,6 +75,7 @@ class JointRound:
     build_seconds: float = 0.0
     time_limited: bool = False
     candidates: int = 0  # free units screened in (see JointStage.candidates)
+    note: str = ""  # why a solution was invalid, or the solver's error
 
 
 class JointStage:
@@ -83,7 +85,7 @@ class JointStage:
                  target: torch.Tensor, *, free: list[int], magnitude: np.ndarray, flops_budget: float | None,
                  fixed_count: bool, min_keep: int, round_to: int, solver: str, time_limit: float,
                  threads: int | None, tie_reward: float, node_limit: int | None = None, competitors: int = 2,
-                 screen_min: int = 48, screen_per_flip: int = 8) -> None:
+                 screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.target = x, y, target
@@ -101,6 +103,7 @@ class JointStage:
         self.competitors = competitors
         self.screen_min = screen_min
         self.screen_per_flip = screen_per_flip
+        self.screen_max = screen_max
         self.rounds: list[JointRound] = []
 
     def effects(self, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,9 +167,9 @@ class JointStage:
         for single flips (the effects are): each flip's change of the mean hinge ``dL_u`` and of the
         MACs ``dM_u``.  Kept: for removals and for restorations separately, the best by ``dL_u``
         and the best by ``dL_u`` per MAC moved, ``screen_per_flip * radius`` units in all, at
-        least ``screen_min``; ties go to the lower unit id.
+        least ``screen_min`` and at most ``screen_max``; ties go to the lower unit id.
         """
-        size = max(self.screen_min, self.screen_per_flip * radius)
+        size = min(max(self.screen_min, self.screen_per_flip * radius), self.screen_max)
         if len(self.free) <= size:
             return list(self.free)
         z0, d = effects
@@ -242,15 +245,21 @@ class JointStage:
                 reward.append((t[u], sign * w))
         prob += pulp.LpAffineExpression([(v, 1.0 / n) for v in xi] + reward)
         rec.build_seconds = time.perf_counter() - t0
-        completed = complete_solution(prob, {v: 0.0 for v in tvars}, solver=self.solver, time_limit=time_limit,
-                                      threads=self.threads)
+        try:
+            completed = complete_solution(prob, {v: 0.0 for v in tvars}, solver=self.solver, time_limit=time_limit,
+                                          threads=self.threads)
+        except SolverError as exc:
+            return self._solver_failed(rec, exc)
         if completed is None:  # cannot happen for a plan within budget; guard the solver's word anyway
             rec.outcome = "no-incumbent"
             rec.solve = {"status": "current plan infeasible in the joint model"}
             return None
         rec.warm_objective = completed[1]
-        result = solve(prob, solver=self.solver, time_limit=time_limit, threads=self.threads,
-                       warm_start=completed[0], node_limit=self.node_limit)
+        try:
+            result = solve(prob, solver=self.solver, time_limit=time_limit, threads=self.threads,
+                           warm_start=completed[0], node_limit=self.node_limit)
+        except SolverError as exc:
+            return self._solver_failed(rec, exc)
         rec.solve = result.to_dict()
         rec.time_limited = result.stopped_by_time(time_limit)
         if not result.has_solution():
@@ -261,11 +270,22 @@ class JointStage:
         for u in cands:
             if (t[u].varValue or 0.0) > 0.5:
                 candidate[u] = not current[u]
-        if self.flops_budget is not None and self.graph.macs(candidate) > self.flops_budget * self.graph.macs() * (1 + 1e-9):
-            rec.outcome = "rejected"
-            log.warning("joint MILP returned a plan over budget; ignored")
+        broken = plan_violations(self.graph, candidate, current, fixed_count=self.fixed_count,
+                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget)
+        if broken:
+            rec.outcome = "invalid"
+            rec.note = "; ".join(broken)
+            log.warning("joint MILP returned a plan that breaks its own rows (%s); ignored", broken[0])
             return None
         return candidate
+
+    @staticmethod
+    def _solver_failed(rec: JointRound, exc: SolverError) -> None:
+        """Record a solver failure: the round has no answer and the stage stops (see :meth:`run`)."""
+        rec.outcome = "solver-error"
+        rec.note = str(exc)
+        rec.solve = {"status": "error"}
+        log.warning("joint MILP: %s; keeping the plan found so far", exc)
 
 
 def _round_task(shared: tuple[JointStage, np.ndarray, tuple[np.ndarray, np.ndarray], list[int], float],
