@@ -10,6 +10,7 @@ disk -- the temporary file is removed and the destination is left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,6 +43,26 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return dest
 
 
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, says the disk (or the quota) is full."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def write_error(dest: Path, exc: OSError) -> OutputError:
+    """The one-line error for a failed write of ``dest``; a full disk says where to free space."""
+    if is_disk_full(exc):
+        where = dest.parent if str(dest.parent) else Path(".")
+        return OutputError(f"cannot write {dest}: no space left on the disk of {where.resolve()}; "
+                           f"free disk space there (or choose another path) and run again")
+    return OutputError(f"cannot write {dest}: {exc.strerror or exc}; check the path and free disk space")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -64,7 +85,7 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     except OSError as exc:
-        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}; check the path and free disk space") from exc
+        raise write_error(dest, exc) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

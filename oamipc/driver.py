@@ -28,8 +28,9 @@ import torch
 from torch import fx, nn
 
 from oamipc import passes
+from oamipc.atomic import is_disk_full
 from oamipc.data import Dataset, DataSplits, accuracy
-from oamipc.errors import DataError, UsageError
+from oamipc.errors import DataError, ExportError, OutputError, UsageError
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
@@ -204,7 +205,15 @@ def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
             program = torch.export.export(module, example_inputs)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"cannot save {label} as a torch.export program: {str(exc).splitlines()[0]}") from exc
-    torch.export.save(program, str(path))
+    try:
+        torch.export.save(program, str(path))
+    except OSError:
+        raise  # the caller names the directory and says to free space
+    except Exception as exc:  # noqa: BLE001 - torch's zip writer reports a failed write as a RuntimeError
+        lines = str(exc).strip().splitlines()
+        raise ExportError(f"writing {label} as a torch.export program to {path} failed "
+                          f"({type(exc).__name__}: {lines[0] if lines else ''}); if that disk is full, "
+                          f"free space there or set TMPDIR to a directory with room") from exc
 
 
 @dataclass
@@ -323,51 +332,79 @@ def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[t
     report gains ``onnx`` (and ``latency``, ``saved_program``) entries before it is written.
     """
     from oamipc.atomic import atomic_output
-    from oamipc.bench import benchmark
-    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
 
     with temp_dir() as scratch:
-        # Export and verify in scratch space; only a verified file is moved to the output path.
-        pruned = Path(scratch) / "pruned.onnx"
-        if progress:
-            progress("export", 0, 1)
-        export_onnx(module, example_inputs, pruned, exporter=job.exporter)
-        check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
-        report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
-                          **verify_onnx(pruned, module, check_inputs).to_dict()}
-        if job.bench and original is not None:
-            before = Path(scratch) / "original.onnx"
-            export_onnx(original, example_inputs, before, exporter=job.exporter)
-            report["onnx"]["bytes_before"] = onnx_size_bytes(before)
-            bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
-                              progress=(lambda d, t: progress("bench", d, t)) if progress else None)
-            report["latency"] = bench.to_dict()
-        # Every requested file is made in scratch space first and moved into place only when all
-        # of them were made: a failure leaves no output at all, not some of them.
-        staged: list[tuple[Path, str]] = [(pruned, job.output)]
-        if job.save_pt:
-            program = Path(scratch) / "pruned.pt2"
-            _save_program(module, example_inputs, program, job.save_pt)
-            staged.append((program, job.save_pt))
-            report["saved_program"] = job.save_pt
-        if job.save_plan and plan is not None:
-            plan_file = Path(scratch) / "plan.json"
-            plan.save(plan_file)
-            staged.append((plan_file, job.save_plan))
-        if job.report_path:
-            if is_html_path(job.report_path):  # the self-contained page with plots
-                from oamipc.report_html import render_html
-
-                report_file = Path(scratch) / "report.html"
-                report_file.write_text(render_html(report), encoding="utf-8")
-            else:
-                report_file = Path(scratch) / "report.json"
-                report_file.write_text(json.dumps(report, indent=1, default=str))
-            staged.append((report_file, job.report_path))
+        try:
+            staged = _make_outputs(job, module, example_inputs, report, Path(scratch), check_data=check_data,
+                                   original=original, plan=plan, progress=progress)
+        except (OSError, ExportError) as exc:
+            if isinstance(exc, OSError) or is_disk_full(exc):
+                raise OutputError(f"cannot write temporary files in {scratch} ({_os_reason(exc)}); free disk "
+                                  f"space there, or set TMPDIR to a directory with room, and run again") from exc
+            raise
+        # Every requested file was made in scratch space; move them into place only now, so that a
+        # failure leaves no output at all, not some of them.
         with contextlib.ExitStack() as stack:
             targets = [(src, stack.enter_context(atomic_output(dest))) for src, dest in staged]
             for src, tmp in targets:
                 shutil.copyfile(src, tmp)
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS's words for the first ``OSError`` in ``exc``'s chain (``No space left on device``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        current = current.__cause__ or current.__context__
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+                  report: dict[str, Any], scratch: Path, *, check_data: Dataset | None, original: nn.Module | None,
+                  plan: Plan | None, progress: Callable[[str, int, int], None] | None) -> list[tuple[Path, str]]:
+    """Make every requested output in ``scratch``; return (made file, destination) pairs."""
+    from oamipc.bench import benchmark
+    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+
+    # Export and verify in scratch space; only a verified file is moved to the output path.
+    pruned = Path(scratch) / "pruned.onnx"
+    if progress:
+        progress("export", 0, 1)
+    export_onnx(module, example_inputs, pruned, exporter=job.exporter)
+    check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
+    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
+                      **verify_onnx(pruned, module, check_inputs).to_dict()}
+    if job.bench and original is not None:
+        before = Path(scratch) / "original.onnx"
+        export_onnx(original, example_inputs, before, exporter=job.exporter)
+        report["onnx"]["bytes_before"] = onnx_size_bytes(before)
+        bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
+                          progress=(lambda d, t: progress("bench", d, t)) if progress else None)
+        report["latency"] = bench.to_dict()
+    staged: list[tuple[Path, str]] = [(pruned, job.output)]
+    if job.save_pt:
+        program = Path(scratch) / "pruned.pt2"
+        _save_program(module, example_inputs, program, job.save_pt)
+        staged.append((program, job.save_pt))
+        report["saved_program"] = job.save_pt
+    if job.save_plan and plan is not None:
+        plan_file = Path(scratch) / "plan.json"
+        plan.save(plan_file)
+        staged.append((plan_file, job.save_plan))
+    if job.report_path:
+        if is_html_path(job.report_path):  # the self-contained page with plots
+            from oamipc.report_html import render_html
+
+            report_file = Path(scratch) / "report.html"
+            report_file.write_text(render_html(report), encoding="utf-8")
+        else:
+            report_file = Path(scratch) / "report.json"
+            report_file.write_text(json.dumps(report, indent=1, default=str))
+        staged.append((report_file, job.report_path))
+    return staged
 
 
 def is_html_path(path: str | Path) -> bool:

@@ -94,6 +94,7 @@ def load_model(
         obj = _torch_load(file, trust_pickle=trust_pickle)
         model = _model_from_object(obj, file, model_class=model_class, model_args=model_args)
     _check_finite(model.state_dict(), file)
+    _check_no_empty_parameters(model, file)
     model.eval()
     log.info("loaded %s from %s", type(model).__name__, file)
     return model
@@ -151,7 +152,7 @@ def _archive_kind(file: Path) -> str | None:
     try:
         with zipfile.ZipFile(file) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a damaged directory makes zipfile raise many types
         return None  # legacy torch.save format, or corrupt: torch.load will tell
     inner = {name.split("/", 1)[1] for name in names if "/" in name}
     if "archive_format" in inner:
@@ -231,6 +232,11 @@ def _corrupt(file: Path, exc: BaseException) -> LoadError:
         reason = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
     else:
         reason = _first_line(exc).split(". ")[0]
+    if "can't allocate memory" in text or "alloc_cpu" in text:
+        return LoadError(
+            f"{file} declares tensors too large to allocate ({type(exc).__name__}: {reason}); the "
+            f"file is damaged or was not written by torch.save: save the model again"
+        )
     return LoadError(
         f"{file} is not a readable PyTorch file (truncated, corrupt or another format: "
         f"{type(exc).__name__}: {reason}); save the model again with "
@@ -278,7 +284,7 @@ def _model_from_object(
         )
     args = model_args if model_args is not None else own_args
     _check_finite(state, file)
-    model = _instantiate(spec, args)
+    model = _instantiate(spec, args, state=state, file=file)
     _fill(model, state, file, spec)
     return model
 
@@ -330,8 +336,22 @@ def _as_state_dict(obj: Mapping[Any, Any], file: Path) -> dict[str, Any]:
     return dict(obj)
 
 
-def _instantiate(spec: str, args: dict[str, Any] | list[Any] | tuple[Any, ...] | None) -> nn.Module:
-    """Build a model from a class or factory spec and its arguments."""
+def _instantiate(
+    spec: str,
+    args: dict[str, Any] | list[Any] | tuple[Any, ...] | None,
+    *,
+    state: dict[str, Any] | None = None,
+    file: Path | None = None,
+) -> nn.Module:
+    """Build a model from a class or factory spec and its arguments.
+
+    The model is first built on PyTorch's meta device, where no memory is allocated and no
+    weights are initialised (so the factory runs twice): arguments that declare a model too big
+    for this machine (``--model-args '{"hidden": [1000000000000]}'``) fail at once with the
+    sizes named, instead of allocating or hanging, and a ``state`` dict (from ``file``) that
+    does not fit fails with its mismatches before any real memory is used.  A factory that
+    cannot run on the meta device is simply built for real.
+    """
     factory = import_object(spec, error=LoadError)
     if not callable(factory):
         raise LoadError(
@@ -340,6 +360,11 @@ def _instantiate(spec: str, args: dict[str, Any] | list[Any] | tuple[Any, ...] |
         )
     positional = list(args) if isinstance(args, (list, tuple)) else []
     keywords = dict(args) if isinstance(args, dict) else {}
+    skeleton = _build_on_meta(factory, positional, keywords)
+    if skeleton is not None:
+        _check_model_size(skeleton, spec, args)
+        if state is not None and file is not None:
+            _check_fits(skeleton.state_dict(), state, file, spec)
     try:
         model = factory(*positional, **keywords)
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
@@ -356,15 +381,89 @@ def _instantiate(spec: str, args: dict[str, Any] | list[Any] | tuple[Any, ...] |
     return model
 
 
-def _fill(model: nn.Module, state: dict[str, Any], file: Path, spec: str) -> None:
-    """``load_state_dict(strict=True)`` with the mismatches spelled out first."""
-    expected = model.state_dict()
+def _build_on_meta(factory: Callable[..., Any], positional: list[Any], keywords: dict[str, Any]) -> nn.Module | None:
+    """The model built on the meta device (shapes only, no memory), or None if that fails."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            skeleton = factory(*positional, **keywords)
+    except Exception as exc:  # noqa: BLE001 - user code may not run on the meta device; build it for real
+        log.debug("cannot build the model on the meta device first (%s); building it directly", _describe(exc))
+        return None
+    return skeleton if isinstance(skeleton, nn.Module) else None
+
+
+def _memory_limit() -> int | None:
+    """Half of this machine's physical memory in bytes (None where the platform does not say).
+
+    Compiling keeps at least two copies of a model (the original and the pruned one), so a model
+    whose parameters and buffers need more than half of the memory cannot be compiled here.
+    """
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES")) // 2
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_model_size(skeleton: nn.Module, spec: str, args: object) -> None:
+    """Refuse a model whose tensors would not fit in half of this machine's memory."""
+    limit = _memory_limit()
+    if limit is None:
+        return
+    tensors = [(f"parameter '{n}'", t) for n, t in skeleton.named_parameters()]
+    tensors += [(f"buffer '{n}'", t) for n, t in skeleton.named_buffers()]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    if total <= limit:
+        return
+    what, biggest = max(tensors, key=lambda item: item[1].numel() * item[1].element_size())
+    shown = json.dumps(args, default=str) if args is not None else "no arguments"
+    raise LoadError(
+        f"'{spec}' built with {shown} would need {_bytes(total)} for its weights ({what} alone has "
+        f"shape {tuple(biggest.shape)}), more than half of this machine's {_bytes(2 * limit)} of "
+        f"memory; check --model-args"
+    )
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes in decimal units: ``512 bytes``, ``4.0 TB``."""
+    if n < 1000:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KB", "MB", "GB", "TB"):
+        value /= 1000
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1000:.1f} PB"
+
+
+def _strip_data_parallel(
+    state: dict[str, Any], expected: Mapping[str, Any], file: Path, *, announce: bool = True
+) -> dict[str, Any]:
+    """Drop the ``module.`` prefix that ``nn.DataParallel`` puts on every key, when the model has none."""
     if (
         state and all(k.startswith("module.") for k in state)
         and not any(k.startswith("module.") for k in expected)
     ):
-        log.info("stripping the 'module.' prefix (nn.DataParallel) from the keys of %s", file)
-        state = {k[len("module."):]: v for k, v in state.items()}
+        if announce:
+            log.info("stripping the 'module.' prefix (nn.DataParallel) from the keys of %s", file)
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _fill(model: nn.Module, state: dict[str, Any], file: Path, spec: str) -> None:
+    """``load_state_dict(strict=True)`` with the mismatches spelled out first."""
+    expected = model.state_dict()
+    state = _strip_data_parallel(state, expected, file)
+    _check_fits(expected, state, file, spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise LoadError(f"loading the state dict of {file} into '{spec}' failed ({_describe(exc)})") from exc
+
+
+def _check_fits(expected: Mapping[str, Any], state: dict[str, Any], file: Path, spec: str) -> None:
+    """Missing and unexpected keys, and shapes that differ, as one error naming them all."""
+    state = _strip_data_parallel(state, expected, file, announce=False)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -385,10 +484,6 @@ def _fill(model: nn.Module, state: dict[str, Any], file: Path, spec: str) -> Non
             f"the state dict in {file} does not fit '{spec}': {'; '.join(problems)}; check that "
             f"--model-class and --model-args describe the model that was saved"
         )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise LoadError(f"loading the state dict of {file} into '{spec}' failed ({_describe(exc)})") from exc
 
 
 def _check_finite(state: Mapping[str, Any], file: Path) -> None:
@@ -401,6 +496,21 @@ def _check_finite(state: Mapping[str, Any], file: Path) -> None:
                     f"tensor '{name}' in {file} holds {bad} NaN/Inf values; the model diverged "
                     f"or the file is damaged, load a healthy checkpoint"
                 )
+
+
+def _check_no_empty_parameters(model: nn.Module, file: Path) -> None:
+    """Refuse zero-size parameters (``nn.Linear(64, 0)``): a layer without units or inputs.
+
+    Such a layer has nothing to prune, and the unit analysis, the ONNX exporters and most
+    runtimes do not handle zero-width tensors; saying so here beats a failure deep inside them.
+    """
+    for name, param in model.named_parameters():
+        if param.numel() == 0:
+            raise LoadError(
+                f"parameter '{name}' in {file} has shape {tuple(param.shape)}, with no elements: "
+                f"a layer without units or inputs cannot be pruned or exported; remove that layer "
+                f"from the model or give it at least one unit"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,22 +576,80 @@ _PT2_JSON_ENTRY = re.compile(r"models/[^/]+\.json|data/(weights|constants)/[^/]+
 def _load_exported(file: Path, *, trust_pickle: bool) -> fx.GraphModule:
     """``torch.export.load`` after checking that it will not unpickle untrusted objects."""
     if not trust_pickle:
-        unsafe = _pt2_pickled_payloads(file)
+        try:
+            unsafe = _pt2_pickled_payloads(file)
+        except Exception as exc:  # noqa: BLE001 - damaged archives make zipfile/zlib raise many types
+            raise LoadError(
+                f"{file} is a damaged torch.export archive ({_describe(exc)}); export the model "
+                f"again with torch.export.save"
+            ) from exc
         if unsafe:
             raise LoadError(
                 f"{file} is a torch.export archive holding pickled objects or native code "
                 f"({_few(unsafe)}) that torch.export.load would run; pass --trust-pickle only "
                 f"if you trust the file, or re-export it with torch.export.save from plain tensors"
             )
-    try:
-        with open(file, "rb") as handle:
-            program = torch.export.load(handle)
-    except Exception as exc:  # noqa: BLE001 - the deserializer raises many unrelated types
-        raise LoadError(
-            f"{file} looks like a torch.export archive but cannot be loaded ({_describe(exc)}); "
-            f"re-export it with torch.export.save from this torch version ({torch.__version__})"
-        ) from exc
+    with _TorchExportLog() as torch_log:
+        try:
+            with open(file, "rb") as handle:
+                program = torch.export.load(handle)
+        except Exception as exc:  # noqa: BLE001 - the deserializer raises many unrelated types
+            raise LoadError(
+                f"{file} looks like a torch.export archive but cannot be loaded "
+                f"({torch_log.cause() or _describe(exc)}); re-export it with torch.export.save "
+                f"from this torch version ({torch.__version__})"
+            ) from exc
     return exported_to_graph_module(program)
+
+
+class _TorchExportLog(logging.Handler):
+    """Keeps torch.export.load's own log records off the terminal while it runs.
+
+    When an archive fails to load, torch logs the real cause with its traceback as a warning,
+    then tries an older layout and raises a vague "check the warnings above" error.  The records
+    are collected here instead (and re-logged at debug level), so the user sees one line that
+    names the real cause.
+    """
+
+    _LOGGERS = ("torch.export", "torch._export")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> _TorchExportLog:
+        for name in self._LOGGERS:
+            logger = logging.getLogger(name)
+            # torch gives these loggers their own stderr handlers: swap them out, not just add.
+            self._saved.append((logger, list(logger.handlers), logger.propagate))
+            logger.handlers = [self]
+            logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for logger, handlers, propagate in self._saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+        for record in self.records:
+            log.debug("torch.export.load: %s", _record_text(record))
+
+    def cause(self) -> str | None:
+        """The first exception torch logged while loading, as ``Type: first line``."""
+        for record in self.records:
+            if record.exc_info and record.exc_info[1] is not None:
+                return _describe(record.exc_info[1])
+        return None
+
+
+def _record_text(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except Exception:  # noqa: BLE001 - torch has logged records whose arguments do not match
+        return str(record.msg)
 
 
 def _pt2_pickled_payloads(file: Path) -> list[str]:
@@ -490,11 +658,15 @@ def _pt2_pickled_payloads(file: Path) -> list[str]:
     Fail-closed: anything that is not a known text/JSON entry or a raw tensor payload declared
     ``use_pickle: false`` must load with ``torch.load(weights_only=True)``; custom/opaque
     objects and AOTInductor code are always reported.  Every copy of a duplicated entry is
-    checked, since zip readers disagree about which one wins.
+    checked, since zip readers disagree about which one wins.  Top-level entries (outside the
+    archive's folder) are checked too: when the current layout fails to load, torch.export.load
+    falls back to an older one made of top-level ``serialized_*.pt`` entries, which it unpickles
+    with ``weights_only=False`` if the safe load fails.
     """
     unsafe: list[str] = []
     with zipfile.ZipFile(file) as zf:
-        infos = [(info, info.filename.split("/", 1)[1]) for info in zf.infolist() if "/" in info.filename]
+        infos = [(info, info.filename.split("/", 1)[1] if "/" in info.filename else info.filename)
+                 for info in zf.infolist()]
         raw_payloads, pickled_payloads = _pt2_payloads(zf, infos)
         for info, name in infos:
             if info.is_dir():

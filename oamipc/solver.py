@@ -198,6 +198,21 @@ def available_solvers() -> list[str]:
     return [name for name in SOLVERS if _is_available(name)]
 
 
+def require_solver(name: str) -> None:
+    """Raise :class:`UsageError` for an unknown solver, :class:`SolverError` for one not installed.
+
+    Callers that solve many problems check once, up front, so that a missing solver fails before
+    any other work rather than at the first solve.
+    """
+    if name not in SOLVERS:
+        raise UsageError(f"unknown solver {name!r}: choose one of {', '.join(SOLVERS)}")
+    if not _is_available(name):
+        raise SolverError(
+            f"solver {name!r} is not available here: {_INSTALL_HINT[name]}, "
+            f"or pick one of: {', '.join(available_solvers()) or 'none'}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
@@ -603,6 +618,9 @@ def _solve_cbc(
                 logPath=log_path,
                 options=options,
             )
+        # PuLP writes the model and solution files to the system temp directory by default: put
+        # them in ours, which is removed even when the solve is interrupted (Ctrl-C).
+        solver.tmpDir = tmp
         try:
             prob.solve(solver)
         finally:
@@ -806,11 +824,7 @@ def solve(
     _check_options(solver, time_limit, gap, threads, node_limit)
     if not isinstance(prob, pulp.LpProblem):
         raise UsageError(f"solve() needs a pulp.LpProblem, got {type(prob).__name__}")
-    if not _is_available(solver):
-        raise SolverError(
-            f"solver {solver!r} is not available here: {_INSTALL_HINT[solver]}, "
-            f"or pick one of: {', '.join(available_solvers()) or 'none'}"
-        )
+    require_solver(solver)
 
     size = problem_size(prob)
     # Taken before solving: PuLP adds a "__dummy" variable to a problem without objective.

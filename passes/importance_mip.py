@@ -32,6 +32,7 @@ from .importance_base import ImportanceAnalysis, get_criterion, register_criteri
 from .mip_budget import WARM_CRITERIA, Calibration, MipOptions, network_logits, margin_loss, plan_budget, unit_magnitude
 from .mip_masked import margins
 from .mip_paper import LAMBDA, paper_scores, pick_samples
+from .mip_rows import plan_violations
 
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,16 @@ class MipImportance(ImportanceAnalysis):
                                            round_to=round_to, forced=forced)
         report["subproblems"] = [r.__dict__ for r in solver.records]
         report["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
+        report["solver_error"] = solver.solver_error
+        # Every accepted step was checked already; check the end result too, against the warm start
+        # (always valid), so that no path can hand on a plan outside the target.
+        broken = plan_violations(graph, kept, best[2], fixed_count=prune_ratio is not None, min_keep=min_keep,
+                                 round_to=round_to, flops_budget=flops_budget)
+        report["fallback"] = None
+        if broken:
+            log.warning("the MILP plan breaks %s; using the warm start (%s) instead", broken[0], best[1])
+            report["fallback"] = f"the MILP plan broke: {'; '.join(broken)}; the warm start was used"
+            kept, solver.bias_shift = best[2].copy(), {}
         report["mean_replacement"] = solver.mean_replacement
         report["holdout_loss"] = {"warm_start": best[0], "final": solver.holdout_loss(
             kept, solver.net if solver.bias_shift else solver.plain_net)}

@@ -29,7 +29,10 @@ last hidden layer, or any layer followed only by linear maps).  So:
    fixed), a time limit per sub-problem and in total.  The answer is accepted only if it lowers the
    loss on **held-out** calibration samples, measured by running the pruned network (never on the
    solver's word); every sub-problem's end (optimal / time limit with gap / no incumbent /
-   rejected / unchanged / skipped) goes into the report.
+   rejected / unchanged / skipped) goes into the report.  A solution is first checked against the
+   target and group rules on the plan itself (:func:`.mip_rows.plan_violations`): one that breaks
+   them is ``invalid`` and ignored.  A solver that raises ends the MILP stages (``solver-error``):
+   the plan found so far stands, and the report and a warning say why.
 6. **Joint stage** (:mod:`.mip_joint`): trust-region MILPs over flip variables of every layer at
    once, on exactly measured single-flip effects, under the exact MAC budget of the whole
    network, so the budget can move between layers (the layer sub-problems keep the warm start's
@@ -52,16 +55,16 @@ import torch
 from torch import fx
 
 from oamipc import ir
-from oamipc.errors import PlanError, UsageError
+from oamipc.errors import PlanError, SolverError, UsageError
 from oamipc.passmanager import AnalysisManager
-from oamipc.solver import complete_solution, solve
+from oamipc.solver import complete_solution, require_solver, solve
 from oamipc.units import UnitGraph, UnitGroup
 
 from .mip_encode import BOUNDS, Encoder, EncodingStats, margin_hinge
 from .mip_joint import JointStage
 from .mip_masked import MaskedNetwork, margins
 from .mip_means import bias_shift, fold_bias_shift, reading_means
-from .mip_rows import as_keep, group_rows, mac_expression
+from .mip_rows import as_keep, group_rows, mac_expression, plan_violations
 from .prune_units import apply_plan
 
 log = logging.getLogger(__name__)
@@ -125,6 +128,7 @@ class MipOptions:
             raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
         if not 0.0 < opts.margin_cap <= 1.0:
             raise UsageError(f"MIP margin cap {opts.margin_cap}: give a quantile in (0, 1]")
+        require_solver(opts.solver)  # a missing solver fails here, before minutes of other work
         return opts
 
 
@@ -182,7 +186,7 @@ class SubProblemRecord:
     free_units: int
     kept_before: int
     kept_after: int
-    outcome: str  # improved | unchanged | rejected | no-incumbent | skipped
+    outcome: str  # improved | unchanged | rejected | no-incumbent | invalid | solver-error | skipped
     solve: dict[str, Any] = field(default_factory=dict)
     encoding: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
@@ -190,6 +194,7 @@ class SubProblemRecord:
     holdout_after: float | None = None
     objective_warm: float | None = None
     time_limited: bool = False  # stopped by the time limit, not a node limit or a proof: may vary between runs
+    note: str = ""  # why a solution was invalid, or the solver's error
 
 
 def group_order(gm: fx.GraphModule, graph: UnitGraph) -> list[UnitGroup]:
@@ -271,6 +276,7 @@ class BudgetSolver:
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
         self.deadline_reached = False
+        self.solver_error: str | None = None  # the first solver failure; the MILP stages stop there
 
     def reproducible(self) -> bool:
         """True when no solve and no stage was cut short by a clock: the plan is the same every run."""
@@ -310,7 +316,7 @@ class BudgetSolver:
                 self.records.append(record)
                 if self.progress:
                     self.progress(f"MILP {group.name}", done - 1, steps)
-                if not free or left <= 0.5:
+                if not free or left <= 0.5 or self.solver_error:
                     continue
                 binaries = len(self.calib.x) * nonlinear_elements_after(self.gm, self.graph, group)
                 if binaries > self.opts.exact_binaries:
@@ -331,7 +337,7 @@ class BudgetSolver:
                     current, best_loss = candidate, loss
                 else:
                     record.outcome = "rejected"
-            if self.opts.joint and deadline - time.perf_counter() > 0.5:
+            if self.opts.joint and deadline - time.perf_counter() > 0.5 and not self.solver_error:
                 done += 1
                 if self.progress:
                     self.progress("MILP joint", done - 1, steps)
@@ -363,7 +369,18 @@ class BudgetSolver:
         out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
         self.joint_rounds.extend(stage.rounds)
+        failed = next((r.note for r in stage.rounds if r.outcome == "solver-error"), None)
+        self.solver_error = self.solver_error or failed
         return out
+
+    def _solver_failed(self, record: SubProblemRecord, group: UnitGroup, exc: SolverError) -> None:
+        """Record a solver failure; the plan found so far stands and no further MILP is tried."""
+        record.outcome = "solver-error"
+        record.note = str(exc)
+        record.solve = {**record.solve, "status": "error"}
+        self.solver_error = str(exc)
+        log.warning("MILP for %s: %s; keeping the plan found so far and skipping the remaining MILPs",
+                    group.name, exc)
 
     # ------------------------------------------------------------------ one sub-problem
     def solve_group(self, group: UnitGroup, free: list[int], current: np.ndarray, time_limit: float,
@@ -384,15 +401,23 @@ class BudgetSolver:
                                         + [(m[u], -reward * float(self.magnitude[u] / scale)) for u in free])
         record.build_seconds = time.perf_counter() - t0
         record.encoding = _encoding_summary(enc.stats)
-        warm = self._warm_values(prob, m, current)
+        try:
+            warm = self._warm_values(prob, m, current)
+        except SolverError as exc:
+            self._solver_failed(record, group, exc)
+            return None
         if warm is None:
             record.outcome = "no-incumbent"
             record.solve = {"status": "warm start infeasible"}
             log.warning("MILP for %s: the warm start is infeasible in the encoding; group left unchanged", group.name)
             return None
         record.objective_warm = warm[1]
-        result = solve(prob, solver=self.opts.solver, time_limit=time_limit, gap=self.opts.gap,
-                       threads=self.opts.threads, warm_start=warm[0], node_limit=self.opts.layer_nodes)
+        try:
+            result = solve(prob, solver=self.opts.solver, time_limit=time_limit, gap=self.opts.gap,
+                           threads=self.opts.threads, warm_start=warm[0], node_limit=self.opts.layer_nodes)
+        except SolverError as exc:
+            self._solver_failed(record, group, exc)
+            return None
         record.solve = result.to_dict()
         record.time_limited = result.stopped_by_time(time_limit)
         if not result.has_solution():
@@ -401,9 +426,12 @@ class BudgetSolver:
         candidate = current.copy()
         for u in free:
             candidate[u] = (m[u].varValue or 0.0) > 0.5
-        if self.flops_budget is not None and self.graph.macs(candidate) > self.flops_budget * self.total_macs * (1 + 1e-9):
-            record.outcome = "rejected"
-            log.warning("MILP for %s returned a plan over budget; ignored", group.name)
+        broken = plan_violations(self.graph, candidate, current, fixed_count=self.prune_ratio is not None,
+                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget)
+        if broken:
+            record.outcome = "invalid"
+            record.note = "; ".join(broken)
+            log.warning("MILP for %s returned a plan that breaks its own rows (%s); ignored", group.name, broken[0])
             return None
         return candidate
 

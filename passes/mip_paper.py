@@ -23,8 +23,8 @@ What the OAMIP thesis does (method notes, section 2), with a linear loss so that
   ordinary selection, raw scores compared across layers), and the report also gives the thesis's threshold rule ``s >= tau``
   (``tau`` 0.1 by default) and the MACs it would keep.
 
-A class problem that ends without an incumbent gives score 1 to every unit (nothing learned) and
-says so in the report; every class problem is warm-started from ``s = 1`` (the unpruned network,
+A class problem that ends without an incumbent, or whose solver fails, gives score 1 to every unit
+(nothing learned) and says so in the report; every class problem is warm-started from ``s = 1`` (the unpruned network,
 always feasible).
 """
 
@@ -40,6 +40,7 @@ import pulp
 import torch
 from torch import fx
 
+from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
@@ -68,7 +69,7 @@ class ClassRecord:
     label: int
     samples: int
     status: str = ""
-    outcome: str = "solved"  # solved | no-incumbent
+    outcome: str = "solved"  # solved | no-incumbent | solver-error
     solve: dict[str, Any] = field(default_factory=dict)
     encoding: dict[str, Any] = field(default_factory=dict)
     build_seconds: float = 0.0
@@ -109,10 +110,16 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
                 var.cat = pulp.LpContinuous
     rec.encoding = enc.stats.to_dict()
     rec.build_seconds = time.perf_counter() - t0
-    warm = complete_solution(prob, {v: 1.0 for v in s.values()}, solver=solver, time_limit=time_limit,
-                             threads=threads)
-    result = solve(prob, solver=solver, time_limit=time_limit, threads=threads,
-                   warm_start=warm[0] if warm else None)
+    try:
+        warm = complete_solution(prob, {v: 1.0 for v in s.values()}, solver=solver, time_limit=time_limit,
+                                 threads=threads)
+        result = solve(prob, solver=solver, time_limit=time_limit, threads=threads,
+                       warm_start=warm[0] if warm else None)
+    except SolverError as exc:  # like no incumbent: this class teaches nothing, the others still count
+        log.warning("paper MILP for class %d: %s; its scores are left at 1", problem.label, exc)
+        rec.status, rec.outcome, rec.solve = "error", "solver-error", {"status": "error", "error": str(exc)}
+        rec.scores = [1.0] * len(free)
+        return rec
     rec.solve = result.to_dict()
     rec.status = result.status
     if not result.has_solution():

@@ -123,3 +123,44 @@ def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndar
         counts = [count_expression(block, m, current) for block in group.blocks]
         for other in counts[1:]:
             prob += other == counts[0]
+
+
+def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *, fixed_count: bool, min_keep: int,
+                    round_to: int, flops_budget: float | None) -> list[str]:
+    """The rules that the plan ``kept`` breaks, checked on the plan itself (empty: none).
+
+    A MILP stage turns the solver's values into a plan and must not take the solver's word that
+    the plan obeys the rows it was given: a solver bug, a numerically sloppy answer or a wrong
+    status could hand back anything.  These are the rules every stage encodes (see the module
+    docstring), plus the ones the stages keep by fixing variables: pinned units and one unit of
+    every split piece stay, and groups that cannot be pruned keep every unit.  ``reference`` is
+    the plan whose per-group counts a ``fixed_count`` target (``--prune-ratio``) must keep.
+    """
+    problems: list[str] = []
+    if len(kept) != graph.n_units:
+        return [f"the plan has {len(kept)} entries for {graph.n_units} units"]
+    for group in graph.groups:
+        units = np.asarray(group.units, dtype=np.int64)
+        count = int(kept[units].sum())
+        lost = [u for u in group.pinned if not kept[u]]
+        if lost:
+            problems.append(f"{group.name}: pinned unit {lost[0]} removed")
+        if not group.prunable:
+            continue
+        if fixed_count and count != int(reference[units].sum()):
+            problems.append(f"{group.name}: keeps {count} units, the target says {int(reference[units].sum())}")
+        if count < min(max(min_keep, 1), group.size):
+            problems.append(f"{group.name}: keeps {count} units, fewer than --min-keep {max(min_keep, 1)}")
+        if round_to > 1 and count % round_to and count != group.size:
+            problems.append(f"{group.name}: keeps {count} units, not a multiple of --round-to {round_to}")
+        if group.blocks and len({int(kept[block].sum()) for block in group.blocks}) > 1:
+            problems.append(f"{group.name}: unequal kept counts in its blocks (grouped convolution)")
+    for piece in graph.floors:
+        if len(piece) and not kept[piece].any():
+            problems.append(f"a channel split piece (units {int(piece[0])}..) lost every unit")
+    if flops_budget is not None:
+        total = graph.macs()
+        macs = graph.macs(kept)
+        if macs > flops_budget * total * (1 + 1e-9):
+            problems.append(f"keeps {macs / total:.4f} of the MACs, over the budget {flops_budget:g}")
+    return problems

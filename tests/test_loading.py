@@ -7,6 +7,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -448,3 +449,214 @@ def test_plain_pickle_of_a_model_needs_trust(tmp_path: Path) -> None:
     assert "--trust-pickle" in _one_line(err)
     loaded = load_model(path, trust_pickle=True)
     torch.testing.assert_close(loaded.fc.weight, model.fc.weight)
+
+
+# ---- hostile and degenerate checkpoints -------------------------------------------------------
+
+
+class Recorder(nn.Module):
+    """Records the device of every build: the meta dry run must come first, and suffice to refuse."""
+
+    builds: ClassVar[list[str]] = []
+
+    def __init__(self, hidden: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, hidden)
+        Recorder.builds.append(self.fc.weight.device.type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class NeedsRealTensors(nn.Module):
+    """A constructor that reads a tensor's value: it cannot run on the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, int(torch.ones(()).add(1).item()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_inf_weight_is_named(tmp_path: Path, value: float) -> None:
+    state = SmallCNN(width=4).state_dict()
+    state["fc.weight"][3, 1] = value
+    path = tmp_path / "inf.pt"
+    torch.save(state, path)
+    with pytest.raises(LoadError) as err:
+        load_model(path, model_class=SPEC, model_args={"width": 4})
+    text = _one_line(err)
+    assert "fc.weight" in text and "1 NaN/Inf" in text and "inf.pt" in text
+
+
+def test_inf_weight_in_exported_program_is_refused(tmp_path: Path) -> None:
+    model = SmallCNN(width=4).eval()
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("inf")
+    path = _save_pt2(model, torch.randn(1, 3, 8, 8), tmp_path / "inf.pt2")
+    with pytest.raises(LoadError) as err:
+        load_model(path)
+    assert "conv2.weight" in _one_line(err) and "NaN/Inf" in _one_line(err)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("layers", [(4, 0, 3), (4, 8, 0)], ids=["hidden layer", "output layer"])
+def test_zero_size_layer_is_refused(tmp_path: Path, layers: tuple[int, int, int]) -> None:
+    a, b, c = layers
+    model = nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Linear(b, c))
+    path = tmp_path / "zero.pt"
+    torch.save(model, path)
+    with pytest.raises(LoadError) as err:
+        load_model(path, trust_pickle=True)
+    text = _one_line(err)
+    bad = "0.weight" if b == 0 else "2.weight"
+    assert f"'{bad}'" in text and "no elements" in text and "zero.pt" in text
+
+
+def test_huge_model_args_fail_fast_without_allocating(tmp_path: Path) -> None:
+    """A checkpoint (or --model-args) declaring a 10^12-unit layer: refused from the meta build alone."""
+    from oamipc.models import DigitsMLP
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": DigitsMLP(hidden=(16,)).state_dict(), "model_class": "oamipc.models:DigitsMLP",
+                "model_args": {"hidden": [10**12]}}, path)
+    with pytest.raises(LoadError) as err:
+        load_model(path)
+    text = _one_line(err)
+    assert "TB" in text and "(1000000000000, 64)" in text and "--model-args" in text
+
+    Recorder.builds.clear()
+    with pytest.raises(LoadError, match="half of this machine's"):
+        load_model(path, model_class=f"{__name__}:Recorder", model_args={"hidden": 10**12})
+    assert Recorder.builds == ["meta"]  # the real constructor never ran
+
+
+def test_model_size_limit_is_half_the_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from oamipc import loading
+
+    path = tmp_path / "sd.pt"
+    torch.save(Recorder(hidden=64).state_dict(), path)
+    # 64 * 8 + 64 floats = 2304 bytes
+    monkeypatch.setattr(loading, "_memory_limit", lambda: 2304)
+    assert isinstance(load_model(path, model_class=f"{__name__}:Recorder", model_args=[64]), Recorder)
+    monkeypatch.setattr(loading, "_memory_limit", lambda: 2303)
+    with pytest.raises(LoadError, match=r"2\.3 KB .* 4\.6 KB of memory"):
+        load_model(path, model_class=f"{__name__}:Recorder", model_args=[64])
+
+
+def test_wrong_shapes_are_checked_before_the_real_build(tmp_path: Path) -> None:
+    path = tmp_path / "sd.pt"
+    torch.save(Recorder(hidden=4).state_dict(), path)
+    Recorder.builds.clear()
+    with pytest.raises(LoadError) as err:
+        load_model(path, model_class=f"{__name__}:Recorder", model_args={"hidden": 6})
+    assert _one_line(err) == (
+        f"the state dict in {path} does not fit '{__name__}:Recorder': shape mismatch (file vs model) "
+        f"fc.weight (4, 8) vs (6, 8), fc.bias (4,) vs (6,); check that --model-class and --model-args "
+        f"describe the model that was saved")
+    assert Recorder.builds == ["meta"]
+
+
+def test_only_unexpected_keys_are_listed(tmp_path: Path) -> None:
+    state = SmallCNN(width=4).state_dict()
+    state["head.weight"] = torch.zeros(2, 2)
+    state["head.bias"] = torch.zeros(2)
+    path = tmp_path / "sd.pt"
+    torch.save(state, path)
+    with pytest.raises(LoadError) as err:
+        load_model(path, model_class=SPEC, model_args={"width": 4})
+    text = _one_line(err)
+    assert "unexpected keys head.weight, head.bias;" in text and "missing" not in text
+
+
+def test_factory_that_cannot_run_on_meta_still_loads(tmp_path: Path) -> None:
+    model = NeedsRealTensors().eval()
+    path = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, model_class=f"{__name__}:NeedsRealTensors")
+    torch.testing.assert_close(loaded.fc.weight, model.fc.weight)
+
+
+def test_declared_huge_storage_in_a_legacy_checkpoint_fails_fast(tmp_path: Path) -> None:
+    """A torch.save (legacy format) file whose header claims a 4 TB storage: refused, not allocated."""
+    import collections
+    import io
+    import struct
+
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    numel = 10**12
+
+    class Storage:
+        pass
+
+    class Rebuild:
+        def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+            return (torch._utils._rebuild_tensor_v2,
+                    (Storage, 0, (10**6, 10**6), (10**6, 1), False, collections.OrderedDict()))
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is Storage else None
+
+    buf = io.BytesIO()
+    for header in (MAGIC_NUMBER, PROTOCOL_VERSION, {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                                                    "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(header, buf, protocol=2)
+    Pickler(buf, protocol=2).dump({"fc.weight": Rebuild()})
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(struct.pack("<q", numel) + bytes(16))
+    path = tmp_path / "huge.pt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(LoadError) as err:
+        load_model(path, model_class=f"{__name__}:Recorder")
+    assert "huge.pt" in _one_line(err)
+
+
+def test_pt2_with_top_level_legacy_entries_is_refused_and_not_run(tmp_path: Path) -> None:
+    """torch.export.load falls back to top-level ``serialized_*.pt`` entries and unpickles them fully."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+    from torch._export.serde.serialize import serialize
+
+    program = torch.export.export(SmallCNN().eval(), (torch.randn(1, 3, 8, 8),))
+    good = tmp_path / "good.pt2"
+    torch.export.save(program, good)
+    legacy = serialize(program)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Malicious(marker))
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        # Any top-level entry makes the current layout fail, so torch tries the old one.
+        dst.writestr("version", f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}")
+        dst.writestr("serialized_exported_program.json", legacy.exported_program)
+        dst.writestr("serialized_state_dict.pt", payload)
+        dst.writestr("serialized_constants.pt", legacy.constants)
+        dst.writestr("serialized_example_inputs.pt", legacy.example_inputs)
+    with pytest.raises(LoadError) as err:
+        load_model(evil)
+    text = _one_line(err)
+    assert "serialized_state_dict.pt" in text and "--trust-pickle" in text
+    assert not marker.exists()
+
+
+def test_damaged_pt2_gives_the_real_cause_and_no_log_noise(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    good = _save_pt2(SmallCNN().eval(), torch.randn(1, 3, 8, 8), tmp_path / "good.pt2")
+    bad = tmp_path / "bad.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["fc.weight"]["tensor_meta"]["sizes"][0]["as_int"] = 10**6
+                data = json.dumps(config).encode()
+            dst.writestr(info, data)
+    capfd.readouterr()
+    with pytest.raises(LoadError) as err:
+        load_model(bad)
+    text = _one_line(err)
+    assert "bad.pt2" in text and "out of bounds" in text and "warnings above" not in text
+    assert capfd.readouterr().err == ""  # torch's traceback-in-a-warning stays off the terminal
