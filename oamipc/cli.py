@@ -26,7 +26,9 @@ from oamipc.errors import OamipcError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch networks smaller and faster by removing neurons and channels.")
-console = Console(stderr=False)
+# soft_wrap: never break a line of ours at the terminal width (a path in it must stay copyable);
+# tables and progress bars still fit the width.
+console = Console(stderr=False, soft_wrap=True)
 err_console = Console(stderr=True)
 
 EXIT_INTERRUPTED = 130

@@ -17,7 +17,7 @@ import numpy as np
 
 from oamipc.atomic import atomic_output
 from oamipc.errors import PlanError
-from oamipc.units import UnitGraph
+from oamipc.units import UnitGraph, UnitGroup
 
 
 @dataclass
@@ -32,6 +32,23 @@ class GroupPlan:
     @property
     def removed(self) -> int:
         return self.size - len(self.kept)
+
+
+def _check_widths(group: UnitGroup, mask: np.ndarray) -> None:
+    """A plan keeps at least one unit of a group, and equal numbers in its equal-count blocks.
+
+    A layer of width 0 is no network (a convolution cannot even be built with it), and a grouped
+    convolution or GroupNorm needs the same number of channels in every group; the selection
+    never produces either, so a plan that does was edited by hand or made for other blocks.
+    """
+    if group.units and not mask[group.units].any():
+        raise PlanError(f"plan keeps no unit of group {group.name!r}, which would leave a layer of width 0; "
+                        "keep at least one unit per group (as --min-keep does)")
+    if group.blocks:
+        counts = [int(mask[b].sum()) for b in group.blocks]
+        if len(set(counts)) > 1:
+            raise PlanError(f"plan keeps {counts} units in the {len(counts)} equal-count blocks of group "
+                            f"{group.name!r} (a grouped convolution or GroupNorm); keep the same number in each block")
 
 
 @dataclass
@@ -73,6 +90,7 @@ class Plan:
             if lost:
                 raise PlanError(f"plan removes unit {g.units.index(lost[0])} of group {gp.name!r}, which must be "
                                 f"kept ({g.pinned[lost[0]]})")
+            _check_widths(g, mask)
         return mask
 
     def widths(self) -> dict[str, tuple[int, int]]:

@@ -62,9 +62,75 @@ def trace(
     else:
         gm = _symbolic_trace(model, tuple(leaf_modules))
     gm.eval()
-    propagate_shapes(gm, example_inputs)
+    _copy_written_inputs(gm, tuple(example_inputs))
     log.info("traced %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
     return gm
+
+
+# Ops through which a tensor still shares the caller's storage (an in-place op there writes it).
+_VIEW_OPS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "getitem", "split",
+             "chunk", "narrow", "expand", "contiguous", "detach", "t", "unflatten", "view_as", "reshape_as"}
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _copy_written_inputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Propagate shapes; make the graph copy every input that it writes in place, first.
+
+    A model that applies an in-place op to its input (``nn.ReLU(inplace=True)`` right after a
+    flatten, ``x.clamp_(...)``) would overwrite the caller's tensors: the example input, and the
+    calibration, test and verification batches that oamipc feeds it again and again, so that
+    accuracies and the ONNX check would see altered data.  Such inputs are found statically (an
+    in-place op on the input or on a view of it) and by running the graph on copies and comparing;
+    a ``clone`` of each is then put at the top of the graph, which leaves the model's own
+    aliasing, and so its outputs, exactly as they were.
+    """
+    copies = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs)
+    propagate_shapes(gm, copies)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if getattr(gm.graph._codegen, "pytree_info", None) is not None:
+        return  # nested inputs: placeholders and tensors do not pair up
+    written = {p for p, t, c in zip(placeholders, inputs, copies)
+               if isinstance(t, torch.Tensor) and not _same_values(t, c)}
+    written |= _written_in_place(gm, placeholders)
+    if not written:
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        for p in placeholders:
+            if p in written:
+                clone = gm.graph.call_method("clone", (p,))
+                p.replace_all_uses_with(clone, delete_user_cb=lambda user, c=clone: user is not c)
+    gm.graph.lint()
+    gm.recompile()
+    log.info("the model writes its input(s) %s in place: the graph copies them first",
+             ", ".join(p.name for p in placeholders if p in written))
+    propagate_shapes(gm, inputs)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape and values, NaN equal to NaN."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+
+
+def _written_in_place(gm: fx.GraphModule, placeholders: list[fx.Node]) -> set[fx.Node]:
+    """Placeholders that an in-place op writes, maybe through a view of them.
+
+    In-place ops: methods and functions named with a trailing underscore (``relu_``, ``add_``) and
+    modules built with ``inplace=True`` (torch.fx cannot trace item assignment, ``x[:, 0] = 0``).
+    """
+    root: dict[fx.Node, fx.Node] = {p: p for p in placeholders}  # view of an input -> that input
+    written: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if src is None or src not in root:
+            continue
+        name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if (module is not None and getattr(module, "inplace", False) is True) or (
+                node.op != "call_module" and name.endswith("_") and not name.startswith("_")):
+            written.add(root[src])
+        elif name in _VIEW_OPS or isinstance(module, _VIEW_MODULES):
+            root[node] = root[src]
+    return written
 
 
 class _Tracer(fx.Tracer):

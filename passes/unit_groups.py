@@ -13,8 +13,10 @@ How it works (one forward walk over the graph, then a union-find):
    units at equal positions: a union-find merges them into one unit (a residual channel, a
    squeeze-excitation gate and the channel it scales).
 4. Anything else is a barrier: every unit that reaches it is *pinned* (kept), with the reason,
-   and its output is treated as not removable.  The network outputs pin their units too, so
-   output neurons are never removed.
+   and its output is treated as not removable.  So are layers called twice or sharing a
+   parameter with another layer (pruning would untie them), and channel widths that
+   ``torch._assert`` checks.  The network outputs pin their units too, so output neurons are
+   never removed; so do positions where a unit is added to a channel that no producer owns.
 5. Grouped convolutions and GroupNorm add *equal-count blocks*: the kept count must be the same
    in every block so that the layer stays valid.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from torch import fx, nn
 
 from oamipc import ir
@@ -91,6 +94,11 @@ class _Walker:
         self.floors: list[np.ndarray] = []
         self.barriers: list[Barrier] = []
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        self.tied = _tied_modules(gm)
+        # Python values read from the shapes of tracked tensors: a whole shape (``x.shape``,
+        # ``x.size()``) and the units whose count it holds, or values computed from channel widths.
+        self.shapes_read: dict[str, tuple[Layout, int]] = {}
+        self.widths_read: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------- helpers
     def layout(self, arg: Any) -> Layout | None:
@@ -147,6 +155,8 @@ class _Walker:
         if isinstance(mod, (nn.Linear, *ir.CONV_MODULES, *ir.BATCHNORM_MODULES, nn.LayerNorm,
                             nn.GroupNorm)) and self.calls[node.target] > 1:
             return self.barrier(node, f"module is called {self.calls[node.target]} times (shared weights)")
+        if target in self.tied:
+            return self.barrier(node, f"shares a parameter with {self.tied[target]} (tied weights)")
         if isinstance(mod, nn.Linear):
             return self.visit_linear(node, target, mod, x, lay)
         if isinstance(mod, ir.CONV_MODULES):
@@ -235,6 +245,7 @@ class _Walker:
         tracked_inputs = [a for a in ir.iter_nodes((node.args, node.kwargs))
                           if self.layouts.get(a.name) is not None]
         if kind == ir.NON_TENSOR or (kind is None and not tracked_inputs):
+            self.follow_widths(node, kind)
             self.layouts[node.name] = None
             return None
         if kind == ir.ELEMENTWISE:
@@ -277,6 +288,10 @@ class _Walker:
         dim = next(iter(dims.values()))
         width = out_shape[dim]
         merged = np.full(width, -1, dtype=np.int64)
+        # Positions where some full-width operand holds a channel no producer owns (the network
+        # input, a barrier's output, such a tensor concatenated with tracked ones): the result
+        # keeps that channel, so every unit combined with it there must be kept too.
+        fixed = np.zeros(width, dtype=bool)
         untracked_full = False
         for a in tensors:
             shape = ir.tensor_shape(a) or ()
@@ -290,6 +305,7 @@ class _Walker:
             if lay is None:
                 untracked_full = True
                 continue
+            fixed |= lay.units < 0
             for i, s in enumerate(lay.units.tolist()):
                 if s < 0:
                     continue
@@ -298,8 +314,10 @@ class _Walker:
                 else:
                     self.uf.union(int(merged[i]), s)
         if untracked_full:
-            self.uf.pin(merged, f"combined with a tensor of fixed channels at {ir.where(node)}")
-            merged = np.full(width, -1, dtype=np.int64)
+            fixed[:] = True
+        if fixed.any():
+            self.uf.pin(merged[fixed], f"combined with a tensor of fixed channels at {ir.where(node)}")
+            merged[fixed] = -1
         self.layouts[node.name] = Layout(dim, merged)
         return None
 
@@ -412,8 +430,48 @@ class _Walker:
         self.layouts[node.name] = SplitLayout(tuple(pieces))
         return None
 
+    def follow_widths(self, node: fx.Node, kind: str | None) -> None:
+        """Follow channel widths read as Python values; keep the units whose width ``torch._assert`` checks.
+
+        ``torch._assert(h.shape[1] == 8, ...)`` would fail once ``h`` lost a unit, so the units of
+        every width that reaches an assert are pinned (a barrier in the report).  Widths used in
+        any other way (``view(n, x.size(1))``) follow the pruned width by themselves.
+        """
+        name = ir.op_name(node)
+        src = node.args[0] if node.args else None
+        lay = self.layout(src)
+        if kind == ir.NON_TENSOR and lay is not None:
+            rank = len(ir.tensor_shape(src) or ())
+            if name in ("size", "sym_size") or (name == "getattr" and node.args[1:2] == ("shape",)):
+                dim = ir.arg_or_kwarg(node, 1, "dim") if name != "getattr" else None
+                if dim is None:
+                    self.shapes_read[node.name] = (lay, rank)
+                elif isinstance(dim, int) and rank and dim % rank == lay.dim:
+                    self.widths_read[node.name] = lay.units
+            elif name == "numel":
+                self.widths_read[node.name] = lay.units
+            return
+        args = list(ir.iter_nodes((node.args, node.kwargs)))
+        deps = [self.widths_read[a.name] for a in args if a.name in self.widths_read]
+        deps += [self.shapes_read[a.name][0].units for a in args if a.name in self.shapes_read]
+        if not deps:
+            return
+        units = np.concatenate(deps)
+        if node.target is not torch._assert:
+            self.widths_read[node.name] = units
+            return
+        pinned = self.uf.pin(units, f"its width is checked by torch._assert at {ir.where(node)}")
+        if pinned:
+            self.barriers.append(Barrier(node.name, name, "checks a channel width (torch._assert)", pinned))
+
     def visit_getitem(self, node: fx.Node) -> None:
         src, index = node.args[0], node.args[1]
+        if isinstance(src, fx.Node) and src.name in self.shapes_read:  # x.shape[i]: a channel width?
+            lay, rank = self.shapes_read[src.name]
+            if not isinstance(index, int) or (rank and index % rank == lay.dim):
+                self.widths_read[node.name] = lay.units
+        elif isinstance(src, fx.Node) and src.name in self.widths_read:
+            self.widths_read[node.name] = self.widths_read[src.name]
         lay = self.layouts.get(src.name) if isinstance(src, fx.Node) else None
         if isinstance(lay, SplitLayout) and isinstance(index, int):
             self.layouts[node.name] = lay.pieces[index]
@@ -422,6 +480,27 @@ class _Walker:
             self.layouts[node.name] = None
             return None
         return self.barrier(node, "indexes into a tensor with channels")
+
+
+def _tied_modules(gm: fx.GraphModule) -> dict[str, str]:
+    """Parametric layers that share a parameter object with another layer: target -> the other's name.
+
+    Pruning rebuilds each layer with its own slices, which would untie them (and, as their units
+    differ, cannot keep them tied), so such layers are barriers, like a module called twice.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, mod in gm.named_modules():
+        if isinstance(mod, (nn.Linear, *ir.CONV_MODULES, *ir.BATCHNORM_MODULES, nn.LayerNorm, nn.GroupNorm)):
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), [])
+                if name not in owners[id(p)]:
+                    owners[id(p)].append(name)
+    tied: dict[str, str] = {}
+    for names in owners.values():
+        for name in names:
+            if len(names) > 1:
+                tied.setdefault(name, next(n for n in names if n != name))
+    return tied
 
 
 @register

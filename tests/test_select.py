@@ -379,3 +379,30 @@ def test_select_units_analysis_builds_a_plan_matching_select() -> None:
     widths = plan.widths()
     assert widths == {"fc1": (10, 8), "fc2": (20, 12), "fc3": (32, 16), "out": (3, 3)}
     assert set(am.context.report["scores"]) == {"fc1", "fc2", "fc3"}
+
+
+def test_plan_that_empties_a_group_is_a_plan_error(wide) -> None:
+    """Regression: a replayed plan keeping no unit of a group built a layer of width 0.
+
+    A Linear of width 0 silently turned the next layer into its bias (a conv of width 0 failed
+    with a misleading shape error); the plan is now refused, naming the group.
+    """
+    _, graph = wide
+    g = prunable(graph)[1]
+    plan = Plan.from_mask(graph, graph.all_kept(), "test")
+    next(gp for gp in plan.groups if gp.key == g.key).kept = []
+    with pytest.raises(PlanError, match=rf"keeps no unit of group '{g.name}'.*--min-keep"):
+        plan.kept_mask(graph)
+
+
+def test_plan_with_unequal_blocks_is_a_plan_error() -> None:
+    """Regression: a plan keeping 3 + 4 channels of a groups=2 conv crashed with torch's ValueError."""
+    x = torch.randn(2, 3, 5, 5)
+    _, graph = analyse(Grouped(), x)
+    g = next(g for g in graph.groups if g.producers == ["gconv"])
+    kept = graph.all_kept()
+    kept[g.blocks[0][0]] = False
+    with pytest.raises(PlanError, match=r"keeps \[3, 4\] units in the 2 equal-count blocks of group 'gconv'"):
+        Plan.from_mask(graph, kept, "test").kept_mask(graph)
+    kept[g.blocks[1][0]] = False  # equal counts again: accepted
+    assert (Plan.from_mask(graph, kept, "test").kept_mask(graph) == kept).all()

@@ -259,3 +259,64 @@ def test_example_inputs_are_seeded() -> None:
     assert a.shape == (2, 3)
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
+
+
+class WritesInput(nn.Module):
+    """An in-place activation on (a view of) the input, then a Linear: it overwrites the caller's tensor."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.act = act
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.flat(x)))
+
+
+class MethodWritesInput(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.view(x.size(0), -1)
+        y.relu_()
+        return x * 2  # reads the input after the in-place op: the model relies on the aliasing
+
+
+@pytest.mark.parametrize("act", [nn.ELU(inplace=True), nn.ReLU(inplace=True)], ids=["elu", "relu"])
+def test_input_written_in_place_is_copied_first(act: nn.Module) -> None:
+    """Regression (found by tests/test_fuzz.py): tracing used to let the graph overwrite its input.
+
+    The example input, and later every calibration, test and ONNX-verification batch, were changed
+    by each run, so that accuracies and the ONNX check compared different data.  The traced graph
+    now starts with a clone of such an input; its outputs are the eager model's.
+    """
+    model = WritesInput(act).eval()
+    x = torch.randn(3, 2, 3)
+    before = x.clone()
+    gm = trace(model, (x,))
+    assert torch.equal(x, before), "tracing wrote into the example input"
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    assert (first.op, first.target) == ("call_method", "clone")
+    with torch.no_grad():
+        out = gm(x)
+    assert torch.equal(x, before), "the traced module wrote into its input"
+    torch.testing.assert_close(out, model(x.clone()))
+    # Found statically as well: on data that the activation leaves unchanged, e.g. ReLU of x >= 0.
+    positive = x.abs()
+    gm = trace(model, (positive,))
+    assert next(n for n in gm.graph.nodes if n.op != "placeholder").target == "clone"
+
+
+def test_in_place_method_on_a_view_of_the_input_keeps_the_model_semantics() -> None:
+    model = MethodWritesInput()
+    x = torch.randn(2, 3, 2)
+    before = x.clone()
+    gm = trace(model, (x,))
+    out = gm(x)
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, before.clamp(min=0) * 2)  # the model's own aliasing still holds
+
+
+def test_model_that_does_not_write_its_input_gets_no_copy() -> None:
+    gm = trace(MnistNet(), example_inputs_for((2, 1, 28, 28)))
+    assert not any(n.target == "clone" for n in gm.graph.nodes)
+

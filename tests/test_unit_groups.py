@@ -411,3 +411,112 @@ def test_flatten_maps_each_channel_to_its_hw_block(how: str) -> None:
     zero_rows(ref.get_submodule("c1"), [2])
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), ref(x))
+
+
+class AddToHalfInput(nn.Module):
+    """``cat([x, c1(x)]) + c2(x)``: c2's first channels are added to the network input's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([x, self.c1(x)], 1) + self.c2(x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_unit_added_to_a_fixed_channel_is_pinned() -> None:
+    """Regression (found by tests/test_fuzz.py): only the positions of a partly fixed operand pin.
+
+    Channels 0 and 1 of the sum hold the input's channels, which cannot be removed, so c2's
+    channels 0 and 1 must be kept; they used to stay removable and the pruned add failed with a
+    shape mismatch.  Channels 2 and 3 (c1 + c2) remain one prunable unit each.
+    """
+    x = torch.randn(2, 2, 5, 5)
+    gm, graph = analyse(AddToHalfInput(), x)
+    c2 = graph.layouts["c2"].units.tolist()
+    g = group_of(graph, "c2")
+    assert set(g.pinned) == set(c2[:2])
+    assert all("fixed channels" in why and "add" in why for why in g.pinned.values())
+    assert graph.layouts["add"].units.tolist()[:2] == [-1, -1]
+    np.testing.assert_array_equal(graph.layouts["add"].units[2:], graph.layouts["c1"].units)
+    pruned = prune(gm, graph, x, [c2[3]])
+    assert pruned.get_submodule("c2").out_channels == 3 and pruned.get_submodule("c1").out_channels == 1
+    ref = copy.deepcopy(gm)
+    zero_rows(ref.get_submodule("c1"), [1])
+    zero_rows(ref.get_submodule("c2"), [3])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x))
+
+
+class AssertsWidth(nn.Module):
+    """``torch._assert`` on a channel width (pins) and on the batch size and rank (pin nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        torch._assert(h.shape[1] == 8, "eight features")
+        g = torch.relu(self.fc2(h))
+        torch._assert(g.size(0) == x.size(0), "batch kept")
+        torch._assert(g.dim() == 2, "two dimensions")
+        return self.fc(g)
+
+
+def test_width_checked_by_torch_assert_is_pinned() -> None:
+    """Regression: pruning a width that ``torch._assert`` checks failed in the assert after pruning.
+
+    The error blamed the input shape ("the model's own check rejected the example input; pass
+    --input-shape"); now the checked units are kept, with the reason and a barrier in the report,
+    and units whose batch size or rank is checked stay prunable.
+    """
+    x = torch.randn(4, 6)
+    gm, graph = analyse(AssertsWidth(), x)
+    g1, g2 = group_of(graph, "fc1"), group_of(graph, "fc2")
+    assert set(g1.pinned) == set(g1.units) and all("torch._assert" in why for why in g1.pinned.values())
+    assert g2.prunable and not g2.pinned
+    assert [b.reason for b in graph.barriers] == ["checks a channel width (torch._assert)"]
+    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.5, flops_budget=None)
+    pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
+    assert pruned.get_submodule("fc2").out_features == 4 and pruned(x).shape == (4, 3)
+
+
+class TiedLayers(nn.Module):
+    """Two Linear layers holding the same weight Parameter (tied), between two free layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.mid = nn.Linear(8, 5)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x))))))
+        return self.fc(torch.relu(self.mid(h)))
+
+
+def test_layers_sharing_a_parameter_are_barriers() -> None:
+    """Regression: tied layers were rebuilt with different slices of the one weight, untying them.
+
+    Each is now a barrier like a module called twice: ``inp``, ``a`` and ``b`` keep their widths,
+    the tie survives pruning, and ``mid`` (after the tied pair) is still prunable.
+    """
+    x = torch.randn(4, 6)
+    gm, graph = analyse(TiedLayers(), x)
+    [barrier] = graph.barriers  # b reads a's output, which holds no units: nothing more to pin
+    assert (barrier.node, barrier.reason) == ("a", "shares a parameter with b (tied weights)")
+    assert not group_of(graph, "inp").prunable
+    assert not any(g.producers in (["a"], ["b"]) for g in graph.groups)
+    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.5, flops_budget=None)
+    pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
+    assert pruned.get_submodule("a").weight is pruned.get_submodule("b").weight
+    assert pruned.get_submodule("mid").out_features == 3
