@@ -21,6 +21,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,60 +29,17 @@ import torch
 from torch import nn
 
 import oamipc
+from oamipc.models import SmallResNet, SmallVGG
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _cbr(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-
-class Vgg32(nn.Module):
-    """VGG style for 32x32x3: (conv-BN-ReLU x2, maxpool) x3 with 16/32/64 channels, FC 128, FC 10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in (16, 32, 64):
-            layers += _cbr(c_in, c) + _cbr(c, c) + [nn.MaxPool2d(2)]
-            c_in = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class Block(nn.Module):
-    """ResNet basic block (identity or 1x1 projection shortcut)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(*_cbr(c_in, c_out, stride), nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(c_out))
-        self.short = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.body(x) + self.short(x))
-
-
-class ResNet32(nn.Module):
-    """ResNet style for 32x32x3: stem 16, blocks 16, 32 (stride 2), 64 (stride 2), global pool, FC 10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(*_cbr(3, 16))
-        self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
-
-
-NETS = {"vgg32": Vgg32, "resnet32": ResNet32}
+# The 32x32 RGB variants of the zoo's VGG- and ResNet-style nets (oamipc.models): VGG with
+# (conv-BN-ReLU x2, maxpool) x3 at 16/32/64 channels, FC 128, FC 10; ResNet with a 16-channel stem
+# and basic blocks to 16, 32 (stride 2), 64 (stride 2), global pool, FC 10.
+NETS: dict[str, Callable[[], nn.Module]] = {
+    "vgg32": lambda: SmallVGG(in_channels=3, image_size=32),
+    "resnet32": lambda: SmallResNet(in_channels=3),
+}
 
 
 def _net(name: str) -> nn.Module:
@@ -120,8 +78,8 @@ def run(nets: list[str], budgets: list[float], opts: dict[str, Any]) -> list[dic
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| net | MACs | units | budget | compile s | layer sub-problems (solved / skipped) | joint rounds "
-             "(improved / all) | held-out hinge (warm -> final) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| net | MACs | units | budget | compile s | layer sub-problems (solved / skipped) | joint rounds "
+              "(improved / all) | held-out hinge (warm -> final) |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         solved = sum(s["outcome"] in ("improved", "unchanged", "rejected") for s in r["subproblems"])
         improved = sum(j["outcome"] == "improved" for j in r["joint_rounds"])

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DigitsCNN", "DigitsMLP", "LeNet5", "PaperMLP"]
+__all__ = ["BasicBlock", "DigitsCNN", "DigitsMLP", "LeNet5", "PaperMLP", "SmallResNet", "SmallVGG"]
 
 
 def _relu_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
@@ -30,6 +30,18 @@ def _relu_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
         layers += [nn.Linear(width, int(out)), nn.ReLU()]
         width = int(out)
     return nn.Sequential(*layers)
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    """3x3 convolution (no bias: the batch norm has one), batch norm, ReLU -- a fresh module each."""
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def _widths(widths: Sequence[int]) -> tuple[int, ...]:
+    out = tuple(int(w) for w in widths)
+    if not out or any(w < 1 for w in out):
+        raise ValueError(f"stage widths must be a non-empty sequence of positive integers, got {tuple(widths)}")
+    return out
 
 
 class DigitsMLP(nn.Module):
@@ -132,3 +144,82 @@ class LeNet5(nn.Module):
         x = self.pool2(self.relu2(self.conv2(x)))
         x = self.relu3(self.fc1(self.flatten(x)))
         return self.fc3(self.relu4(self.fc2(x)))
+
+
+class SmallVGG(nn.Module):
+    """A VGG-style CNN: per stage two conv-BN-ReLU blocks and a 2x2 max pool, then an MLP head.
+
+    ``(N, in_channels, image_size, image_size) -> num_classes``.  Stage ``i`` has ``widths[i]``
+    channels (3x3 convolutions, padding 1, no bias); each stage halves the resolution (floor), so
+    the head sees ``widths[-1] * (image_size // 2**len(widths))**2`` features: flatten, linear to
+    ``hidden``, ReLU, linear to ``num_classes``.  The defaults fit 28x28 greyscale images (7.4M
+    MACs); ``SmallVGG(in_channels=3, image_size=32)`` is the 32x32 net of
+    ``benchmarks/mip_reach.py``.  Why this shape: it gives the pruner long conv->BN->ReLU chains
+    and max pools (whose MILP encoding needs binaries) with few parameters.
+    Layer names: ``features.<i>`` (conv, bn, relu, ..., pool per stage) and ``head.<i>``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64),
+                 image_size: int = 28, hidden: int = 128) -> None:
+        super().__init__()
+        stages = _widths(widths)
+        side = int(image_size) // 2 ** len(stages)
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for {len(stages)} pooling stages "
+                             f"(needs at least {2 ** len(stages)})")
+        layers: list[nn.Module] = []
+        c_in = int(in_channels)
+        for c in stages:
+            layers += _conv_bn_relu(c_in, c) + _conv_bn_relu(c, c) + [nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(stages[-1] * side * side, int(hidden)), nn.ReLU(),
+                                  nn.Linear(int(hidden), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: ``relu(body(x) + shortcut(x))``.
+
+    ``body`` is conv-BN-ReLU (stride ``stride``) then conv-BN; the shortcut is the identity when
+    shape is kept (stride 1, ``c_in == c_out``), else a 1x1 strided convolution with batch norm
+    (a projection).  The addition ties the channels of ``body``'s last conv to the shortcut's, so
+    the pruner must remove the same channels from both (one unit group across the block).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn_relu(c_in, c_out, stride),
+                                  nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out))
+        self.short: nn.Module = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.short(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-style CNN: conv-BN-ReLU stem, one :class:`BasicBlock` per stage, global average pool, linear.
+
+    ``(N, in_channels, H, W) -> num_classes`` for any ``H, W`` (the global pool makes the head
+    independent of the resolution).  The stem has ``widths[0]`` channels; stage ``i`` is a basic
+    block to ``widths[i]`` channels, with stride 1 for the first stage and 2 (and a projection
+    shortcut) for the others.  The defaults (16, 32, 64) at 28x28 cost 9.3M MACs; with
+    ``in_channels=3`` it is the 32x32 net of ``benchmarks/mip_reach.py``.
+    Layer names: ``stem.<i>``, ``blocks.<stage>.body.<i>`` / ``.short.<i>``, ``head.<i>``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        stages = _widths(widths)
+        self.stem = nn.Sequential(*_conv_bn_relu(int(in_channels), stages[0]))
+        blocks = [BasicBlock(c_in, c_out, 1 if i == 0 else 2)
+                  for i, (c_in, c_out) in enumerate(zip((stages[0], *stages[:-1]), stages))]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(stages[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))

@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 from oamipc.atomic import atomic_output
 from oamipc.errors import DataError
 
-__all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "write_html"]
+__all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "sweep_svg", "write_html"]
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +403,25 @@ def _fig_finetune(report: dict[str, Any]) -> _Drawn:
     caption = ("Fine-tuning of the pruned model: training loss (left) and accuracy (right) per epoch, with the "
                "accuracy before and after fine-tuning and the original model's for reference.")
     return _Drawn("finetune", "Fine-tuning", _svg(fig, "finetune"), caption)
+
+
+def sweep_svg(rows: Iterable[dict[str, Any]], *, accuracy_before: float | None = None) -> str:
+    """The accuracy-against-FLOPs-kept figure of the page, alone, as an SVG document.
+
+    ``rows`` are sweep rows as in a report's ``"sweep"`` field (``criterion``, ``flops_kept``,
+    ``accuracy`` and optionally ``accuracy_finetuned``, fractions); ``accuracy_before`` draws the
+    original model's accuracy as a reference line.  For benchmark scripts that sweep many
+    settings and want the same figure as a file rather than a page.  Raises
+    :class:`~oamipc.errors.DataError` when no row has both a FLOPs fraction and an accuracy.
+    """
+    report: dict[str, Any] = {"sweep": list(rows)}
+    if accuracy_before is not None:
+        report["accuracy"] = {"before": accuracy_before}
+    try:
+        drawn = _fig_sweep(report)
+    except _Skip as skip:
+        raise DataError(str(skip)) from None
+    return '<?xml version="1.0" encoding="utf-8" standalone="no"?>\n' + drawn.svg + "\n"
 
 
 _FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], _Drawn]], ...] = (

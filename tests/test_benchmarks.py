@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ def _load(name: str):  # noqa: ANN202 - a script module
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses in the script look their module up while it is executed
     spec.loader.exec_module(module)
     return module
 
@@ -40,3 +43,36 @@ def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert rows[1]["mip"]["holdout_loss"]["final"] <= rows[1]["mip"]["holdout_loss"]["warm_start"] + 1e-12
     assert rows[2]["mip"]["classes"] and all(c["status"] == "optimal" for c in rows[2]["mip"]["classes"])
     assert "| digits_mlp" in capsys.readouterr().out
+
+
+def test_sweep_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    summary = _load("sweep").main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
+    assert summary["runs"] == ["mlp3_digits.json"] and not summary["skipped"]
+    result = json.loads((out / "mlp3_digits.json").read_text())
+    rows = result["rows"]
+    assert [(r["criterion"], r["budget"]) for r in rows] == [("mip", 0.5), ("l1", 0.5)]
+    dense = result["dense"]
+    assert 0.0 <= dense["accuracy"] <= 1.0 and dense["macs"] > 0
+    for r in rows:
+        numbers = [r["params"], r["macs"], r["params_kept"], r["macs_kept"], r["accuracy"], r["accuracy_finetuned"],
+                   *r["latency_ms"].values(), *r["latency_ratio"].values(), *r["seconds"].values()]
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers), r
+        assert set(r["latency_ms"]) == {"1", "64"} and all(v > 0 for v in r["latency_ms"].values())
+        assert 0 < r["macs"] <= r["budget"] * dense["macs"]  # the MACs kept are within the budget
+        assert r["macs_kept"] == pytest.approx(r["macs"] / dense["macs"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["accuracy_finetuned"] <= 1.0
+    assert isinstance(rows[0]["mip"]["reproducible"], bool)
+    # The Markdown table (stdout and README.md) has the dense row and every sweep row.
+    printed = capsys.readouterr().out
+    page = (out / "README.md").read_text()
+    for text in (printed, page):
+        lines = [line for line in text.splitlines() if line.startswith("| mlp3 | digits |")]
+        assert len(lines) == 1 + len(rows)
+        for r in rows:
+            cells = (f"| {r['budget']:.2f} | {r['criterion']} | {100 * r['macs_kept']:.2f}% | "
+                     f"{100 * r['params_kept']:.2f}% | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_finetuned']:.2f}% |")
+            assert sum(cells in line for line in lines) == 1, (cells, lines)
+    svg = (out / "mlp3_digits.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "mip" in svg and "l1" in svg
+    assert json.loads((out / "summary.json").read_text())["seconds"] > 0
