@@ -10,8 +10,9 @@ past the zip checksums and reaches torch's own readers.
 The properties: any exception is an :class:`~oamipc.errors.OamipcError` with a one-line message
 (never a bare ``RuntimeError``, ``KeyError``, ``zipfile.BadZipFile`` ...), a successful load is an
 ``nn.Module`` in eval mode, and the canary never appears (no code from a file runs without
-``--trust-pickle``).  The examples are derandomised and bounded (``OAMIPC_FUZZ_EXAMPLES``, default
-30 per target) so CI stays fast and deterministic; raise the count locally to search harder.
+``--trust-pickle``).  The examples are derandomised and bounded (30 per target) so CI stays fast and
+deterministic; ``OAMIPC_FUZZ_EXAMPLES=k`` multiplies the count by ``k`` (as in tests/test_fuzz.py)
+to search harder.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from oamipc.errors import OamipcError
 from oamipc.loading import load_model
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits_mlp.pt"
-EXAMPLES = int(os.environ.get("OAMIPC_FUZZ_EXAMPLES", "30"))
+EXAMPLES = 30 * max(1, int(os.environ.get("OAMIPC_FUZZ_EXAMPLES", "1")))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
