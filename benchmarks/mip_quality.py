@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = {"digits": "digits", "fashion": "fashion-mnist"}
 # Criteria names that run importance "mip" with these options on top of the command line's.
 MIP_VARIANTS: dict[str, dict[str, Any]] = {"mip": {}, "mip_mr": {"mean_replacement": True},
+                                           "mip_nospend": {"spend_budget": False},
                                            "mip_paper": {"formulation": "paper"},
                                            "mip_paper_lp": {"formulation": "paper", "relax": True}}
 

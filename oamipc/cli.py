@@ -245,6 +245,7 @@ def compile_cmd(
     formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget | paper.")] = "budget",
     relax: Annotated[bool, typer.Option("--relax", help="--formulation paper: solve the LP relaxation.")] = False,
     mean_replacement: Annotated[bool, typer.Option("--mean-replacement", help="budget: removed units read as their calibration mean at Linear readers (modelled in the MILP; kept only if held-out data agrees).")] = False,
+    spend_budget: Annotated[bool, typer.Option("--spend-budget/--no-spend-budget", help="budget: no MILP may lower the MACs of the plan it starts from (swap or add units, never only drop them), so the pruned net keeps the capacity fine-tuning needs.")] = True,
     bounds: Annotated[str, typer.Option("--bounds", help="MILP bounds: crown (sound, default) | interval | sample (the thesis's per-sample phases).")] = "crown",
     jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
     solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
@@ -281,7 +282,8 @@ def compile_cmd(
                                   mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
                                                "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
                                                "samples": mip_samples, "relax": relax, "jobs": jobs,
-                                               "bounds": bounds, "mean_replacement": mean_replacement},
+                                               "bounds": bounds, "mean_replacement": mean_replacement,
+                                               "spend_budget": spend_budget},
                                   finetune=finetune)
     mip_table = _mip_table(result)
     if mip_table is not None:

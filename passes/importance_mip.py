@@ -68,7 +68,7 @@ class MipImportance(ImportanceAnalysis):
                                min_keep=min_keep, round_to=round_to)
         calib = Calibration.build(gm, am, opts)
         report: dict[str, Any] = {"formulation": opts.formulation, "solver": opts.solver, "bounds": opts.bounds,
-                                  "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
+                                  "spend_budget": opts.spend_budget, "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
                                   "loss": "margin-preserving hinge (original margins), held-out acceptance"}
         # Warm start: the best cheap criterion on held-out samples.
         names = [opts.warm] if opts.warm != "auto" else [

@@ -85,13 +85,14 @@ class JointStage:
                  target: torch.Tensor, *, free: list[int], magnitude: np.ndarray, flops_budget: float | None,
                  fixed_count: bool, min_keep: int, round_to: int, solver: str, time_limit: float,
                  threads: int | None, tie_reward: float, node_limit: int | None = None, competitors: int = 2,
-                 screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128) -> None:
+                 screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.target = x, y, target
         self.free = free
         self.magnitude = magnitude
         self.flops_budget = flops_budget
+        self.spend = spend  # never fewer MACs than the round's starting plan (MipOptions.spend_budget)
         self.fixed_count = fixed_count
         self.min_keep = min_keep
         self.round_to = round_to
@@ -232,6 +233,8 @@ class JointStage:
         if self.flops_budget is not None:
             macs = mac_expression(prob, self.graph, m, current, prefix="j")
             prob += macs <= self.flops_budget * self.graph.macs()
+            if self.spend:
+                prob += macs >= self.graph.macs(current)
         # Objective: mean hinge, minus a tiny reward for kept group-normalised magnitude.
         reward = []
         for group in self.graph.groups:
@@ -271,7 +274,8 @@ class JointStage:
             if (t[u].varValue or 0.0) > 0.5:
                 candidate[u] = not current[u]
         broken = plan_violations(self.graph, candidate, current, fixed_count=self.fixed_count,
-                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget)
+                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget,
+                                 spend=self.spend)
         if broken:
             rec.outcome = "invalid"
             rec.note = "; ".join(broken)

@@ -126,7 +126,7 @@ def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndar
 
 
 def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *, fixed_count: bool, min_keep: int,
-                    round_to: int, flops_budget: float | None) -> list[str]:
+                    round_to: int, flops_budget: float | None, spend: bool = False) -> list[str]:
     """The rules that the plan ``kept`` breaks, checked on the plan itself (empty: none).
 
     A MILP stage turns the solver's values into a plan and must not take the solver's word that
@@ -134,7 +134,8 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *
     status could hand back anything.  These are the rules every stage encodes (see the module
     docstring), plus the ones the stages keep by fixing variables: pinned units and one unit of
     every split piece stay, and groups that cannot be pruned keep every unit.  ``reference`` is
-    the plan whose per-group counts a ``fixed_count`` target (``--prune-ratio``) must keep.
+    the plan whose per-group counts a ``fixed_count`` target (``--prune-ratio``) must keep, and
+    whose MACs a ``spend`` stage (``spend_budget``) must not fall below.
     """
     problems: list[str] = []
     if len(kept) != graph.n_units:
@@ -163,4 +164,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *
         macs = graph.macs(kept)
         if macs > flops_budget * total * (1 + 1e-9):
             problems.append(f"keeps {macs / total:.4f} of the MACs, over the budget {flops_budget:g}")
+        if spend and macs < graph.macs(reference) * (1 - 1e-9):
+            problems.append(f"keeps {macs / total:.4f} of the MACs, less than the {graph.macs(reference) / total:.4f} "
+                            "of the plan it started from (spend_budget)")
     return problems

@@ -40,7 +40,8 @@ def test_mac_constraint_equals_the_cost_model(name: str) -> None:
     for group in [g for g in graph.groups if g.prunable]:
         current = rng.random(graph.n_units) < 0.7
         free = [u for u in group.units if u not in group.pinned]
-        bs = BudgetSolver(gm, graph, calib, MipOptions(), prune_ratio=None, flops_budget=1.0, min_keep=1,
+        # spend_budget off: its lower bound on the MACs would make most random fixings infeasible.
+        bs = BudgetSolver(gm, graph, calib, MipOptions(spend_budget=False), prune_ratio=None, flops_budget=1.0, min_keep=1,
                           round_to=1, forced=set())
         choice = rng.random(len(free)) < 0.5
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
@@ -98,3 +99,32 @@ def test_mip_needs_data_and_a_known_formulation() -> None:
     with pytest.raises(UsageError, match="formulation"):
         oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=oamipc.load_data("digits"), importance="mip",
                        flops_budget=0.5, mip_options={"formulation": "magic"})
+
+
+def test_spend_budget_never_lowers_the_warm_starts_macs(digits_mlp_mip) -> None:
+    """With ``spend_budget`` (the default) the MILPs swap or add units: the plan keeps at least the
+    MACs of the warm-start plan, which is rebuilt here by the chosen cheap criterion itself."""
+    result, _ = digits_mlp_mip
+    assert result.report["mip"]["spend_budget"] is True
+    warm = result.report["mip"]["warm_start"]["chosen"]
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    data = oamipc.load_data("digits")
+    plain = oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=data, importance=warm, flops_budget=0.3,
+                           calib_samples=128)
+    assert plain.report["after"]["macs"] <= result.report["after"]["macs"] <= 0.3 * result.report["before"]["macs"]
+
+
+def test_plan_violations_flags_a_plan_spending_less_than_its_start() -> None:
+    from oamipc.passes.mip_rows import plan_violations
+
+    x = example_input("mlp", batch=1)
+    gm = trace(ZOO["mlp"].factory(), (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    start = graph.all_kept()
+    smaller = start.copy()
+    smaller[next(g for g in graph.groups if g.prunable).units[0]] = False
+    rules = {"fixed_count": False, "min_keep": 1, "round_to": 1, "flops_budget": 1.0}
+    assert plan_violations(graph, smaller, start, **rules) == []
+    [problem] = plan_violations(graph, smaller, start, spend=True, **rules)
+    assert "less than the 1.0000 of the plan it started from (spend_budget)" in problem
+    assert plan_violations(graph, start, smaller, spend=True, **rules) == []  # adding units is allowed
