@@ -597,6 +597,33 @@ class ResidualChain(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 # name -> (architecture, input shape with batch 1, number of classes)
+# ----------------------------------------------------------------------------------------------
+# Models for single tests, not in the zoo
+# ----------------------------------------------------------------------------------------------
+
+
+class Asserts(nn.Module):
+    """``torch._assert`` on the input's rank, on a channel width and on the batch size.
+
+    Input (N, 6) -> 3 logits.  Only the width check (``h.shape[1] == 8``, the second assert, so
+    its node is ``_assert_1``) must keep units: fc1's; fc2 stays prunable.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.dim() == 2, "expects (N, 6)")
+        h = torch.relu(self.fc1(x))
+        torch._assert(h.shape[1] == 8, "fc1 gives 8 features")
+        g = torch.relu(self.fc2(h))
+        torch._assert(g.size(0) == x.size(0), "one row per sample")
+        return self.fc(g)
+
+
 _ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], tuple[int, ...], int]] = {
     "mlp": (MLP, (1, 1, 8, 8), 10),
     "lenet5": (LeNet5, (1, 1, 28, 28), 10),

@@ -41,6 +41,8 @@ from oamipc.passes import UnitGroupAnalysis
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.units import Layout
 
+from .models import Asserts
+
 # --------------------------------------------------------------------------------------------
 # Oracles
 # --------------------------------------------------------------------------------------------
@@ -277,22 +279,6 @@ def test_item_assignment_is_refused_with_the_line() -> None:
 # --------------------------------------------------------------------------------------------
 # torch._assert and control flow
 # --------------------------------------------------------------------------------------------
-
-
-class Asserts(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch._assert(x.dim() == 2, "expects (N, 6)")
-        h = torch.relu(self.fc1(x))
-        torch._assert(h.shape[1] == 8, "fc1 gives 8 features")
-        g = torch.relu(self.fc2(h))
-        torch._assert(g.size(0) == x.size(0), "one row per sample")
-        return self.fc(g)
 
 
 def test_torch_assert(tmp_path: Path) -> None:

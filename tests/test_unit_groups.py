@@ -20,6 +20,8 @@ from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import propagate_shapes, trace
 from oamipc.units import UnitGraph
 
+from .models import Asserts
+
 
 def analyse(model: nn.Module, x: torch.Tensor, leaf_modules: tuple[str, ...] = ()) -> tuple[fx.GraphModule, UnitGraph]:
     gm = trace(model.eval(), (x,), leaf_modules=leaf_modules)
@@ -451,24 +453,6 @@ def test_unit_added_to_a_fixed_channel_is_pinned() -> None:
         torch.testing.assert_close(pruned(x), ref(x))
 
 
-class AssertsWidth(nn.Module):
-    """``torch._assert`` on a channel width (pins) and on the batch size and rank (pin nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.fc2 = nn.Linear(8, 8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(x))
-        torch._assert(h.shape[1] == 8, "eight features")
-        g = torch.relu(self.fc2(h))
-        torch._assert(g.size(0) == x.size(0), "batch kept")
-        torch._assert(g.dim() == 2, "two dimensions")
-        return self.fc(g)
-
-
 def test_width_checked_by_torch_assert_is_pinned() -> None:
     """Regression: pruning a width that ``torch._assert`` checks failed in the assert after pruning.
 
@@ -477,7 +461,7 @@ def test_width_checked_by_torch_assert_is_pinned() -> None:
     and units whose batch size or rank is checked stay prunable.
     """
     x = torch.randn(4, 6)
-    gm, graph = analyse(AssertsWidth(), x)
+    gm, graph = analyse(Asserts(), x)
     g1, g2 = group_of(graph, "fc1"), group_of(graph, "fc2")
     assert set(g1.pinned) == set(g1.units) and all("torch._assert" in why for why in g1.pinned.values())
     assert g2.prunable and not g2.pinned
