@@ -63,7 +63,9 @@ def run(models: list[str], budgets: list[float], criteria: list[str], mip_option
                 row = {"model": name, "budget": budget, "criterion": criterion,
                        "macs_kept": rep["after"]["macs"] / rep["before"]["macs"],
                        "accuracy_before": rep["accuracy"]["before"], "accuracy_after": rep["accuracy"]["after"],
-                       "seconds": time.perf_counter() - start}
+                       "seconds": time.perf_counter() - start,
+                       # The applied plan (kept unit indices per group): restructurings must keep it.
+                       "plan": {g.name: g.kept for g in res.plan.groups} if res.plan is not None else None}
                 if "paper" in criterion:
                     mip = rep["mip"]
                     row["mip"] = {"threshold_rule": mip["threshold_rule"], "seconds": mip["seconds"],

@@ -100,7 +100,7 @@ def compile(  # noqa: A001 - the product's verb
     calibration samples for data-driven criteria and accuracy before/after when labelled.
     ``importance="auto"`` (the default) is ``mip`` when ``data`` is given (the MILP needs
     calibration samples) and ``l1`` otherwise; the report says which one ran.
-    ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip_budget.MipOptions``:
+    ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip.budget.MipOptions``:
     formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a

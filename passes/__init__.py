@@ -12,7 +12,9 @@ from .importance_magnitude import L1Importance, L2Importance
 from .importance_mip import MipImportance
 from .importance_random import RandomImportance
 from .importance_taylor import TaylorImportance
-from .prune_units import PruneUnitsPass, apply_plan
+from oamipc.surgery import apply_plan
+
+from .prune_units import PruneUnitsPass
 from .select_units import SelectUnitsAnalysis, select
 from .unit_groups import UnitGroupAnalysis
 

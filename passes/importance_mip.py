@@ -5,10 +5,10 @@ Unlike the other criteria, the MILP needs the target (a MAC budget or a ratio) t
 :meth:`MipImportance.plan` with the target.  Two formulations:
 
 * ``budget`` (default): the plan starts from the best cheap criterion and is improved by
-  :mod:`.mip_budget` (layer sub-problems, then the joint stage of :mod:`.mip_joint`).  The
+  :mod:`.mip.budget` (layer sub-problems, then the joint stage of :mod:`.mip.joint`).  The
   reported score of a unit is 1 + its normalised magnitude when kept, its normalised magnitude
   when removed: kept units always rank above removed ones.
-* ``paper``: the thesis's continuous scores (:mod:`.mip_paper`), ranked to the target.
+* ``paper``: the thesis's continuous scores (:mod:`.mip.paper`), ranked to the target.
 
 Solver settings come from ``CompileContext.options["mip"]`` (see :class:`.mip_budget.MipOptions`).
 """
@@ -29,10 +29,10 @@ from oamipc.passmanager import AnalysisManager, register
 from oamipc.units import UnitGraph
 
 from .importance_base import ImportanceAnalysis, get_criterion, register_criterion
-from .mip_budget import WARM_CRITERIA, Calibration, MipOptions, network_logits, margin_loss, plan_budget, unit_magnitude
-from .mip_masked import margins
-from .mip_paper import LAMBDA, paper_scores, pick_samples
-from .mip_rows import plan_violations
+from .mip.budget import WARM_CRITERIA, Calibration, MipOptions, network_logits, margin_loss, plan_budget, unit_magnitude
+from .mip.masked import margins
+from .mip.paper import LAMBDA, paper_scores, pick_samples
+from .mip.rows import plan_violations
 
 
 log = logging.getLogger(__name__)

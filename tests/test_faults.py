@@ -152,7 +152,7 @@ def warm_start_plan(report: dict[str, Any]) -> None:
 
 def test_scip_without_pyscipopt_fails_fast_with_one_line(model: Path, out: Path, private_tmp: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from oamipc.passes.mip_budget import Calibration
+    from oamipc.passes.mip.budget import Calibration
 
     monkeypatch.setitem(sys.modules, "pyscipopt", None)  # import pyscipopt -> ImportError
     calibrated: list[bool] = []

@@ -12,9 +12,9 @@ import torch
 from torch import fx
 
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip_budget import group_order
-from oamipc.passes.mip_encode import Encoder
-from oamipc.passes.mip_masked import MaskedNetwork, _Masked
+from oamipc.passes.mip.budget import group_order
+from oamipc.passes.mip.encoder import Encoder
+from oamipc.passes.mip.masked import MaskedNetwork, _Masked
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
 

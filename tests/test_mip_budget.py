@@ -13,7 +13,7 @@ import torch
 import oamipc
 from oamipc.errors import UsageError
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip_budget import BudgetSolver, Calibration, MipOptions
+from oamipc.passes.mip.budget import BudgetSolver, Calibration, MipOptions
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.solver import solve
 from oamipc.tracing import trace
@@ -115,7 +115,7 @@ def test_spend_budget_never_lowers_the_warm_starts_macs(digits_mlp_mip) -> None:
 
 
 def test_plan_violations_flags_a_plan_spending_less_than_its_start() -> None:
-    from oamipc.passes.mip_rows import plan_violations
+    from oamipc.passes.mip.rows import plan_violations
 
     x = example_input("mlp", batch=1)
     gm = trace(ZOO["mlp"].factory(), (x,))

@@ -13,8 +13,8 @@ import torch
 
 from oamipc.errors import UnsupportedGraphError
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip_encode import Encoder, evaluate
-from oamipc.passes.prune_units import apply_plan
+from oamipc.passes.mip.encoder import Encoder, evaluate
+from oamipc.surgery import apply_plan
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
 

@@ -11,10 +11,10 @@ import torch
 
 from oamipc.errors import UnsupportedGraphError
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip_budget import group_order, nonlinear_elements_after, unit_magnitude
-from oamipc.passes.mip_joint import JointStage
-from oamipc.passes.mip_masked import MaskedNetwork, margins
-from oamipc.passes.prune_units import apply_plan
+from oamipc.passes.mip.budget import group_order, nonlinear_elements_after, unit_magnitude
+from oamipc.passes.mip.joint import JointStage
+from oamipc.passes.mip.masked import MaskedNetwork, margins
+from oamipc.surgery import apply_plan
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
 
@@ -95,7 +95,7 @@ def test_single_flip_model_is_exact_and_plans_stay_within_budget() -> None:
     kept = _random_plan(graph, rng, p=0.5)
     budget = graph.macs(kept) / graph.macs() + 0.02
     net, stage, y, target = _stage(gm, graph, x, kept, budget)
-    from oamipc.passes.mip_joint import JointRound
+    from oamipc.passes.mip.joint import JointRound
 
     rec = JointRound(radius=1)
     cand = stage.solve_round(kept, stage.effects(kept), 1, 10.0, rec)

@@ -13,10 +13,11 @@ import torch
 
 import oamipc
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip_encode import Encoder, evaluate
-from oamipc.passes.mip_masked import MaskedNetwork
-from oamipc.passes.mip_means import bias_shift, fold_bias_shift, reading_means
-from oamipc.passes.prune_units import apply_plan
+from oamipc.passes.mip.encoder import Encoder, evaluate
+from oamipc.passes.mip.masked import MaskedNetwork
+from oamipc.passes.mip.means import bias_shift, reading_means
+from oamipc.surgery import fold_bias_shift
+from oamipc.surgery import apply_plan
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.plan import Plan
 from oamipc.tracing import trace

@@ -1,13 +1,13 @@
 """The joint stage of the ``budget`` formulation: move units between *all* layers at once.
 
-Why.  A layer sub-problem (:mod:`.mip_budget`) only changes *which* units its group keeps; the
+Why.  A layer sub-problem (:mod:`.budget`) only changes *which* units its group keeps; the
 split of the MAC budget across layers stays the warm start's, and sub-problems far from the
 output carry thousands of ReLU binaries that no open solver moves in seconds.  This stage fixes
 both with a MILP that is linear in the keep variables by construction:
 
 * **Local model.**  Around the current plan ``cur``, the effect of flipping unit ``u`` (removing a
   kept one, restoring a removed one) on sample ``k``'s logits, ``d_ku = z_k(cur xor u) - z_k(cur)``,
-  is measured by real forward passes (:class:`.mip_masked.MaskedNetwork`, every flip in one
+  is measured by real forward passes (:class:`.masked.MaskedNetwork`, every flip in one
   batch).  With a binary flip variable ``t_u``, ``z_k ~ z_k(cur) + sum_u t_u d_ku``: exact for
   any single flip, first order for several (their interactions are ignored).
 * **Rivals only.**  Each sample's hinge rows cover its ``competitors`` strongest other classes at
@@ -16,7 +16,7 @@ both with a MILP that is linear in the keep variables by construction:
 * **Trust region.**  ``sum_u t_u <= r``: a few flips at a time, where the model is good.
 * **Same loss and budget as the layer sub-problems**: the margin hinge on the MILP samples and
   the exact MAC row of the whole network (products of two free widths linearised, see
-  :mod:`.mip_rows`), every group's count/rounding/block rules.  Every group is free, so MACs can
+  :mod:`.rows`), every group's count/rounding/block rules.  Every group is free, so MACs can
   move from one layer to another.
 * **Acceptance on held-out samples** by a real forward pass.  Accepted: recompute the effects
   around the new plan and go on.  Rejected: halve ``r``.  At ``r < 1`` start again from the first
@@ -32,7 +32,7 @@ both with a MILP that is linear in the keep variables by construction:
 * **Parallel (``jobs``).**  A round's solve depends on the previous round only through the plan
   and the radius, and a rejected or empty round is followed, at the same plan, by one of half the
   radius (the common case).  So with ``jobs > 1`` the radii ``r, r/2, r/4, ...`` are solved at once
-  in forked workers (:mod:`.mip_workers`) and the rounds then consume them in order, exactly as
+  in forked workers (:mod:`.workers`) and the rounds then consume them in order, exactly as
   one worker would have: the plan does not depend on ``jobs``; only solves a jump past them
   makes useless are wasted.  Flip effects are measured once per plan.
 """
@@ -53,9 +53,9 @@ from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
-from .mip_masked import MaskedNetwork
-from .mip_rows import Keep, group_rows, mac_expression, plan_violations
-from .mip_workers import fork_map
+from .masked import MaskedNetwork
+from .rows import Keep, group_rows, mac_expression, plan_violations
+from .workers import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ class JointStage:
 
 def _round_task(shared: tuple[JointStage, np.ndarray, tuple[np.ndarray, np.ndarray], list[int], float],
                 index: int) -> tuple[np.ndarray | None, JointRound]:
-    """Solve the round of radius ``radii[index]`` (a worker task of :func:`.mip_workers.fork_map`)."""
+    """Solve the round of radius ``radii[index]`` (a worker task of :func:`.workers.fork_map`)."""
     stage, current, effects, radii, time_limit = shared
     rec = JointRound(radius=radii[index])
     candidate = stage.solve_round(current, effects, radii[index], time_limit, rec)

@@ -5,7 +5,7 @@ effects for the joint stage).  Building a pruned copy per plan (deep copy + prun
 milliseconds to seconds; here a plan is a row of a keep matrix instead, and the network runs once
 on a batch that pairs every sample with every plan.
 
-Semantics are the encoder's (:mod:`.mip_encode`): removing unit ``u`` gives the same outputs as
+Semantics are the encoder's (:mod:`.encoder`): removing unit ``u`` gives the same outputs as
 zeroing the positions of ``u`` where Linear/Conv layers read them, so the fx graph is interpreted
 as is and those inputs are multiplied by the plan's mask.  A test checks that this equals the
 physically pruned network.  Normalisations across channels (GroupNorm, LayerNorm, softmax, ...)
@@ -66,7 +66,7 @@ class MaskedNetwork:
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, means: dict[str, torch.Tensor] | None = None) -> None:
         self.gm = gm
         self.graph = graph
-        self.means = means  # mean replacement at Linear readers (:mod:`.mip_means`)
+        self.means = means  # mean replacement at Linear readers (:mod:`.means`)
         self.reading: dict[str, Layout] = {}  # reading layer node -> layout of its input
         readers = {layer.node for layer in graph.layers}
         for node in gm.graph.nodes:

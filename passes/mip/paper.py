@@ -5,7 +5,7 @@ What the OAMIP thesis does (method notes, section 2), with a linear loss so that
 * one continuous score ``s_u`` in [0, 1] per free unit of *every* prunable group, shared by all
   samples and all positions of a channel;
 * a unit enters every layer that reads it through the shifted ReLU ``relu(x - (1 - s_u) U+)``
-  (``U+`` the upper bound of ``x``; :mod:`.mip_encode`, ``mode="paper"``): ``s = 1`` is the
+  (``U+`` the upper bound of ``x``; :mod:`.encoder`, ``mode="paper"``): ``s = 1`` is the
   network, ``s = 0`` removes the unit;
 * loss: the multiclass hinge on the logit margin, ``xi_k >= M_k - (z_y - z_c)`` for ``c != y``
   with ``M_k`` the original network's margin (the thesis's log-sum-exp would need a conic solver);
@@ -44,8 +44,8 @@ from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
-from .mip_encode import Encoder, margin_hinge
-from .mip_workers import fork_map
+from .encoder import Encoder, margin_hinge
+from .workers import fork_map
 
 log = logging.getLogger(__name__)
 

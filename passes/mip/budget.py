@@ -10,7 +10,7 @@ last hidden layer, or any layer followed only by linear maps).  So:
    loss (below) is the starting plan.  The MILP can only improve on it.
 2. **Sub-problems, last group to first.**  For group ``g``: binary ``m_u`` per free unit of ``g``
    (pinned and split-floor units stay), every other unit fixed to the current plan; the network
-   on the MILP samples is encoded by :mod:`.mip_encode` (ReLU big-M only where a downstream
+   on the MILP samples is encoded by :mod:`.encoder` (ReLU big-M only where a downstream
    pre-activation is unstable under CROWN bounds).  A group with more possible ReLU/max-pool
    binaries than ``exact_binaries`` (counted from the graph before encoding anything) is left to
    step 6: such MILPs do not move in seconds (measured: dual bound stuck, warm start returned).
@@ -36,14 +36,14 @@ last hidden layer, or any layer followed only by linear maps).  So:
    loss on **held-out** calibration samples, measured by running the pruned network (never on the
    solver's word); every sub-problem's end (optimal / time limit with gap / no incumbent /
    rejected / unchanged / skipped) goes into the report.  A solution is first checked against the
-   target and group rules on the plan itself (:func:`.mip_rows.plan_violations`): one that breaks
+   target and group rules on the plan itself (:func:`.rows.plan_violations`): one that breaks
    them is ``invalid`` and ignored.  A solver that raises ends the MILP stages (``solver-error``):
    the plan found so far stands, and the report and a warning say why.
-6. **Joint stage** (:mod:`.mip_joint`): trust-region MILPs over flip variables of every layer at
+6. **Joint stage** (:mod:`.joint`): trust-region MILPs over flip variables of every layer at
    once, on exactly measured single-flip effects, under the exact MAC budget of the whole
    network, so the budget can move between layers (the layer sub-problems keep the warm start's
    split).  Same loss, same held-out acceptance.  Held-out samples and flip effects are evaluated
-   by batched masked forward passes (:mod:`.mip_masked`), checked once against the physically
+   by batched masked forward passes (:mod:`.masked`), checked once against the physically
    pruned network.
 """
 
@@ -64,14 +64,14 @@ from oamipc import ir
 from oamipc.errors import PlanError, SolverError, UsageError
 from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, require_solver, solve
+from oamipc.surgery import apply_plan, fold_bias_shift
 from oamipc.units import UnitGraph, UnitGroup
 
-from .mip_encode import BOUNDS, Encoder, EncodingStats, margin_hinge
-from .mip_joint import JointStage
-from .mip_masked import MaskedNetwork, margins
-from .mip_means import bias_shift, fold_bias_shift, reading_means
-from .mip_rows import as_keep, group_rows, mac_expression, plan_violations
-from .prune_units import apply_plan
+from .encoder import BOUNDS, Encoder, EncodingStats, margin_hinge
+from .joint import JointStage
+from .masked import MaskedNetwork, margins
+from .means import bias_shift, reading_means
+from .rows import as_keep, group_rows, mac_expression, plan_violations
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ class BudgetSolver:
 
     def _macs(self, prob: pulp.LpProblem, group: UnitGroup, m: dict[int, pulp.LpVariable],
               current: np.ndarray) -> None:
-        """Exact MACs of the pruned network <= budget (:func:`.mip_rows.mac_expression`)."""
+        """Exact MACs of the pruned network <= budget (:func:`.rows.mac_expression`)."""
         assert self.flops_budget is not None
         macs = mac_expression(prob, self.graph, as_keep(m), current, prefix=f"g{group.id}_")
         prob += macs <= float(self.flops_budget) * self.total_macs

@@ -1,7 +1,7 @@
 """Forked worker processes for independent MILP solves (``--jobs N``).
 
-Who uses it: the paper formulation's class problems (:mod:`.mip_paper`), and the joint stage's
-speculative trust radii (:mod:`.mip_joint`).  Both map one function over ``n`` independent
+Who uses it: the paper formulation's class problems (:mod:`.paper`), and the joint stage's
+speculative trust radii (:mod:`.joint`).  Both map one function over ``n`` independent
 tasks that read a large shared state (the traced network, the unit graph, flip effects).
 
 Why fork and a module global: fx GraphModules do not pickle reliably, so the shared state is

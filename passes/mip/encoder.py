@@ -1,6 +1,6 @@
 """Encode a traced network on fixed calibration samples as mixed-integer linear rows (PuLP).
 
-The MILP analyses (:mod:`.mip_budget`, :mod:`.mip_paper`) need, for every calibration sample,
+The MILP analyses (:mod:`.budget`, :mod:`.paper`) need, for every calibration sample,
 the logits of the network as functions of *keep variables* ``m_u`` (one per free unit, shared by
 all samples and all positions of a channel).  This module builds them from the fx graph.
 

@@ -39,7 +39,7 @@ class _Inputs(fx.Interpreter):
 
 def reading_means(gm: fx.GraphModule, reading: dict[str, Layout], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position input means (float64) of every Linear layer among ``reading`` (reader node ->
-    layout of its input, as :class:`.mip_masked.MaskedNetwork` finds them) that reads removable units."""
+    layout of its input, as :class:`.masked.MaskedNetwork` finds them) that reads removable units."""
     by_name = {n.name: n for n in gm.graph.nodes}
     nodes = {name for name, lay in reading.items()
              if lay.dim == 1 and bool((lay.units >= 0).any())
@@ -71,20 +71,3 @@ def bias_shift(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray,
         shift = mod.weight.detach().double()[:, idx] @ mu[idx]
         shifts[str(node.target)] = shift.tolist()
     return shifts
-
-
-def fold_bias_shift(gm: fx.GraphModule, shifts: dict[str, list[float]]) -> None:
-    """Add the shifts to the Linear layers' biases (before pruning removes their inputs)."""
-    for target, shift in shifts.items():
-        mod = ir.get_module(gm, target)
-        if not isinstance(mod, nn.Linear) or mod.out_features != len(shift):
-            from oamipc.errors import PlanError
-
-            raise PlanError(f"the plan's mean replacement names {target!r} with {len(shift)} outputs, which this "
-                            "model does not have as a Linear layer; replay a plan only on the model it was made for")
-        delta = torch.tensor(shift, dtype=mod.weight.dtype)
-        with torch.no_grad():
-            if mod.bias is None:
-                mod.bias = nn.Parameter(delta.clone())
-            else:
-                mod.bias.add_(delta)

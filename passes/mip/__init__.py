@@ -1,0 +1,14 @@
+"""The MIP planner's internals (the OAMIP analysis), one concern per module.
+
+* :mod:`.encoder`: the network on fixed calibration samples as MILP rows (PuLP), no dense conv matrix.
+* :mod:`.rows`: rows shared by every formulation: a group's counts, the exact MACs, plan checks.
+* :mod:`.budget`: the default ``budget`` formulation, layer sub-problems from the output backwards.
+* :mod:`.joint`: the joint trust-region stage over flip variables of every layer.
+* :mod:`.paper`: the thesis's formulation (continuous scores, one problem per class).
+* :mod:`.masked`: batched masked forward passes, the held-out judge of every candidate plan.
+* :mod:`.means`: mean replacement (removed units read as their mean at Linear readers).
+* :mod:`.workers`: forked worker processes for independent solves.
+
+The pass that uses them is :class:`oamipc.passes.plan_mip.PlanMipAnalysis`; nothing here
+registers a pass.
+"""
