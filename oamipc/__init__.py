@@ -16,10 +16,11 @@ from oamipc.errors import OamipcError
 from oamipc.export import export_onnx, verify_onnx
 from oamipc.loading import load_model
 from oamipc.plan import Plan
+from oamipc.target import Target
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompileResult", "DataSplits", "Dataset", "OamipcError", "Plan", "__version__", "compile", "export_onnx",
+    "CompileResult", "DataSplits", "Dataset", "OamipcError", "Plan", "Target", "__version__", "compile", "export_onnx",
     "load_data", "load_model", "verify_onnx",
 ]

@@ -98,6 +98,26 @@ def _json_arg(text: str | None, what: str) -> Any:
         raise UsageError(f"{what} is not valid JSON ({exc.msg}): {text!r}; e.g. '{{\"hidden\": [64, 64]}}'") from None
 
 
+def _source(model: Path, model_class: str | None, model_args: str | None, trust_pickle: bool,
+            input_shape: str | None, data: str | None, data_dir: str | None,
+            leaf_module: list[str] | None) -> Any:
+    """The shared model-source options of every command, parsed into one :class:`ModelSource`."""
+    from oamipc.driver import ModelSource
+
+    return ModelSource(str(model), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
+                       _ints(input_shape, "--input-shape"), data, data_dir, tuple(leaf_module or ()))
+
+
+def _target(prune_ratio: float | None, flops_budget: float | None, min_keep: int, round_to: int) -> Any:
+    """The target options as one validated :class:`Target`; errors name the flags."""
+    from oamipc.target import Target, TargetError
+
+    try:
+        return Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
+    except TargetError as exc:
+        raise exc.spelled("cli") from None
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -263,28 +283,27 @@ def compile_cmd(
     """Prune MODEL and write a smaller, verified ONNX file."""
     from oamipc.driver import FileJob, compile_file
     from oamipc.finetune import FinetuneConfig
+    from oamipc.passes import MipOptions
 
     _setup_logging(verbose)
     with _errors():
         if finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
+        source = _source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir, leaf_module)
+        target = _target(prune_ratio, flops_budget, min_keep, round_to)
+        uses_mip = pipeline is None and plan is None and (importance == "mip" or (importance == "auto" and data))
+        mip = MipOptions(formulation=formulation, solver=solver, time_limit=time_limit,
+                         total_time_limit=total_time_limit, gap=gap, threads=threads, samples=mip_samples,
+                         relax=relax, jobs=jobs, bounds=bounds, mean_replacement=mean_replacement,
+                         spend_budget=spend_budget) if uses_mip else None
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                    seed=seed) if finetune_epochs else None)
-        job = FileJob(str(model), str(output), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
-                      _ints(input_shape, "--input-shape"), data, data_dir, str(plan) if plan else None,
-                      str(save_plan) if save_plan else None, str(report) if report else None,
-                      str(save_pt) if save_pt else None, bench, _ints(batch, "--batch") or (1,), exporter=exporter)
+        job = FileJob(source, str(output), str(plan) if plan else None, str(save_plan) if save_plan else None,
+                      str(report) if report else None, str(save_pt) if save_pt else None, bench,
+                      _ints(batch, "--batch") or (1,), exporter=exporter)
         with _progress() as progress:
-            result = compile_file(job, progress, importance=importance, prune_ratio=prune_ratio,
-                                  flops_budget=flops_budget, min_keep=min_keep, round_to=round_to,
-                                  leaf_modules=tuple(leaf_module or ()), pipeline=pipeline, seed=seed,
-                                  calib_samples=calib_samples,
-                                  mip_options={"formulation": formulation, "solver": solver, "time_limit": time_limit,
-                                               "total_time_limit": total_time_limit, "gap": gap, "threads": threads,
-                                               "samples": mip_samples, "relax": relax, "jobs": jobs,
-                                               "bounds": bounds, "mean_replacement": mean_replacement,
-                                               "spend_budget": spend_budget},
-                                  finetune=finetune)
+            result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
+                                  calib_samples=calib_samples, mip_options=mip, finetune=finetune)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
@@ -327,12 +346,11 @@ def finetune_cmd(
     with _errors():
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                 weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, seed=seed)
-        job = FileJob(str(model), str(output), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
-                      _ints(input_shape, "--input-shape"), data, data_dir, str(plan) if plan else None,
-                      report_path=str(report) if report else None, save_pt=str(save_pt) if save_pt else None,
-                      bench=False)
+        source = _source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir, leaf_module)
+        job = FileJob(source, str(output), str(plan) if plan else None, report_path=str(report) if report else None,
+                      save_pt=str(save_pt) if save_pt else None, bench=False)
         with _progress() as progress:
-            result = finetune_file(job, config, progress, leaf_modules=tuple(leaf_module or ()))
+            result = finetune_file(job, config, progress)
     console.print(_history_table(result["finetune"]))
     console.print(_finetune_table(result))
     onnx = result["onnx"]
@@ -385,9 +403,8 @@ def inspect_cmd(
     from oamipc.driver import inspect_file
 
     with _errors():
-        summary = inspect_file(str(model), model_class=model_class, model_args=_json_arg(model_args, "--model-args"),
-                               trust_pickle=trust_pickle, input_shape=_ints(input_shape, "--input-shape"),
-                               data=data, data_dir=data_dir, leaf_modules=tuple(leaf_module or ()))
+        summary = inspect_file(_source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir,
+                                       leaf_module))
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return

@@ -36,7 +36,8 @@ from oamipc.finetune import finetune as finetune_module
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
-from oamipc.tracing import trace
+from oamipc.target import Target
+from oamipc.tracing import propagate_shapes, trace
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,13 @@ def compile(  # noqa: A001 - the product's verb
     flops_budget: float | None = None,
     min_keep: int = 1,
     round_to: int = 1,
+    target: Target | None = None,
     leaf_modules: Sequence[str] = (),
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
     plan: Plan | None = None,
     seed: int = 0,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
-    mip_options: Mapping[str, Any] | None = None,
+    mip_options: passes.MipOptions | Mapping[str, Any] | None = None,
     verify: bool = True,
     finetune: FinetuneConfig | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -96,12 +98,14 @@ def compile(  # noqa: A001 - the product's verb
     """Trace ``model``, choose units with ``importance`` and remove them; return the result.
 
     Give ``prune_ratio`` (fraction of units removed per group) or ``flops_budget`` (fraction of
-    MACs kept), or a saved ``plan`` to replay, or a full ``pipeline``.  ``data`` provides
+    MACs kept), with ``min_keep`` and ``round_to``, or all of them as one ``target``
+    (:class:`oamipc.Target`), or a saved ``plan`` to replay, or a full ``pipeline``.  ``data`` provides
     calibration samples for data-driven criteria and accuracy before/after when labelled.
     ``importance="auto"`` (the default) is ``mip`` when ``data`` is given (the MILP needs
     calibration samples) and ``l1`` otherwise; the report says which one ran.
-    ``mip_options`` configures ``importance="mip"`` (keys of ``oamipc.passes.mip.budget.MipOptions``:
-    formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
+    ``mip_options`` configures ``importance="mip"``: an ``oamipc.passes.MipOptions`` or a mapping
+    of its field names (formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
+    The target and the MIP options are validated here, before any work.
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
@@ -109,6 +113,11 @@ def compile(  # noqa: A001 - the product's verb
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if target is None:
+        target = Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
+    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, 1):
+        raise UsageError("give the target either as target=Target(...) or as prune_ratio/flops_budget/min_keep/"
+                         "round_to, not both")
     torch.manual_seed(seed)
     start = time.perf_counter()
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=tuple(leaf_modules))
@@ -128,35 +137,30 @@ def compile(  # noqa: A001 - the product's verb
     if importance == "auto":
         importance = "mip" if calib is not None else "l1"
         log.info("importance: %s (%s)", importance, "calibration data given" if calib is not None else "no --data")
+    mip = passes.MipOptions.of(mip_options) if importance == "mip" and pipeline is None else None
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
-                         progress=progress, options={"mip": dict(mip_options or {})})
-    steps: list[Pass | Analysis[Any]]
-    if pipeline is None:
-        if plan is None and prune_ratio is None and flops_budget is None:
-            raise UsageError("say how much to remove: --prune-ratio, --flops-budget, --plan or a pipeline")
-        steps = [passes.PruneUnitsPass(importance, prune_ratio, flops_budget, min_keep, round_to,
-                                       tuple(leaf_modules), plan)]
-    elif isinstance(pipeline, str):
-        steps = parse_pipeline(pipeline)
-    else:
-        steps = list(pipeline)
+                         progress=progress)
+    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip)
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
     before = passes.count_costs(gm)
     unit_summary = units.summary()
-    gm = PassManager(steps, verify=verify).run(gm, am)
+    manager = PassManager(steps, verify=verify)
+    gm = manager.run(gm, am)
+    if not verify:  # costs are read from shape metadata, which only verification refreshes
+        propagate_shapes(gm, example_inputs)
     after = passes.count_costs(gm)
+    outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
     report: dict[str, Any] = {
-        "settings": {"importance": importance, "prune_ratio": prune_ratio, "flops_budget": flops_budget,
-                     "min_keep": min_keep, "round_to": round_to, "seed": seed,
+        "settings": {"importance": importance, **target.to_dict(), "seed": seed,
                      "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
-                     "mip": dict(mip_options or {}),
+                     "mip": mip.to_dict() if mip is not None else {},
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
         "input_shape": list(example_inputs[0].shape),
         "units": unit_summary,
         "before": before.to_dict(),
         "after": after.to_dict(),
-        **ctx.report,
+        **_plan_sections(outcome),
         "timings_s": dict(am.timings),
     }
     report["widths"] = {name: {"before": layer["out"], "after": after.layers.get(name, {}).get("out", 0)}
@@ -172,8 +176,38 @@ def compile(  # noqa: A001 - the product's verb
                               "samples": len(test.x)}
         report["timings_s"]["finetune"] = report["finetune"]["seconds"]
     report["timings_s"]["compile_total"] = time.perf_counter() - start
-    applied = Plan.from_dict(ctx.report["prune"]["plan"]) if "prune" in ctx.report else None
-    return CompileResult(gm, report, applied, original, example_inputs)
+    return CompileResult(gm, report, outcome.plan if outcome else None, original, example_inputs)
+
+
+def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | None, importance: str,
+           target: Target, leaf_modules: tuple[str, ...], mip: passes.MipOptions | None) -> list[Pass | Analysis[Any]]:
+    """The passes of one compile: a given pipeline, a plan replay, or the planner for ``importance`` + prune."""
+    if isinstance(pipeline, str):
+        return parse_pipeline(pipeline)
+    if pipeline is not None:
+        return list(pipeline)
+    if plan is not None:
+        return [passes.PruneUnitsPass(leaf_modules=leaf_modules, plan=plan)]
+    if not target.is_set:
+        raise UsageError("say how much to remove: a prune ratio or a FLOPs budget (CLI: --prune-ratio, "
+                         "--flops-budget), a saved plan, or a pipeline")
+    extra = {"options": mip} if mip is not None else {}
+    return [passes.planner_for(importance, target, leaf_modules, **extra),
+            passes.PruneUnitsPass(leaf_modules=leaf_modules)]
+
+
+def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
+    """The report's sections about planning: the planner's own record, unit scores, the applied plan."""
+    if outcome is None:
+        return {}
+    out: dict[str, Any] = {}
+    planned = outcome.planned
+    if planned is not None and planned.section:
+        out[planned.section] = planned.record
+    if planned is not None:
+        out["scores"] = planned.scores
+    out["prune"] = outcome.to_dict()
+    return out
 
 
 def _finetune_section(module: nn.Module, train: Dataset, test: Dataset, config: FinetuneConfig,
@@ -216,18 +250,62 @@ def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
                           f"free space there or set TMPDIR to a directory with room") from exc
 
 
-@dataclass
-class FileJob:
-    """Everything ``oamipc compile`` needs besides the pruning options (paths and switches)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a command's model and data come from; every CLI command that loads a model takes one.
+
+    ``model`` is a file (see :func:`oamipc.loading.load_model` for ``model_class``,
+    ``model_args`` and ``trust_pickle``); ``input_shape`` (batch first) or one sample of ``data``
+    gives the example input the model is traced with; ``leaf_modules`` stay opaque to the tracer.
+    """
 
     model: str
-    output: str
     model_class: str | None = None
     model_args: Any = None
     trust_pickle: bool = False
     input_shape: tuple[int, ...] | None = None
     data: str | None = None
     data_dir: str | None = None
+    leaf_modules: tuple[str, ...] = ()
+
+
+@dataclass
+class LoadedJob:
+    """A loaded model, its data (when given) and the example input to trace it with."""
+
+    model: nn.Module
+    splits: DataSplits | None
+    example_inputs: tuple[torch.Tensor, ...]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.example_inputs[0].shape[1:])
+
+
+def load_job(source: ModelSource, *, seed: int = 0) -> LoadedJob:
+    """Load the model and data of ``source`` and make the example input (the one loading entry)."""
+    from oamipc.data import load_data
+    from oamipc.loading import load_model
+    from oamipc.tracing import example_inputs_for
+
+    model = load_model(source.model, model_class=source.model_class, model_args=source.model_args,
+                       trust_pickle=source.trust_pickle)
+    splits = load_data(source.data, data_dir=source.data_dir) if source.data else None
+    shape = source.input_shape
+    if shape is None:
+        if splits is None:
+            raise UsageError("give an input shape (--input-shape, e.g. 1,1,28,28) or data (--data) so the model "
+                             "can be traced")
+        shape = (1, *splits.train.x.shape[1:])
+    return LoadedJob(model, splits, example_inputs_for(shape, seed=seed))
+
+
+@dataclass
+class FileJob:
+    """Everything a command that writes files needs besides the pruning options: the source, outputs, switches."""
+
+    source: ModelSource
+    output: str
     plan_path: str | None = None
     save_plan: str | None = None
     report_path: str | None = None
@@ -238,84 +316,73 @@ class FileJob:
     exporter: str = "torchscript"
     verify_samples: int = 64
 
+    def check_outputs(self) -> None:
+        """Fail before any work when an output path cannot be written."""
+        from oamipc.atomic import check_writable
+
+        for out in (self.output, self.save_plan, self.report_path, self.save_pt):
+            if out:
+                check_writable(out)
+
 
 def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None = None,
                  **options: Any) -> dict[str, Any]:
     """``oamipc compile``: load, compile, export, verify, benchmark; return the report.
 
-    ``options`` are the keyword options of :func:`compile`.  Output paths are checked before any
-    work is done; every file is written atomically.
+    ``options`` are the keyword options of :func:`compile` (the leaf modules come from
+    ``job.source``).  Output paths are checked before any work is done; every file is written
+    atomically.
     """
-    from oamipc.atomic import check_writable
-    from oamipc.data import load_data
-    from oamipc.loading import load_model
-    from oamipc.tracing import example_inputs_for
-
-    for out in (job.output, job.save_plan, job.report_path, job.save_pt):
-        if out:
-            check_writable(out)
-    model = load_model(job.model, model_class=job.model_class, model_args=job.model_args,
-                       trust_pickle=job.trust_pickle)
-    splits = load_data(job.data, data_dir=job.data_dir) if job.data else None
-    shape = job.input_shape
-    if shape is None:
-        if splits is None:
-            raise UsageError("give --input-shape (e.g. 1,1,28,28) or --data so the model can be traced")
-        shape = (1, *splits.train.x.shape[1:])
-    example = example_inputs_for(shape, seed=options.get("seed", 0))
+    job.check_outputs()
+    loaded = load_job(job.source, seed=options.get("seed", 0))
     plan = Plan.load(job.plan_path) if job.plan_path else None
-    result = compile(model, example, data=splits, plan=plan, progress=progress, **options)
+    result = compile(loaded.model, loaded.example_inputs, data=loaded.splits, plan=plan, progress=progress,
+                     leaf_modules=job.source.leaf_modules, **options)
     report = result.report
-    report["model"] = job.model
-    check = _fit(splits.test, tuple(shape[1:])) if splits is not None else None
+    report["model"] = job.source.model
+    check = _fit(loaded.splits.test, loaded.sample_shape) if loaded.splits is not None else None
     _write_outputs(job, result.module, result.example_inputs, report, check_data=check, original=result.original,
                    plan=result.plan, progress=progress)
     return report
 
 
-def finetune_file(job: FileJob, config: FinetuneConfig, progress: Callable[[str, int, int], None] | None = None,
-                  *, leaf_modules: Sequence[str] = ()) -> dict[str, Any]:
+def finetune_file(job: FileJob, config: FinetuneConfig,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """``oamipc finetune``: load, (replay the plan,) fine-tune, export, verify; return the report.
 
-    ``job.model`` is either a pruned program written by ``compile --save-pt`` (or any model to
-    fine-tune as it is), or, with ``job.plan_path``, the original model: the plan is replayed with
-    :func:`compile` (``leaf_modules`` as when the plan was made) and the pruned network
-    fine-tuned.  Training uses the data's train split, accuracy its test split.  Outputs are
-    checked before any work and written atomically, all or none, as by :func:`compile_file`.
+    ``job.source.model`` is either a pruned program written by ``compile --save-pt`` (or any
+    model to fine-tune as it is), or, with ``job.plan_path``, the original model: the plan is
+    replayed with :func:`compile` (``job.source.leaf_modules`` as when the plan was made) and the
+    pruned network fine-tuned.  Training uses the data's train split, accuracy its test split.
+    Outputs are checked before any work and written atomically, all or none, as by
+    :func:`compile_file`.
     """
-    from oamipc.atomic import check_writable
-    from oamipc.data import load_data
-    from oamipc.loading import load_model
-    from oamipc.tracing import example_inputs_for
-
-    for out in (job.output, job.report_path, job.save_pt):
-        if out:
-            check_writable(out)
-    if not job.data:
+    job.check_outputs()
+    if not job.source.data:
         raise UsageError("fine-tuning needs labelled training data: give --data (e.g. --data digits)")
     plan = Plan.load(job.plan_path) if job.plan_path else None
-    model = load_model(job.model, model_class=job.model_class, model_args=job.model_args,
-                       trust_pickle=job.trust_pickle)
-    splits = load_data(job.data, data_dir=job.data_dir)
+    loaded = load_job(job.source, seed=config.seed)
+    splits = loaded.splits
+    assert splits is not None
     if splits.train.y is None or splits.test.y is None:
-        raise UsageError(f"fine-tuning needs class labels, but --data {job.data} has none; give data with a 'y' array")
-    shape = job.input_shape or (1, *splits.train.x.shape[1:])
-    example = example_inputs_for(shape, seed=config.seed)
-    test = _fit(splits.test, tuple(shape[1:]))
+        raise UsageError(f"fine-tuning needs class labels, but --data {job.source.data} has none; give data with a "
+                         "'y' array")
+    example = loaded.example_inputs
+    test = _fit(splits.test, loaded.sample_shape)
     if plan is not None:
-        result = compile(model, example, data=splits, plan=plan, leaf_modules=leaf_modules, seed=config.seed,
-                         finetune=config, progress=progress)
+        result = compile(loaded.model, example, data=splits, plan=plan, leaf_modules=job.source.leaf_modules,
+                         seed=config.seed, finetune=config, progress=progress)
         module, report = result.module, result.report
     else:
         start = time.perf_counter()
-        module = trace(model, example, leaf_modules=tuple(leaf_modules))
-        section = _finetune_section(module, _fit(splits.train, tuple(shape[1:])), test, config, progress)
+        module = trace(loaded.model, example, leaf_modules=job.source.leaf_modules)
+        section = _finetune_section(module, _fit(splits.train, loaded.sample_shape), test, config, progress)
         report = {"input_shape": list(example[0].shape), "costs": passes.count_costs(module).to_dict(),
                   "finetune": section,
                   "accuracy": {"before": section["accuracy_before"], "after": section["accuracy_after"],
                                "dataset": test.name, "samples": len(test)},
                   "timings_s": {"finetune": section["seconds"], "total": time.perf_counter() - start}}
-    report["model"] = job.model
+    report["model"] = job.source.model
     report["plan_file"] = job.plan_path
     _write_outputs(job, module, example, report, check_data=test, progress=progress)
     return report
@@ -417,24 +484,12 @@ def temp_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="oamipc-")
 
 
-def inspect_file(model_path: str, *, model_class: str | None = None, model_args: Any = None,
-                 trust_pickle: bool = False, input_shape: tuple[int, ...] | None = None, data: str | None = None,
-                 data_dir: str | None = None, leaf_modules: tuple[str, ...] = ()) -> dict[str, Any]:
+def inspect_file(source: ModelSource) -> dict[str, Any]:
     """``oamipc inspect``: graph summary, unit groups, per-layer widths, parameters, MACs, barriers."""
-    from oamipc.data import load_data
-    from oamipc.loading import load_model
-    from oamipc.tracing import example_inputs_for
-
-    model = load_model(model_path, model_class=model_class, model_args=model_args, trust_pickle=trust_pickle)
-    shape = input_shape
-    if shape is None:
-        if data is None:
-            raise UsageError("give --input-shape (e.g. 1,1,28,28) or --data so the model can be traced")
-        shape = (1, *load_data(data, data_dir=data_dir).train.x.shape[1:])
-    example = example_inputs_for(shape)
-    gm = trace(model, example, leaf_modules=leaf_modules)
-    am = AnalysisManager(CompileContext(example))
-    units = am.get(passes.UnitGroupAnalysis(leaf_modules), gm)
+    loaded = load_job(source)
+    gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
+    am = AnalysisManager(CompileContext(loaded.example_inputs))
+    units = am.get(passes.UnitGroupAnalysis(source.leaf_modules), gm)
     costs = passes.count_costs(gm)
-    return {"model": model_path, "input_shape": list(shape), "nodes": len(gm.graph.nodes),
+    return {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), "nodes": len(gm.graph.nodes),
             "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}

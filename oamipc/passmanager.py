@@ -24,13 +24,14 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import fx
 
 from oamipc.errors import OamipcError
+from oamipc.plan import Planned
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,17 @@ T = TypeVar("T")
 class CompileContext:
     """What analyses may need besides the graph: example inputs, data, seed, progress hooks.
 
-    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP); ``report`` is
-    where analyses and passes leave their records (it becomes the JSON report).
+    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  Everything
+    that changes an analysis's result and is not the graph or these inputs is an option of the
+    analysis (a dataclass field), so the cache key covers it.  Analyses return data; they never
+    write a report (the driver builds it from their results).
     """
 
     example_inputs: tuple[torch.Tensor, ...]
     calib_x: torch.Tensor | None = None
     calib_y: torch.Tensor | None = None
     seed: int = 0
-    report: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
-    # Settings of analyses that are not pass options, by analysis family (e.g. "mip": solver,
-    # time limits); constant over one compile, so they need not be part of cache keys.
-    options: dict[str, Any] = field(default_factory=dict)
 
     def tick(self, what: str, done: int, total: int) -> None:
         """Report progress of a long step (the CLI draws a bar; the library only calls back)."""
@@ -73,10 +72,12 @@ class Analysis(ABC, Generic[T]):
 
 @dataclass
 class PassResult:
-    """What a transform returns: the (possibly new) GraphModule and whether it changed."""
+    """What a transform returns: the (possibly new) GraphModule, whether it changed, and its
+    outcome as data (``outcome``: e.g. the plan a prune pass applied), for the driver's report."""
 
     gm: fx.GraphModule
     modified: bool
+    outcome: Any = None
 
 
 class Pass(ABC):
@@ -97,6 +98,9 @@ class AnalysisManager:
         self.context = context
         self._cache: dict[Analysis[Any], Any] = {}
         self.timings: dict[str, float] = {}
+        # The result of the last planner that a pipeline listed (``plan-mip,prune-units``): a
+        # prune pass without planning options of its own applies it.  Dropped with the cache.
+        self.planned: Planned | None = None
 
     def get(self, analysis: Analysis[T], gm: fx.GraphModule) -> T:
         """Return the result of ``analysis`` on ``gm``, computing it at most once per graph state."""
@@ -119,6 +123,7 @@ class AnalysisManager:
         """Drop every cached result whose analysis class is not in ``preserved``."""
         keep = tuple(preserved)
         self._cache = {a: r for a, r in self._cache.items() if keep and isinstance(a, keep)}
+        self.planned = None
 
 
 _REGISTRY: dict[str, type[Pass] | type[Analysis[Any]]] = {}
@@ -156,6 +161,7 @@ class PassManager:
     def __init__(self, steps: Sequence[Pass | Analysis[Any]], *, verify: bool = True) -> None:
         self.steps = list(steps)
         self.verify = verify
+        self.outcomes: list[tuple[str, Any]] = []  # (pass name, PassResult.outcome) of every transform run
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> fx.GraphModule:
         done: list[str] = []
@@ -163,12 +169,15 @@ class PassManager:
             name = step.name or type(step).__name__
             try:
                 if isinstance(step, Analysis):
-                    am.get(step, gm)
+                    result = am.get(step, gm)
+                    if isinstance(result, Planned):
+                        am.planned = result
                 else:
                     start = time.perf_counter()
                     result = step.run(gm, am)
                     am.timings[name] = am.timings.get(name, 0.0) + time.perf_counter() - start
                     gm = result.gm
+                    self.outcomes.append((name, result.outcome))
                     if result.modified:
                         am.invalidate(step.preserves)
                         if self.verify:

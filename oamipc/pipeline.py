@@ -2,8 +2,11 @@
 
 Grammar (MLIR-like): a comma-separated list of registered names, each optionally followed by
 ``{key=value,...}``.  Keys are the pass's dataclass fields in kebab-case; values are converted to
-the field's type (int, float, bool, str, tuple of str separated by ``;``).  Unknown names and
-options are rejected with the list of what is known.
+the field's type (int, float, bool, str, tuple of str separated by ``;``).  A field whose type is
+itself a frozen dataclass (a planner's :class:`~oamipc.target.Target`, the MIP planner's
+options) is flattened: its own fields are options of the pass
+(``plan-mip{flops-budget=0.5,time-limit=20}``), and it is built, and so validated, while the
+string is parsed.  Unknown names and options are rejected with the list of what is known.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Union
 
 from oamipc.errors import UsageError
 from oamipc.passmanager import Analysis, Pass, options_of, registry
+from oamipc.target import TargetError
 
 _ITEM = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
@@ -49,6 +53,48 @@ def _convert(raw: str, annotation: Any, where: str) -> Any:
     raise UsageError(f"pipeline option {where} cannot be set from a pipeline string")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Option:
+    """One settable option of a pass: its field, type, and the nested field it belongs to (or None)."""
+
+    field: dataclasses.Field[Any]
+    hint: Any
+    parent: str | None = None
+
+
+def pipeline_options(cls: type[Any]) -> dict[str, _Option]:
+    """The options a pipeline string may set on ``cls``, by field name (nested dataclasses flattened)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, _Option] = {}
+    for name, f in options_of(cls).items():
+        if not f.init:
+            continue
+        hint = hints[name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            sub_hints = typing.get_type_hints(hint)
+            for sub in dataclasses.fields(hint):
+                if sub.init:
+                    out[sub.name] = _Option(sub, sub_hints[sub.name], name)
+        else:
+            out[name] = _Option(f, hint)
+    return out
+
+
+def _build(cls: type[Any], name: str, kwargs: dict[str, Any], nested: dict[str, dict[str, Any]]) -> Any:
+    """Construct the pass, its nested option values first; option errors name the pipeline's spelling."""
+    hints = typing.get_type_hints(cls)
+    try:
+        for parent, values in nested.items():
+            kwargs[parent] = hints[parent](**values)
+        return cls(**kwargs)
+    except TargetError as exc:
+        raise UsageError(f"pass {name!r}: {exc.spelled('pipeline')}") from exc
+    except UsageError as exc:
+        raise UsageError(f"pass {name!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"pass {name!r}: {exc}") from exc
+
+
 def parse_pipeline(text: str) -> list[Pass | Analysis[Any]]:
     """Parse a pipeline string into pass/analysis instances (see the module docstring)."""
     known = registry()
@@ -66,20 +112,22 @@ def parse_pipeline(text: str) -> list[Pass | Analysis[Any]]:
         if name not in known:
             raise UsageError(f"unknown pass {name!r} in pipeline; known passes: {', '.join(known)}")
         cls = known[name]
-        fields = options_of(cls)
-        hints = typing.get_type_hints(cls)
+        options = pipeline_options(cls)
         kwargs: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
         for item in filter(None, (o.strip() for o in (opts or "").split(","))):
             key, sep, value = item.partition("=")
             attr = key.strip().replace("-", "_")
-            if not sep or attr not in fields or not fields[attr].init:
-                options = ", ".join(f.replace("_", "-") for f, fl in fields.items() if fl.init) or "none"
-                raise UsageError(f"pass {name!r} has no option {key.strip()!r}; its options: {options}")
-            kwargs[attr] = _convert(value.strip(), hints[attr], f"{name}.{key.strip()}")
-        try:
-            steps.append(cls(**kwargs))
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"pass {name!r}: {exc}") from exc
+            if not sep or attr not in options:
+                known_options = ", ".join(f.replace("_", "-") for f in options) or "none"
+                raise UsageError(f"pass {name!r} has no option {key.strip()!r}; its options: {known_options}")
+            option = options[attr]
+            converted = _convert(value.strip(), option.hint, f"{name}.{key.strip()}")
+            if option.parent is None:
+                kwargs[attr] = converted
+            else:
+                nested.setdefault(option.parent, {})[attr] = converted
+        steps.append(_build(cls, name, kwargs, nested))
     return steps
 
 
@@ -88,7 +136,7 @@ def describe_registry() -> list[tuple[str, str, str]]:
     rows = []
     for name, cls in registry().items():
         kind = "transform" if issubclass(cls, Pass) else "analysis"
-        opts = ", ".join(f"{f.name.replace('_', '-')}={f.default!r}" for f in options_of(cls).values()
-                         if f.init and f.default is not dataclasses.MISSING)
+        opts = ", ".join(f"{key.replace('_', '-')}={o.field.default!r}" for key, o in pipeline_options(cls).items()
+                         if o.field.default is not dataclasses.MISSING)
         rows.append((name, kind, opts))
     return rows

@@ -53,12 +53,16 @@ def _check_widths(group: UnitGroup, mask: np.ndarray) -> None:
 
 @dataclass
 class Plan:
-    """Kept units per group plus how they were chosen (criterion, settings)."""
+    """Kept units per group plus how they were chosen (criterion, settings).
+
+    ``bias_shift`` is plain data for the surgery: per Linear module, what to add to its bias
+    before its removed inputs go (a planner may replace a removed unit by the constant it
+    contributed on average; see :func:`oamipc.surgery.fold_bias_shift`).
+    """
 
     groups: list[GroupPlan]
     criterion: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
-    # Mean replacement: per Linear module target, what to add to its bias before pruning.
     bias_shift: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
@@ -128,3 +132,17 @@ class Plan:
         if not isinstance(data, dict):
             raise PlanError(f"plan {path} is not a JSON object")
         return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a planner returns: the plan, every unit's score by group, and the planner's own record.
+
+    ``record`` (e.g. how each MILP went) goes into the report under ``section``; the planner
+    itself never writes the report.
+    """
+
+    plan: Plan
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    section: str | None = None
+    record: dict[str, Any] | None = None

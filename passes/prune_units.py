@@ -11,60 +11,83 @@ Rules of the surgery:
    dim, and ``split``/``chunk`` along it (replaced by ``split`` with the new sizes).
 4. Depthwise convs shrink with their input (``groups`` follows); grouped convs keep their groups.
 
-The plan comes from :class:`passes.select_units.SelectUnitsAnalysis` (built from this pass's
-options) or is given explicitly (``plan=``, e.g. replayed from a JSON file).
+The plan comes from a planner (:mod:`.planner_base`) or is given explicitly (``plan=``, e.g.
+replayed from a JSON file).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import fx
 
+from oamipc.errors import UsageError
 from oamipc.passmanager import AnalysisManager, Pass, PassResult, register
-from oamipc.plan import Plan
+from oamipc.plan import Plan, Planned
 from oamipc.surgery import apply_plan, fold_bias_shift
+from oamipc.target import Target
 
-from .select_units import SelectUnitsAnalysis
+from .planner_base import planner_for
 from .unit_groups import UnitGroupAnalysis
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PruneOutcome:
+    """What the prune pass did, as data: the applied plan (and the planner's result when it planned)."""
+
+    plan: Plan
+    planned: Planned | None
+    units_removed: int
+    units_total: int
+    predicted_macs_before: int
+    predicted_macs_after: int
+    rewritten: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's ``prune`` section."""
+        return {"plan": self.plan.to_dict(), "units_removed": self.units_removed, "units_total": self.units_total,
+                "predicted_macs_before": self.predicted_macs_before,
+                "predicted_macs_after": self.predicted_macs_after, "rewritten": self.rewritten}
+
+
 @register
 @dataclass(frozen=True)
 class PruneUnitsPass(Pass):
-    """Remove the units that the selection (or a given plan) drops; see the module docstring."""
+    """Remove the units a plan drops; see the module docstring.
+
+    Where the plan comes from, first match wins: ``plan`` (a saved plan replayed); this pass's own
+    ``importance``/target (the planner for that name, :func:`.planner_base.planner_for`); the last
+    planner a pipeline listed before this pass (``plan-mip{...},prune-units``).
+    """
 
     name: ClassVar[str] = "prune-units"
-    importance: str = "l1"
-    prune_ratio: float | None = None
-    flops_budget: float | None = None
-    min_keep: int = 1
-    round_to: int = 1
+    importance: str | None = None
+    target: Target = field(default_factory=Target)
     leaf_modules: tuple[str, ...] = ()
     plan: Plan | None = field(default=None, compare=False)
 
+    def _planned(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+        if self.importance is not None or self.target.is_set:
+            self.target.require()
+            return am.get(planner_for(self.importance or "l1", self.target, self.leaf_modules), gm)
+        if am.planned is not None:
+            return am.planned
+        raise UsageError("prune-units has no plan: give it a target (prune-ratio or flops-budget), a saved plan, "
+                         "or run a planner before it in the pipeline (plan-greedy, plan-mip)")
+
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
-        plan = self.plan
-        if plan is None:
-            plan = am.get(SelectUnitsAnalysis(self.importance, self.prune_ratio, self.flops_budget,
-                                              self.min_keep, self.round_to, self.leaf_modules), gm)
+        planned = None if self.plan is not None else self._planned(gm, am)
+        plan = self.plan if self.plan is not None else planned.plan  # type: ignore[union-attr]
         kept = plan.kept_mask(graph)
         macs_before, macs_after = graph.macs(), graph.macs(kept)
-        if plan.bias_shift:  # mean replacement: removed inputs' means folded into their readers' biases
+        if plan.bias_shift:  # removed inputs' constant contributions folded into their readers' biases
             fold_bias_shift(gm, plan.bias_shift)
         changed = apply_plan(gm, graph, kept) if not kept.all() else []
-        am.context.report["prune"] = {
-            "plan": plan.to_dict(),
-            "units_removed": int((~kept).sum()),
-            "units_total": int(graph.n_units),
-            "predicted_macs_before": macs_before,
-            "predicted_macs_after": macs_after,
-            "rewritten": changed,
-        }
-        log.info("removed %d of %d units; rewrote %d nodes", int((~kept).sum()), graph.n_units, len(changed))
-        return PassResult(gm, modified=bool(changed))
+        outcome = PruneOutcome(plan, planned, int((~kept).sum()), int(graph.n_units), macs_before, macs_after, changed)
+        log.info("removed %d of %d units; rewrote %d nodes", outcome.units_removed, graph.n_units, len(changed))
+        return PassResult(gm, modified=bool(changed), outcome=outcome)

@@ -231,7 +231,7 @@ def test_bench_bad_file_is_one_line(tmp_path: Path) -> None:
 def test_passes_lists_the_registry() -> None:
     code, stdout, _ = run("passes")
     assert code == 0
-    for name in ("unit-groups", "importance-l1", "importance-taylor", "select-units", "prune-units"):
+    for name in ("unit-groups", "importance-l1", "importance-taylor", "plan-greedy", "plan-mip", "prune-units"):
         assert name in stdout
 
 

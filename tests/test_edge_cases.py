@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import oamipc
-from oamipc.driver import CompileResult, FileJob, compile_file
+from oamipc.driver import CompileResult, FileJob, ModelSource, compile_file
 from oamipc.errors import OamipcError, PlanError, TraceError
 from oamipc.export import export_onnx, verify_onnx
 from oamipc.passes import UnitGroupAnalysis
@@ -249,8 +249,9 @@ def test_in_place_input_model_through_compile_file(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 6)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x, y=rng.integers(0, 3, 40), x_test=x[:20], y_test=rng.integers(0, 3, 20))
-    job = FileJob(str(tmp_path / "model.pt"), str(tmp_path / "pruned.onnx"), model_class="tests.test_edge_cases:InPlaceNet",
-                  data=str(tmp_path / "data.npz"), bench=False)
+    source = ModelSource(str(tmp_path / "model.pt"), model_class="tests.test_edge_cases:InPlaceNet",
+                         data=str(tmp_path / "data.npz"))
+    job = FileJob(source, str(tmp_path / "pruned.onnx"), bench=False)
     report = compile_file(job, importance="l1", prune_ratio=0.5)
     assert report["onnx"]["passed"] and report["prune"]["units_removed"] == 4
     assert np.array_equal(np.load(tmp_path / "data.npz")["x"], x)
@@ -431,7 +432,7 @@ def test_every_unit_would_be_pruned_keeps_min_keep(min_keep: int, tmp_path: Path
 
 def test_unreachable_budget_and_empty_plan_are_plan_errors() -> None:
     x = torch.randn(2, 6)
-    with pytest.raises(PlanError, match=r"unreachable.*every group is at its minimum width.*--min-keep"):
+    with pytest.raises(PlanError, match=r"unreachable.*every group is at its minimum width.*min_keep"):
         _compile(TwoHeads(), (x,), flops_budget=0.01, min_keep=2)
     plan = _compile(TwoHeads(), (x,), prune_ratio=0.0).plan
     assert plan is not None

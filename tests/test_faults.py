@@ -277,16 +277,16 @@ def test_nan_solution_values_are_ignored(model: Path, out: Path, private_tmp: Pa
 def test_final_plan_is_checked_against_the_target(model: Path, out: Path, private_tmp: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the MILP stages hand back, a plan over the budget falls back to the warm start."""
-    from oamipc.passes import importance_mip
+    from oamipc.passes import plan_mip
 
-    real = importance_mip.plan_budget
+    real = plan_mip.plan_budget
 
     def broken_plan_budget(*args: Any, **kwargs: Any) -> Any:
         kept, solver = real(*args, **kwargs)
         kept[:] = True
         return kept, solver
 
-    monkeypatch.setattr(importance_mip, "plan_budget", broken_plan_budget)
+    monkeypatch.setattr(plan_mip, "plan_budget", broken_plan_budget)
     run = Run(compile_args(model, out), out)
     assert run.code == 0, run.stderr
     assert "over the budget" in run.report["mip"]["fallback"]

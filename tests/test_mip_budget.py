@@ -13,9 +13,11 @@ import torch
 import oamipc
 from oamipc.errors import UsageError
 from oamipc.passes import UnitGroupAnalysis
-from oamipc.passes.mip.budget import BudgetSolver, Calibration, MipOptions
+from oamipc.passes.mip.budget import BudgetSolver, Calibration
+from oamipc.passes.mip.options import MipOptions
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.solver import solve
+from oamipc.target import Target
 from oamipc.tracing import trace
 
 from .models import ZOO, example_input
@@ -41,8 +43,7 @@ def test_mac_constraint_equals_the_cost_model(name: str) -> None:
         current = rng.random(graph.n_units) < 0.7
         free = [u for u in group.units if u not in group.pinned]
         # spend_budget off: its lower bound on the MACs would make most random fixings infeasible.
-        bs = BudgetSolver(gm, graph, calib, MipOptions(spend_budget=False), prune_ratio=None, flops_budget=1.0, min_keep=1,
-                          round_to=1, forced=set())
+        bs = BudgetSolver(gm, graph, calib, MipOptions(spend_budget=False), Target(flops_budget=1.0), forced=set())
         choice = rng.random(len(free)) < 0.5
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
         for u, c in zip(free, choice):  # fixed after creation: PuLP resets a binary's bounds to [0, 1]
@@ -123,8 +124,8 @@ def test_plan_violations_flags_a_plan_spending_less_than_its_start() -> None:
     start = graph.all_kept()
     smaller = start.copy()
     smaller[next(g for g in graph.groups if g.prunable).units[0]] = False
-    rules = {"fixed_count": False, "min_keep": 1, "round_to": 1, "flops_budget": 1.0}
-    assert plan_violations(graph, smaller, start, **rules) == []
-    [problem] = plan_violations(graph, smaller, start, spend=True, **rules)
+    target = Target(flops_budget=1.0)
+    assert plan_violations(graph, smaller, start, target) == []
+    [problem] = plan_violations(graph, smaller, start, target, spend=True)
     assert "less than the 1.0000 of the plan it started from (spend_budget)" in problem
-    assert plan_violations(graph, start, smaller, spend=True, **rules) == []  # adding units is allowed
+    assert plan_violations(graph, start, smaller, target, spend=True) == []  # adding units is allowed

@@ -15,6 +15,7 @@ from oamipc.passes.mip.budget import group_order, nonlinear_elements_after, unit
 from oamipc.passes.mip.joint import JointStage
 from oamipc.passes.mip.masked import MaskedNetwork, margins
 from oamipc.surgery import apply_plan
+from oamipc.target import Target
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
 
@@ -82,7 +83,7 @@ def _stage(gm, graph, x, kept, budget, radius_time=5.0):
     y = z.argmax(1)
     free = [u for g in graph.groups for u in g.units if u not in g.pinned]
     stage = JointStage(net, graph, x, y, margins(z, y), free=free, magnitude=unit_magnitude(gm, graph),
-                       flops_budget=budget, fixed_count=False, min_keep=1, round_to=1, solver="highs",
+                       target=Target(flops_budget=budget), solver="highs",
                        time_limit=radius_time, threads=1, tie_reward=0.0)
     return net, stage, y, margins(z, y)
 

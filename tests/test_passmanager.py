@@ -13,11 +13,12 @@ from torch import fx, nn
 
 import oamipc.passes  # noqa: F401 - registers the pass library
 from oamipc.errors import PlanError, UsageError
-from oamipc.passes import CostAnalysis, L1Importance, PruneUnitsPass, UnitGroupAnalysis
+from oamipc.passes import CostAnalysis, L1Importance, MipOptions, PlanMipAnalysis, PruneUnitsPass, UnitGroupAnalysis
 from oamipc.passmanager import (
     Analysis, AnalysisManager, CompileContext, Pass, PassManager, PassResult, options_of, register, registry,
 )
 from oamipc.pipeline import parse_pipeline
+from oamipc.target import Target
 from oamipc.tracing import trace
 
 CALLS: Counter[str] = Counter()
@@ -206,11 +207,13 @@ def test_verify_repropagates_shapes_after_a_modifying_pass(setup) -> None:
     gm, am = setup
     fc1_shape = next(n for n in gm.graph.nodes if n.name == "fc1").meta["tensor_meta"].shape
     assert tuple(fc1_shape) == (2, 8)
-    gm = PassManager([PruneUnitsPass(prune_ratio=0.5)]).run(gm, am)
+    manager = PassManager([PruneUnitsPass(target=Target(prune_ratio=0.5))])
+    gm = manager.run(gm, am)
     node = next(n for n in gm.graph.nodes if n.name == "fc1")
     assert tuple(node.meta["tensor_meta"].shape) == (2, 4)
     assert am.get(CostAnalysis(), gm).layers["fc1"]["out"] == 4
-    assert am.context.report["prune"]["units_removed"] == 4
+    [(name, outcome)] = manager.outcomes
+    assert name == "prune-units" and outcome.units_removed == 4
 
 
 def test_error_in_a_pass_names_it_and_what_ran_before(setup) -> None:
@@ -260,16 +263,16 @@ def test_register_rejects_nameless_and_duplicate_names() -> None:
 
 def test_parse_pipeline_with_options() -> None:
     steps = parse_pipeline("prune-units{importance=l2,prune-ratio=0.5},costs")
-    assert steps == [PruneUnitsPass(importance="l2", prune_ratio=0.5), CostAnalysis()]
-    assert type(steps[0].prune_ratio) is float
+    assert steps == [PruneUnitsPass(importance="l2", target=Target(prune_ratio=0.5)), CostAnalysis()]
+    assert type(steps[0].target.prune_ratio) is float
 
 
 def test_parse_pipeline_converts_every_field_type() -> None:
     [step] = parse_pipeline(" prune-units { flops-budget = 0.25 , min-keep=3, round_to=8, "
                             "leaf-modules=layer1;layer2.0, prune-ratio=none } ")
-    assert step == PruneUnitsPass(flops_budget=0.25, min_keep=3, round_to=8, leaf_modules=("layer1", "layer2.0"),
-                                  prune_ratio=None)
-    assert type(step.min_keep) is int
+    assert step == PruneUnitsPass(target=Target(flops_budget=0.25, min_keep=3, round_to=8),
+                                  leaf_modules=("layer1", "layer2.0"))
+    assert type(step.target.min_keep) is int
 
 
 def test_parse_pipeline_accepts_bare_names_and_empty_braces() -> None:
@@ -280,7 +283,7 @@ def test_unknown_pass_lists_known_names() -> None:
     with pytest.raises(UsageError, match="unknown pass 'prune-unit' in pipeline; known passes: ") as info:
         parse_pipeline("costs,prune-unit{prune-ratio=0.5}")
     message = str(info.value)
-    for name in ("prune-units", "unit-groups", "costs", "select-units", "importance-l1"):
+    for name in ("prune-units", "unit-groups", "costs", "plan-greedy", "plan-mip", "importance-l1"):
         assert name in message
 
 
@@ -334,8 +337,35 @@ def test_options_of_lists_dataclass_fields() -> None:
     assert options_of(int) == {}
 
 
-def test_values_the_parser_accepts_are_still_validated_when_run(setup) -> None:
+def test_targets_are_validated_when_the_pipeline_is_parsed() -> None:
+    """A target is checked once, where it enters, and the message spells options as the string does."""
+    with pytest.raises(UsageError, match=r"^pass 'prune-units': prune-ratio must be in \[0, 1\), got 1.5$"):
+        parse_pipeline("prune-units{prune-ratio=1.5}")
+    with pytest.raises(UsageError, match=r"^pass 'plan-mip': MIP formulation 'magic' is unknown"):
+        parse_pipeline("plan-mip{formulation=magic}")
+
+
+def test_the_mip_planner_and_its_options_are_nameable_in_a_pipeline() -> None:
+    plan_mip, prune = parse_pipeline("plan-mip{solver=highs,time-limit=7.5,flops-budget=0.4,layer-nodes=50},"
+                                     "prune-units")
+    assert isinstance(plan_mip, PlanMipAnalysis) and isinstance(prune, PruneUnitsPass)
+    assert plan_mip.target == Target(flops_budget=0.4)
+    assert plan_mip.options == MipOptions(time_limit=7.5, layer_nodes=50)
+    assert prune.importance is None and not prune.target.is_set  # it applies the planner's plan
+    # Options are the cache key: other options, another analysis.
+    assert plan_mip != parse_pipeline("plan-mip{time-limit=8,flops-budget=0.4,layer-nodes=50}")[0]
+
+
+def test_prune_units_applies_the_plan_of_the_planner_before_it(setup) -> None:
     gm, am = setup
-    steps = parse_pipeline("prune-units{prune-ratio=1.5}")
-    with pytest.raises(UsageError, match=r"^pass prune-units: --prune-ratio must be in \[0, 1\), got 1.5$"):
-        PassManager(steps).run(gm, am)
+    manager = PassManager(parse_pipeline("plan-greedy{importance=l2,prune-ratio=0.5},prune-units"))
+    gm = manager.run(gm, am)
+    [(_, outcome)] = manager.outcomes
+    assert outcome.plan.criterion == "l2" and outcome.units_removed == 4
+    assert outcome.planned is not None and outcome.planned.plan is outcome.plan
+
+
+def test_prune_units_without_a_plan_says_how_to_give_one(setup) -> None:
+    gm, am = setup
+    with pytest.raises(UsageError, match="prune-units has no plan: give it a target"):
+        PassManager(parse_pipeline("prune-units")).run(gm, am)

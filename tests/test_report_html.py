@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from oamipc.cli import app
-from oamipc.driver import FileJob, compile_file
+from oamipc.driver import FileJob, ModelSource, compile_file
 from oamipc.report_html import FIGURE_COLOURS, Page, build_page, load_report, write_html
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -41,7 +41,7 @@ def run(*args: str) -> tuple[int, str, str]:
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A real compile report with a (short) latency measurement, as it would be saved to JSON."""
     out = tmp_path_factory.mktemp("compile") / "small.onnx"
-    job = FileJob(MLP, str(out), data="digits", bench=True, bench_batches=(1, 8), bench_runs=5)
+    job = FileJob(ModelSource(MLP, data="digits"), str(out), bench=True, bench_batches=(1, 8), bench_runs=5)
     rep = compile_file(job, importance="l1", prune_ratio=0.5)
     return json.loads(json.dumps(rep, default=str))
 

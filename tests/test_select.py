@@ -19,9 +19,10 @@ import torch
 from torch import fx, nn
 
 from oamipc.errors import OamipcError, PlanError, UsageError
-from oamipc.passes import SelectUnitsAnalysis, UnitGroupAnalysis, apply_plan, count_costs, select
+from oamipc.passes import PlanGreedyAnalysis, UnitGroupAnalysis, apply_plan, count_costs, select
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.plan import Plan
+from oamipc.target import Target, TargetError
 from oamipc.tracing import propagate_shapes, trace
 from oamipc.units import UnitGraph
 
@@ -74,7 +75,7 @@ def wide() -> tuple[fx.GraphModule, UnitGraph]:
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.5, 0.75, 0.99])
 def test_ratio_drops_floor_of_ratio_times_size_per_group(wide, ratio: float) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=ratio, flops_budget=None)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=ratio, flops_budget=None))
     sizes = {g.name: g.size for g in prunable(graph)}
     assert sizes == {"fc1": 10, "fc2": 20, "fc3": 32}
     for g in prunable(graph):
@@ -85,7 +86,7 @@ def test_ratio_drops_floor_of_ratio_times_size_per_group(wide, ratio: float) -> 
 
 def test_ratio_rounding_keeps_more_not_fewer(wide) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=0.25, flops_budget=None)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.25, flops_budget=None))
     counts = {g.name: kept_count(kept, g) for g in prunable(graph)}
     # 0.25 * 10 = 2.5 -> drop 2 (keep 8); 0.25 * 20 = 5 -> keep 15; 0.25 * 32 = 8 -> keep 24.
     assert counts == {"fc1": 8, "fc2": 15, "fc3": 24}
@@ -94,7 +95,7 @@ def test_ratio_rounding_keeps_more_not_fewer(wide) -> None:
 def test_ratio_keeps_the_highest_scored_units(wide) -> None:
     _, graph = wide
     scores = rng_scores(graph, seed=3)
-    kept = select(graph, scores, prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.5, flops_budget=None))
     for g in prunable(graph):
         n = g.size - g.size // 2
         best = sorted(g.units, key=lambda u: -scores[u])[:n]
@@ -103,7 +104,7 @@ def test_ratio_keeps_the_highest_scored_units(wide) -> None:
 
 def test_ratio_zero_keeps_everything(wide) -> None:
     _, graph = wide
-    assert select(graph, rng_scores(graph), prune_ratio=0.0, flops_budget=None).all()
+    assert select(graph, rng_scores(graph), Target(prune_ratio=0.0, flops_budget=None)).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_ratio_zero_keeps_everything(wide) -> None:
 @pytest.mark.parametrize("min_keep", [1, 3, 12, 50])
 def test_min_keep_is_honoured(wide, min_keep: int) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=0.99, flops_budget=None, min_keep=min_keep)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.99, flops_budget=None, min_keep=min_keep))
     for g in prunable(graph):
         ratio_count = g.size - math.floor(0.99 * g.size)  # 1 for every group here
         assert kept_count(kept, g) == min(g.size, max(min_keep, ratio_count)), g.name
@@ -122,18 +123,18 @@ def test_min_keep_is_honoured(wide, min_keep: int) -> None:
 
 def test_min_keep_only_raises_counts(wide) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=0.25, flops_budget=None, min_keep=12)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.25, flops_budget=None, min_keep=12))
     counts = {g.name: kept_count(kept, g) for g in prunable(graph)}
     assert counts == {"fc1": 10, "fc2": 15, "fc3": 24}
 
 
 def test_round_to_gives_multiples_where_width_allows(wide) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=0.5, flops_budget=None, round_to=8)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.5, flops_budget=None, round_to=8))
     counts = {g.name: kept_count(kept, g) for g in prunable(graph)}
     # Ratio asks 5/10/16 kept; rounding goes up to the next multiple of 8 (or the full width).
     assert counts == {"fc1": 8, "fc2": 16, "fc3": 16}
-    kept = select(graph, rng_scores(graph), prune_ratio=0.1, flops_budget=None, round_to=8)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.1, flops_budget=None, round_to=8))
     counts = {g.name: kept_count(kept, g) for g in prunable(graph)}
     # 9 of 10 -> no multiple of 8 in [9, 10) so the full width; 18 of 20 -> 20 (full); 29 of 32 -> 32.
     assert counts == {"fc1": 10, "fc2": 20, "fc3": 32}
@@ -141,7 +142,7 @@ def test_round_to_gives_multiples_where_width_allows(wide) -> None:
 
 def test_round_to_with_min_keep(wide) -> None:
     _, graph = wide
-    kept = select(graph, rng_scores(graph), prune_ratio=0.99, flops_budget=None, round_to=8, min_keep=9)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=0.99, flops_budget=None, round_to=8, min_keep=9))
     counts = {g.name: kept_count(kept, g) for g in prunable(graph)}
     assert counts == {"fc1": 10, "fc2": 16, "fc3": 16}
 
@@ -174,11 +175,11 @@ def test_grouped_conv_blocks_keep_equal_counts() -> None:
     scores = np.zeros(graph.n_units)
     scores[g.blocks[0]] = [10, 11, 12, 13]  # every top-4 unit is in block 0
     scores[g.blocks[1]] = [1, 2, 3, 4]
-    kept = select(graph, scores, prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.5, flops_budget=None))
     assert [int(kept[b].sum()) for b in g.blocks] == [2, 2]
     assert kept[[g.blocks[0][2], g.blocks[0][3], g.blocks[1][2], g.blocks[1][3]]].all()
     # min_keep over blocks: 3 units -> 2 per block.
-    kept = select(graph, scores, prune_ratio=0.99, flops_budget=None, min_keep=3)
+    kept = select(graph, scores, Target(prune_ratio=0.99, flops_budget=None, min_keep=3))
     assert [int(kept[b].sum()) for b in g.blocks] == [2, 2]
     pruned = copy.deepcopy(gm)
     apply_plan(pruned, graph, kept)
@@ -212,11 +213,11 @@ def test_split_pieces_never_empty() -> None:
     assert sorted(map(sorted, (f.tolist() for f in graph.floors))) == sorted([piece_a, piece_b])
     scores = np.zeros(graph.n_units)
     scores[c0.units] = [0.2, 0.1, 5, 6, 7, 8, 9, 10]  # piece a holds the two worst units
-    kept = select(graph, scores, prune_ratio=0.75, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.75, flops_budget=None))
     # 8 - 6 = 2 kept: the best of piece a (forced) and the best overall (in piece b).
     assert np.array(c0.units)[kept[c0.units]].tolist() == [piece_a[0], piece_b[-1]]
     # Even a ratio that asks for one unit keeps one per piece.
-    kept = select(graph, scores, prune_ratio=0.99, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.99, flops_budget=None))
     assert kept[piece_a].sum() == 1 and kept[piece_b].sum() == 1
     pruned = copy.deepcopy(gm)
     apply_plan(pruned, graph, kept)
@@ -249,7 +250,7 @@ def test_flops_budget_is_met_on_the_rebuilt_network(resnet, budget: float) -> No
     gm, graph, x = resnet
     total = count_costs(gm).macs
     assert graph.macs() == total
-    kept = select(graph, rng_scores(graph), prune_ratio=None, flops_budget=budget)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=None, flops_budget=budget))
     macs = _pruned_macs(gm, graph, kept, x)
     assert macs <= budget * total
     assert macs == graph.macs(kept)
@@ -261,13 +262,13 @@ def test_flops_budget_is_met_on_the_rebuilt_network(resnet, budget: float) -> No
 
 def test_flops_budget_one_keeps_everything(resnet) -> None:
     _, graph, _ = resnet
-    assert select(graph, rng_scores(graph), prune_ratio=None, flops_budget=1.0).all()
+    assert select(graph, rng_scores(graph), Target(prune_ratio=None, flops_budget=1.0)).all()
 
 
 def test_flops_budget_respects_min_keep_and_round_to(resnet) -> None:
     gm, graph, x = resnet
     total = count_costs(gm).macs
-    kept = select(graph, rng_scores(graph), prune_ratio=None, flops_budget=0.4, min_keep=4, round_to=4)
+    kept = select(graph, rng_scores(graph), Target(prune_ratio=None, flops_budget=0.4, min_keep=4, round_to=4))
     assert _pruned_macs(gm, graph, kept, x) <= 0.4 * total
     for g in prunable(graph):
         n = kept_count(kept, g)
@@ -277,7 +278,7 @@ def test_flops_budget_respects_min_keep_and_round_to(resnet) -> None:
 def test_flops_budget_unreachable_is_a_plan_error(resnet) -> None:
     _, graph, _ = resnet
     with pytest.raises(PlanError, match="unreachable"):
-        select(graph, rng_scores(graph), prune_ratio=None, flops_budget=1e-6)
+        select(graph, rng_scores(graph), Target(prune_ratio=None, flops_budget=1e-6))
 
 
 def test_flops_budget_removes_low_scores_first() -> None:
@@ -289,7 +290,7 @@ def test_flops_budget_removes_low_scores_first() -> None:
     fc2_units = np.array(fc2.units)
     scores[fc2_units[:10]] = 0.01  # ten clearly useless units in fc2
     total = graph.macs()
-    kept = select(graph, scores, prune_ratio=None, flops_budget=(total - 1) / total)
+    kept = select(graph, scores, Target(prune_ratio=None, flops_budget=(total - 1) / total))
     removed = np.nonzero(~kept)[0].tolist()
     assert removed and set(removed) <= set(fc2_units[:10].tolist())
 
@@ -300,23 +301,25 @@ def test_flops_budget_removes_low_scores_first() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prune_ratio": None, "flops_budget": None}, "exactly one of --prune-ratio and --flops-budget"),
-    ({"prune_ratio": 0.5, "flops_budget": 0.5}, "exactly one of --prune-ratio and --flops-budget"),
-    ({"prune_ratio": -0.1, "flops_budget": None}, r"--prune-ratio must be in \[0, 1\), got -0.1"),
-    ({"prune_ratio": 1.0, "flops_budget": None}, r"--prune-ratio must be in \[0, 1\), got 1.0"),
-    ({"prune_ratio": 1.5, "flops_budget": None}, r"--prune-ratio must be in \[0, 1\)"),
-    ({"prune_ratio": float("nan"), "flops_budget": None}, r"--prune-ratio must be in \[0, 1\)"),
-    ({"prune_ratio": None, "flops_budget": 0.0}, r"--flops-budget must be in \(0, 1\], got 0.0"),
-    ({"prune_ratio": None, "flops_budget": -0.5}, r"--flops-budget must be in \(0, 1\]"),
-    ({"prune_ratio": None, "flops_budget": 1.01}, r"--flops-budget must be in \(0, 1\], got 1.01"),
-    ({"prune_ratio": 0.5, "flops_budget": None, "min_keep": 0}, "--min-keep must be at least 1, got 0"),
-    ({"prune_ratio": 0.5, "flops_budget": None, "round_to": 0}, "--round-to must be at least 1, got 0"),
+    ({"prune_ratio": None, "flops_budget": None}, "say how much to remove: give flops_budget or prune_ratio"),
+    ({"prune_ratio": 0.5, "flops_budget": 0.5}, "give one of prune_ratio and flops_budget, not both"),
+    ({"prune_ratio": -0.1, "flops_budget": None}, r"prune_ratio must be in \[0, 1\), got -0.1"),
+    ({"prune_ratio": 1.0, "flops_budget": None}, r"prune_ratio must be in \[0, 1\), got 1"),
+    ({"prune_ratio": 1.5, "flops_budget": None}, r"prune_ratio must be in \[0, 1\)"),
+    ({"prune_ratio": float("nan"), "flops_budget": None}, r"prune_ratio must be in \[0, 1\)"),
+    ({"prune_ratio": None, "flops_budget": 0.0}, r"flops_budget must be in \(0, 1\], got 0"),
+    ({"prune_ratio": None, "flops_budget": -0.5}, r"flops_budget must be in \(0, 1\]"),
+    ({"prune_ratio": None, "flops_budget": 1.01}, r"flops_budget must be in \(0, 1\], got 1.01"),
+    ({"prune_ratio": 0.5, "flops_budget": None, "min_keep": 0}, "min_keep must be at least 1, got 0"),
+    ({"prune_ratio": 0.5, "flops_budget": None, "round_to": 0}, "round_to must be at least 1, got 0"),
 ])
-def test_bad_arguments_raise_usage_error(wide, kwargs: dict, message: str) -> None:
+def test_bad_targets_raise_usage_errors_named_for_each_front_end(wide, kwargs: dict, message: str) -> None:
+    """A target is validated once, when it is made; the Python API names fields, the CLI flags."""
     _, graph = wide
-    with pytest.raises(UsageError, match=message) as info:
-        select(graph, rng_scores(graph), **kwargs)
+    with pytest.raises(TargetError, match=message) as info:
+        select(graph, rng_scores(graph), Target(**kwargs).require())
     assert isinstance(info.value, OamipcError) and info.value.exit_code == 2
+    assert "--" + info.value.field.replace("_", "-") in str(info.value.spelled("cli"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,15 +332,15 @@ def test_bad_arguments_raise_usage_error(wide, kwargs: dict, message: str) -> No
 def test_same_inputs_same_plan(resnet, target: dict) -> None:
     _, graph, _ = resnet
     scores = rng_scores(graph, seed=7)
-    a = select(graph, scores.copy(), **target)
-    b = select(graph, scores.copy(), **target)
+    a = select(graph, scores.copy(), Target(**target))
+    b = select(graph, scores.copy(), Target(**target))
     np.testing.assert_array_equal(a, b)
     assert not a.all()
 
 
 def test_ties_break_by_lower_unit_index(wide) -> None:
     _, graph = wide
-    kept = select(graph, np.ones(graph.n_units), prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, np.ones(graph.n_units), Target(prune_ratio=0.5, flops_budget=None))
     for g in prunable(graph):
         n = g.size - g.size // 2
         assert np.array(g.units)[kept[g.units]].tolist() == g.units[:n], g.name
@@ -348,7 +351,7 @@ def test_partial_ties_break_by_index_among_equals(wide) -> None:
     g = next(g for g in graph.groups if g.name == "fc1")
     scores = np.zeros(graph.n_units)
     scores[g.units] = [1, 5, 1, 5, 1, 1, 5, 1, 1, 1]  # three 5s, seven 1s
-    kept = select(graph, scores, prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.5, flops_budget=None))
     u = g.units
     assert np.array(u)[kept[u]].tolist() == [u[0], u[1], u[2], u[3], u[6]]
 
@@ -356,7 +359,7 @@ def test_partial_ties_break_by_index_among_equals(wide) -> None:
 def test_budget_ties_are_deterministic_with_equal_scores(resnet) -> None:
     _, graph, _ = resnet
     flat = np.ones(graph.n_units)
-    runs = [select(graph, flat, prune_ratio=None, flops_budget=0.5) for _ in range(3)]
+    runs = [select(graph, flat, Target(prune_ratio=None, flops_budget=0.5)) for _ in range(3)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r, runs[0])
     for g in prunable(graph):  # within a group, the lower indices survive
@@ -369,16 +372,18 @@ def test_budget_ties_are_deterministic_with_equal_scores(resnet) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_select_units_analysis_builds_a_plan_matching_select() -> None:
+def test_greedy_planner_builds_a_plan_matching_select() -> None:
     x = torch.randn(2, 4)
     gm = trace(Wide().eval(), (x,))
     am = AnalysisManager(CompileContext((x,)))
-    plan = am.get(SelectUnitsAnalysis(importance="l2", prune_ratio=0.5, round_to=4), gm)
+    planned = am.get(PlanGreedyAnalysis(importance="l2", target=Target(prune_ratio=0.5, round_to=4)), gm)
+    plan = planned.plan
     assert isinstance(plan, Plan) and plan.criterion == "l2"
     assert plan.settings["prune_ratio"] == 0.5 and plan.settings["round_to"] == 4
     widths = plan.widths()
     assert widths == {"fc1": (10, 8), "fc2": (20, 12), "fc3": (32, 16), "out": (3, 3)}
-    assert set(am.context.report["scores"]) == {"fc1", "fc2", "fc3"}
+    assert set(planned.scores) == {"fc1", "fc2", "fc3"}
+    assert planned.record is None  # the greedy planner has nothing of its own to report
 
 
 def test_plan_that_empties_a_group_is_a_plan_error(wide) -> None:

@@ -17,6 +17,7 @@ from torch import fx, nn
 from oamipc.passes import UnitGroupAnalysis, apply_plan, select
 from oamipc.passes.unit_groups import OUTPUT_REASON
 from oamipc.passmanager import AnalysisManager, CompileContext
+from oamipc.target import Target
 from oamipc.tracing import propagate_shapes, trace
 from oamipc.units import UnitGraph
 
@@ -292,7 +293,7 @@ def test_unsupported_op_is_a_barrier_that_pins_its_inputs(cls: type[nn.Module], 
     s1 = next(s for s in summary["groups"] if s["name"] == "c1")
     assert s1["pinned"] == 4 and not s1["prunable"] and any(op in r for r in s1["pinned_reasons"])
     # Selection keeps every pinned unit even at a high ratio.
-    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.75, flops_budget=None)
+    kept = select(graph, np.arange(graph.n_units, dtype=float), Target(prune_ratio=0.75, flops_budget=None))
     assert kept[g1.units].all()
     assert kept[group_of(graph, "c2").units].sum() == 2
 
@@ -319,7 +320,7 @@ def test_network_outputs_are_pinned_and_never_pruned() -> None:
         assert set(g.pinned.values()) == {OUTPUT_REASON}
     assert group_of(graph, "fc1").prunable and not group_of(graph, "fc1").pinned
     scores = np.zeros(graph.n_units)  # every unit scored as useless
-    kept = select(graph, scores, prune_ratio=0.9, flops_budget=None)
+    kept = select(graph, scores, Target(prune_ratio=0.9, flops_budget=None))
     assert kept[group_of(graph, "fc3").units].all() and kept[group_of(graph, "fc2").units].all()
     assert kept[group_of(graph, "fc1").units].sum() == 8 - 7
     pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
@@ -360,7 +361,7 @@ def test_leaf_module_is_opaque_and_unpruned() -> None:
     assert (layer(graph, "c2").in_units == -1).all()
 
     inner_before = copy.deepcopy(model.block[0].state_dict())
-    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, np.arange(graph.n_units, dtype=float), Target(prune_ratio=0.5, flops_budget=None))
     pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
     assert pruned.get_submodule("c2").out_channels == 3, "the rest of the network is still pruned"
     inner = pruned.get_submodule("block")[0]
@@ -466,7 +467,7 @@ def test_width_checked_by_torch_assert_is_pinned() -> None:
     assert set(g1.pinned) == set(g1.units) and all("torch._assert" in why for why in g1.pinned.values())
     assert g2.prunable and not g2.pinned
     assert [b.reason for b in graph.barriers] == ["checks a channel width (torch._assert)"]
-    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, np.arange(graph.n_units, dtype=float), Target(prune_ratio=0.5, flops_budget=None))
     pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
     assert pruned.get_submodule("fc2").out_features == 4 and pruned(x).shape == (4, 3)
 
@@ -500,7 +501,7 @@ def test_layers_sharing_a_parameter_are_barriers() -> None:
     assert (barrier.node, barrier.reason) == ("a", "shares a parameter with b (tied weights)")
     assert not group_of(graph, "inp").prunable
     assert not any(g.producers in (["a"], ["b"]) for g in graph.groups)
-    kept = select(graph, np.arange(graph.n_units, dtype=float), prune_ratio=0.5, flops_budget=None)
+    kept = select(graph, np.arange(graph.n_units, dtype=float), Target(prune_ratio=0.5, flops_budget=None))
     pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
     assert pruned.get_submodule("a").weight is pruned.get_submodule("b").weight
     assert pruned.get_submodule("mid").out_features == 3

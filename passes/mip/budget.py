@@ -61,15 +61,17 @@ import torch
 from torch import fx
 
 from oamipc import ir
-from oamipc.errors import PlanError, SolverError, UsageError
+from oamipc.errors import SolverError, UsageError
 from oamipc.passmanager import AnalysisManager
-from oamipc.solver import complete_solution, require_solver, solve
+from oamipc.solver import complete_solution, solve
 from oamipc.surgery import apply_plan, fold_bias_shift
+from oamipc.target import Target
 from oamipc.units import UnitGraph, UnitGroup
 
-from .encoder import BOUNDS, Encoder, EncodingStats, margin_hinge
+from .encoder import Encoder, EncodingStats, margin_hinge
 from .joint import JointStage
 from .masked import MaskedNetwork, margins
+from .options import DEFAULT_SAMPLES, MipOptions
 from .means import bias_shift, reading_means
 from .rows import as_keep, group_rows, mac_expression, plan_violations
 
@@ -77,68 +79,6 @@ log = logging.getLogger(__name__)
 
 TIE_REWARD = 1e-3  # total weight of the magnitude tie-breaker per group, in units of the mean hinge
 WARM_CRITERIA = ("l2", "l1", "taylor", "activation")
-DEFAULT_SAMPLES = 64
-
-
-@dataclass(frozen=True)
-class MipOptions:
-    """Settings of the MILP analyses (``--formulation``, ``--solver``, ``--time-limit``, ...)."""
-
-    formulation: str = "budget"
-    solver: str = "highs"
-    time_limit: float = 20.0  # seconds per solve: a safety net (node limits end solves reproducibly)
-    total_time_limit: float = 120.0  # seconds for all sub-problems
-    gap: float | None = None
-    threads: int | None = None
-    samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
-    jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
-    relax: bool = False  # paper: solve the LP relaxation
-    mean_replacement: bool = False  # model removed units as their mean at Linear readers; kept if held-out says so
-    bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
-    tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
-    holdout: int = 448
-    sweeps: int = 1
-    warm: str = "auto"  # a criterion name, or the best cheap one on held-out data
-    joint: bool = True  # the joint linearised stage after the layer sub-problems
-    joint_radius: int = 0  # first trust radius (units flipped); 0: a tenth of the free units, at least 4
-    joint_rounds: int = 30
-    joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
-    layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
-    joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
-    exact_binaries: int = 4000  # layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage
-    margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
-    accept: str = "hinge"  # held-out acceptance: hinge | accuracy (errors first, hinge breaks ties)
-    # Budget target: no MILP may lower the MACs of the plan it starts from (it swaps or adds units,
-    # never only drops them), so the plan keeps the capacity a later fine-tune needs.
-    spend_budget: bool = True
-
-    @classmethod
-    def from_context(cls, am: AnalysisManager) -> MipOptions:
-        raw = dict(am.context.options.get("mip", {}))
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UsageError(f"unknown MIP option(s): {', '.join(sorted(unknown))}")
-        opts = cls(**raw)
-        if opts.formulation not in ("budget", "paper"):
-            raise UsageError(f"--formulation {opts.formulation!r}: use 'budget' (default) or 'paper'")
-        if opts.mean_replacement and opts.formulation != "budget":
-            raise UsageError("--mean-replacement applies to --formulation budget only")
-        if opts.relax and opts.formulation != "paper":
-            raise UsageError("--relax applies to --formulation paper only")
-        if opts.bounds not in BOUNDS:
-            raise UsageError(f"--bounds {opts.bounds!r}: use one of {', '.join(BOUNDS)}")
-        if opts.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1, got {opts.jobs}")
-        if opts.samples is not None and opts.samples < 1:
-            raise UsageError(f"--mip-samples must be >= 1, got {opts.samples}")
-        if opts.time_limit <= 0 or opts.total_time_limit <= 0:
-            raise UsageError("--time-limit must be positive")
-        if opts.accept not in ("hinge", "accuracy"):
-            raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
-        if not 0.0 < opts.margin_cap <= 1.0:
-            raise UsageError(f"MIP margin cap {opts.margin_cap}: give a quantile in (0, 1]")
-        require_solver(opts.solver)  # a missing solver fails here, before minutes of other work
-        return opts
 
 
 @dataclass
@@ -260,17 +200,13 @@ def unit_magnitude(gm: fx.GraphModule, graph: UnitGraph) -> np.ndarray:
 class BudgetSolver:
     """Runs the layer-decomposed budgeted MILP from a warm-start plan (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, graph: UnitGraph, calib: Calibration, opts: MipOptions, *,
-                 prune_ratio: float | None, flops_budget: float | None, min_keep: int, round_to: int,
+    def __init__(self, gm: fx.GraphModule, graph: UnitGraph, calib: Calibration, opts: MipOptions, target: Target, *,
                  forced: set[int], progress: Any = None) -> None:
         self.gm = gm
         self.graph = graph
         self.calib = calib
         self.opts = opts
-        self.prune_ratio = prune_ratio
-        self.flops_budget = flops_budget
-        self.min_keep = min_keep
-        self.round_to = max(1, round_to)
+        self.target = target.require()
         self.forced = forced
         self.progress = progress
         self.magnitude = unit_magnitude(gm, graph)
@@ -369,12 +305,10 @@ class BudgetSolver:
         if not free:
             return current
         stage = JointStage(self.net, self.graph, self.calib.x, self.calib.y, self.calib.margin, free=free,
-                           magnitude=self.magnitude, flops_budget=self.flops_budget,
-                           fixed_count=self.prune_ratio is not None, min_keep=self.min_keep, round_to=self.round_to,
-                           solver=self.opts.solver, time_limit=self.opts.time_limit, threads=self.opts.threads,
-                           tie_reward=TIE_REWARD, node_limit=self.opts.joint_nodes,
-                           competitors=self.opts.joint_rivals,
-                           spend=self.opts.spend_budget and self.flops_budget is not None)
+                           magnitude=self.magnitude, target=self.target, solver=self.opts.solver,
+                           time_limit=self.opts.time_limit, threads=self.opts.threads, tie_reward=TIE_REWARD,
+                           gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
+                           spend=self.opts.spend_budget and self.target.kind == "macs")
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
@@ -436,9 +370,7 @@ class BudgetSolver:
         candidate = current.copy()
         for u in free:
             candidate[u] = (m[u].varValue or 0.0) > 0.5
-        broken = plan_violations(self.graph, candidate, current, fixed_count=self.prune_ratio is not None,
-                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget,
-                                 spend=self.opts.spend_budget)
+        broken = plan_violations(self.graph, candidate, current, self.target, spend=self.opts.spend_budget)
         if broken:
             record.outcome = "invalid"
             record.note = "; ".join(broken)
@@ -449,17 +381,16 @@ class BudgetSolver:
     def _target(self, prob: pulp.LpProblem, group: UnitGroup, free: list[int], m: dict[int, pulp.LpVariable],
                 current: np.ndarray) -> None:
         keep = as_keep(m)
-        group_rows(prob, group, keep, current, fixed_count=self.prune_ratio is not None, min_keep=self.min_keep,
-                   round_to=self.round_to, prefix=f"g{group.id}_")
-        if self.prune_ratio is None:
+        group_rows(prob, group, keep, current, self.target, prefix=f"g{group.id}_")
+        if self.target.kind == "macs":
             self._macs(prob, group, m, current)
 
     def _macs(self, prob: pulp.LpProblem, group: UnitGroup, m: dict[int, pulp.LpVariable],
               current: np.ndarray) -> None:
         """Exact MACs of the pruned network <= budget (:func:`.rows.mac_expression`)."""
-        assert self.flops_budget is not None
+        assert self.target.flops_budget is not None
         macs = mac_expression(prob, self.graph, as_keep(m), current, prefix=f"g{group.id}_")
-        prob += macs <= float(self.flops_budget) * self.total_macs
+        prob += macs <= float(self.target.flops_budget) * self.total_macs
         if self.opts.spend_budget:
             prob += macs >= self.graph.macs(current)
 
@@ -478,12 +409,8 @@ def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
 
 
 def plan_budget(gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, warm: np.ndarray, opts: MipOptions,
-                calib: Calibration, prune_ratio: float | None, flops_budget: float | None, min_keep: int,
-                round_to: int, forced: set[int]) -> tuple[np.ndarray, BudgetSolver]:
+                calib: Calibration, target: Target, forced: set[int]) -> tuple[np.ndarray, BudgetSolver]:
     """Improve the plan ``warm`` with the budgeted sub-problems; return it and the records."""
-    if prune_ratio is None and flops_budget is None:
-        raise PlanError("the MILP needs a target: --flops-budget or --prune-ratio")
-    solver = BudgetSolver(gm, graph, calib, opts, prune_ratio=prune_ratio, flops_budget=flops_budget,
-                          min_keep=min_keep, round_to=round_to, forced=forced, progress=am.context.tick)
+    solver = BudgetSolver(gm, graph, calib, opts, target, forced=forced, progress=am.context.tick)
     kept = solver.run(warm)
     return kept, solver

@@ -51,6 +51,7 @@ import torch
 
 from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
+from oamipc.target import Target
 from oamipc.units import UnitGraph
 
 from .masked import MaskedNetwork
@@ -82,20 +83,19 @@ class JointStage:
     """Trust-region rounds of the joint linearised MILP (see the module docstring)."""
 
     def __init__(self, net: MaskedNetwork, graph: UnitGraph, x: torch.Tensor, y: torch.Tensor,
-                 target: torch.Tensor, *, free: list[int], magnitude: np.ndarray, flops_budget: float | None,
-                 fixed_count: bool, min_keep: int, round_to: int, solver: str, time_limit: float,
-                 threads: int | None, tie_reward: float, node_limit: int | None = None, competitors: int = 2,
+                 margin: torch.Tensor, *, free: list[int], magnitude: np.ndarray, target: Target, solver: str,
+                 time_limit: float, threads: int | None, tie_reward: float, gap: float | None = None,
+                 node_limit: int | None = None, competitors: int = 2,
                  screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False) -> None:
         self.net = net
         self.graph = graph
-        self.x, self.y, self.target = x, y, target
+        self.x, self.y, self.margin = x, y, margin
         self.free = free
         self.magnitude = magnitude
-        self.flops_budget = flops_budget
+        self.target = target
+        self.flops_budget = target.flops_budget
         self.spend = spend  # never fewer MACs than the round's starting plan (MipOptions.spend_budget)
-        self.fixed_count = fixed_count
-        self.min_keep = min_keep
-        self.round_to = round_to
+        self.gap = gap
         self.solver = solver
         self.time_limit = time_limit
         self.threads = threads
@@ -181,7 +181,7 @@ class JointStage:
             zy = z[..., idx, y]
             other = z.copy()
             other[..., idx, y] = -np.inf
-            return np.clip(self.target.numpy() - (zy - other.max(-1)), 0.0, None).mean(-1)
+            return np.clip(self.margin.numpy() - (zy - other.max(-1)), 0.0, None).mean(-1)
 
         d_loss = hinge(z0[None] + d) - hinge(z0)
         base = self.graph.macs(current)
@@ -217,7 +217,7 @@ class JointStage:
         tvars = [t[u] for u in cands]
         for k in range(n):
             yk = int(self.y[k])
-            tk = float(self.target[k])
+            tk = float(self.margin[k])
             rivals = [c for c in np.argsort(-z0[k], kind="stable").tolist() if c != yk][:self.competitors]
             for c in rivals:
                 # xi_k >= target - (z_y - z_c), z = z0 + sum_u t_u d_u
@@ -228,8 +228,7 @@ class JointStage:
         prob += pulp.LpAffineExpression([(t[u], 1.0) for u in cands]) <= radius
         for group in self.graph.groups:
             if group.prunable and any(u in m for u in group.units):
-                group_rows(prob, group, m, current, fixed_count=self.fixed_count, min_keep=self.min_keep,
-                           round_to=self.round_to, prefix="j")
+                group_rows(prob, group, m, current, self.target, prefix="j")
         if self.flops_budget is not None:
             macs = mac_expression(prob, self.graph, m, current, prefix="j")
             prob += macs <= self.flops_budget * self.graph.macs()
@@ -259,7 +258,7 @@ class JointStage:
             return None
         rec.warm_objective = completed[1]
         try:
-            result = solve(prob, solver=self.solver, time_limit=time_limit, threads=self.threads,
+            result = solve(prob, solver=self.solver, time_limit=time_limit, gap=self.gap, threads=self.threads,
                            warm_start=completed[0], node_limit=self.node_limit)
         except SolverError as exc:
             return self._solver_failed(rec, exc)
@@ -273,9 +272,7 @@ class JointStage:
         for u in cands:
             if (t[u].varValue or 0.0) > 0.5:
                 candidate[u] = not current[u]
-        broken = plan_violations(self.graph, candidate, current, fixed_count=self.fixed_count,
-                                 min_keep=self.min_keep, round_to=self.round_to, flops_budget=self.flops_budget,
-                                 spend=self.spend)
+        broken = plan_violations(self.graph, candidate, current, self.target, spend=self.spend)
         if broken:
             rec.outcome = "invalid"
             rec.note = "; ".join(broken)

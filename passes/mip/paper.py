@@ -89,7 +89,7 @@ def pick_samples(x: torch.Tensor, y: torch.Tensor, predicted: torch.Tensor, targ
 
 def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: ClassProblem, *, solver: str,
                 time_limit: float, threads: int | None, relax: bool, bounds: str = "crown",
-                lam: float = LAMBDA) -> ClassRecord:
+                gap: float | None = None, lam: float = LAMBDA) -> ClassRecord:
     """Build and solve one class's MILP; return its scores (see the module docstring)."""
     t0 = time.perf_counter()
     rec = ClassRecord(problem.label, len(problem.x))
@@ -113,7 +113,7 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
     try:
         warm = complete_solution(prob, {v: 1.0 for v in s.values()}, solver=solver, time_limit=time_limit,
                                  threads=threads)
-        result = solve(prob, solver=solver, time_limit=time_limit, threads=threads,
+        result = solve(prob, solver=solver, time_limit=time_limit, gap=gap, threads=threads,
                        warm_start=warm[0] if warm else None)
     except SolverError as exc:  # like no incumbent: this class teaches nothing, the others still count
         log.warning("paper MILP for class %d: %s; its scores are left at 1", problem.label, exc)
@@ -137,9 +137,10 @@ def _class_task(shared: tuple[Any, ...], index: int) -> ClassRecord:
 
 def paper_scores(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problems: list[ClassProblem], *,
                  solver: str, time_limit: float, threads: int | None, relax: bool, jobs: int, bounds: str = "crown",
-                 progress: Any = None) -> tuple[np.ndarray, list[ClassRecord]]:
+                 gap: float | None = None, progress: Any = None) -> tuple[np.ndarray, list[ClassRecord]]:
     """Average the class problems' scores (units outside ``free`` score 1)."""
-    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax, "bounds": bounds}
+    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax, "bounds": bounds,
+              "gap": gap}
     records: list[ClassRecord] = []
     if progress:
         progress("MILP classes", 0, len(problems))

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pulp
 
+from oamipc.target import Target
 from oamipc.units import UnitGraph, UnitGroup
 
 Keep = dict[int, pulp.LpAffineExpression]
@@ -101,14 +102,15 @@ def count_expression(units: list[int], m: Keep, current: np.ndarray) -> pulp.LpA
     return acc.expression()
 
 
-def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndarray, *, fixed_count: bool,
-               min_keep: int, round_to: int, prefix: str) -> None:
+def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndarray, target: Target, *,
+               prefix: str) -> None:
     """Count, rounding and equal-block rules of one group (see the module docstring)."""
     count = count_expression(group.units, m, current)
-    if fixed_count:
+    round_to = target.round_to
+    if target.kind == "ratio":
         prob += count == int(current[group.units].sum())
     else:
-        prob += count >= max(min_keep, 1)
+        prob += count >= max(target.min_keep, 1)
         if round_to > 1:
             top = group.size // round_to
             t = pulp.LpVariable(f"{prefix}t{group.id}", lowBound=0, upBound=top, cat=pulp.LpInteger)
@@ -125,8 +127,8 @@ def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndar
             prob += other == counts[0]
 
 
-def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *, fixed_count: bool, min_keep: int,
-                    round_to: int, flops_budget: float | None, spend: bool = False) -> list[str]:
+def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, target: Target, *,
+                    spend: bool = False) -> list[str]:
     """The rules that the plan ``kept`` breaks, checked on the plan itself (empty: none).
 
     A MILP stage turns the solver's values into a plan and must not take the solver's word that
@@ -134,9 +136,11 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *
     status could hand back anything.  These are the rules every stage encodes (see the module
     docstring), plus the ones the stages keep by fixing variables: pinned units and one unit of
     every split piece stay, and groups that cannot be pruned keep every unit.  ``reference`` is
-    the plan whose per-group counts a ``fixed_count`` target (``--prune-ratio``) must keep, and
-    whose MACs a ``spend`` stage (``spend_budget``) must not fall below.
+    the plan whose per-group counts a ratio target must keep, and whose MACs a ``spend`` stage
+    (``spend_budget``) must not fall below.
     """
+    fixed_count = target.kind == "ratio"
+    min_keep, round_to, flops_budget = target.min_keep, target.round_to, target.flops_budget
     problems: list[str] = []
     if len(kept) != graph.n_units:
         return [f"the plan has {len(kept)} entries for {graph.n_units} units"]
@@ -151,9 +155,9 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, *
         if fixed_count and count != int(reference[units].sum()):
             problems.append(f"{group.name}: keeps {count} units, the target says {int(reference[units].sum())}")
         if count < min(max(min_keep, 1), group.size):
-            problems.append(f"{group.name}: keeps {count} units, fewer than --min-keep {max(min_keep, 1)}")
+            problems.append(f"{group.name}: keeps {count} units, fewer than the minimum of {max(min_keep, 1)} per group (min_keep)")
         if round_to > 1 and count % round_to and count != group.size:
-            problems.append(f"{group.name}: keeps {count} units, not a multiple of --round-to {round_to}")
+            problems.append(f"{group.name}: keeps {count} units, not a multiple of {round_to} (round_to)")
         if group.blocks and len({int(kept[block].sum()) for block in group.blocks}) > 1:
             problems.append(f"{group.name}: unequal kept counts in its blocks (grouped convolution)")
     for piece in graph.floors:

@@ -1,6 +1,6 @@
-"""Selection: turn importance scores into a plan (kept units per group).
+"""The greedy planner: turn any criterion's scores into a plan (kept units per group).
 
-Two ways to say how much to remove:
+Importance criteria only score units; this planner chooses, for a :class:`~oamipc.target.Target`:
 
 * ``prune_ratio`` R: each group drops ``floor(R * size)`` units, the lowest-scored ones.
 * ``flops_budget`` F: keep at most F of the network's MACs, chosen globally.  Scores are first
@@ -25,13 +25,14 @@ from typing import ClassVar
 import numpy as np
 from torch import fx
 
-from oamipc.errors import PlanError, UsageError
-from oamipc.passmanager import Analysis, AnalysisManager, register
-from oamipc.plan import Plan
-from oamipc.units import UnitGraph, UnitGroup
+from oamipc.errors import PlanError
+from oamipc.passmanager import AnalysisManager, register
+from oamipc.plan import Plan, Planned
+from oamipc.target import Target
+from oamipc.units import UnitGraph
 
 from .importance_base import get_criterion
-from .unit_groups import UnitGroupAnalysis
+from .planner_base import PlannerAnalysis
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +73,24 @@ class _GroupChooser:
         return lower[-1] if lower else None
 
 
-def select(graph: UnitGraph, scores: np.ndarray, *, prune_ratio: float | None, flops_budget: float | None,
-           min_keep: int = 1, round_to: int = 1, normalise: bool = True) -> np.ndarray:
+def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: bool = True) -> np.ndarray:
     """The kept-unit mask for the given scores and target (see the module docstring).
 
     ``normalise=False`` ranks raw scores across groups (for scores that are already comparable,
     such as the thesis's layer-normalised MILP scores in [0, 1]).
     """
-    if (prune_ratio is None) == (flops_budget is None):
-        raise UsageError("give exactly one of --prune-ratio and --flops-budget")
-    if prune_ratio is not None and not 0.0 <= prune_ratio < 1.0:
-        raise UsageError(f"--prune-ratio must be in [0, 1), got {prune_ratio}")
-    if flops_budget is not None and not 0.0 < flops_budget <= 1.0:
-        raise UsageError(f"--flops-budget must be in (0, 1], got {flops_budget}")
-    if min_keep < 1:
-        raise UsageError(f"--min-keep must be at least 1, got {min_keep}")
-    if round_to < 1:
-        raise UsageError(f"--round-to must be at least 1, got {round_to}")
+    target.require()
     kept = graph.all_kept()
     forced = floor_units(graph, scores)
-    choosers = [_GroupChooser(g, scores, min_keep, round_to, forced) for g in graph.groups if g.prunable]
-    if prune_ratio is not None:
+    choosers = [_GroupChooser(g, scores, target.min_keep, target.round_to, forced) for g in graph.groups
+                if g.prunable]
+    if target.prune_ratio is not None:
         for ch in choosers:
-            n = ch.at_least(ch.group.size - math.floor(prune_ratio * ch.group.size))
+            n = ch.at_least(ch.group.size - math.floor(target.prune_ratio * ch.group.size))
             _apply(kept, ch, n)
         return kept
-    assert flops_budget is not None
-    return _select_budget(graph, scores, choosers, kept, flops_budget, normalise)
+    assert target.flops_budget is not None
+    return _select_budget(graph, scores, choosers, kept, target.flops_budget, normalise)
 
 
 def floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
@@ -162,9 +154,9 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
         push(ch)
     while macs() > target + 1e-9 * total:
         if not heap:
-            raise PlanError(f"--flops-budget {budget:g} is unreachable: every group is at its minimum width, "
-                            f"which keeps {macs() / total:.3f} of the MACs; lower --min-keep/--round-to or "
-                            "raise the budget")
+            raise PlanError(f"the MAC budget {budget:g} is unreachable: every group is at its minimum width, "
+                            f"which keeps {macs() / total:.3f} of the MACs; lower the minimum width or the "
+                            "rounding (min_keep, round_to) or raise the budget")
         _, gid, lower = heapq.heappop(heap)
         ch = by_id[gid]
         removed = sorted(set(ch.kept(current[gid])) - set(ch.kept(lower)))
@@ -179,32 +171,16 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
 
 @register
 @dataclass(frozen=True)
-class SelectUnitsAnalysis(Analysis[Plan]):
-    """Build the plan from an importance criterion and a ratio or MAC budget."""
+class PlanGreedyAnalysis(PlannerAnalysis):
+    """Plan from one importance criterion's scores: the lowest-scored units go first."""
 
-    name: ClassVar[str] = "select-units"
+    name: ClassVar[str] = "plan-greedy"
     importance: str = "l1"
-    prune_ratio: float | None = None
-    flops_budget: float | None = None
-    min_keep: int = 1
-    round_to: int = 1
-    leaf_modules: tuple[str, ...] = ()
 
-    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Plan:
-        graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
-        criterion = get_criterion(self.importance, self.leaf_modules)
-        if getattr(criterion, "plans", False):  # the MILP chooses for the target itself
-            kept, scores, *extra = criterion.plan(  # type: ignore[attr-defined]
-                gm, graph, am, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
-                min_keep=self.min_keep, round_to=self.round_to)
-            bias_shift = extra[0] if extra else {}
-        else:
-            bias_shift = {}
-            scores = am.get(criterion, gm)
-            kept = select(graph, scores, prune_ratio=self.prune_ratio, flops_budget=self.flops_budget,
-                          min_keep=self.min_keep, round_to=self.round_to)
-        settings = {"prune_ratio": self.prune_ratio, "flops_budget": self.flops_budget,
-                    "min_keep": self.min_keep, "round_to": self.round_to, "seed": am.context.seed}
-        am.context.report["scores"] = {
-            g.name: [float(scores[u]) for u in g.units] for g in graph.groups if g.prunable}
-        return Plan.from_mask(graph, kept, self.importance, settings, bias_shift)
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+        graph = am.get(self.unit_analysis(), gm)
+        target = self.target.require()
+        scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
+        kept = select(graph, scores, target)
+        plan = Plan.from_mask(graph, kept, self.importance, self.settings(am))
+        return Planned(plan, self.group_scores(graph, scores))

@@ -1,0 +1,97 @@
+"""The MIP planner's options: one frozen value, validated when it is made.
+
+They are the fields of :class:`oamipc.passes.plan_mip.PlanMipAnalysis` (so a pipeline string can
+set any of them: ``plan-mip{solver=cbc,time-limit=20}``) and part of its cache key.  The CLI's
+``--formulation``, ``--solver``, ``--time-limit``, ... build one; the Python API accepts one or a
+mapping of its field names (``mip_options={"time_limit": 5}``).  A missing solver is refused
+here, before any MILP work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from oamipc.errors import UsageError
+from oamipc.solver import require_solver
+
+from .encoder import BOUNDS
+
+DEFAULT_SAMPLES = 64  # MILP samples of the budget formulation when --mip-samples is not given
+
+
+@dataclass(frozen=True)
+class MipOptions:
+    """Settings of the MIP planner (CLI: ``--formulation``, ``--solver``, ``--time-limit``, ...).
+
+    Messages name options by their field names, which the CLI flags spell with dashes.
+    """
+
+    formulation: str = "budget"
+    solver: str = "highs"
+    time_limit: float = 20.0  # seconds per solve: a safety net (node limits end solves reproducibly)
+    total_time_limit: float = 120.0  # seconds for all sub-problems
+    gap: float | None = None
+    threads: int | None = None
+    samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
+    jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
+    relax: bool = False  # paper: solve the LP relaxation
+    mean_replacement: bool = False  # model removed units as their mean at Linear readers; kept if held-out says so
+    bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
+    tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
+    holdout: int = 448
+    sweeps: int = 1
+    warm: str = "auto"  # a criterion name, or the best cheap one on held-out data
+    joint: bool = True  # the joint linearised stage after the layer sub-problems
+    joint_radius: int = 0  # first trust radius (units flipped); 0: a tenth of the free units, at least 4
+    joint_rounds: int = 30
+    joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
+    layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
+    joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
+    exact_binaries: int = 4000  # layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage
+    margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
+    accept: str = "hinge"  # held-out acceptance: hinge | accuracy (errors first, hinge breaks ties)
+    # Budget target: no MILP may lower the MACs of the plan it starts from (it swaps or adds units,
+    # never only drops them), so the plan keeps the capacity a later fine-tune needs.
+    spend_budget: bool = True
+
+    def __post_init__(self) -> None:
+        opts = self
+        if opts.formulation not in ("budget", "paper"):
+            raise UsageError(f"MIP formulation {opts.formulation!r} is unknown: use 'budget' (default) or 'paper'")
+        if opts.mean_replacement and opts.formulation != "budget":
+            raise UsageError("mean_replacement applies to the 'budget' formulation only")
+        if opts.relax and opts.formulation != "paper":
+            raise UsageError("relax (the LP relaxation) applies to the 'paper' formulation only")
+        if opts.bounds not in BOUNDS:
+            raise UsageError(f"MIP bounds {opts.bounds!r} are unknown: use one of {', '.join(BOUNDS)}")
+        if opts.jobs < 1:
+            raise UsageError(f"MIP jobs must be >= 1, got {opts.jobs}")
+        if opts.samples is not None and opts.samples < 1:
+            raise UsageError(f"MIP samples must be >= 1, got {opts.samples}")
+        if opts.time_limit <= 0 or opts.total_time_limit <= 0:
+            raise UsageError(f"MIP time limits must be positive, got time_limit={opts.time_limit:g}, total_time_limit={opts.total_time_limit:g}")
+        if opts.accept not in ("hinge", "accuracy"):
+            raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
+        if not 0.0 < opts.margin_cap <= 1.0:
+            raise UsageError(f"MIP margin cap {opts.margin_cap}: give a quantile in (0, 1]")
+        if opts.gap is not None and opts.gap < 0:
+            raise UsageError(f"MIP gap must be >= 0, got {opts.gap}")
+        if opts.threads is not None and opts.threads < 1:
+            raise UsageError(f"MIP solver threads must be >= 1, got {opts.threads}")
+        require_solver(opts.solver)  # a missing solver fails here, before minutes of other work
+
+    @classmethod
+    def of(cls, value: MipOptions | Mapping[str, Any] | None) -> MipOptions:
+        """Options from a MipOptions, a mapping of its field names (the API's ``mip_options``) or None."""
+        if value is None or isinstance(value, MipOptions):
+            return value or cls()
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise UsageError(f"unknown MIP option(s): {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        return cls(**dict(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

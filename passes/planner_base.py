@@ -1,0 +1,86 @@
+"""Planners: analyses that turn a target (and scores, or a model and data) into a :class:`Plan`.
+
+Importance criteria (:mod:`.importance_base`) only score units.  A planner decides which units
+each group keeps for a :class:`~oamipc.target.Target`:
+
+* :class:`.plan_greedy.PlanGreedyAnalysis` (``plan-greedy``) over any criterion's scores;
+* :class:`.plan_mip.PlanMipAnalysis` (``plan-mip``), the MILP, which needs the target to decide
+  and so cannot be a criterion.
+
+A planner is a frozen dataclass whose fields are its options (the target among them), so an
+instance is its own cache key, and it is nameable in a pipeline string with every option
+(``plan-mip{solver=cbc,time-limit=20,flops-budget=0.5},prune-units``).  It returns
+:class:`~oamipc.plan.Planned` data and never writes into the report: the driver does that.
+
+``importance`` names map to planners here (:func:`planner_for`): a criterion's name gives the
+greedy planner over it; a name registered with :func:`register_planner` (``mip``) gives that
+planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from oamipc.errors import UsageError
+from oamipc.passmanager import Analysis, AnalysisManager
+from oamipc.plan import Planned
+from oamipc.target import Target
+from oamipc.units import UnitGraph
+
+from .importance_base import criteria
+from .unit_groups import UnitGroupAnalysis
+
+
+@dataclass(frozen=True)
+class PlannerAnalysis(Analysis[Planned]):
+    """Base of every planner: the target and the modules kept opaque while tracing."""
+
+    target: Target = field(default_factory=Target)
+    leaf_modules: tuple[str, ...] = ()
+
+    def unit_analysis(self) -> Analysis[UnitGraph]:
+        return UnitGroupAnalysis(self.leaf_modules)
+
+    def settings(self, am: AnalysisManager) -> dict[str, Any]:
+        """How the plan was made, as the plan file records it (target and seed)."""
+        return {**self.target.to_dict(), "seed": am.context.seed}
+
+    @staticmethod
+    def group_scores(graph: UnitGraph, scores: np.ndarray) -> dict[str, list[float]]:
+        """Per prunable group (by name), the score of each of its units."""
+        return {g.name: [float(scores[u]) for u in g.units] for g in graph.groups if g.prunable}
+
+
+_PLANNERS: dict[str, Callable[..., PlannerAnalysis]] = {}
+
+
+def register_planner(importance: str) -> Callable[[type[PlannerAnalysis]], type[PlannerAnalysis]]:
+    """Class decorator: ``importance=<name>`` (CLI ``--importance``) selects this planner."""
+    def wrap(cls: type[PlannerAnalysis]) -> type[PlannerAnalysis]:
+        _PLANNERS[importance] = cls
+        return cls
+    return wrap
+
+
+def importance_names() -> list[str]:
+    """Every name ``--importance`` accepts: the criteria and the planners of their own."""
+    return sorted(set(criteria()) | set(_PLANNERS))
+
+
+def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] = (),
+                **options: Any) -> PlannerAnalysis:
+    """The planner for an ``importance`` name; ``options`` go to a planner of its own (e.g. the MIP's)."""
+    if importance in _PLANNERS:
+        return _PLANNERS[importance](target=target, leaf_modules=leaf_modules, **options)
+    if importance not in criteria():
+        raise UsageError(f"unknown importance {importance!r}; choose one of: {', '.join(importance_names())}")
+    if options:
+        raise UsageError(f"importance {importance!r} takes no planner options ({', '.join(sorted(options))}); "
+                         "they belong to --importance mip")
+    from .plan_greedy import PlanGreedyAnalysis  # late: plan_greedy subclasses this module's base
+
+    return PlanGreedyAnalysis(target=target, leaf_modules=leaf_modules, importance=importance)
