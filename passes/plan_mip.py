@@ -64,8 +64,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         else:
             kept, scores, record, bias_shift = self._budget(gm, graph, am, target)
         record["seconds"] = time.perf_counter() - start
-        settings = {**self.settings(am), "mip": self.options.to_dict()}
-        plan = Plan.from_mask(graph, kept, "mip", settings, bias_shift)
+        plan = Plan.from_mask(graph, kept, "mip", self.settings(am), bias_shift)
         return Planned(plan, self.group_scores(graph, scores), section="mip", record=record)
 
     def _warm_start(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target,

@@ -270,7 +270,7 @@ def test_nan_solution_values_are_ignored(model: Path, out: Path, private_tmp: Pa
     run = Run(compile_args(model, out), out)
     assert run.code == 0, run.stderr
     assert [sp["outcome"] for sp in run.report["mip"]["subproblems"]] == ["invalid", "invalid"]
-    assert "fewer than --min-keep" in run.report["mip"]["subproblems"][0]["note"]
+    assert "fewer than the minimum of 1 per group (min_keep)" in run.report["mip"]["subproblems"][0]["note"]
     assert_valid_plan(run.report)
 
 
