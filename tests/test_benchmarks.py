@@ -45,6 +45,25 @@ def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "| digits_mlp" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_mip_quality_plans_are_reproducible(tmp_path: Path) -> None:
+    """Two runs of the quality benchmark with the default MIP settings record the same plans.
+
+    The benchmark's plans are what a restructuring of the planner must keep; this is the check
+    that they are a function of the inputs alone (node limits, not clocks, end the solves).
+    A few minutes, so it is left out of the default run: ``python -m pytest -m slow``.
+    """
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.json"
+        _load("mip_quality").main(["--models", "digits_mlp,digits_cnn", "--budgets", "0.3", "--criteria", "mip",
+                                   "--jobs", "1", "--out", str(out)])
+        runs.append(json.loads(out.read_text())["rows"])
+    assert all(r["mip"]["reproducible"] for r in runs[0] + runs[1])
+    assert [r["plan"] for r in runs[0]] == [r["plan"] for r in runs[1]]
+    assert all(r["plan"] for r in runs[0])
+
+
 def test_sweep_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep"
     summary = _load("sweep").main(["--quick", "--out", str(out), "--cache", str(tmp_path / "cache")])
