@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -22,7 +22,25 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from oamipc.cli_options import (
+    DataDir,
+    InputShape,
+    ModelArgs,
+    ModelClass,
+    TrustPickle,
+    ints,
+    json_arg,
+    mip_group,
+    source_group,
+    target_group,
+    with_groups,
+)
 from oamipc.errors import OamipcError, UsageError
+
+if TYPE_CHECKING:
+    from oamipc.driver import ModelSource
+    from oamipc.passes import MipOptions
+    from oamipc.target import Target
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make trained PyTorch networks smaller and faster by removing neurons and channels.")
@@ -75,47 +93,6 @@ def _progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], None] 
             bar.update(tasks[key], completed=done, total=total, description=description)
 
         yield update
-
-
-def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers like 1,1,28,28, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise UsageError(f"{what} must be positive integers like 1,1,28,28, got {text!r}")
-    return values
-
-
-def _json_arg(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{what} is not valid JSON ({exc.msg}): {text!r}; e.g. '{{\"hidden\": [64, 64]}}'") from None
-
-
-def _source(model: Path, model_class: str | None, model_args: str | None, trust_pickle: bool,
-            input_shape: str | None, data: str | None, data_dir: str | None,
-            leaf_module: list[str] | None) -> Any:
-    """The shared model-source options of every command, parsed into one :class:`ModelSource`."""
-    from oamipc.driver import ModelSource
-
-    return ModelSource(str(model), model_class, _json_arg(model_args, "--model-args"), trust_pickle,
-                       _ints(input_shape, "--input-shape"), data, data_dir, tuple(leaf_module or ()))
-
-
-def _target(prune_ratio: float | None, flops_budget: float | None, min_keep: int, round_to: int) -> Any:
-    """The target options as one validated :class:`Target`; errors name the flags."""
-    from oamipc.target import Target, TargetError
-
-    try:
-        return Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
-    except TargetError as exc:
-        raise exc.spelled("cli") from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -223,35 +200,19 @@ def _mip_table(report: dict[str, Any]) -> Table | None:
     return table
 
 
-Model = Annotated[Path, typer.Argument(help="Model file: torch.export program (.pt2), state dict (.pt) or pickle.")]
-ModelClass = Annotated[Optional[str], typer.Option("--model-class", help="pkg.module:ClassOrFactory for a state dict.")]
-ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="JSON kwargs (object) or args (list) for the class.")]
-TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickled model (runs code in the file!).")]
-InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,1,28,28 (default: from --data).")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="digits | fashion-mnist | file.pt | file.npz | pkg.module:function")]
-DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
-LeafModules = Annotated[Optional[list[str]], typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
 Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Fine-tuning batch size.")]
 Optimizer = Annotated[str, typer.Option("--optimizer", help="Fine-tuning optimizer: adam | adamw | sgd (momentum 0.9).")]
 
 
 @app.command("compile")
+@with_groups(lambda: _errors(), source_group(), target_group(), mip_group())
 def compile_cmd(
-    model: Model,
+    source: ModelSource,
+    target: Target,
+    mip: MipOptions,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned ONNX model.")],
-    model_class: ModelClass = None,
-    model_args: ModelArgs = None,
-    trust_pickle: TrustPickle = False,
-    input_shape: InputShape = None,
-    data: DataOpt = None,
-    data_dir: DataDir = None,
     importance: Annotated[str, typer.Option("--importance", help="auto (mip with --data, else l1) | mip | l1 | l2 | activation | taylor | random")] = "auto",
-    prune_ratio: Annotated[Optional[float], typer.Option("--prune-ratio", help="Fraction of units removed per group.")] = None,
-    flops_budget: Annotated[Optional[float], typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.")] = None,
-    min_keep: Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.")] = 1,
-    round_to: Annotated[int, typer.Option("--round-to", help="Round kept widths up to a multiple of this.")] = 1,
-    leaf_module: LeafModules = None,
     pipeline: Annotated[Optional[str], typer.Option("-p", "--pipeline", help="Pass pipeline, e.g. 'prune-units{importance=l2,prune-ratio=0.5}'.")] = None,
     plan: Annotated[Optional[Path], typer.Option("--plan", help="Replay a plan saved with --save-plan.")] = None,
     save_plan: Annotated[Optional[Path], typer.Option("--save-plan", help="Write the plan (kept units) as JSON.")] = None,
@@ -262,18 +223,6 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
-    formulation: Annotated[str, typer.Option("--formulation", help="MIP formulation (--importance mip): budget | paper.")] = "budget",
-    relax: Annotated[bool, typer.Option("--relax", help="--formulation paper: solve the LP relaxation.")] = False,
-    mean_replacement: Annotated[bool, typer.Option("--mean-replacement", help="budget: removed units read as their calibration mean at Linear readers (modelled in the MILP; kept only if held-out data agrees).")] = False,
-    spend_budget: Annotated[bool, typer.Option("--spend-budget/--no-spend-budget", help="budget: no MILP may lower the MACs of the plan it starts from (swap or add units, never only drop them), so the pruned net keeps the capacity fine-tuning needs.")] = True,
-    bounds: Annotated[str, typer.Option("--bounds", help="MILP bounds: crown (sound, default) | interval | sample (the thesis's per-sample phases).")] = "crown",
-    jobs: Annotated[int, typer.Option("--jobs", help="Worker processes for independent MILPs (paper: one per class).")] = 1,
-    solver: Annotated[str, typer.Option("--solver", help="MILP solver: highs | cbc | scip.")] = "highs",
-    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per MILP solve: a safety net; solves end at node limits, reproducibly.")] = 20.0,
-    total_time_limit: Annotated[float, typer.Option("--total-time-limit", help="Seconds for all MILP sub-problems.")] = 120.0,
-    gap: Annotated[Optional[float], typer.Option("--gap", help="Relative MIP gap at which a solve stops.")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="Solver threads.")] = None,
-    mip_samples: Annotated[Optional[int], typer.Option("--mip-samples", help="Calibration samples inside the MILP (budget: 64, the rest held out; paper: one per class).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,
@@ -283,24 +232,16 @@ def compile_cmd(
     """Prune MODEL and write a smaller, verified ONNX file."""
     from oamipc.driver import FileJob, compile_file
     from oamipc.finetune import FinetuneConfig
-    from oamipc.passes import MipOptions
 
     _setup_logging(verbose)
     with _errors():
         if finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
-        source = _source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir, leaf_module)
-        target = _target(prune_ratio, flops_budget, min_keep, round_to)
-        uses_mip = pipeline is None and plan is None and (importance == "mip" or (importance == "auto" and data))
-        mip = MipOptions(formulation=formulation, solver=solver, time_limit=time_limit,
-                         total_time_limit=total_time_limit, gap=gap, threads=threads, samples=mip_samples,
-                         relax=relax, jobs=jobs, bounds=bounds, mean_replacement=mean_replacement,
-                         spend_budget=spend_budget) if uses_mip else None
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                    seed=seed) if finetune_epochs else None)
         job = FileJob(source, str(output), str(plan) if plan else None, str(save_plan) if save_plan else None,
                       str(report) if report else None, str(save_pt) if save_pt else None, bench,
-                      _ints(batch, "--batch") or (1,), exporter=exporter)
+                      ints(batch, "--batch") or (1,), exporter=exporter)
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
                                   calib_samples=calib_samples, mip_options=mip, finetune=finetune)
@@ -315,10 +256,12 @@ def compile_cmd(
 
 
 @app.command("finetune")
+@with_groups(lambda: _errors(), source_group(
+    model_help="A pruned program from compile --save-pt (.pt2), or the original model with --plan.",
+    data_help="Labelled data: digits | fashion-mnist | file.pt | file.npz | pkg.module:function"))
 def finetune_cmd(
-    model: Annotated[Path, typer.Argument(help="A pruned program from compile --save-pt (.pt2), or the original model with --plan.")],
+    source: ModelSource,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the fine-tuned ONNX model.")],
-    data: Annotated[str | None, typer.Option("--data", help="Labelled data: digits | fashion-mnist | file.pt | file.npz | pkg.module:function")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs over the train split.")] = 2,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,
@@ -329,12 +272,6 @@ def finetune_cmd(
     plan: Annotated[Path | None, typer.Option("--plan", help="Replay this plan (from compile --save-plan) on MODEL first.")] = None,
     save_pt: Annotated[Path | None, typer.Option("--save-pt", help="Also write the fine-tuned model as a torch.export program.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON (.html: a page with plots).")] = None,
-    model_class: ModelClass = None,
-    model_args: ModelArgs = None,
-    trust_pickle: TrustPickle = False,
-    input_shape: InputShape = None,
-    data_dir: DataDir = None,
-    leaf_module: LeafModules = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order (same seed: same weights).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
@@ -346,7 +283,6 @@ def finetune_cmd(
     with _errors():
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                 weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, seed=seed)
-        source = _source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir, leaf_module)
         job = FileJob(source, str(output), str(plan) if plan else None, report_path=str(report) if report else None,
                       save_pt=str(save_pt) if save_pt else None, bench=False)
         with _progress() as progress:
@@ -388,27 +324,20 @@ def _finetune_table(report: dict[str, Any]) -> Table:
 
 
 @app.command("inspect")
+@with_groups(lambda: _errors(), source_group())
 def inspect_cmd(
-    model: Model,
-    model_class: ModelClass = None,
-    model_args: ModelArgs = None,
-    trust_pickle: TrustPickle = False,
-    input_shape: InputShape = None,
-    data: DataOpt = None,
-    data_dir: DataDir = None,
-    leaf_module: LeafModules = None,
+    source: ModelSource,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Show the graph, unit groups, widths, parameters, FLOPs and barriers of MODEL."""
     from oamipc.driver import inspect_file
 
     with _errors():
-        summary = inspect_file(_source(model, model_class, model_args, trust_pickle, input_shape, data, data_dir,
-                                       leaf_module))
+        summary = inspect_file(source)
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return
-    console.print(f"[bold]{model}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
+    console.print(f"[bold]{escape(source.model)}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
                   f"{_fmt_int(summary['params'])} parameters, {_fmt_int(summary['macs'])} MACs")
     layers = Table(title="layers", title_justify="left")
     for col in ("layer", "type", "in", "out", "MACs"):
@@ -452,7 +381,7 @@ def bench_cmd(
             check_writable(json_out)
         paths = [model_a] + ([model_b] if model_b else [])
         with _progress() as progress:
-            result = benchmark(paths, batch_sizes=_ints(batch, "--batch") or (1,), runs=runs, warmup=warmup,
+            result = benchmark(paths, batch_sizes=ints(batch, "--batch") or (1,), runs=runs, warmup=warmup,
                                device=device, intra_op_threads=threads,
                                progress=(lambda d, t: progress("bench", d, t)) if progress else None)
         data = result.to_dict()
@@ -545,14 +474,14 @@ def transfer_cmd(
             check_writable(report)
         if trained is None and source_epochs < 1:
             raise UsageError("give --trained (the network trained on the source data) or --source-epochs N to train one")
-        args = _json_arg(model_args, "--model-args")
+        args = json_arg(model_args, "--model-args")
         load = {"model_class": model_class, "model_args": args, "trust_pickle": trust_pickle}
         init_model = load_model(init, **load)
         trained_model = load_model(trained, **load) if trained else None
         config = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, seed=seed)
         source_config = FinetuneConfig(epochs=source_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                        seed=seed) if trained is None else None
-        shape = _ints(input_shape, "--input-shape")
+        shape = ints(input_shape, "--input-shape")
         with _progress() as progress:
             result = run_transfer(init_model, source=load_data(source, data_dir=data_dir),
                                   target=load_data(target, data_dir=data_dir), trained=trained_model,
