@@ -14,6 +14,7 @@ import pulp
 import pytest
 
 from oamipc import solver as solver_mod
+from oamipc.solver import highs as highs_backend
 from oamipc.errors import SolverError, UsageError
 from oamipc.solver import SOLVERS, SolveResult, available_solvers, solve
 
@@ -356,7 +357,7 @@ def test_solver_crash_becomes_one_line_solver_error(monkeypatch: pytest.MonkeyPa
     def boom(self: object, lp: pulp.LpProblem) -> None:
         raise RuntimeError("simulated crash\nsecond line")
 
-    monkeypatch.setattr(solver_mod._HighsSolver, "callSolver", boom)
+    monkeypatch.setattr(highs_backend._HighsSolver, "callSolver", boom)
     prob, _ = knapsack()
     with pytest.raises(SolverError, match="simulated crash") as info:
         solve(prob, solver="highs")
@@ -426,8 +427,8 @@ def test_highs_threads_mismatch_from_elsewhere_recovers(
     # Pretend this module believes the pool was made with a count HiGHS will refuse now: the
     # run fails inside HiGHS and solve() must rerun with the existing pool.
     solve(knapsack()[0])  # make sure HiGHS has a pool in this process
-    monkeypatch.setattr(solver_mod, "_HIGHS_THREADS_FIXED", True)
-    monkeypatch.setattr(solver_mod, "_HIGHS_THREADS", 13)
+    monkeypatch.setattr(highs_backend, "_HIGHS_THREADS_FIXED", True)
+    monkeypatch.setattr(highs_backend, "_HIGHS_THREADS", 13)
     with caplog.at_level(logging.WARNING, logger="oamipc.solver"):
         res = solve(knapsack()[0], threads=13)
     assert res.status == "optimal" and res.objective == pytest.approx(KNAPSACK_OPT)
