@@ -6,12 +6,14 @@ option) and what to do about it.  Only the CLI catches these: it prints the line
 Anything that is not an ``OamipcError`` is a bug in oamipc and keeps its traceback.
 
 Messages often quote an exception raised by torch, a solver or an exporter, whose own message can
-run for pages: :func:`first_line` and :func:`describe` are the one way to quote it in a line.
+run for pages: :func:`first_line` and :func:`describe` are the one way to quote it in a line;
+:func:`first_few` lists a few names (keys, archive entries) and counts the rest.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 
 class OamipcError(Exception):
@@ -93,3 +95,10 @@ def describe(exc: BaseException, *, limit: int | None = None) -> str:
     if not _ANSI_ESCAPE.sub("", str(exc)).strip():
         return name
     return f"{name}: {first_line(exc, limit=limit)}"
+
+
+def first_few(items: Sequence[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``items``, comma-separated, and how many more: ``a, b, c (+4 more)``."""
+    listed = ", ".join(items[:shown])
+    more = len(items) - shown
+    return f"{listed} (+{more} more)" if more > 0 else listed
