@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
@@ -26,6 +27,13 @@ def test_available_solvers() -> None:
     # highspy is a dependency; CBC comes bundled with PuLP on the usual platforms.
     assert AVAILABLE[0] == "highs"
     assert AVAILABLE == [s for s in SOLVERS if s in AVAILABLE]
+
+
+def test_scip_is_tested_wherever_pyscipopt_is_installed() -> None:
+    # The SCIP cases below are parametrized over AVAILABLE: a broken detection would drop them
+    # silently.  pyscipopt is in the test extra, so CI runs them.
+    installed = importlib.util.find_spec("pyscipopt") is not None
+    assert ("scip" in AVAILABLE) == installed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +293,24 @@ def test_cbc_reads_the_warm_start(caplog: pytest.LogCaptureFixture) -> None:
     assert f"MIPStart provided solution with cost {expected:g}" in caplog.text
 
 
+def test_scip_warm_start_is_used() -> None:
+    # With node_limit=0 SCIP stops after presolve; its heuristics find only the empty knapsack
+    # (objective 0), so a better answer can only come from the start.
+    if "scip" not in AVAILABLE:
+        pytest.skip("pyscipopt not installed")
+    prob, x = mkp()
+    cold = solve(prob, solver="scip", node_limit=0)
+    prob, x = mkp()
+    start = greedy_start(prob, x)
+    expected = sum(prob.objective[xi] * val for xi, val in start.items())
+    assert cold.objective is None or cold.objective < expected
+    warm = solve(prob, solver="scip", node_limit=0, warm_start=start)
+    assert_consistent(warm)
+    assert warm.warm_start_objective == pytest.approx(expected)
+    assert warm.status == "feasible" and warm.objective is not None
+    assert warm.objective >= expected - 1e-9
+
+
 def test_infeasible_warm_start_is_reported_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
     prob, x = knapsack()
     with caplog.at_level(logging.WARNING, logger="oamipc.solver"):
@@ -344,9 +370,8 @@ def test_bad_options_are_usage_errors(kwargs: dict) -> None:
         solve(prob, **kwargs)
 
 
-def test_scip_missing_names_pyscipopt() -> None:
-    if "scip" in AVAILABLE:
-        pytest.skip("pyscipopt is installed")
+def test_scip_missing_names_pyscipopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyscipopt", None)  # import pyscipopt -> ImportError
     prob, _ = knapsack()
     with pytest.raises(SolverError, match=r"oamipc\[scip\].*pyscipopt") as info:
         solve(prob, solver="scip")
