@@ -1,8 +1,9 @@
 """The SCIP backend: in-process through pyscipopt (the optional ``scip`` extra).
 
-PuLP's SCIP interface leaves the seed to SCIP and fails on statuses it does not map (a node
-limit with an incumbent, for one); :class:`_ScipSolver` pins the seed and reads the incumbent of
-such a stop itself.  pyscipopt is imported only when SCIP is asked for, so oamipc runs without it.
+PuLP's SCIP interface leaves the seed to SCIP, raises on statuses it does not map
+(``primallimit``, ``duallimit``, ``terminate``) and drops the incumbent of some limits
+(``sollimit``, ``restartlimit``); :class:`_ScipSolver` pins the seed and reads the incumbent of
+any limit itself.  pyscipopt is imported only when SCIP is asked for, so oamipc runs without it.
 """
 
 from __future__ import annotations
