@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from oamipc.errors import DataError
+from oamipc.errors import DataError, describe, first_line
 
 __all__ = [
     "FASHION_MNIST_DIR", "DataSplits", "Dataset", "accuracy", "fashion_mnist_available", "load_data",
@@ -367,8 +367,7 @@ def _torch_load_reason(exc: Exception) -> str:
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
         return f"it holds a {refused.group(1)} object, which weights-only loading refuses"
-    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[0] if text.strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return describe(exc)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -549,7 +548,7 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, *, batc
                     if start:
                         raise
                     raise DataError(f"the model rejected samples of shape {ds.sample_shape} from {ds.name}: "
-                                    f"{str(exc).splitlines()[0]}; match the data to the model input "
+                                    f"{first_line(exc)}; match the data to the model input "
                                     f"(Dataset.reshaped or resize_images)") from exc
                 if isinstance(out, (tuple, list)):
                     out = out[0]

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from oamipc.atomic import atomic_output, check_writable
-from oamipc.errors import ExportError, LoadError, UsageError
-from oamipc.runtime import first_line as _first_line
+from oamipc.errors import ExportError, LoadError, UsageError, first_line
 from oamipc.runtime import make_session
 
 __all__ = ["EXPORTERS", "VerifyResult", "eval_mode", "export_onnx", "input_names", "onnx_size_bytes",
@@ -114,7 +113,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         try:
             run(module, inputs, tmp, names, opset)
         except Exception as exc:  # noqa: BLE001 - exporters raise anything; the cause is chained
-            raise ExportError(f"{exporter} ONNX export to {dest} failed: {_first_line(exc)}; "
+            raise ExportError(f"{exporter} ONNX export to {dest} failed: {first_line(exc)}; "
                               f"try exporter={_other(exporter)!r} or simplify the offending op") from exc
         _check_exported(Path(scratch), tmp, dest, dynamic_batch=dynamic_batch)
         with atomic_output(dest) as out:
@@ -188,7 +187,7 @@ def _quiet() -> Iterator[None]:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
     for w in caught:
-        log.debug("exporter warning (%s): %s", w.category.__name__, _first_line(w.message))
+        log.debug("exporter warning (%s): %s", w.category.__name__, first_line(w.message))
 
 
 def _check_exported(scratch: Path, tmp: Path, dest: Path, *, dynamic_batch: bool) -> None:
@@ -290,7 +289,7 @@ def verify_onnx(path: str | Path, module: torch.nn.Module,
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - checker and shape inference raise several types
-        raise ExportError(f"{path} fails the ONNX checker: {_first_line(exc)}; re-export the model") from exc
+        raise ExportError(f"{path} fails the ONNX checker: {first_line(exc)}; re-export the model") from exc
     session, provider = make_session(path, device="cpu", intra_op_threads=None)
     meta = session.get_inputs()
     batches = _as_batches(inputs, len(meta), path)
@@ -312,7 +311,7 @@ def verify_onnx(path: str | Path, module: torch.nn.Module,
             try:
                 got = session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, batch)})
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
-                raise ExportError(f"onnxruntime fails while {where}: {_first_line(exc)}; {hint}") from exc
+                raise ExportError(f"onnxruntime fails while {where}: {first_line(exc)}; {hint}") from exc
             for abs_err, scale in _compare(path, expected, got, size):
                 max_abs = max(max_abs, abs_err)
                 max_rel = max(max_rel, abs_err / scale if scale > 0 else abs_err)
@@ -428,7 +427,7 @@ def _run_torch(module: torch.nn.Module, inputs: Batch, *, where: str,
         with torch.no_grad():
             out = module(*(t.to(device) for t in inputs))
     except Exception as exc:  # noqa: BLE001 - any failure of user code
-        raise ExportError(f"the torch module fails while {where}: {_first_line(exc)}; {hint}") from exc
+        raise ExportError(f"the torch module fails while {where}: {first_line(exc)}; {hint}") from exc
     return _flatten(out, where)
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import fx, nn
 
 from oamipc.data import Dataset, accuracy
-from oamipc.errors import DataError, UsageError
+from oamipc.errors import DataError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _forward(module: nn.Module, xb: torch.Tensor, data: Dataset, labels: torch.T
         if not first:
             raise
         raise DataError(f"the model rejected samples of shape {data.sample_shape} from {data.name}: "
-                        f"{str(exc).splitlines()[0]}; match the data to the model input") from exc
+                        f"{first_line(exc)}; match the data to the model input") from exc
     if isinstance(out, (tuple, list)):
         out = out[0]
     if first:

@@ -2,7 +2,7 @@
 
 Parametric layers (Linear, Conv, BatchNorm, LayerNorm, GroupNorm) are ``call_module`` nodes;
 everything else is ``call_function``/``call_method`` on torch functions, tensor methods or ATen
-ops (programs loaded from ``torch.export`` are lifted into this form by :mod:`oamipc.loading`).
+ops (programs loaded from ``torch.export`` are lifted into this form by :mod:`oamipc.lifting`).
 :func:`op_name` gives one name for the many spellings of an op (``F.relu``, ``torch.relu``,
 ``x.relu()``, ``aten.relu.default``), and :data:`OP_KINDS` classifies those names by how they
 treat the channel dimension, which is all the unit-group analysis needs to know about an op.

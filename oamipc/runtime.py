@@ -19,9 +19,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from oamipc.errors import ExportError, LoadError, UsageError
+from oamipc.errors import ExportError, LoadError, UsageError, first_line
 
 __all__ = ["CPU", "CUDA", "Device", "available_providers", "first_line", "import_onnxruntime", "make_session"]
+# first_line lives in oamipc.errors; it is re-exported here for the callers that import it from here.
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,3 @@ def _session_options(ort: ModuleType, intra_op_threads: int | None) -> Any:
     options.inter_op_num_threads = 1
     options.log_severity_level = _ORT_ERRORS_ONLY
     return options
-
-
-def first_line(exc: BaseException | Warning | str) -> str:
-    """The first non-empty line of a message (exporters and onnxruntime append pages of dumps)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__

@@ -1,12 +1,12 @@
 """Turn a model into the one IR of oamipc: a module-level ``fx.GraphModule`` with shapes.
 
-:func:`trace` runs ``torch.fx`` symbolic tracing (or keeps a GraphModule that loading already
-produced from a ``torch.export`` program), puts the result in eval mode and calls
-:func:`propagate_shapes`, which every transform re-runs afterwards.  Both turn failures into a
-one-line :class:`TraceError` that names the place (module path and source line, or graph node)
-and the way out (``--leaf-module``, ``--input-shape``), because the raw torch.fx errors name
-neither.  :func:`parse_input_shape` and :func:`example_inputs_for` build the example input from
-the CLI's ``--input-shape``.
+:func:`trace` runs ``torch.fx`` symbolic tracing (or keeps a GraphModule that
+:mod:`oamipc.lifting`, the ``torch.export`` side of this job, already made of a loaded program),
+puts the result in eval mode and calls :func:`propagate_shapes`, which every transform re-runs
+afterwards.  Both turn failures into a one-line :class:`TraceError` that names the place (module
+path and source line, or graph node) and the way out (``--leaf-module``, ``--input-shape``),
+because the raw torch.fx errors name neither.  :func:`parse_input_shape` and
+:func:`example_inputs_for` build the example input from the CLI's ``--input-shape``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
-from oamipc.errors import TraceError, UsageError
+from oamipc.errors import TraceError, UsageError, first_line
 
 log = logging.getLogger(__name__)
 
 __all__ = ["example_inputs_for", "parse_input_shape", "propagate_shapes", "trace"]
 
 _EXAMPLE_SHAPE = "1,1,28,28"
+_LINE = 240  # longest quote of a torch.fx error in a message
 _TORCH_DIR = Path(torch.__file__).resolve().parent
 _STDLIB_DIRS = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
 _THIS_FILE = Path(__file__).resolve()
@@ -307,7 +308,8 @@ def _shape_error(
     elif node.op == "call_function":
         where += f" {getattr(node.target, '__name__', node.target)}"
     where += ")"
-    reason = f"{type(cause).__name__}: {_first_line(cause)}" if not str(cause).strip() else _first_line(cause)
+    # The message's first line; an exception without a message is named by its type.
+    reason = first_line(cause, limit=_LINE)
     if isinstance(cause, AssertionError):
         reason += " (the model's own check rejected the example input)"
     return TraceError(
@@ -373,14 +375,8 @@ def example_inputs_for(shape: Sequence[int], *, seed: int = 0) -> tuple[torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 240 else text[:237] + "..."
-
-
 def _first_sentence(exc: BaseException) -> str:
     """fx's messages run on for several sentences; the first says what happened."""
-    text = _first_line(exc)
+    text = first_line(exc, limit=_LINE)
     head, sep, _ = text.partition(". ")
     return head if sep and len(head) > 20 else text.rstrip(".")

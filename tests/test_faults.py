@@ -31,7 +31,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import oamipc.solver as solver_mod
+import oamipc.solver.cbc as cbc_backend
+import oamipc.solver.core as solver_core
+from oamipc.solver.backend import Outcome
 from oamipc.cli import EXIT_INTERRUPTED, app
 from oamipc.errors import OamipcError, UsageError
 from oamipc.models import DigitsMLP
@@ -115,7 +117,7 @@ Fault = Callable[[Callable[..., Any], pulp.LpProblem, dict[str, Any]], Any]
 
 def inject(monkeypatch: pytest.MonkeyPatch, fault: Fault) -> list[str]:
     """Route the unit-choosing HiGHS solves through ``fault``; return the names of the problems hit."""
-    real = solver_mod._BACKENDS["highs"]
+    real = solver_core._BACKENDS["highs"]
     hit: list[str] = []
 
     def backend(prob: pulp.LpProblem, **kwargs: Any) -> Any:
@@ -124,7 +126,7 @@ def inject(monkeypatch: pytest.MonkeyPatch, fault: Fault) -> list[str]:
         hit.append(prob.name)
         return fault(real, prob, kwargs)
 
-    monkeypatch.setitem(solver_mod._BACKENDS, "highs", backend)
+    monkeypatch.setitem(solver_core._BACKENDS, "highs", backend)
     return hit
 
 
@@ -170,7 +172,7 @@ def test_scip_without_pyscipopt_fails_fast_with_one_line(model: Path, out: Path,
 
 def test_missing_cbc_fails_with_one_line(model: Path, out: Path, private_tmp: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(solver_mod, "_cbc_class", lambda: None)
+    monkeypatch.setattr(cbc_backend, "_cbc_class", lambda: None)
     run = Run(compile_args(model, out, "--solver", "cbc"), out)
     line = run.one_error_line()
     assert run.code == 1
@@ -213,7 +215,7 @@ def test_solver_crash_keeps_the_warm_start_and_says_so(model: Path, out: Path, p
 def test_solve_without_a_solution_keeps_the_plan(model: Path, out: Path, private_tmp: Path,
                                                  monkeypatch: pytest.MonkeyPatch, status: str) -> None:
     """A time limit without incumbent, a (wrongly) infeasible verdict, an unusable answer."""
-    hit = inject(monkeypatch, lambda real, prob, kw: solver_mod._Outcome(status))
+    hit = inject(monkeypatch, lambda real, prob, kw: Outcome(status))
     run = Run(compile_args(model, out), out)
     assert run.code == 0, run.stderr
     mip = run.report["mip"]
@@ -231,7 +233,7 @@ def test_solution_over_the_budget_is_ignored(model: Path, out: Path, private_tmp
     def keep_everything(real: Callable[..., Any], prob: pulp.LpProblem, kwargs: dict[str, Any]) -> Any:
         real(prob, **kwargs)
         set_binaries(prob, 1.0)
-        return solver_mod._Outcome("optimal")
+        return Outcome("optimal")
 
     inject(monkeypatch, keep_everything)
     run = Run(compile_args(model, out), out)
@@ -248,7 +250,7 @@ def test_solution_breaking_the_prune_ratio_is_ignored(model: Path, out: Path, pr
     def keep_everything(real: Callable[..., Any], prob: pulp.LpProblem, kwargs: dict[str, Any]) -> Any:
         real(prob, **kwargs)
         set_binaries(prob, 1.0)
-        return solver_mod._Outcome("optimal")
+        return Outcome("optimal")
 
     inject(monkeypatch, keep_everything)
     run = Run(compile_args(model, out, target=("--prune-ratio", "0.5")), out)
@@ -264,7 +266,7 @@ def test_nan_solution_values_are_ignored(model: Path, out: Path, private_tmp: Pa
         real(prob, **kwargs)
         for var in prob.variables():
             var.varValue = math.nan
-        return solver_mod._Outcome("optimal")
+        return Outcome("optimal")
 
     inject(monkeypatch, nan_values)
     run = Run(compile_args(model, out), out)
@@ -326,7 +328,7 @@ def test_ctrl_c_during_a_solve(model: Path, out: Path, private_tmp: Path, monkey
 def test_ctrl_c_during_a_cbc_solve_leaves_no_solver_files(model: Path, out: Path, private_tmp: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """CBC runs as a program fed through files: they live in oamipc's own temporary directory."""
-    if "cbc" not in solver_mod.available_solvers():
+    if "cbc" not in solver_core.available_solvers():
         pytest.skip("CBC is not installed")
     import subprocess
 
@@ -448,7 +450,7 @@ def test_readme_quotes_the_messages_the_code_prints(model: Path, out: Path, priv
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     section = _readme_errors_section()
     assert "`interrupted (no output was written)`" in section
-    monkeypatch.setattr(solver_mod, "_cbc_class", lambda: None)
+    monkeypatch.setattr(cbc_backend, "_cbc_class", lambda: None)
     line = Run(compile_args(model, out, "--solver", "cbc"), out).one_error_line()
     quoted = re.sub(r"pick one of: .*", "pick one of: ...", line)
     assert f"``{quoted}``" in section, quoted

@@ -1,4 +1,5 @@
-"""Tests for oamipc.loading: every supported format, every refusal, and the .pt2 lifting."""
+"""Tests for loading a model (oamipc.loading and the safe_load, checkpoint and lifting modules it
+dispatches to): every supported format, every refusal, and the .pt2 lifting."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from oamipc.errors import DataError, LoadError, OamipcError, UsageError
-from oamipc.loading import exported_to_graph_module, import_object, load_model
+from oamipc.checkpoint import import_object
+from oamipc.lifting import exported_to_graph_module
+from oamipc.loading import load_model
 
 SPEC = f"{__name__}:SmallCNN"
 
@@ -431,6 +434,14 @@ def test_import_object_from_module_and_file(tmp_path: Path) -> None:
         import_object("torch.nn:nothing_here", error=DataError)
 
 
+def test_loading_still_exports_what_moved_out_of_it() -> None:
+    # Callers import these from oamipc.loading; they now live beside what they belong to.
+    from oamipc import loading
+
+    assert loading.import_object is import_object
+    assert loading.exported_to_graph_module is exported_to_graph_module
+
+
 def test_legacy_torch_save_format_state_dict(tmp_path: Path) -> None:
     model = SmallCNN(width=4).eval()
     path = tmp_path / "legacy.pt"
@@ -534,14 +545,14 @@ def test_huge_model_args_fail_fast_without_allocating(tmp_path: Path) -> None:
 
 
 def test_model_size_limit_is_half_the_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from oamipc import loading
+    from oamipc import checkpoint
 
     path = tmp_path / "sd.pt"
     torch.save(Recorder(hidden=64).state_dict(), path)
     # 64 * 8 + 64 floats = 2304 bytes
-    monkeypatch.setattr(loading, "_memory_limit", lambda: 2304)
+    monkeypatch.setattr(checkpoint, "_memory_limit", lambda: 2304)
     assert isinstance(load_model(path, model_class=f"{__name__}:Recorder", model_args=[64]), Recorder)
-    monkeypatch.setattr(loading, "_memory_limit", lambda: 2303)
+    monkeypatch.setattr(checkpoint, "_memory_limit", lambda: 2303)
     with pytest.raises(LoadError, match=r"2\.3 KB .* 4\.6 KB of memory"):
         load_model(path, model_class=f"{__name__}:Recorder", model_args=[64])
 

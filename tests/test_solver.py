@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ import pulp
 import pytest
 
 from oamipc import solver as solver_mod
+from oamipc.solver import highs as highs_backend
 from oamipc.errors import SolverError, UsageError
 from oamipc.solver import SOLVERS, SolveResult, available_solvers, solve
 
@@ -25,6 +27,13 @@ def test_available_solvers() -> None:
     # highspy is a dependency; CBC comes bundled with PuLP on the usual platforms.
     assert AVAILABLE[0] == "highs"
     assert AVAILABLE == [s for s in SOLVERS if s in AVAILABLE]
+
+
+def test_scip_is_tested_wherever_pyscipopt_is_installed() -> None:
+    # The SCIP cases below are parametrized over AVAILABLE: a broken detection would drop them
+    # silently.  pyscipopt is in the test extra, so CI runs them.
+    installed = importlib.util.find_spec("pyscipopt") is not None
+    assert ("scip" in AVAILABLE) == installed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +293,24 @@ def test_cbc_reads_the_warm_start(caplog: pytest.LogCaptureFixture) -> None:
     assert f"MIPStart provided solution with cost {expected:g}" in caplog.text
 
 
+def test_scip_warm_start_is_used() -> None:
+    # With node_limit=0 SCIP stops after presolve; its heuristics find only the empty knapsack
+    # (objective 0), so a better answer can only come from the start.
+    if "scip" not in AVAILABLE:
+        pytest.skip("pyscipopt not installed")
+    prob, x = mkp()
+    cold = solve(prob, solver="scip", node_limit=0)
+    prob, x = mkp()
+    start = greedy_start(prob, x)
+    expected = sum(prob.objective[xi] * val for xi, val in start.items())
+    assert cold.objective is None or cold.objective < expected
+    warm = solve(prob, solver="scip", node_limit=0, warm_start=start)
+    assert_consistent(warm)
+    assert warm.warm_start_objective == pytest.approx(expected)
+    assert warm.status == "feasible" and warm.objective is not None
+    assert warm.objective >= expected - 1e-9
+
+
 def test_infeasible_warm_start_is_reported_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
     prob, x = knapsack()
     with caplog.at_level(logging.WARNING, logger="oamipc.solver"):
@@ -343,9 +370,8 @@ def test_bad_options_are_usage_errors(kwargs: dict) -> None:
         solve(prob, **kwargs)
 
 
-def test_scip_missing_names_pyscipopt() -> None:
-    if "scip" in AVAILABLE:
-        pytest.skip("pyscipopt is installed")
+def test_scip_missing_names_pyscipopt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pyscipopt", None)  # import pyscipopt -> ImportError
     prob, _ = knapsack()
     with pytest.raises(SolverError, match=r"oamipc\[scip\].*pyscipopt") as info:
         solve(prob, solver="scip")
@@ -356,7 +382,7 @@ def test_solver_crash_becomes_one_line_solver_error(monkeypatch: pytest.MonkeyPa
     def boom(self: object, lp: pulp.LpProblem) -> None:
         raise RuntimeError("simulated crash\nsecond line")
 
-    monkeypatch.setattr(solver_mod._HighsSolver, "callSolver", boom)
+    monkeypatch.setattr(highs_backend._HighsSolver, "callSolver", boom)
     prob, _ = knapsack()
     with pytest.raises(SolverError, match="simulated crash") as info:
         solve(prob, solver="highs")
@@ -426,8 +452,8 @@ def test_highs_threads_mismatch_from_elsewhere_recovers(
     # Pretend this module believes the pool was made with a count HiGHS will refuse now: the
     # run fails inside HiGHS and solve() must rerun with the existing pool.
     solve(knapsack()[0])  # make sure HiGHS has a pool in this process
-    monkeypatch.setattr(solver_mod, "_HIGHS_THREADS_FIXED", True)
-    monkeypatch.setattr(solver_mod, "_HIGHS_THREADS", 13)
+    monkeypatch.setattr(highs_backend, "_HIGHS_THREADS_FIXED", True)
+    monkeypatch.setattr(highs_backend, "_HIGHS_THREADS", 13)
     with caplog.at_level(logging.WARNING, logger="oamipc.solver"):
         res = solve(knapsack()[0], threads=13)
     assert res.status == "optimal" and res.objective == pytest.approx(KNAPSACK_OPT)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oamipc.errors import OamipcError, TraceError, UsageError
-from oamipc.loading import exported_to_graph_module
+from oamipc.lifting import exported_to_graph_module
 from oamipc.tracing import example_inputs_for, parse_input_shape, propagate_shapes, trace
 
 THIS_FILE = Path(__file__).name
