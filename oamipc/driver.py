@@ -30,7 +30,7 @@ from torch import fx, nn
 from oamipc import passes
 from oamipc.atomic import is_disk_full
 from oamipc.data import Dataset, DataSplits, accuracy
-from oamipc.errors import DataError, ExportError, OutputError, UsageError
+from oamipc.errors import DataError, ExportError, OutputError, UsageError, describe, first_line
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
@@ -226,8 +226,6 @@ def _finetune_section(module: nn.Module, train: Dataset, test: Dataset, config: 
 def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], path: Path,
                   label: str) -> None:
     """Write the pruned model as a ``torch.export`` program (loads without unpickling code)."""
-    from oamipc.errors import ExportError
-
     batch = torch.export.Dim("batch", min=1)
     # torch.export specialises a dimension of size 1, so trace the dynamic batch with two samples.
     two = tuple(torch.cat([x[:1], x[:1]]) for x in example_inputs)
@@ -238,15 +236,14 @@ def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
         except Exception:  # noqa: BLE001 - a batch-1 or hard-coded-batch model: export it static
             program = torch.export.export(module, example_inputs)
     except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"cannot save {label} as a torch.export program: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"cannot save {label} as a torch.export program: {first_line(exc)}") from exc
     try:
         torch.export.save(program, str(path))
     except OSError:
         raise  # the caller names the directory and says to free space
     except Exception as exc:  # noqa: BLE001 - torch's zip writer reports a failed write as a RuntimeError
-        lines = str(exc).strip().splitlines()
         raise ExportError(f"writing {label} as a torch.export program to {path} failed "
-                          f"({type(exc).__name__}: {lines[0] if lines else ''}); if that disk is full, "
+                          f"({describe(exc)}); if that disk is full, "
                           f"free space there or set TMPDIR to a directory with room") from exc
 
 
@@ -426,7 +423,7 @@ def _os_reason(exc: BaseException) -> str:
         if isinstance(current, OSError) and current.strerror:
             return current.strerror
         current = current.__cause__ or current.__context__
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)
 
 
 def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
