@@ -1,4 +1,4 @@
-"""The ``mip`` criterion, ``budget`` formulation: choose the kept units by MILP, layer by layer, then jointly.
+"""The MIP planner's ``budget`` formulation: choose the kept units by MILP, layer by layer, then jointly.
 
 Why this shape (``docs``: the method notes, section 6): one joint MILP over every layer's keep
 variables does not move within minutes, while a sub-problem over *one* unit group with everything

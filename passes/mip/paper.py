@@ -1,4 +1,4 @@
-"""The ``mip`` criterion, ``paper`` formulation: the thesis's continuous importance scores.
+"""The MIP planner's ``paper`` formulation: the thesis's continuous importance scores.
 
 What the OAMIP thesis does (method notes, section 2), with a linear loss so that it stays a MILP:
 
