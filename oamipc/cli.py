@@ -143,7 +143,8 @@ class _Fitted:
     which it then cuts ("ReLU/max-" ... "400").  Here each column keeps at least its longest word:
     when the natural widths do not fit, the widest columns that still have room above that floor
     give up one character at a time, and their cells wrap between words.  Only a width too small
-    for the longest words themselves is left to rich.
+    for the longest words themselves is left to rich, folding those words rather than cutting
+    them short with an ellipsis.
     """
 
     def __init__(self, rows: SummaryTable) -> None:
@@ -169,7 +170,8 @@ class _Fitted:
         widths: list[int | None] = list(fitted) if fitted else [None] * len(rows.columns)
         table = Table(title=escape(rows.title), title_justify="left")
         for column, width in zip(rows.columns, widths):
-            table.add_column(escape(column.header), justify=column.align, width=width)
+            # fold: on a terminal too narrow for the longest words, split them rather than drop the rest
+            table.add_column(escape(column.header), justify=column.align, width=width, overflow="fold")
         for row in rows.rows:  # escaped: a [...] in a layer name or a status is text, not rich markup
             table.add_row(*(escape(cell) for cell in row))
         yield table
