@@ -155,7 +155,8 @@ class _Fitted:
         columns = list(zip(*[[c.header for c in self.rows.columns], *self.rows.rows]))
         natural = [max(cell_len(cell) for cell in column) for column in columns]
         floor = [max((cell_len(word) for cell in column for word in cell.split()), default=0) for column in columns]
-        room = max_width - (3 * len(columns) + 1)  # a padding space each side of a cell, one rule between cells and at the edges
+        # A padding space on each side of every cell, and a rule between cells and at both edges.
+        room = max_width - (3 * len(columns) + 1)
         if sum(natural) <= room or sum(floor) > room:
             return None
         widths = list(natural)

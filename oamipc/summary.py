@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
-    "Column", "SummaryTable", "costs_table", "finetune_history_table", "finetune_table", "fmt_gap", "fmt_int", "fmt_num",
-    "mip_status", "mip_table", "ratio", "widths_table",
+    "Column", "SummaryTable", "costs_table", "finetune_history_table", "finetune_table", "fmt_gap", "fmt_int",
+    "fmt_num", "mip_status", "mip_table", "ratio", "widths_table",
 ]
 
 Align = Literal["left", "right"]
@@ -172,8 +172,8 @@ def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> Sum
     """
     table = SummaryTable(title, (Column("", "left"), Column("before"), Column("after"), Column("after/before")))
     b, a = _dict(report.get("before")), _dict(report.get("after"))
-    table.add_row("parameters", fmt_int(b.get("params")), fmt_int(a.get("params")), ratio(b.get("params"), a.get("params")))
-    table.add_row("FLOPs (MACs)", fmt_int(b.get("macs")), fmt_int(a.get("macs")), ratio(b.get("macs"), a.get("macs")))
+    for label, key in (("parameters", "params"), ("FLOPs (MACs)", "macs")):
+        table.add_row(label, fmt_int(b.get(key)), fmt_int(a.get(key)), ratio(b.get(key), a.get(key)))
     onnx = _dict(report.get("onnx"))
     if "bytes" in onnx:
         table.add_row("ONNX bytes", fmt_int(onnx.get("bytes_before")), fmt_int(onnx.get("bytes")),
@@ -239,7 +239,8 @@ def _status_cell(table: SummaryTable, word: str, *notes: str | None) -> str:
     return " ".join([word, *markers])
 
 
-_SEVERITY = ("error", "time limit", "no solution", "node limit", "infeasible", "unbounded", "optimal")
+#: The joint row shows the first of these words that any round ended with.
+_SEVERITY = ("error", "time limit", "node limit", "infeasible", "unbounded", "optimal")
 
 
 def _joint_row(table: SummaryTable, rounds: list[dict[str, Any]]) -> None:
@@ -272,10 +273,10 @@ def _joint_row(table: SummaryTable, rounds: list[dict[str, Any]]) -> None:
 def mip_table(report: dict[str, Any]) -> SummaryTable | None:
     """How the MILP analysis went: one row per sub-problem (or class problem), then the totals.
 
-    ``budget``: a row per layer sub-problem (named by its unit group) and one for the joint rounds
-    (``4/12 improved``: rounds that lowered the held-out loss); the caption gives the warm start, the held-out loss
-    before and after, and the seconds.  ``paper``: a row per class problem; the caption says what
-    the thesis's threshold rule would have kept.  None when the report has no MILP analysis.
+    ``budget``: a row per layer sub-problem (named by its unit group) and one for all joint rounds
+    (``4/12 improved``: rounds that lowered the held-out loss); the caption gives the warm start,
+    the held-out loss before and after, and the seconds.  ``paper``: a row per class problem; the
+    caption says what the thesis's threshold rule would have kept.  None without a MILP analysis.
     """
     mip = _dict(report.get("mip"))
     if not mip:
@@ -291,15 +292,16 @@ def mip_table(report: dict[str, Any]) -> SummaryTable | None:
             c = _dict(c)
             sv = _dict(c.get("solve"))
             word, note = mip_status(c.get("status", sv.get("status")), node_limit=False)
-            table.add_row(f"class {c.get('label', '?')}", fmt_int(sv.get("n_binaries")), fmt_int(sv.get("n_constraints")),
-                          _status_cell(table, word, note, sv.get("error")), fmt_gap(sv.get("gap")),
-                          fmt_num(sv.get("seconds"), ".1f"), _text(c.get("outcome")))
+            table.add_row(f"class {c.get('label', '?')}", fmt_int(sv.get("n_binaries")),
+                          fmt_int(sv.get("n_constraints")), _status_cell(table, word, note, sv.get("error")),
+                          fmt_gap(sv.get("gap")), fmt_num(sv.get("seconds"), ".1f"), _text(c.get("outcome")))
         rule = _dict(mip.get("threshold_rule"))
         parts = ["scores ranked to the target"]
         if rule:
             mk = _num(rule.get("macs_kept"))
+            share = f", {100 * mk:.1f}% of the MACs" if mk is not None else ""
             parts.append(f"the thesis's rule s >= {rule.get('tau', '?')} would keep {rule.get('units_kept', '?')}/"
-                         f"{rule.get('units_free', '?')} units" + (f", {100 * mk:.1f}% of the MACs" if mk is not None else ""))
+                         f"{rule.get('units_free', '?')} units{share}")
         if seconds is not None:
             parts.append(f"{seconds:.1f} s")
         table.caption = "; ".join(parts)
@@ -309,12 +311,12 @@ def mip_table(report: dict[str, Any]) -> SummaryTable | None:
         sv = _dict(sp.get("solve"))
         word, note = mip_status(sv.get("status"), time_limited=bool(sp.get("time_limited")))
         outcome = _text(sp.get("outcome"))
-        why = str(sp.get("note") or "")
+        why = str(sp.get("note") or "")  # why a solution was invalid (explains the outcome), or the solver's error
+        status = _status_cell(table, word, note, "" if outcome == "invalid" else why)
         if outcome == "invalid" and why:
-            outcome, why = f"{outcome} {table.note(why)}", ""
-        table.add_row(_text(sp.get("group")), fmt_int(sv.get("n_binaries")), fmt_int(sv.get("n_constraints")),
-                      _status_cell(table, word, note, why), fmt_gap(sv.get("gap")), fmt_num(sv.get("seconds"), ".1f"),
-                      outcome)
+            outcome = f"{outcome} {table.note(why)}"
+        table.add_row(_text(sp.get("group")), fmt_int(sv.get("n_binaries")), fmt_int(sv.get("n_constraints")), status,
+                      fmt_gap(sv.get("gap")), fmt_num(sv.get("seconds"), ".1f"), outcome)
     rounds = [_dict(r) for r in _list(mip.get("joint_rounds"))]
     if rounds:
         _joint_row(table, rounds)

@@ -26,9 +26,8 @@ import oamipc
 from oamipc.cli import _finetune_table, _mip_table, _summary_table, app
 from oamipc.finetune import FinetuneConfig
 from oamipc.report_html import build_page
-from oamipc.summary import (
-    SummaryTable, costs_table, finetune_history_table, finetune_table, fmt_gap, mip_status, mip_table, widths_table,
-)
+from oamipc.summary import (SummaryTable, costs_table, finetune_history_table, finetune_table, fmt_gap, mip_status,
+                            mip_table, widths_table)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MLP = EXAMPLES / "digits_mlp.pt"
@@ -96,7 +95,8 @@ def paper_report() -> dict[str, Any]:
     return {"mip": {
         "formulation": "paper", "solver": "highs", "bounds": "crown", "seconds": 157.8,
         "classes": [{"label": 0, "status": "feasible", "outcome": "solved", "solve": solve},
-                    {"label": 1, "status": "optimal", "outcome": "solved", "solve": {**solve, "status": "optimal", "gap": 0.0}},
+                    {"label": 1, "status": "optimal", "outcome": "solved",
+                     "solve": {**solve, "status": "optimal", "gap": 0.0}},
                     {"label": 2, "status": "error", "outcome": "solver-error",
                      "solve": {"status": "error", "error": "HiGHS returned no solution at all"}}],
         "threshold_rule": {"tau": 0.1, "units_kept": 112, "units_free": 112, "macs_kept": 1.0},
