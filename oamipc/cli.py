@@ -11,17 +11,21 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from oamipc import summary
 from oamipc.cli_options import (
     DataDir,
     InputShape,
@@ -36,6 +40,8 @@ from oamipc.cli_options import (
     with_groups,
 )
 from oamipc.errors import OamipcError, UsageError
+from oamipc.summary import SummaryTable
+from oamipc.summary import fmt_int as _fmt_int
 
 if TYPE_CHECKING:
     from oamipc.driver import ModelSource
@@ -100,104 +106,90 @@ def _setup_logging(verbose: bool) -> None:
                         stream=sys.stderr)
 
 
-def _fmt_int(v: Any) -> str:
-    return f"{int(v):,}" if v is not None else "-"
+class _Notes:
+    """The caption and numbered notes under a summary table, wrapped at word boundaries.
+
+    The console soft-wraps (it never breaks our lines, so a path stays copyable), which would
+    leave a long note for the terminal to cut mid-word; this wraps it to the width itself, each
+    note indented under its marker.  A single word longer than the width (a path) is not split.
+    """
+
+    def __init__(self, caption: str, notes: list[str]) -> None:
+        self.caption = caption
+        self.notes = notes
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(20, options.max_width)
+
+        def wrap(text: str, first: str = "", rest: str = "") -> list[str]:
+            return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
+                                 break_long_words=False, break_on_hyphens=False)
+
+        for line in wrap(self.caption) if self.caption else []:
+            yield Text(line, style="table.caption")
+        pad = len(f"[{len(self.notes)}] ")
+        for number, note in enumerate(self.notes, 1):
+            for line in wrap(note, f"[{number}] ".rjust(pad), " " * pad):
+                yield Text(line)
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    if not a or not b:
-        return "-"
-    return f"{b / a:.3f}x"
+class _Fitted:
+    """A summary table laid out at render time, when the width is known, so no cell breaks inside a word.
+
+    rich shrinks the widest columns first when a table is too wide, even below their longest word,
+    which it then cuts ("ReLU/max-" ... "400").  Here each column keeps at least its longest word:
+    when the natural widths do not fit, the widest columns that still have room above that floor
+    give up one character at a time, and their cells wrap between words.  Only a width too small
+    for the longest words themselves is left to rich, folding those words rather than cutting
+    them short with an ellipsis.
+    """
+
+    def __init__(self, rows: SummaryTable) -> None:
+        self.rows = rows
+
+    def widths(self, max_width: int) -> list[int] | None:
+        """Fixed column widths (without padding) that fit ``max_width``; None: rich's own layout."""
+        columns = list(zip(*[[c.header for c in self.rows.columns], *self.rows.rows]))
+        natural = [max(cell_len(cell) for cell in column) for column in columns]
+        floor = [max((cell_len(word) for cell in column for word in cell.split()), default=0) for column in columns]
+        # A padding space on each side of every cell, and a rule between cells and at both edges.
+        room = max_width - (3 * len(columns) + 1)
+        if sum(natural) <= room or sum(floor) > room:
+            return None
+        widths = list(natural)
+        while sum(widths) > room:
+            widest = max((i for i in range(len(widths)) if widths[i] > floor[i]), key=lambda i: widths[i])
+            widths[widest] -= 1
+        return widths
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = self.rows
+        fitted = self.widths(options.max_width)
+        widths: list[int | None] = list(fitted) if fitted else [None] * len(rows.columns)
+        table = Table(title=escape(rows.title), title_justify="left")
+        for column, width in zip(rows.columns, widths):
+            # fold: on a terminal too narrow for the longest words, split them rather than drop the rest
+            table.add_column(escape(column.header), justify=column.align, width=width, overflow="fold")
+        for row in rows.rows:  # escaped: a [...] in a layer name or a status is text, not rich markup
+            table.add_row(*(escape(cell) for cell in row))
+        yield table
+        yield _Notes(rows.caption, rows.notes)
 
 
-def _summary_table(report: dict[str, Any]) -> Table:
-    table = Table(title="oamipc compile", title_justify="left")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("after/before", justify="right")
-    b, a = report["before"], report["after"]
-    table.add_row("parameters", _fmt_int(b["params"]), _fmt_int(a["params"]), _ratio(b["params"], a["params"]))
-    table.add_row("FLOPs (MACs)", _fmt_int(b["macs"]), _fmt_int(a["macs"]), _ratio(b["macs"], a["macs"]))
-    onnx = report.get("onnx", {})
-    if "bytes_before" in onnx:
-        table.add_row("ONNX bytes", _fmt_int(onnx["bytes_before"]), _fmt_int(onnx["bytes"]),
-                      _ratio(onnx["bytes_before"], onnx["bytes"]))
-    acc = report.get("accuracy")
-    if acc:
-        _accuracy_rows(table, acc, report.get("finetune"))
-    lat = report.get("latency")
-    if lat:
-        for row in lat["rows"]:
-            table.add_row(f"latency batch {row['batch']} (median ms)", f"{row['a_median_ms']:.4f}",
-                          f"{row['b_median_ms']:.4f}", f"{row['b_median_ms'] / row['a_median_ms']:.3f}x")
-    return table
+def _summary_table(report: dict[str, Any]) -> _Fitted:
+    """Costs, accuracy and latency before/after (:func:`oamipc.summary.costs_table`)."""
+    return _Fitted(summary.costs_table(report, title="oamipc compile"))
 
 
-def _accuracy_rows(table: Table, acc: dict[str, Any], finetune: dict[str, Any] | None) -> None:
-    """Accuracy before/after; with fine-tuning also after pruning and the fine-tuning step itself."""
-    def row(label: str, before: float, after: float) -> None:
-        table.add_row(label, f"{100 * before:.2f}%", f"{100 * after:.2f}%", f"{100 * (after - before):+.2f} pt")
-
-    where = f"{acc['dataset']}, n={acc['samples']}"
-    if finetune is None or "after_prune" not in acc:
-        row(f"accuracy ({where})", acc["before"], acc["after"])
-        return
-    row(f"accuracy after pruning ({where})", acc["before"], acc["after_prune"])
-    row(f"accuracy, fine-tuning ({finetune['epochs']} epochs, {finetune['seconds']:.2f} s)",
-        acc["after_prune"], acc["after"])
-    row("accuracy, pruned + fine-tuned", acc["before"], acc["after"])
+def _widths_table(report: dict[str, Any]) -> _Fitted:
+    """Kept units per layer (:func:`oamipc.summary.widths_table`)."""
+    return _Fitted(summary.widths_table(report))
 
 
-def _widths_table(report: dict[str, Any]) -> Table:
-    table = Table(title="kept units per layer", title_justify="left")
-    table.add_column("layer")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for name, w in report["widths"].items():
-        table.add_row(name, str(w["before"]), str(w["after"]))
-    return table
-
-
-def _fmt(v: Any, spec: str = ".3g") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _mip_table(report: dict[str, Any]) -> Table | None:
-    """How the MILP analysis went: one row per sub-problem (or class problem), then the totals."""
-    mip = report.get("mip")
-    if not mip:
-        return None
-    table = Table(title=f"MIP analysis ({mip['formulation']}, {mip['solver']}, {mip.get('bounds', 'crown')} bounds)",
-                  title_justify="left")
-    for col in ("step", "binaries", "rows", "status", "gap", "solve s", "outcome"):
-        table.add_column(col, justify="left" if col in ("step", "status", "outcome") else "right")
-    if mip["formulation"] == "paper":
-        for c in mip["classes"]:
-            sv = c["solve"]
-            table.add_row(f"class {c['label']}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
-                          c["status"], _fmt(sv.get("gap")), _fmt(sv.get("seconds"), ".1f"), c["outcome"])
-        rule = mip["threshold_rule"]
-        table.caption = (f"scores ranked to the target; the thesis's rule s >= {rule['tau']} would keep "
-                         f"{rule['units_kept']}/{rule['units_free']} units, {100 * rule['macs_kept']:.1f}% of the MACs")
-        return table
-    for sp in mip["subproblems"]:
-        sv = sp["solve"]
-        table.add_row(f"layer {sp['group']}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
-                      str(sv.get("status", "-"))[:40], _fmt(sv.get("gap")), _fmt(sv.get("seconds"), ".1f"), sp["outcome"])
-    rounds = mip.get("joint_rounds", [])
-    if rounds:
-        improved = sum(r["outcome"] == "improved" for r in rounds)
-        seconds = sum(r["solve"].get("seconds") or 0.0 for r in rounds)
-        limited = sum(r.get("time_limited", False) for r in rounds)
-        table.add_row(f"joint ({len(rounds)} rounds)", _fmt_int(rounds[0]["solve"].get("n_binaries")),
-                      _fmt_int(rounds[0]["solve"].get("n_constraints")),
-                      f"{limited} time-limited" if limited else "node-limited", "-", f"{seconds:.1f}",
-                      f"{improved} improved")
-    h = mip["holdout_loss"]
-    table.caption = (f"warm start {mip['warm_start']['chosen']}; held-out margin loss {h['warm_start']:.4f} -> "
-                     f"{h['final']:.4f}; {mip['seconds']:.1f} s")
-    return table
+def _mip_table(report: dict[str, Any]) -> _Fitted | None:
+    """How the MILP analysis went (:func:`oamipc.summary.mip_table`); None without one."""
+    rows = summary.mip_table(report)
+    return _Fitted(rows) if rows is not None else None
 
 
 Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate.")]
@@ -294,33 +286,14 @@ def finetune_cmd(
                   f"max rel err {onnx['max_rel_err']:.2e})")
 
 
-def _history_table(finetune: dict[str, Any]) -> Table:
-    """One row per fine-tuning epoch: mean training loss, training and held-out accuracy."""
-    table = Table(title="fine-tuning", title_justify="left")
-    for col in ("epoch", "loss", "train accuracy", "held-out accuracy"):
-        table.add_column(col, justify="right")
-    for h in finetune["history"]:
-        held_out = "-" if h["eval_accuracy"] is None else f"{100 * h['eval_accuracy']:.2f}%"
-        table.add_row(str(h["epoch"]), f"{h['loss']:.4f}", f"{100 * h['train_accuracy']:.2f}%", held_out)
-    return table
+def _history_table(finetune: dict[str, Any]) -> _Fitted:
+    """One row per fine-tuning epoch (:func:`oamipc.summary.finetune_history_table`)."""
+    return _Fitted(summary.finetune_history_table(finetune))
 
 
-def _finetune_table(report: dict[str, Any]) -> Table:
-    """``oamipc finetune``'s summary: accuracy before/after fine-tuning, epochs and seconds."""
-    ft = report["finetune"]
-    table = Table(title="oamipc finetune", title_justify="left")
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
-    acc = report["accuracy"]
-    if "after_prune" in acc:
-        _accuracy_rows(table, acc, ft)
-    else:
-        table.add_row(f"accuracy ({acc['dataset']}, n={acc['samples']})", f"{100 * acc['before']:.2f}%",
-                      f"{100 * acc['after']:.2f}%", f"{100 * (acc['after'] - acc['before']):+.2f} pt")
-    table.caption = f"{ft['epochs']} epochs on {ft['train_samples']} samples, {ft['seconds']:.2f} s"
-    return table
+def _finetune_table(report: dict[str, Any]) -> _Fitted:
+    """``oamipc finetune``'s summary (:func:`oamipc.summary.finetune_table`)."""
+    return _Fitted(summary.finetune_table(report, title="oamipc finetune"))
 
 
 @app.command("inspect")

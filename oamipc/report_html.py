@@ -7,6 +7,9 @@ split into kept and removed units (with the threshold when one separates them), 
 against FLOPs kept per criterion when the report holds a sweep, latency before/after per batch
 size, and the fine-tuning curves when the model was fine-tuned.
 
+The tables (costs and accuracy, the MIP analysis, kept units per layer, fine-tuning per epoch)
+are the rows of :mod:`oamipc.summary`, the same the command line prints, laid out as HTML.
+
 The page opens offline: figures are drawn with matplotlib (through :class:`~matplotlib.figure.Figure`,
 never pyplot's global state) and inlined as SVG, the CSS is inline, and there are no scripts
 or fonts to fetch.  The full report is embedded as JSON in
@@ -33,8 +36,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from oamipc import summary
 from oamipc.atomic import atomic_output
 from oamipc.errors import DataError
+from oamipc.summary import Column, SummaryTable
 
 __all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "sweep_svg", "write_html"]
 
@@ -72,12 +77,13 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: 0.5em 0; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: right; font-size: 0.92em; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child, th.l, td.l { text-align: left; }
 figure { margin: 1em 0 2em 0; }
 figure svg { max-width: 100%; height: auto; }
 figcaption { font-size: 0.92em; color: #444; max-width: 900px; }
 p.note { color: #555; font-style: italic; }
 p.meta { color: #555; }
+p.caption, p.tnote { font-size: 0.92em; color: #444; margin: 0.2em 0; max-width: 900px; }
 """
 
 
@@ -124,16 +130,6 @@ def _list(value: Any) -> list[Any]:
 
 def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _fmt_int(value: Any) -> str:
-    v = _num(value)
-    return f"{int(v):,}" if v is not None else "-"
-
-
-def _fmt(value: Any, spec: str = ".4g") -> str:
-    v = _num(value)
-    return format(v, spec) if v is not None else ("-" if value is None else str(value))
 
 
 def _svg(fig: Figure, key: str) -> str:
@@ -434,113 +430,43 @@ _FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], _Drawn]], ...] = (
 # tables
 
 
-def _table(header: Iterable[str] | None, rows: Iterable[Iterable[Any]]) -> str:
-    out = ["<table>"]
-    if header is not None:
-        out.append("<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>")
-    for row in rows:
-        out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>")
+def _table_html(table: SummaryTable, *, section: str | None = None) -> str:
+    """A summary table (:mod:`oamipc.summary`) as HTML: its heading, the table, caption and notes.
+
+    ``section`` replaces the table's title as the heading (the command line's titles name the
+    command, the page's headings name the section).  Columns the command line aligns left get
+    ``class="l"``; the notes keep their ``[n]`` markers, which the cells refer to.
+    """
+    attrs = [' class="l"' if column.align == "left" else "" for column in table.columns]
+
+    def cells(tag: str, values: Iterable[str]) -> str:
+        return "".join(f"<{tag}{attr}>{_esc(v)}</{tag}>" for attr, v in zip(attrs, values))
+
+    out = [f"<h2>{_esc(section or table.title)}</h2>", "<table>", f"<tr>{cells('th', (c.header for c in table.columns))}</tr>"]
+    out += [f"<tr>{cells('td', row)}</tr>" for row in table.rows]
     out.append("</table>")
+    if table.caption:
+        out.append(f"<p class=\"caption\">{_esc(table.caption)}</p>")
+    out += [f"<p class=\"tnote\">[{n}] {_esc(note)}</p>" for n, note in enumerate(table.notes, 1)]
     return "\n".join(out)
 
 
-def _ratio(a: Any, b: Any) -> str:
-    a, b = _num(a), _num(b)
-    return f"{b / a:.3f}x" if a and b is not None else "-"
-
-
-def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
-    b, a = _dict(report.get("before")), _dict(report.get("after"))
-    rows = [["parameters", _fmt_int(b.get("params")), _fmt_int(a.get("params")), _ratio(b.get("params"), a.get("params"))],
-            ["FLOPs (MACs)", _fmt_int(b.get("macs")), _fmt_int(a.get("macs")), _ratio(b.get("macs"), a.get("macs"))]]
-    onnx = _dict(report.get("onnx"))
-    if "bytes" in onnx:
-        rows.append(["ONNX bytes", _fmt_int(onnx.get("bytes_before")), _fmt_int(onnx.get("bytes")),
-                     _ratio(onnx.get("bytes_before"), onnx.get("bytes"))])
-    acc = _dict(report.get("accuracy"))
-    ab, aa = _num(acc.get("before")), _num(acc.get("after"))
-    if ab is not None and aa is not None:
-        rows.append([f"accuracy ({acc.get('dataset', '?')}, n={acc.get('samples', '?')})", f"{100 * ab:.2f}%",
-                     f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"])
-    ft = _dict(report.get("finetune"))
-    fb, fa = _num(ft.get("accuracy_before")), _num(ft.get("accuracy_after"))
-    if fb is not None and fa is not None:
-        rows.append([f"accuracy, fine-tuned ({ft.get('epochs', '?')} epochs)", f"{100 * fb:.2f}%", f"{100 * fa:.2f}%",
-                     f"{100 * (fa - fb):+.2f} pt"])
-    for r in _list(_dict(report.get("latency")).get("rows")):
-        r = _dict(r)
-        rows.append([f"latency batch {r.get('batch', '?')} (median ms)", _fmt(r.get("a_median_ms")),
-                     _fmt(r.get("b_median_ms")), _ratio(r.get("a_median_ms"), r.get("b_median_ms"))])
-    return rows
-
-
-def _settings_rows(report: dict[str, Any]) -> list[list[str]]:
+def _settings_table(report: dict[str, Any]) -> SummaryTable:
+    """The settings the report was made with, one ``key`` (or ``key.sub``) per row."""
     settings = _dict(report.get("settings"))
-    rows = []
+    table = SummaryTable("Settings", (Column("setting", "left"), Column("value", "left")))
     for key, value in settings.items():
         if isinstance(value, dict):
             if key == "mip" and settings.get("importance") != "mip":
                 continue  # the MILP options only matter when the MILP ran
-            rows += [[f"{key}.{k}", "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)]
-                     for k, v in value.items()]
+            for k, v in value.items():
+                table.add_row(f"{key}.{k}", "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v))
         else:
-            rows.append([key, "-" if value is None else
-                         ", ".join(map(str, value)) if isinstance(value, list) else str(value)])
+            table.add_row(key, "-" if value is None else ", ".join(map(str, value)) if isinstance(value, list) else str(value))
     for key in ("model", "input_shape"):
         if key in report:
-            rows.append([key, str(report[key])])
-    return rows
-
-
-def _mip_html(report: dict[str, Any]) -> str:
-    """A short account of the MILP analysis: one row per sub-problem (or class problem) and a line."""
-    mip = _dict(report.get("mip"))
-    if not mip:
-        return ""
-    head = (f"<h2>MIP analysis</h2>\n<p class=\"meta\">{_esc(mip.get('formulation', '?'))} formulation, "
-            f"{_esc(mip.get('solver', '?'))} solver, {_esc(mip.get('bounds', 'crown'))} bounds, "
-            f"{_fmt(mip.get('seconds'), '.1f')} s</p>")
-    header = ("step", "binaries", "rows", "status", "gap", "solve s", "outcome")
-    rows = []
-    line = ""
-    if mip.get("formulation") == "paper":
-        for c in _list(mip.get("classes")):
-            c = _dict(c)
-            sv = _dict(c.get("solve"))
-            rows.append([f"class {c.get('label', '?')}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
-                         str(c.get("status", "-")), _fmt(sv.get("gap"), ".3g"), _fmt(sv.get("seconds"), ".1f"),
-                         str(c.get("outcome", "-"))])
-        rule = _dict(mip.get("threshold_rule"))
-        if rule:
-            mk = _num(rule.get("macs_kept"))
-            line = (f"Scores ranked to the target; the thesis's rule s &ge; {_esc(rule.get('tau'))} would keep "
-                    f"{_esc(rule.get('units_kept'))}/{_esc(rule.get('units_free'))} units"
-                    + (f", {100 * mk:.1f}% of the MACs." if mk is not None else "."))
-    else:
-        for sp in _list(mip.get("subproblems")):
-            sp = _dict(sp)
-            sv = _dict(sp.get("solve"))
-            rows.append([f"layer {sp.get('group', '?')}", _fmt_int(sv.get("n_binaries")), _fmt_int(sv.get("n_constraints")),
-                         str(sv.get("status", "-"))[:40], _fmt(sv.get("gap"), ".3g"), _fmt(sv.get("seconds"), ".1f"),
-                         str(sp.get("outcome", "-"))])
-        rounds = [_dict(r) for r in _list(mip.get("joint_rounds"))]
-        if rounds:
-            improved = sum(r.get("outcome") == "improved" for r in rounds)
-            seconds = sum(_num(_dict(r.get("solve")).get("seconds")) or 0.0 for r in rounds)
-            rows.append([f"joint ({len(rounds)} rounds)", _fmt_int(_dict(rounds[0].get("solve")).get("n_binaries")),
-                         _fmt_int(_dict(rounds[0].get("solve")).get("n_constraints")), "-", "-", f"{seconds:.1f}",
-                         f"{improved} improved"])
-        warm = _dict(mip.get("warm_start")).get("chosen")
-        hold = _dict(mip.get("holdout_loss"))
-        hw, hf = _num(hold.get("warm_start")), _num(hold.get("final"))
-        parts = []
-        if warm:
-            parts.append(f"warm start: {_esc(warm)}")
-        if hw is not None and hf is not None:
-            parts.append(f"held-out margin loss {hw:.4f} &rarr; {hf:.4f}")
-        line = "; ".join(parts) + "." if parts else ""
-    table = _table(header, rows) if rows else ""
-    return "\n".join(s for s in (head, table, f"<p>{line}</p>" if line else "") if s)
+            table.add_row(key, str(report[key]))
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,17 +520,25 @@ def build_page(report: dict[str, Any], *, title: str | None = None) -> Page:
         "<body>",
         f"<h1>{_esc(title)}</h1>",
         f"<p class=\"meta\">{meta}</p>" if meta else "",
-        "<h2>Summary</h2>",
-        _table(("", "before", "after", "after/before"), _summary_rows(report)),
+        _table_html(summary.costs_table(report), section="Summary"),
         *blocks,
     ]
     if page.notes:
         parts.append("<h2>Not shown</h2>")
         parts += [f"<p class=\"note\">{_esc(n)}</p>" for n in page.notes]
-    parts.append(_mip_html(report))
-    settings = _settings_rows(report)
-    if settings:
-        parts += ["<h2>Settings</h2>", _table(("setting", "value"), settings)]
+    # The same tables as the command line prints (oamipc.summary), after the figures.
+    mip = summary.mip_table(report)
+    if mip is not None:
+        parts.append(_table_html(mip))
+    widths = summary.widths_table(report)
+    if widths.rows:
+        parts.append(_table_html(widths, section="Kept units per layer"))
+    history = summary.finetune_history_table(report.get("finetune"))
+    if history.rows:
+        parts.append(_table_html(history, section="Fine-tuning per epoch"))
+    settings = _settings_table(report)
+    if settings.rows:
+        parts.append(_table_html(settings))
     parts += [
         ("<p class=\"meta\">The full report is embedded in this page as JSON "
          f"(<code>script#{REPORT_SCRIPT_ID}</code>); <code>oamipc report page.html -o new.html</code> re-renders it.</p>"),
