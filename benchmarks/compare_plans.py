@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows = compare(json.loads(args.before.read_text()), json.loads(args.after.read_text()))
-    print("| model | budget | criterion | same plan | units differing | clock-free in both runs | accuracy A | accuracy B |")
+    print("| model | budget | criterion | same plan | units differing | clock-free in both runs | accuracy A "
+          "| accuracy B |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['budget']:.2f} | {r['criterion']} | {'yes' if r['same_plan'] else 'no'} | "

@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sweep  # noqa: E402 - the sweep's data, models, cache and settings
+import sweep
 
-import oamipc  # noqa: E402
-from oamipc.atomic import atomic_output  # noqa: E402
-from oamipc.data import DataSplits, accuracy  # noqa: E402
-from oamipc.finetune import FinetuneConfig, finetune  # noqa: E402
+import oamipc
+from oamipc.atomic import atomic_output
+from oamipc.data import DataSplits, accuracy
+from oamipc.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             refilled[g.name] = [len(g.kept) - len(extra), len(g.kept)]
     fill = oamipc.compile(net, example, plan=filled, data=common["data"])
     spend = oamipc.compile(net, example, importance="mip", mip_options=settings.mip_options, **common)
-    rows = [_measure(f"warm ({warm_name})", warm, splits, epochs, settings), _measure("mip no-spend", mip, splits, epochs, settings),
-            _measure("mip no-spend+fill", fill, splits, epochs, settings), _measure("mip", spend, splits, epochs, settings)]
+    arms = [(f"warm ({warm_name})", warm), ("mip no-spend", mip), ("mip no-spend+fill", fill), ("mip", spend)]
+    rows = [_measure(label, arm, splits, epochs, settings) for label, arm in arms]
     result = {"model": args.model, "data": args.data, "budget": args.budget, "mip_options": settings.mip_options,
               "mip_reproducible": {"no_spend": mip.report["mip"].get("reproducible"),
-                                                                      "spend": spend.report["mip"].get("reproducible")}, "refilled": refilled, "rows": rows,
+                                   "spend": spend.report["mip"].get("reproducible")},
+              "refilled": refilled, "rows": rows,
               "seconds": time.perf_counter() - start}
     heads = " | ".join(f"fine-tuned {e} ep" for e in epochs)
     lines = [f"| plan | MACs kept | accuracy | {heads} |", "|---" * (3 + len(epochs)) + "|"]

@@ -388,7 +388,8 @@ def _losses_md(losses: list[dict[str, Any]], what: str) -> str:
     if not losses:
         return f"No criterion beats `mip` {what}."
     lines = [f"Where another criterion beats `mip` {what}:", "",
-             "| model | data | budget | mip | best rival | its accuracy | all that beat mip |", "|---|---|---|---|---|---|---|"]
+             "| model | data | budget | mip | best rival | its accuracy | all that beat mip |",
+             "|---|---|---|---|---|---|---|"]
     for loss in losses:
         lines.append(f"| {loss['model']} | {loss['data']} | {loss['budget']:.2f} | {_pct(loss['mip'])} | "
                      f"{loss['winner']} | {_pct(loss['winner_accuracy'])} | {', '.join(loss['beaten_by'])} |")
@@ -498,7 +499,8 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path, Path]:
     parser.add_argument("--finetune-epochs", type=int,
                         help="0: no fine-tune (default: " + _defaults("finetune_epochs") + ")")
     parser.add_argument("--calib-samples", type=int, help=f"default {FULL['calib_samples']}")
-    parser.add_argument("--mip-time-limit", type=float, help=f"seconds per MILP solve (default {FULL['mip_time_limit']})")
+    parser.add_argument("--mip-time-limit", type=float,
+                        help=f"seconds per MILP solve (default {FULL['mip_time_limit']})")
     parser.add_argument("--mip-total-time-limit", type=float,
                         help=f"seconds for all MILP solves of one compile (default {FULL['mip_total_time_limit']})")
     parser.add_argument("--mip-samples", type=int, help="MILP samples (default: the MIP pass's)")

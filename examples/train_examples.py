@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from oamipc.atomic import atomic_output
-from oamipc.data import DataSplits, Dataset, accuracy, load_data
+from oamipc.data import Dataset, DataSplits, accuracy, load_data
 from oamipc.errors import OamipcError
 from oamipc.finetune import FinetuneConfig, finetune
 

@@ -11,7 +11,7 @@ Python API::
 """
 
 from oamipc.data import Dataset, DataSplits, load_data
-from oamipc.driver import CompileResult, compile
+from oamipc.driver import CompileResult, compile  # noqa: A004 - the product's verb, as oamipc.compile
 from oamipc.errors import OamipcError
 from oamipc.export import export_onnx, verify_onnx
 from oamipc.loading import load_model

@@ -164,7 +164,7 @@ def _instantiate(
             _check_fits(skeleton.state_dict(), state, file, spec)
     try:
         model = factory(*positional, **keywords)
-    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+    except Exception as exc:
         shown = json.dumps(args, default=str) if args is not None else "no arguments"
         raise LoadError(
             f"building the model with '{spec}' and {shown} failed ({describe(exc, limit=_LINE)}); "
@@ -369,7 +369,7 @@ def _import_module(name: str, spec: str, error: type[OamipcError]) -> Any:
         raise error(
             f"importing '{name}' for '{spec}' failed ({describe(exc, limit=_LINE)}); install what it needs"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - module code may raise anything
+    except Exception as exc:
         raise error(f"importing '{name}' for '{spec}' failed ({describe(exc, limit=_LINE)}); fix that module") from exc
 
 
@@ -384,7 +384,7 @@ def _import_file(file: Path, spec: str, error: type[OamipcError]) -> Any:
     sys.modules[module_name] = module  # dataclasses and pickling look modules up here
     try:
         file_spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - module code may raise anything
+    except Exception as exc:
         sys.modules.pop(module_name, None)
         raise error(f"importing {file} for '{spec}' failed ({describe(exc, limit=_LINE)}); fix that file") from exc
     return module

@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.cells import cell_len
@@ -205,11 +205,11 @@ def compile_cmd(
     mip: MipOptions,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the pruned ONNX model.")],
     importance: Annotated[str, typer.Option("--importance", help="auto (mip with --data, else l1) | mip | l1 | l2 | activation | taylor | random")] = "auto",
-    pipeline: Annotated[Optional[str], typer.Option("-p", "--pipeline", help="Pass pipeline, e.g. 'prune-units{importance=l2,prune-ratio=0.5}'.")] = None,
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Replay a plan saved with --save-plan.")] = None,
-    save_plan: Annotated[Optional[Path], typer.Option("--save-plan", help="Write the plan (kept units) as JSON.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write the full report: an HTML page with plots for a .html/.htm path, JSON otherwise.")] = None,
-    save_pt: Annotated[Optional[Path], typer.Option("--save-pt", help="Also write the pruned model as a torch.export program.")] = None,
+    pipeline: Annotated[str | None, typer.Option("-p", "--pipeline", help="Pass pipeline, e.g. 'prune-units{importance=l2,prune-ratio=0.5}'.")] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", help="Replay a plan saved with --save-plan.")] = None,
+    save_plan: Annotated[Path | None, typer.Option("--save-plan", help="Write the plan (kept units) as JSON.")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the full report: an HTML page with plots for a .html/.htm path, JSON otherwise.")] = None,
+    save_pt: Annotated[Path | None, typer.Option("--save-pt", help="Also write the pruned model as a torch.export program.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
@@ -337,13 +337,13 @@ def inspect_cmd(
 @app.command("bench")
 def bench_cmd(
     model_a: Annotated[Path, typer.Argument(help="ONNX model (the baseline, A).")],
-    model_b: Annotated[Optional[Path], typer.Argument(help="Second ONNX model (B), measured interleaved with A.")] = None,
+    model_b: Annotated[Path | None, typer.Argument(help="Second ONNX model (B), measured interleaved with A.")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,64",
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model and batch size.")] = 200,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 20,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when really usable) | cpu | cuda")] = "auto",
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")] = None,
 ) -> None:
     """Measure onnxruntime latency of one model, or of A vs B interleaved."""
     from oamipc.atomic import atomic_output, check_writable
@@ -380,7 +380,7 @@ def bench_cmd(
 def report_cmd(
     run: Annotated[Path, typer.Argument(help="A compile report: JSON from --report run.json, or a page made by oamipc.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the HTML page.")],
-    title: Annotated[Optional[str], typer.Option("--title", help="Page title (default: from the model path).")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Page title (default: from the model path).")] = None,
 ) -> None:
     """Render a compile report as one self-contained HTML page with plots."""
     from oamipc.atomic import check_writable

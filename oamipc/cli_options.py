@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -31,12 +31,12 @@ from oamipc.errors import UsageError
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Flags shared by several commands (also used directly as parameter annotations).
-ModelClass = Annotated[Optional[str], typer.Option("--model-class", help="pkg.module:ClassOrFactory for a state dict.")]
-ModelArgs = Annotated[Optional[str], typer.Option("--model-args", help="JSON kwargs (object) or args (list) for the class.")]
+ModelClass = Annotated[str | None, typer.Option("--model-class", help="pkg.module:ClassOrFactory for a state dict.")]
+ModelArgs = Annotated[str | None, typer.Option("--model-args", help="JSON kwargs (object) or args (list) for the class.")]
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickled model (runs code in the file!).")]
-InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape, e.g. 1,1,28,28 (default: from --data).")]
-DataDir = Annotated[Optional[str], typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
-LeafModules = Annotated[Optional[list[str]], typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
+InputShape = Annotated[str | None, typer.Option("--input-shape", help="Example input shape, e.g. 1,1,28,28 (default: from --data).")]
+DataDir = Annotated[str | None, typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
+LeafModules = Annotated[list[str] | None, typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
 DATA_HELP = "digits | fashion-mnist | file.pt | file.npz | pkg.module:function"
 MODEL_HELP = "Model file: torch.export program (.pt2), state dict (.pt) or pickle."
 
@@ -130,7 +130,7 @@ def source_group(*, model_help: str = MODEL_HELP, data_help: str = DATA_HELP, mo
         _param("model_args", _panel(ModelArgs, panel), None),
         _param("trust_pickle", _panel(TrustPickle, panel), False),
         _param("input_shape", _panel(InputShape, panel), None),
-        _param("data", Annotated[Optional[str], typer.Option("--data", help=data_help, rich_help_panel=panel)], None),
+        _param("data", Annotated[str | None, typer.Option("--data", help=data_help, rich_help_panel=panel)], None),
         _param("data_dir", _panel(DataDir, panel), None),
         _param("leaf_module", _panel(LeafModules, panel), None),
     )
@@ -150,8 +150,8 @@ _TARGET = "Target"
 def target_group() -> OptionGroup:
     """How much to remove: --prune-ratio or --flops-budget, --min-keep, --round-to; builds a Target."""
     params = (
-        _param("prune_ratio", Annotated[Optional[float], typer.Option("--prune-ratio", help="Fraction of units removed per group.", rich_help_panel=_TARGET)], None),
-        _param("flops_budget", Annotated[Optional[float], typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.", rich_help_panel=_TARGET)], None),
+        _param("prune_ratio", Annotated[float | None, typer.Option("--prune-ratio", help="Fraction of units removed per group.", rich_help_panel=_TARGET)], None),
+        _param("flops_budget", Annotated[float | None, typer.Option("--flops-budget", help="Keep at most this fraction of the MACs.", rich_help_panel=_TARGET)], None),
         _param("min_keep", Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.", rich_help_panel=_TARGET)], 1),
         _param("round_to", Annotated[int, typer.Option("--round-to", help="Round kept widths up to a multiple of this.", rich_help_panel=_TARGET)], 1),
     )
@@ -189,9 +189,9 @@ def mip_group() -> OptionGroup:
         _param("time_limit", opt("--time-limit", float, "Seconds per MILP solve: a safety net; solves end at node "
                "limits, reproducibly."), 20.0),
         _param("total_time_limit", opt("--total-time-limit", float, "Seconds for all MILP sub-problems."), 120.0),
-        _param("gap", opt("--gap", Optional[float], "Relative MIP gap at which every MILP solve stops."), None),
-        _param("threads", opt("--threads", Optional[int], "Solver threads."), None),
-        _param("samples", opt("--mip-samples", Optional[int], "Calibration samples inside the MILP (budget: 64, "
+        _param("gap", opt("--gap", float | None, "Relative MIP gap at which every MILP solve stops."), None),
+        _param("threads", opt("--threads", int | None, "Solver threads."), None),
+        _param("samples", opt("--mip-samples", int | None, "Calibration samples inside the MILP (budget: 64, "
                "the rest held out; paper: one per class)."), None),
     )
 

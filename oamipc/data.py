@@ -351,7 +351,7 @@ def _load_array_file(path: Path) -> DataSplits:
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for unsafe or corrupt files
+        except Exception as exc:
             raise DataError(f"cannot load {path} with torch.load(weights_only=True): {_torch_load_reason(exc)}; "
                             f"save a dict of tensors with torch.save({{'x': x, 'y': y}}, path)") from exc
         if not isinstance(loaded, dict):
@@ -389,7 +389,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             raise DataError(f"{path} holds object (pickled) arrays, which are not loaded for safety; "
                             f"save plain numeric arrays with numpy.savez") from exc
         raise DataError(f"cannot read {path} as .npz: {exc}; save it with numpy.savez(path, x=x, y=y)") from exc
-    except Exception as exc:  # noqa: BLE001 - zipfile.BadZipFile, EOFError, OSError, zlib.error, ...
+    except Exception as exc:
         raise DataError(f"cannot read {path} as .npz ({type(exc).__name__}: {exc}); "
                         f"save it with numpy.savez(path, x=x, y=y)") from exc
 

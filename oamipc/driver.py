@@ -235,13 +235,13 @@ def _save_program(module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ..
                                           dynamic_shapes=tuple({0: batch} for _ in example_inputs))
         except Exception:  # noqa: BLE001 - a batch-1 or hard-coded-batch model: export it static
             program = torch.export.export(module, example_inputs)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ExportError(f"cannot save {label} as a torch.export program: {first_line(exc)}") from exc
     try:
         torch.export.save(program, str(path))
     except OSError:
         raise  # the caller names the directory and says to free space
-    except Exception as exc:  # noqa: BLE001 - torch's zip writer reports a failed write as a RuntimeError
+    except Exception as exc:
         raise ExportError(f"writing {label} as a torch.export program to {path} failed "
                           f"({describe(exc)}); if that disk is full, "
                           f"free space there or set TMPDIR to a directory with room") from exc
@@ -385,9 +385,9 @@ def finetune_file(job: FileJob, config: FinetuneConfig,
     return report
 
 
-def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], report: dict[str, Any],
-                   *, check_data: Dataset | None, original: nn.Module | None = None, plan: Plan | None = None,
-                   progress: Callable[[str, int, int], None] | None = None) -> None:
+def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+                   report: dict[str, Any], *, check_data: Dataset | None, original: nn.Module | None = None,
+                   plan: Plan | None = None, progress: Callable[[str, int, int], None] | None = None) -> None:
     """Export ``module`` to ONNX, verify it, and move every requested output into place at once.
 
     Shared by ``oamipc compile`` and ``oamipc finetune``.  The ONNX file is checked with

@@ -112,7 +112,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
         run = _export_torchscript if exporter == "torchscript" else _export_dynamo
         try:
             run(module, inputs, tmp, names, opset)
-        except Exception as exc:  # noqa: BLE001 - exporters raise anything; the cause is chained
+        except Exception as exc:
             raise ExportError(f"{exporter} ONNX export to {dest} failed: {first_line(exc)}; "
                               f"try exporter={_other(exporter)!r} or simplify the offending op") from exc
         _check_exported(Path(scratch), tmp, dest, dynamic_batch=dynamic_batch)
@@ -288,7 +288,7 @@ def verify_onnx(path: str | Path, module: torch.nn.Module,
         raise LoadError(f"ONNX file {path} not found: check the path")
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001 - checker and shape inference raise several types
+    except Exception as exc:
         raise ExportError(f"{path} fails the ONNX checker: {first_line(exc)}; re-export the model") from exc
     session, provider = make_session(path, device="cpu", intra_op_threads=None)
     meta = session.get_inputs()
@@ -310,7 +310,7 @@ def verify_onnx(path: str | Path, module: torch.nn.Module,
             expected = _run_torch(module, batch, where=where, hint=hint)
             try:
                 got = session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, batch)})
-            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            except Exception as exc:
                 raise ExportError(f"onnxruntime fails while {where}: {first_line(exc)}; {hint}") from exc
             for abs_err, scale in _compare(path, expected, got, size):
                 max_abs = max(max_abs, abs_err)
@@ -426,7 +426,7 @@ def _run_torch(module: torch.nn.Module, inputs: Batch, *, where: str,
     try:
         with torch.no_grad():
             out = module(*(t.to(device) for t in inputs))
-    except Exception as exc:  # noqa: BLE001 - any failure of user code
+    except Exception as exc:
         raise ExportError(f"the torch module fails while {where}: {first_line(exc)}; {hint}") from exc
     return _flatten(out, where)
 

@@ -87,7 +87,7 @@ p.caption, p.tnote { font-size: 0.92em; color: #444; margin: 0.2em 0; max-width:
 """
 
 
-class _Skip(Exception):
+class _Skip(Exception):  # noqa: N818 - control flow inside the page builder, never raised to users
     """A figure cannot be drawn from this report; the message is the page's one-line note."""
 
 
@@ -258,8 +258,8 @@ def _fig_scores(report: dict[str, Any]) -> _Drawn:
         caption += ")."
     if criterion == "mip" and not overlapping:
         caption += " With --importance mip the MILP chooses the units and these scores follow its choice"
-        caption += (" (normalised magnitude, plus 1 when kept)." if _dict(report.get("mip")).get("formulation") == "budget"
-                    else ".")
+        budget = _dict(report.get("mip")).get("formulation") == "budget"
+        caption += " (normalised magnitude, plus 1 when kept)." if budget else "."
     if len(panels) > len(shown):
         caption += f" The first {len(shown)} of {len(panels)} groups are drawn."
     return _Drawn("scores", "Score distribution per group", _svg(fig, "scores"), caption)
@@ -442,7 +442,8 @@ def _table_html(table: SummaryTable, *, section: str | None = None) -> str:
     def cells(tag: str, values: Iterable[str]) -> str:
         return "".join(f"<{tag}{attr}>{_esc(v)}</{tag}>" for attr, v in zip(attrs, values))
 
-    out = [f"<h2>{_esc(section or table.title)}</h2>", "<table>", f"<tr>{cells('th', (c.header for c in table.columns))}</tr>"]
+    header = cells("th", (c.header for c in table.columns))
+    out = [f"<h2>{_esc(section or table.title)}</h2>", "<table>", f"<tr>{header}</tr>"]
     out += [f"<tr>{cells('td', row)}</tr>" for row in table.rows]
     out.append("</table>")
     if table.caption:
@@ -460,9 +461,11 @@ def _settings_table(report: dict[str, Any]) -> SummaryTable:
             if key == "mip" and settings.get("importance") != "mip":
                 continue  # the MILP options only matter when the MILP ran
             for k, v in value.items():
-                table.add_row(f"{key}.{k}", "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                shown = "-" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+                table.add_row(f"{key}.{k}", shown)
         else:
-            table.add_row(key, "-" if value is None else ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+            shown = "-" if value is None else ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+            table.add_row(key, shown)
     for key in ("model", "input_shape"):
         if key in report:
             table.add_row(key, str(report[key]))
@@ -541,7 +544,8 @@ def build_page(report: dict[str, Any], *, title: str | None = None) -> Page:
         parts.append(_table_html(settings))
     parts += [
         ("<p class=\"meta\">The full report is embedded in this page as JSON "
-         f"(<code>script#{REPORT_SCRIPT_ID}</code>); <code>oamipc report page.html -o new.html</code> re-renders it.</p>"),
+         f"(<code>script#{REPORT_SCRIPT_ID}</code>); <code>oamipc report page.html -o new.html</code> "
+         "re-renders it.</p>"),
         f"<script type=\"application/json\" id=\"{REPORT_SCRIPT_ID}\">\n{_embedded_json(report)}\n</script>",
         "</body>",
         "</html>",
@@ -594,6 +598,6 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise DataError(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
                         f"{_HOW}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("before"), dict) or not isinstance(data.get("after"), dict):
+    if not (isinstance(data, dict) and isinstance(data.get("before"), dict) and isinstance(data.get("after"), dict)):
         raise DataError(f"{where} is not an oamipc compile report (it has no \"before\"/\"after\" cost fields); {_HOW}")
     return data

@@ -101,7 +101,7 @@ def make_session(path_or_bytes: str | os.PathLike[str] | bytes, *, device: Devic
                 session = ort.InferenceSession(model, sess_options=options, providers=[CUDA, CPU])
             for w in caught:
                 log.debug("onnxruntime: %s", first_line(w.message))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        except Exception as exc:
             if device == "cuda":
                 raise ExportError(f"cannot open {where} with CUDA: {first_line(exc)}; check the CUDA and "
                                   "cuDNN libraries onnxruntime-gpu needs, or use device cpu") from exc
@@ -119,7 +119,7 @@ def make_session(path_or_bytes: str | os.PathLike[str] | bytes, *, device: Devic
             return session, active[0]
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=[CPU])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+    except Exception as exc:
         raise ExportError(f"onnxruntime cannot load {where}: {first_line(exc)}; re-export the model") from exc
     return session, session.get_providers()[0]
 

@@ -90,7 +90,7 @@ def torch_load(file: Path, *, trust_pickle: bool) -> object:
                 f"file, or save a state dict instead (torch.save(model.state_dict(), ...))"
             ) from exc
         log.warning("unpickling %s with weights_only=False (--trust-pickle); it needs %s", file, found)
-    except Exception as exc:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
+    except Exception as exc:
         if plain and not trust_pickle:
             raise LoadError(
                 f"{file} is a plain Python pickle (pickle.dump), and unpickling runs arbitrary "
@@ -109,7 +109,7 @@ def torch_load(file: Path, *, trust_pickle: bool) -> object:
             f"{file} is a pickle of code that cannot be imported here ({first_line(exc, limit=_LINE)}); run "
             f"oamipc where the model's module is importable, or save a state dict instead"
         ) from exc
-    except Exception as exc:  # noqa: BLE001 - arbitrary code in a trusted pickle may raise anything
+    except Exception as exc:
         raise LoadError(f"unpickling {file} failed ({describe(exc, limit=_LINE)}); save a state dict instead") from exc
 
 
@@ -171,7 +171,7 @@ def read_exported(file: Path, *, trust_pickle: bool) -> torch.export.ExportedPro
     if not trust_pickle:
         try:
             unsafe = _pt2_pickled_payloads(file)
-        except Exception as exc:  # noqa: BLE001 - damaged archives make zipfile/zlib raise many types
+        except Exception as exc:
             raise LoadError(
                 f"{file} is a damaged torch.export archive ({describe(exc, limit=_LINE)}); export the model "
                 f"again with torch.export.save"
@@ -186,7 +186,7 @@ def read_exported(file: Path, *, trust_pickle: bool) -> torch.export.ExportedPro
         try:
             with open(file, "rb") as handle:
                 program = torch.export.load(handle)
-        except Exception as exc:  # noqa: BLE001 - the deserializer raises many unrelated types
+        except Exception as exc:
             raise LoadError(
                 f"{file} looks like a torch.export archive but cannot be loaded "
                 f"({torch_log.cause() or describe(exc, limit=_LINE)}); re-export it with torch.export.save "

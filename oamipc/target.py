@@ -24,7 +24,6 @@ from typing import Any
 
 from oamipc.errors import UsageError
 
-
 _FIELDS = ("prune_ratio", "flops_budget", "min_keep", "round_to")
 
 

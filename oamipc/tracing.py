@@ -162,7 +162,7 @@ def _symbolic_trace(model: nn.Module, leaf_modules: tuple[str, ...]) -> fx.Graph
     tracer = _Tracer(frozenset(leaf_modules))
     try:
         graph = tracer.trace(model)
-    except Exception as exc:  # noqa: BLE001 - fx and user code raise many types
+    except Exception as exc:
         raise _trace_error(model, tracer.failed_in, exc) from exc
     return fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
 
@@ -224,7 +224,7 @@ def _is_library(file: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-class _ShapeFailure(Exception):
+class _ShapeFailure(Exception):  # noqa: N818 - control flow, turned into a TraceError before it leaves
     """Carries the node that failed out of the interpreter."""
 
     def __init__(self, node: fx.Node, cause: BaseException) -> None:
@@ -250,7 +250,7 @@ class _NodeShapeProp(ShapeProp):
             result = fx.Interpreter.run_node(self, n)
         except _ShapeFailure:
             raise
-        except Exception as exc:  # noqa: BLE001 - any op may fail on a wrong input
+        except Exception as exc:
             raise _ShapeFailure(n, exc) from exc
         found = False
 

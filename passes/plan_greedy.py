@@ -29,7 +29,7 @@ from oamipc.errors import PlanError
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.plan import Plan, Planned
 from oamipc.target import Target
-from oamipc.units import UnitGraph
+from oamipc.units import UnitGraph, UnitGroup
 
 from .importance_base import get_criterion
 from .planner_base import PlannerAnalysis

@@ -16,9 +16,9 @@ spatial dim (which couples like an add); ``chunk``/``split``; ``unsqueeze`` from
 1-D signal; flatten in eight spellings, three of which hard-code a width; conv and
 squeeze-excitation sigmoid gates (the SE view hard-codes the channel count); barriers the
 analysis cannot see through (channel roll, softmax over channels, flip, channel permutation by
-indexing); a Linear head, sometimes with a second, intermediate output.  Every activation maps 0 to 0 and sigmoid appears only inside a gate that
-multiplies, so a unit whose producers output exactly 0 contributes nothing downstream: that is
-the exact oracle of pruning (see :func:`zeroed_oracle`).
+indexing); a Linear head, sometimes with a second, intermediate output.  Every activation maps 0
+to 0 and sigmoid appears only inside a gate that multiplies, so a unit whose producers output
+exactly 0 contributes nothing downstream: that is the exact oracle of pruning (see :func:`zeroed_oracle`).
 
 :func:`expected_units` is an independent model of the unit analysis on this vocabulary (written
 from the spec, not from the graph): which producer channels are coupled, which must be kept, and

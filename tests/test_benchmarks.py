@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str):  # noqa: ANN202 - a script module
+def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -36,7 +36,8 @@ def test_latency_vs_flops_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q.json"
     _load("mip_quality").main(["--models", "digits_mlp", "--budgets", "0.3", "--criteria", "l2,mip,mip_paper_lp",
-                               "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16", "--out", str(out)])
+                               "--time-limit", "2", "--total-time-limit", "4", "--mip-samples", "16",
+                               "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["criterion"] for r in rows] == ["l2", "mip", "mip_paper_lp"]
     assert all(r["macs_kept"] <= 0.3 + 1e-9 for r in rows)
@@ -90,7 +91,8 @@ def test_sweep_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         assert len(lines) == 1 + len(rows)
         for r in rows:
             cells = (f"| {r['budget']:.2f} | {r['criterion']} | {100 * r['macs_kept']:.2f}% | "
-                     f"{100 * r['params_kept']:.2f}% | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_finetuned']:.2f}% |")
+                     f"{100 * r['params_kept']:.2f}% | {100 * r['accuracy']:.2f}% | "
+                     f"{100 * r['accuracy_finetuned']:.2f}% |")
             assert sum(cells in line for line in lines) == 1, (cells, lines)
     svg = (out / "mlp3_digits.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "mip" in svg and "l1" in svg

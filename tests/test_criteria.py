@@ -20,8 +20,14 @@ from torch import fx, nn
 
 from oamipc.errors import UsageError
 from oamipc.passes import (
-    ActivationImportance, L1Importance, L2Importance, RandomImportance, TaylorImportance, UnitGroupAnalysis,
-    criteria, get_criterion,
+    ActivationImportance,
+    L1Importance,
+    L2Importance,
+    RandomImportance,
+    TaylorImportance,
+    UnitGroupAnalysis,
+    criteria,
+    get_criterion,
 )
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace

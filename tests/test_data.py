@@ -20,7 +20,13 @@ from torch import nn
 
 import oamipc.data
 from oamipc.data import (
-    DataSplits, Dataset, accuracy, fashion_mnist_available, load_data, read_idx, resize_images,
+    Dataset,
+    DataSplits,
+    accuracy,
+    fashion_mnist_available,
+    load_data,
+    read_idx,
+    resize_images,
 )
 from oamipc.errors import DataError
 

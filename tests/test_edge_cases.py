@@ -61,8 +61,8 @@ def _zeroed_reference(res: CompileResult) -> fx.GraphModule:
     """The unpruned graph with every removed unit's producer rows (and BatchNorm entries) zeroed."""
     example = res.example_inputs
     ref = copy.deepcopy(res.original)
-    graph = AnalysisManager(CompileContext(example)).get(UnitGroupAnalysis(tuple(res.report["settings"]["leaf_modules"])),
-                                                         ref)
+    leaves = tuple(res.report["settings"]["leaf_modules"])
+    graph = AnalysisManager(CompileContext(example)).get(UnitGroupAnalysis(leaves), ref)
     assert res.plan is not None
     removed = set(np.flatnonzero(~res.plan.kept_mask(graph)).tolist())
     with torch.no_grad():

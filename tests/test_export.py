@@ -276,7 +276,7 @@ def test_unwritable_directory_is_an_output_error(tmp_path: Path) -> None:
 def test_failure_mid_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[Path] = []
 
-    def broken_export(module, args, f, **kwargs):  # noqa: ANN001, ANN003 - torch's signature
+    def broken_export(module, args, f, **kwargs):
         Path(f).write_bytes(b"half a model")
         written.append(Path(f))
         raise RuntimeError("exporter exploded\nsecond line of a long dump")
@@ -293,7 +293,7 @@ def test_failure_mid_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
 def test_side_data_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_export = torch.onnx.export
 
-    def export_with_data(module, args, f, **kwargs):  # noqa: ANN001, ANN003 - torch's signature
+    def export_with_data(module, args, f, **kwargs):
         real_export(module, args, f, **kwargs)
         Path(f).with_suffix(".onnx.data").write_bytes(b"\0" * 16)
 
@@ -307,7 +307,7 @@ def test_existing_file_survives_a_failed_export(tmp_path: Path, monkeypatch: pyt
     dest = tmp_path / "m.onnx"
     dest.write_bytes(b"previous model")
 
-    def failing(*args, **kwargs):  # noqa: ANN002, ANN003
+    def failing(*args, **kwargs):
         raise ValueError("nope")
 
     monkeypatch.setattr(torch.onnx, "export", failing)

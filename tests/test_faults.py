@@ -33,10 +33,10 @@ from typer.testing import CliRunner
 
 import oamipc.solver.cbc as cbc_backend
 import oamipc.solver.core as solver_core
-from oamipc.solver.backend import Outcome
 from oamipc.cli import EXIT_INTERRUPTED, app
 from oamipc.errors import OamipcError, UsageError
 from oamipc.models import DigitsMLP
+from oamipc.solver.backend import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 0.5

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from oamipc.cli import app
 from oamipc.data import Dataset, DataSplits, accuracy, load_data
-from oamipc.driver import _save_program, compile
+from oamipc.driver import _save_program, compile  # noqa: A004 - the product's verb
 from oamipc.errors import DataError, UsageError
 from oamipc.finetune import FinetuneConfig, finetune
 from oamipc.loading import load_model

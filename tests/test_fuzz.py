@@ -17,9 +17,9 @@ Properties, each over many generated networks (distinct specs are counted and as
 
 Numbers (CI defaults): 300 + 150 + 300 + 40 = 790 draws, of which 628 are distinct networks (242 +
 122 + 229 + 35, printed with ``-s``; the tests assert at least 70% distinct), and 150 data-file
-draws (129 distinct); about 50 s on the 2-core development machine.  ``OAMIPC_FUZZ_EXAMPLES=k`` multiplies every count by
-``k`` for a longer run and ``OAMIPC_FUZZ_SEED`` changes the (fixed) seeds, so that a longer run
-explores other networks; benchmarks/RESULTS.md records such a run.
+draws (129 distinct); about 50 s on the 2-core development machine.  ``OAMIPC_FUZZ_EXAMPLES=k``
+multiplies every count by ``k`` for a longer run and ``OAMIPC_FUZZ_SEED`` changes the (fixed)
+seeds, so that a longer run explores other networks; benchmarks/RESULTS.md records such a run.
 
 The data-loader fuzz feeds random bytes and truncated or mutated valid ``.npz``/``.pt``/IDX files
 to ``load_data`` and ``read_idx``: the only exception allowed is a ``DataError``.
@@ -203,7 +203,8 @@ def _hook_costs(module: nn.Module, x: torch.Tensor) -> int:
         else:
             macs += per_sample * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    handles = [m.register_forward_hook(hook) for m in layers]
     try:
         with torch.no_grad():
             module(x[:1])
@@ -342,6 +343,8 @@ def _check_data_file(kind: str, how: str, data: bytes, tmp: Path) -> None:
 
 def test_data_loaders_raise_only_data_errors(tmp_path: Path) -> None:
     """Random, truncated and mutated .npz/.pt/IDX files load or raise a one-line DataError, nothing else."""
-    count = _run_property("data", N_DATA, _data_file(), lambda kind, how, data: _check_data_file(kind, how, data, tmp_path),
-                          networks=False)
+    def check(kind: str, how: str, data: bytes) -> None:
+        _check_data_file(kind, how, data, tmp_path)
+
+    count = _run_property("data", N_DATA, _data_file(), check, networks=False)
     assert count >= DISTINCT * N_DATA

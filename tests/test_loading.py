@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from oamipc.errors import DataError, LoadError, OamipcError, UsageError
 from oamipc.checkpoint import import_object
+from oamipc.errors import DataError, LoadError, OamipcError, UsageError
 from oamipc.lifting import exported_to_graph_module
 from oamipc.loading import load_model
 

@@ -14,9 +14,9 @@ from oamipc.passes import UnitGroupAnalysis
 from oamipc.passes.mip.budget import group_order, nonlinear_elements_after, unit_magnitude
 from oamipc.passes.mip.joint import JointStage
 from oamipc.passes.mip.masked import MaskedNetwork, margins
+from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.surgery import apply_plan
 from oamipc.target import Target
-from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
 
 from .models import ZOO, example_input

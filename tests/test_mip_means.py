@@ -16,10 +16,9 @@ from oamipc.passes import UnitGroupAnalysis
 from oamipc.passes.mip.encoder import Encoder, evaluate
 from oamipc.passes.mip.masked import MaskedNetwork
 from oamipc.passes.mip.means import bias_shift, reading_means
-from oamipc.surgery import fold_bias_shift
-from oamipc.surgery import apply_plan
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.plan import Plan
+from oamipc.surgery import apply_plan, fold_bias_shift
 from oamipc.tracing import trace
 
 from .models import ZOO, example_input

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
-
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,7 +16,15 @@ import oamipc.passes  # noqa: F401 - registers the pass library
 from oamipc.errors import PlanError, UsageError
 from oamipc.passes import CostAnalysis, L1Importance, MipOptions, PlanMipAnalysis, PruneUnitsPass, UnitGroupAnalysis
 from oamipc.passmanager import (
-    Analysis, AnalysisManager, CompileContext, Pass, PassManager, PassResult, options_of, register, registry,
+    Analysis,
+    AnalysisManager,
+    CompileContext,
+    Pass,
+    PassManager,
+    PassResult,
+    options_of,
+    register,
+    registry,
 )
 from oamipc.pipeline import parse_pipeline
 from oamipc.target import Target

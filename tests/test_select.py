@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from oamipc.errors import OamipcError, PlanError, UsageError
+from oamipc.errors import OamipcError, PlanError
 from oamipc.passes import PlanGreedyAnalysis, UnitGroupAnalysis, apply_plan, count_costs, select
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.plan import Plan

@@ -15,9 +15,9 @@ import pulp
 import pytest
 
 from oamipc import solver as solver_mod
-from oamipc.solver import highs as highs_backend
 from oamipc.errors import SolverError, UsageError
 from oamipc.solver import SOLVERS, SolveResult, available_solvers, solve
+from oamipc.solver import highs as highs_backend
 
 AVAILABLE = available_solvers()
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,16 @@ import oamipc
 from oamipc.cli import _finetune_table, _mip_table, _summary_table, app
 from oamipc.finetune import FinetuneConfig
 from oamipc.report_html import build_page
-from oamipc.summary import (SummaryTable, costs_table, finetune_history_table, finetune_table, fmt_gap, mip_status,
-                            mip_table, widths_table)
+from oamipc.summary import (
+    SummaryTable,
+    costs_table,
+    finetune_history_table,
+    finetune_table,
+    fmt_gap,
+    mip_status,
+    mip_table,
+    widths_table,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MLP = EXAMPLES / "digits_mlp.pt"

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from oamipc.cli import app
-from oamipc.data import DataSplits, Dataset, load_data
+from oamipc.data import Dataset, DataSplits, load_data
 from oamipc.driver import compile as compile_model
 from oamipc.errors import DataError
 from oamipc.finetune import FinetuneConfig

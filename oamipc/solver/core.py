@@ -321,7 +321,7 @@ def solve(
             start=start,
             msg=msg,
         )
-    except Exception as exc:  # noqa: BLE001 - any solver failure is reported as SolverError
+    except Exception as exc:
         raise SolverError(
             f"solver {solver!r} failed on problem {prob.name!r}: {describe(exc)}; rerun "
             f"with msg=True to see the solver's log, or try another solver"

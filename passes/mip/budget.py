@@ -71,8 +71,8 @@ from oamipc.units import UnitGraph, UnitGroup
 from .encoder import Encoder, EncodingStats, margin_hinge
 from .joint import JointStage
 from .masked import MaskedNetwork, margins
-from .options import DEFAULT_SAMPLES, MipOptions
 from .means import bias_shift, reading_means
+from .options import DEFAULT_SAMPLES, MipOptions
 from .rows import as_keep, group_rows, mac_expression, plan_violations
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,8 @@ class BudgetSolver:
                     continue
                 binaries = len(self.calib.x) * nonlinear_elements_after(self.gm, self.graph, group)
                 if binaries > self.opts.exact_binaries:
-                    record.solve = {"status": f"up to {binaries} ReLU/max-pool binaries (> {self.opts.exact_binaries}); "
+                    limit = self.opts.exact_binaries
+                    record.solve = {"status": f"up to {binaries} ReLU/max-pool binaries (> {limit}); "
                                               "left to the joint stage"}
                     continue
                 candidate = self.solve_group(group, free, current, min(self.opts.time_limit, left), record)

@@ -79,8 +79,8 @@ class MaskedNetwork:
 
     def _refuse_cross_channel(self, node: fx.Node) -> None:
         mod = ir.get_module(self.gm, str(node.target)) if node.op == "call_module" else None
-        if not (isinstance(mod, _CROSS_CHANNEL_MODULES)
-                or (mod is None and node.op in ("call_function", "call_method") and ir.op_name(node) in _CROSS_CHANNEL_OPS)):
+        functional = mod is None and node.op in ("call_function", "call_method")
+        if not (isinstance(mod, _CROSS_CHANNEL_MODULES) or (functional and ir.op_name(node) in _CROSS_CHANNEL_OPS)):
             return
         for arg in node.all_input_nodes:
             lay = self.graph.layouts.get(arg.name)

@@ -20,8 +20,8 @@ What the OAMIP thesis does (method notes, section 2), with a linear loss so that
   that sample (no binaries; not valid once units are removed, exactly as in the thesis);
 * ``--relax`` solves the LP relaxation (ReLU phase binaries continuous) instead;
 * the plan: the averaged scores ranked to the target (``--flops-budget``/``--prune-ratio``, by the
-  ordinary selection, raw scores compared across layers), and the report also gives the thesis's threshold rule ``s >= tau``
-  (``tau`` 0.1 by default) and the MACs it would keep.
+  ordinary selection, raw scores compared across layers), and the report also gives the thesis's
+  threshold rule ``s >= tau`` (``tau`` 0.1 by default) and the MACs it would keep.
 
 A class problem that ends without an incumbent, or whose solver fails, gives score 1 to every unit
 (nothing learned) and says so in the report; every class problem is warm-started from ``s = 1`` (the unpruned network,

@@ -155,7 +155,8 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
         if fixed_count and count != int(reference[units].sum()):
             problems.append(f"{group.name}: keeps {count} units, the target says {int(reference[units].sum())}")
         if count < min(max(min_keep, 1), group.size):
-            problems.append(f"{group.name}: keeps {count} units, fewer than the minimum of {max(min_keep, 1)} per group (min_keep)")
+            problems.append(f"{group.name}: keeps {count} units, fewer than the minimum of {max(min_keep, 1)} per "
+                            "group (min_keep)")
         if round_to > 1 and count % round_to and count != group.size:
             problems.append(f"{group.name}: keeps {count} units, not a multiple of {round_to} (round_to)")
         if group.blocks and len({int(kept[block].sum()) for block in group.blocks}) > 1:
