@@ -524,7 +524,7 @@ def parse_settings(argv: list[str] | None) -> tuple[Settings, Path, Path]:
         raise SystemExit(f"--budgets must be fractions in (0, 1], got {opt['budgets']}")
     settings = Settings(
         models=_names(opt["models"], tuple(MODELS), "model(s)"), data=_names(opt["data"], tuple(DATA), "data"),
-        criteria=_names(opt["criteria"], tuple(passes.criteria()), "criteria"), budgets=budgets,
+        criteria=_names(opt["criteria"], tuple(passes.importance_names()), "criteria"), budgets=budgets,
         train_epochs=opt["train_epochs"], train_samples=opt["train_samples"], test_samples=opt["test_samples"],
         finetune_epochs=opt["finetune_epochs"],
         calib_samples=int(opt["calib_samples"]), mip_options=mip, bench_runs=int(opt["bench_runs"]),
