@@ -214,6 +214,7 @@ def compile_cmd(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
+    require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
     lr: Lr = 1e-3,
@@ -231,9 +232,12 @@ def compile_cmd(
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                                    seed=seed) if finetune_epochs else None)
+        if require_speedup is not None and (not bench or require_speedup <= 0):
+            raise UsageError("--require-speedup needs the latency measurement (drop --no-bench) and a positive "
+                             f"speed-up, got {require_speedup:g}" + (" with --no-bench" if not bench else ""))
         job = FileJob(source, str(output), str(plan) if plan else None, str(save_plan) if save_plan else None,
                       str(report) if report else None, str(save_pt) if save_pt else None, bench,
-                      ints(batch, "--batch") or (1,), exporter=exporter)
+                      ints(batch, "--batch") or (1,), exporter=exporter, require_speedup=require_speedup)
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
                                   calib_samples=calib_samples, mip_options=mip, finetune=finetune)

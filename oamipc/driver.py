@@ -30,9 +30,10 @@ from torch import fx, nn
 from oamipc import passes
 from oamipc.atomic import is_disk_full
 from oamipc.data import Dataset, DataSplits, accuracy
-from oamipc.errors import DataError, ExportError, OutputError, UsageError, describe, first_line
+from oamipc.errors import DataError, ExportError, OutputError, SpeedupError, UsageError, describe, first_line
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
+from oamipc.hardware import speed_verdict
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
@@ -310,6 +311,7 @@ class FileJob:
     bench: bool = True
     bench_batches: tuple[int, ...] = (1, 64)
     bench_runs: int = 50
+    require_speedup: float | None = None  # fail (nothing written) below this measured speed-up
     exporter: str = "torchscript"
     verify_samples: int = 64
 
@@ -414,6 +416,16 @@ def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[t
                 shutil.copyfile(src, tmp)
 
 
+def _check_speedup(verdict: dict[str, Any], required: float | None) -> None:
+    """Fail, before any output is moved into place, when the measured speed-up is below ``required``."""
+    low = verdict["min_speedup"]
+    if required is None or low is None or low >= required:
+        return
+    why = f"; {verdict['why']}" if verdict["why"] else ""
+    raise SpeedupError(f"the compiled network is {low:.3f}x as fast as the original at its slowest measured batch "
+                       f"({verdict['provider']}), below the required speed-up {required:g}{why}; nothing was written")
+
+
 def _os_reason(exc: BaseException) -> str:
     """The OS's words for the first ``OSError`` in ``exc``'s chain (``No space left on device``)."""
     seen: set[int] = set()
@@ -448,6 +460,12 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
         bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                           progress=(lambda d, t: progress("bench", d, t)) if progress else None)
         report["latency"] = bench.to_dict()
+        verdict = speed_verdict(report["latency"], report.get("widths", {}))
+        report["latency"]["verdict"] = verdict
+        if verdict["slower_batches"]:
+            log.warning("the pruned network is slower than the original at batch %s: %s",
+                        ", ".join(map(str, verdict["slower_batches"])), verdict["why"])
+        _check_speedup(verdict, job.require_speedup)
     staged: list[tuple[Path, str]] = [(pruned, job.output)]
     if job.save_pt:
         program = Path(scratch) / "pruned.pt2"

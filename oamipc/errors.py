@@ -60,6 +60,10 @@ class ExportError(OamipcError):
     """ONNX export failed, or the exported file disagrees with the torch module."""
 
 
+class SpeedupError(OamipcError):
+    """The compiled network is not as much faster as the user required (``--require-speedup``)."""
+
+
 class OutputError(OamipcError):
     """An output path that cannot be written."""
 

@@ -181,8 +181,15 @@ def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> Sum
     _accuracy_rows(table, report)
     for row in _list(_dict(report.get("latency")).get("rows")):
         row = _dict(row)
-        table.add_row(f"latency batch {row.get('batch', '?')} (median ms)", fmt_num(row.get("a_median_ms"), ".4f"),
-                      fmt_num(row.get("b_median_ms"), ".4f"), ratio(row.get("a_median_ms"), row.get("b_median_ms")))
+        a_ms, b_ms = _num(row.get("a_median_ms")), _num(row.get("b_median_ms"))
+        change = ratio(a_ms, b_ms)
+        if a_ms is not None and b_ms is not None and b_ms > a_ms:
+            change += " SLOWER"  # never slower without saying so
+        table.add_row(f"latency batch {row.get('batch', '?')} (median ms)", fmt_num(a_ms, ".4f"),
+                      fmt_num(b_ms, ".4f"), change)
+    why = _dict(_dict(report.get("latency")).get("verdict")).get("why")
+    if why:
+        table.caption = f"slower than the original at some batch: {why}"
     return table
 
 

@@ -49,7 +49,8 @@ class MipOptions:
     joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
     layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
     joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
-    exact_binaries: int = 4000  # layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage
+    # Layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage.
+    exact_binaries: int = 4000
     margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
     accept: str = "hinge"  # held-out acceptance: hinge | accuracy (errors first, hinge breaks ties)
     # Budget target: no MILP may lower the MACs of the plan it starts from (it swaps or adds units,
@@ -71,7 +72,8 @@ class MipOptions:
         if opts.samples is not None and opts.samples < 1:
             raise UsageError(f"MIP samples must be >= 1, got {opts.samples}")
         if opts.time_limit <= 0 or opts.total_time_limit <= 0:
-            raise UsageError(f"MIP time limits must be positive, got time_limit={opts.time_limit:g}, total_time_limit={opts.total_time_limit:g}")
+            raise UsageError(f"MIP time limits must be positive, got time_limit={opts.time_limit:g}, "
+                             f"total_time_limit={opts.total_time_limit:g}")
         if opts.accept not in ("hinge", "accuracy"):
             raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
         if not 0.0 < opts.margin_cap <= 1.0:
