@@ -1,6 +1,6 @@
-"""Unit tests for passes/select_units.py: from scores to the kept-unit mask.
+"""Unit tests for passes/plan_greedy.py: from scores to the kept-unit mask.
 
-The rules under test (see the module docstring of ``select_units``): with ``prune_ratio`` R each
+The rules under test (see the module docstring of ``plan_greedy``): with ``prune_ratio`` R each
 prunable group drops ``floor(R * size)`` units, the lowest-scored ones (so the kept count rounds
 up); with ``flops_budget`` F the pruned network keeps at most F of the MACs, checked here with the
 independent cost counter on the network that ``apply_plan`` really rebuilds; ``min_keep``,
