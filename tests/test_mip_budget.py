@@ -129,3 +129,26 @@ def test_plan_violations_flags_a_plan_spending_less_than_its_start() -> None:
     [problem] = plan_violations(graph, smaller, start, target, spend=True)
     assert "less than the 1.0000 of the plan it started from (spend_budget)" in problem
     assert plan_violations(graph, start, smaller, target, spend=True) == []  # adding units is allowed
+
+
+def test_the_mip_planner_named_in_a_pipeline_makes_the_same_plan(digits_mlp_mip) -> None:
+    """``plan-mip{...},prune-units`` is the same planner as ``importance="mip"``: the same plan and record,
+    with the options spelled as the pipeline string spells them."""
+    result, _ = digits_mlp_mip
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    options = ",".join(f"{k.replace('_', '-')}={v}" for k, v in FAST.items())
+    piped = oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=oamipc.load_data("digits"), calib_samples=128,
+                           pipeline=f"plan-mip{{flops-budget=0.3,{options}}},prune-units")
+    assert piped.plan is not None and piped.plan.groups == result.plan.groups
+    assert piped.report["mip"]["warm_start"] == result.report["mip"]["warm_start"]
+    assert [s["outcome"] for s in piped.report["mip"]["subproblems"]] == \
+        [s["outcome"] for s in result.report["mip"]["subproblems"]]
+
+
+def test_mip_options_are_validated_when_made_and_name_fields() -> None:
+    with pytest.raises(UsageError, match=r"^relax \(the LP relaxation\) applies to the 'paper' formulation only$"):
+        MipOptions(relax=True)
+    with pytest.raises(UsageError, match="unknown MIP option.*nodes; known: formulation, solver"):
+        MipOptions.of({"nodes": 3})
+    assert MipOptions.of({"time_limit": 5}) == MipOptions(time_limit=5)
+    assert MipOptions.of(None) == MipOptions()
