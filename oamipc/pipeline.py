@@ -29,9 +29,14 @@ def _convert(raw: str, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if raw.lower() in ("none", "null", ""):
+        if raw.lower() in ("none", "null", "") and len(args) < len(typing.get_args(hint)):
             return None
-        hint = args[0]
+        for member in args[:-1]:  # e.g. ``int | str`` (round-to=8 or round-to=auto): the first that fits
+            try:
+                return _convert(raw, member, where)
+            except UsageError:
+                continue
+        hint = args[-1]
         origin = typing.get_origin(hint)
     try:
         if hint is bool:

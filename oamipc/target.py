@@ -10,7 +10,10 @@ each layer re-checks.
   is the same kind of target with another cost model; it will be one more field here, read by
   every planner through :attr:`Target.kind`.
 * ``min_keep``: every group keeps at least this many units; ``round_to``: kept widths are
-  multiples of it where the layer allows.
+  multiples of it where the layer allows, or ``"auto"``: per group, the channel block of the
+  execution provider's fast convolution kernels (``channel_block``; by default probed from this
+  machine's CPU, :func:`oamipc.hardware.cpu_channel_block`), applied only to groups produced by
+  convolutions whose original width is itself a multiple of the block (:func:`granularity`).
 
 A :class:`TargetError` names the offending field by its Python name; front ends re-spell it in
 their own vocabulary (``--flops-budget`` on the CLI, ``flops-budget`` in a pipeline string) with
@@ -23,6 +26,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from oamipc.errors import UsageError
+from oamipc.units import UnitGraph
+
+AUTO = "auto"
+CONV_KINDS = ("conv", "depthwise", "grouped")
 
 _FIELDS = ("prune_ratio", "flops_budget", "min_keep", "round_to")
 
@@ -56,7 +63,8 @@ class Target:
     prune_ratio: float | None = None
     flops_budget: float | None = None
     min_keep: int = 1
-    round_to: int = 1
+    round_to: int | str = 1
+    channel_block: int | None = None  # with round_to="auto": None probes this machine's CPU
 
     def __post_init__(self) -> None:
         if self.prune_ratio is not None and self.flops_budget is not None:
@@ -67,8 +75,14 @@ class Target:
             raise TargetError("flops_budget", f"{{flops_budget}} must be in (0, 1], got {self.flops_budget:g}")
         if self.min_keep < 1:
             raise TargetError("min_keep", f"{{min_keep}} must be at least 1, got {self.min_keep}")
-        if self.round_to < 1:
+        if isinstance(self.round_to, str):
+            if self.round_to != AUTO:
+                raise TargetError("round_to", f"{{round_to}} must be a positive integer or 'auto', got "
+                                              f"{self.round_to!r}")
+        elif self.round_to < 1:
             raise TargetError("round_to", f"{{round_to}} must be at least 1, got {self.round_to}")
+        if self.channel_block is not None and self.channel_block < 1:
+            raise TargetError("round_to", f"the channel block must be at least 1, got {self.channel_block}")
 
     @property
     def is_set(self) -> bool:
@@ -89,3 +103,23 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
+    """Per group id, the multiple its kept width must be (a group may always keep all its units).
+
+    An integer ``round_to`` applies to every group.  ``"auto"`` gives the channel block to groups
+    written by a convolution whose original width is a multiple of it, and 1 to the rest: Linear
+    layers run on GEMM kernels without a channel block, and rounding a width that was never
+    aligned would buy no speed and cost units.
+    """
+    if not isinstance(target.round_to, str):
+        return {g.id: int(target.round_to) for g in graph.groups}
+    from oamipc.hardware import cpu_channel_block  # the probe reads /proc once, on first use
+
+    block = target.channel_block or cpu_channel_block()
+    conv_units: set[int] = set()
+    for layer in graph.layers:
+        if layer.kind in CONV_KINDS:
+            conv_units.update(int(u) for u in layer.out_units.tolist() if u >= 0)
+    return {g.id: block if g.size % block == 0 and conv_units.intersection(g.units) else 1 for g in graph.groups}

@@ -28,7 +28,7 @@ from torch import fx
 from oamipc.errors import PlanError
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.plan import Plan, Planned
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 from .importance_base import get_criterion
@@ -72,6 +72,15 @@ class _GroupChooser:
         lower = [a for a in self.allowed if a < n]
         return lower[-1] if lower else None
 
+    def next_higher(self, n: int) -> int | None:
+        higher = [a for a in self.allowed if a > n]
+        return higher[0] if higher else None
+
+    @property
+    def coarse(self) -> bool:
+        """Whether one step of this group moves more than one unit per block (rounding)."""
+        return any(b - a > len(self.blocks) for a, b in zip(self.allowed, self.allowed[1:]))
+
 
 def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: bool = True) -> np.ndarray:
     """The kept-unit mask for the given scores and target (see the module docstring).
@@ -82,7 +91,8 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
     target.require()
     kept = graph.all_kept()
     forced = floor_units(graph, scores)
-    choosers = [_GroupChooser(g, scores, target.min_keep, target.round_to, forced) for g in graph.groups
+    steps = granularity(target, graph)
+    choosers = [_GroupChooser(g, scores, target.min_keep, steps[g.id], forced) for g in graph.groups
                 if g.prunable]
     if target.prune_ratio is not None:
         for ch in choosers:
@@ -166,7 +176,45 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
         w_out -= cout[:, removed].sum(axis=1)
         current[gid] = lower
         push(ch)
+    _spend(kept, choosers, current, scores, norm, (cin, cout), (w_in, w_out), (c_io, c_o), target + 1e-9 * total)
     return kept
+
+
+def _spend(kept: np.ndarray, choosers: list[_GroupChooser], current: dict[int, int], scores: np.ndarray,
+           norm: dict[int, float], counts: tuple[np.ndarray, np.ndarray], widths: tuple[np.ndarray, np.ndarray],
+           costs: tuple[np.ndarray, np.ndarray], limit: float) -> None:
+    """Give back rounded steps that still fit the budget, best-scored first (rounding must not
+    leave a plan far under its budget).  Only groups with coarse steps take part, so plans made
+    without rounding are exactly the removal loop's.
+
+    ``counts`` are the per-layer input/output positions of every unit, ``widths`` the layers'
+    current input/output widths (updated in place), ``costs`` their ``c_io``/``c_o``.
+    """
+    (cin, cout), (w_in, w_out), (c_io, c_o) = counts, widths, costs
+
+    def macs(wi: np.ndarray, wo: np.ndarray) -> float:
+        return float((c_io * wi * wo + c_o * wo).sum())
+
+    while True:
+        best: tuple[float, int, int, list[int]] | None = None
+        for ch in choosers:
+            gid = ch.group.id
+            higher = ch.next_higher(current[gid]) if ch.coarse else None
+            if higher is None:
+                continue
+            added = sorted(set(ch.kept(higher)) - set(ch.kept(current[gid])))
+            if macs(w_in + cin[:, added].sum(axis=1), w_out + cout[:, added].sum(axis=1)) > limit:
+                continue
+            value = float(np.mean([scores[u] for u in added])) / norm[gid]
+            if best is None or value > best[0]:
+                best = (value, gid, higher, added)
+        if best is None:
+            return
+        _, gid, higher, added = best
+        kept[added] = True
+        w_in += cin[:, added].sum(axis=1)
+        w_out += cout[:, added].sum(axis=1)
+        current[gid] = higher
 
 
 @register

@@ -313,7 +313,7 @@ def test_option_without_value_is_rejected() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("prune-units{prune-ratio=half}", r"pipeline option prune-units.prune-ratio='half' is not a valid float"),
     ("prune-units{min-keep=1.5}", r"pipeline option prune-units.min-keep='1.5' is not a valid int"),
-    ("prune-units{round-to=}", r"pipeline option prune-units.round-to='' is not a valid int"),
+    ("prune-units{round-to=}", r"round-to must be a positive integer or 'auto', got ''"),
     ("prune-units{plan=x.json}", r"pipeline option prune-units.plan cannot be set from a pipeline string"),
 ])
 def test_bad_option_values_are_rejected(text: str, message: str) -> None:

@@ -65,7 +65,7 @@ from oamipc.errors import SolverError, UsageError
 from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, solve
 from oamipc.surgery import apply_plan, fold_bias_shift
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 from .encoder import Encoder, EncodingStats, margin_hinge
@@ -207,6 +207,7 @@ class BudgetSolver:
         self.calib = calib
         self.opts = opts
         self.target = target.require()
+        self.steps = granularity(self.target, graph)
         self.forced = forced
         self.progress = progress
         self.magnitude = unit_magnitude(gm, graph)
@@ -382,7 +383,7 @@ class BudgetSolver:
     def _target(self, prob: pulp.LpProblem, group: UnitGroup, free: list[int], m: dict[int, pulp.LpVariable],
                 current: np.ndarray) -> None:
         keep = as_keep(m)
-        group_rows(prob, group, keep, current, self.target, prefix=f"g{group.id}_")
+        group_rows(prob, group, keep, current, self.target, round_to=self.steps[group.id], prefix=f"g{group.id}_")
         if self.target.kind == "macs":
             self._macs(prob, group, m, current)
 

@@ -51,7 +51,7 @@ import torch
 
 from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph
 
 from .masked import MaskedNetwork
@@ -93,6 +93,7 @@ class JointStage:
         self.free = free
         self.magnitude = magnitude
         self.target = target
+        self.steps = granularity(target, graph)
         self.flops_budget = target.flops_budget
         self.spend = spend  # never fewer MACs than the round's starting plan (MipOptions.spend_budget)
         self.gap = gap
@@ -228,7 +229,7 @@ class JointStage:
         prob += pulp.LpAffineExpression([(t[u], 1.0) for u in cands]) <= radius
         for group in self.graph.groups:
             if group.prunable and any(u in m for u in group.units):
-                group_rows(prob, group, m, current, self.target, prefix="j")
+                group_rows(prob, group, m, current, self.target, round_to=self.steps[group.id], prefix="j")
         if self.flops_budget is not None:
             macs = mac_expression(prob, self.graph, m, current, prefix="j")
             prob += macs <= self.flops_budget * self.graph.macs()

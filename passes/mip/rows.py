@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pulp
 
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 Keep = dict[int, pulp.LpAffineExpression]
@@ -103,10 +103,10 @@ def count_expression(units: list[int], m: Keep, current: np.ndarray) -> pulp.LpA
 
 
 def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndarray, target: Target, *,
-               prefix: str) -> None:
-    """Count, rounding and equal-block rules of one group (see the module docstring)."""
+               round_to: int, prefix: str) -> None:
+    """Count, rounding (``round_to``: the group's multiple, :func:`oamipc.target.granularity`) and
+    equal-block rules of one group (see the module docstring)."""
     count = count_expression(group.units, m, current)
-    round_to = target.round_to
     if target.kind == "ratio":
         prob += count == int(current[group.units].sum())
     else:
@@ -140,7 +140,8 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
     (``spend_budget``) must not fall below.
     """
     fixed_count = target.kind == "ratio"
-    min_keep, round_to, flops_budget = target.min_keep, target.round_to, target.flops_budget
+    min_keep, flops_budget = target.min_keep, target.flops_budget
+    steps = granularity(target, graph)
     problems: list[str] = []
     if len(kept) != graph.n_units:
         return [f"the plan has {len(kept)} entries for {graph.n_units} units"]
@@ -157,6 +158,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
         if count < min(max(min_keep, 1), group.size):
             problems.append(f"{group.name}: keeps {count} units, fewer than the minimum of {max(min_keep, 1)} per "
                             "group (min_keep)")
+        round_to = steps[group.id]
         if round_to > 1 and count % round_to and count != group.size:
             problems.append(f"{group.name}: keeps {count} units, not a multiple of {round_to} (round_to)")
         if group.blocks and len({int(kept[block].sum()) for block in group.blocks}) > 1:
