@@ -300,6 +300,39 @@ def _finetune_table(report: dict[str, Any]) -> _Fitted:
     return _Fitted(summary.finetune_table(report, title="oamipc finetune"))
 
 
+@app.command("profile")
+@with_groups(lambda: _errors(), source_group(), target_group())
+def profile_cmd(
+    source: ModelSource,
+    target: Target,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size to measure at.")] = 64,
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also write an SVG of latency against width per layer.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the latency model as JSON.")] = False,
+) -> None:
+    """Measure MODEL's latency model: each prunable layer's onnxruntime latency at candidate widths."""
+    from oamipc.driver import profile_file
+
+    with _errors(), _progress() as progress:
+        data = profile_file(source, target, batch=batch, threads=threads, plot=str(plot) if plot else None,
+                            progress=progress)
+    if as_json:
+        console.print_json(json.dumps(data))
+        return
+    table = Table(title=f"latency model of {escape(source.model)} at batch {data['batch']} ({data['provider']}, "
+                        f"{data['threads']} thread(s)); dense network {data['dense_ms']:.4f} ms", title_justify="left")
+    for col in ("layer", "kind", "width", "ms at widths (output; input)"):
+        table.add_column(col, justify="left")
+    for layer in data["layers"]:
+        outs = ", ".join(f"{w}:{t:.4f}" for w, t in zip(layer["out_widths"], layer["out_ms"]))
+        ins = ", ".join(f"{w}:{t:.4f}" for w, t in zip(layer["in_widths"], layer["in_ms"]))
+        table.add_row(layer["name"], layer["kind"], f"{layer['full'][0]}->{layer['full'][1]}",
+                      outs + (f"; {ins}" if ins else ""))
+    console.print(table)
+    console.print(f"{data['measured']} measurements, {data['cached']} from the cache"
+                  + (f"; wrote {escape(str(plot))}" if plot else ""))
+
+
 @app.command("inspect")
 @with_groups(lambda: _errors(), source_group())
 def inspect_cmd(

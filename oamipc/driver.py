@@ -207,6 +207,8 @@ def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
         out[planned.section] = planned.record
     if planned is not None:
         out["scores"] = planned.scores
+        if planned.predicted_latency is not None:
+            out["latency_prediction"] = dict(planned.predicted_latency)
     out["prune"] = outcome.to_dict()
     return out
 
@@ -416,6 +418,21 @@ def _write_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[t
                 shutil.copyfile(src, tmp)
 
 
+def _compare_prediction(report: dict[str, Any]) -> None:
+    """Put the measured latency beside the latency model's prediction (same batch), with the error."""
+    predicted = report.get("latency_prediction")
+    if not predicted:
+        return
+    row = next((r for r in report["latency"].get("rows", []) if r.get("batch") == predicted["batch"]), None)
+    if row is None or not row.get("b_median_ms"):
+        predicted["note"] = f"batch {predicted['batch']} was not measured (--batch); no comparison"
+        return
+    predicted["measured_ms"] = row["b_median_ms"]
+    predicted["measured_dense_ms"] = row["a_median_ms"]
+    predicted["error"] = predicted["predicted_ms"] / row["b_median_ms"] - 1.0
+    predicted["measured_ratio"] = row["b_median_ms"] / row["a_median_ms"]
+
+
 def _check_speedup(verdict: dict[str, Any], required: float | None) -> None:
     """Fail, before any output is moved into place, when the measured speed-up is below ``required``."""
     low = verdict["min_speedup"]
@@ -462,6 +479,7 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
         report["latency"] = bench.to_dict()
         verdict = speed_verdict(report["latency"], report.get("widths", {}))
         report["latency"]["verdict"] = verdict
+        _compare_prediction(report)
         if verdict["slower_batches"]:
             log.warning("the pruned network is slower than the original at batch %s: %s",
                         ", ".join(map(str, verdict["slower_batches"])), verdict["why"])
@@ -508,3 +526,29 @@ def inspect_file(source: ModelSource) -> dict[str, Any]:
     costs = passes.count_costs(gm)
     return {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), "nodes": len(gm.graph.nodes),
             "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}
+
+
+def profile_file(source: ModelSource, target: Target, *, batch: int = 64, threads: int = 1,
+                 plot: str | None = None, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """``oamipc profile``: the measured latency model of a model (per layer, latency against width).
+
+    ``target`` supplies the rounding (which widths are worth measuring); ``plot`` writes an SVG
+    of every layer's curves, atomically.  Returns the model as plain data.
+    """
+    from oamipc.atomic import atomic_output, check_writable
+
+    if plot:
+        check_writable(plot)
+    loaded = load_job(source)
+    gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
+    am = AnalysisManager(CompileContext(loaded.example_inputs, progress=progress))
+    rounding = Target(round_to=target.round_to, channel_block=target.channel_block)
+    model = am.get(passes.LatencyModelAnalysis(batch=batch, threads=threads, target=rounding,
+                                               leaf_modules=source.leaf_modules), gm)
+    data = {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), **model.to_dict()}
+    if plot:
+        from oamipc.report_html import latency_curves_svg
+
+        with atomic_output(plot) as tmp:
+            tmp.write_text(latency_curves_svg(data), encoding="utf-8")
+    return data

@@ -32,6 +32,18 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (measurements are valid for one CPU model)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_channel_block(flags: frozenset[str] | None = None) -> int:
     """Channels per block of onnxruntime's CPU convolutions here: 16 (AVX-512), 8 (AVX2), else 4."""
     flags = cpu_flags() if flags is None else flags

@@ -146,3 +146,5 @@ class Planned:
     scores: dict[str, list[float]] = field(default_factory=dict)
     section: str | None = None
     record: dict[str, Any] | None = None
+    # A latency target's prediction: batch, dense and predicted milliseconds, the budget's limit.
+    predicted_latency: dict[str, Any] | None = None

@@ -601,3 +601,26 @@ def load_report(path: str | Path) -> dict[str, Any]:
     if not (isinstance(data, dict) and isinstance(data.get("before"), dict) and isinstance(data.get("after"), dict)):
         raise DataError(f"{where} is not an oamipc compile report (it has no \"before\"/\"after\" cost fields); {_HOW}")
     return data
+
+
+def latency_curves_svg(profile: dict[str, Any]) -> str:
+    """``oamipc profile --plot``: one panel per layer, measured milliseconds against width (a staircase
+    where the kernels work on channel blocks), output width and input width as two lines."""
+    layers = _list(profile.get("layers"))
+    cols = 3
+    rows = max(1, (len(layers) + cols - 1) // cols)
+    fig = _new_figure(4.0 * cols, 2.6 * rows)
+    for i, layer in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.plot(layer["out_widths"], layer["out_ms"], marker="o", label="output width")
+        if layer.get("in_widths"):
+            ax.plot(layer["in_widths"], layer["in_ms"], marker="s", label="input width")
+        ax.set_title(f"{layer['name']} ({layer['kind']})", fontsize=9)
+        ax.set_xlabel("width (channels or features)", fontsize=8)
+        ax.set_ylabel("ms", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{profile.get('model', '')}: latency per layer at batch {profile.get('batch')} "
+                 f"({profile.get('provider')}, {profile.get('threads')} thread(s))", fontsize=10)
+    return _svg(fig, "latency-profile")

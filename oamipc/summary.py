@@ -187,6 +187,11 @@ def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> Sum
             change += " SLOWER"  # never slower without saying so
         table.add_row(f"latency batch {row.get('batch', '?')} (median ms)", fmt_num(a_ms, ".4f"),
                       fmt_num(b_ms, ".4f"), change)
+    predicted = _dict(report.get("latency_prediction"))
+    if predicted:
+        table.add_row(f"latency batch {predicted.get('batch', '?')} (predicted ms)",
+                      fmt_num(predicted.get("dense_ms"), ".4f"), fmt_num(predicted.get("predicted_ms"), ".4f"),
+                      ratio(predicted.get("dense_ms"), predicted.get("predicted_ms")))
     why = _dict(_dict(report.get("latency")).get("verdict")).get("why")
     if why:
         table.caption = f"slower than the original at some batch: {why}"

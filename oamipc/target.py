@@ -6,9 +6,10 @@ each layer re-checks.
 
 * ``prune_ratio`` R: every group drops ``floor(R * size)`` units.
 * ``flops_budget`` F: the pruned network keeps at most the fraction F of the original MACs,
-  with the units chosen across layers.  A latency budget (a fraction of the measured latency)
-  is the same kind of target with another cost model; it will be one more field here, read by
-  every planner through :attr:`Target.kind`.
+  with the units chosen across layers.
+* ``latency_budget`` L: the pruned network's latency, predicted by a measured latency model
+  (:mod:`oamipc.latency`) at ``latency_batch``, at most the fraction L of the dense network's
+  measured latency.  Every planner reads the kind through :attr:`Target.kind`.
 * ``min_keep``: every group keeps at least this many units; ``round_to``: kept widths are
   multiples of it where the layer allows, or ``"auto"``: per group, the channel block of the
   execution provider's fast convolution kernels (``channel_block``; by default probed from this
@@ -31,7 +32,7 @@ from oamipc.units import UnitGraph
 AUTO = "auto"
 CONV_KINDS = ("conv", "depthwise", "grouped")
 
-_FIELDS = ("prune_ratio", "flops_budget", "min_keep", "round_to")
+_FIELDS = ("prune_ratio", "flops_budget", "latency_budget", "latency_batch", "min_keep", "round_to")
 
 
 def _spell(name: str, style: str) -> str:
@@ -62,13 +63,20 @@ class Target:
 
     prune_ratio: float | None = None
     flops_budget: float | None = None
+    latency_budget: float | None = None
+    latency_batch: int = 64
     min_keep: int = 1
     round_to: int | str = 1
     channel_block: int | None = None  # with round_to="auto": None probes this machine's CPU
 
     def __post_init__(self) -> None:
-        if self.prune_ratio is not None and self.flops_budget is not None:
-            raise TargetError("prune_ratio", "give one of {prune_ratio} and {flops_budget}, not both")
+        given = [f for f in ("prune_ratio", "flops_budget", "latency_budget") if getattr(self, f) is not None]
+        if len(given) > 1:
+            raise TargetError(given[0], "give one of {prune_ratio}, {flops_budget} and {latency_budget}, not several")
+        if self.latency_budget is not None and not 0.0 < self.latency_budget <= 1.0:
+            raise TargetError("latency_budget", f"{{latency_budget}} must be in (0, 1], got {self.latency_budget:g}")
+        if self.latency_batch < 1:
+            raise TargetError("latency_batch", f"{{latency_batch}} must be at least 1, got {self.latency_batch}")
         if self.prune_ratio is not None and not 0.0 <= self.prune_ratio < 1.0:
             raise TargetError("prune_ratio", f"{{prune_ratio}} must be in [0, 1), got {self.prune_ratio:g}")
         if self.flops_budget is not None and not 0.0 < self.flops_budget <= 1.0:
@@ -87,14 +95,17 @@ class Target:
     @property
     def is_set(self) -> bool:
         """Whether the target says how much to remove (a ratio or a budget)."""
-        return self.prune_ratio is not None or self.flops_budget is not None
+        return self.prune_ratio is not None or self.flops_budget is not None or self.latency_budget is not None
 
     @property
     def kind(self) -> str:
-        """``"ratio"`` (a fixed count per group) or ``"macs"`` (a budget on the network's MACs)."""
+        """``"ratio"`` (a fixed count per group), ``"macs"`` or ``"latency"`` (a budget on the network)."""
         if not self.is_set:
-            raise TargetError("flops_budget", "say how much to remove: give {flops_budget} or {prune_ratio}")
-        return "ratio" if self.prune_ratio is not None else "macs"
+            raise TargetError("flops_budget", "say how much to remove: give {flops_budget}, {latency_budget} or "
+                                              "{prune_ratio}")
+        if self.prune_ratio is not None:
+            return "ratio"
+        return "macs" if self.flops_budget is not None else "latency"
 
     def require(self) -> Target:
         """This target, or a TargetError when it does not say how much to remove."""

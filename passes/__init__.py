@@ -14,6 +14,7 @@ from .importance_base import ImportanceAnalysis, criteria, get_criterion
 from .importance_magnitude import L1Importance, L2Importance
 from .importance_random import RandomImportance
 from .importance_taylor import TaylorImportance
+from .latency_model import LatencyModelAnalysis
 from .mip.options import MipOptions
 from .plan_greedy import PlanGreedyAnalysis, select
 from .plan_mip import PlanMipAnalysis
@@ -23,6 +24,7 @@ from .unit_groups import UnitGroupAnalysis
 
 __all__ = [
     "ActivationImportance", "CostAnalysis", "Costs", "ImportanceAnalysis", "L1Importance", "L2Importance",
+    "LatencyModelAnalysis",
     "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
     "RandomImportance", "TaylorImportance", "UnitGroupAnalysis", "apply_plan", "count_costs", "criteria",
     "get_criterion", "importance_names", "planner_for", "select",

@@ -26,6 +26,7 @@ import numpy as np
 from torch import fx
 
 from oamipc.errors import PlanError
+from oamipc.latency import LatencyModel
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.plan import Plan, Planned
 from oamipc.target import Target, granularity
@@ -82,11 +83,13 @@ class _GroupChooser:
         return any(b - a > len(self.blocks) for a, b in zip(self.allowed, self.allowed[1:]))
 
 
-def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: bool = True) -> np.ndarray:
+def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: bool = True,
+           latency: LatencyModel | None = None) -> np.ndarray:
     """The kept-unit mask for the given scores and target (see the module docstring).
 
     ``normalise=False`` ranks raw scores across groups (for scores that are already comparable,
-    such as the thesis's layer-normalised MILP scores in [0, 1]).
+    such as the thesis's layer-normalised MILP scores in [0, 1]).  A latency target needs the
+    measured ``latency`` model of the graph.
     """
     target.require()
     kept = graph.all_kept()
@@ -99,8 +102,84 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
             n = ch.at_least(ch.group.size - math.floor(target.prune_ratio * ch.group.size))
             _apply(kept, ch, n)
         return kept
+    if target.kind == "latency":
+        if latency is None:
+            raise PlanError("a latency budget needs the measured latency model of the network")
+        return _select_latency(graph, scores, choosers, kept, target, latency, normalise)
     assert target.flops_budget is not None
     return _select_budget(graph, scores, choosers, kept, target.flops_budget, normalise)
+
+
+def _norms(scores: np.ndarray, choosers: list[_GroupChooser], normalise: bool) -> dict[int, float]:
+    """Each group's mean absolute score (raw magnitudes are not comparable across layers)."""
+    norm = {}
+    for ch in choosers:
+        mean = float(np.mean(np.abs(scores[ch.group.units])))
+        norm[ch.group.id] = mean if mean > 0 and normalise else 1.0
+    return norm
+
+
+def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
+                    target: Target, model: LatencyModel, normalise: bool) -> np.ndarray:
+    """Remove the step that loses the least (normalised) score per millisecond it saves, until the
+    predicted latency is within budget; then give back the steps that still fit (a greedy knapsack
+    with measured latency as the cost)."""
+    assert target.latency_budget is not None
+    limit = target.latency_budget * model.dense_ms
+    norm = _norms(scores, choosers, normalise)
+    current = {ch.group.id: ch.group.size for ch in choosers}
+
+    def predicted(mask: np.ndarray) -> float:
+        return model.predict({layer.target: layer.widths(mask) for layer in graph.layers})
+
+    def step(ch: _GroupChooser, to: int | None) -> list[int]:
+        return sorted(set(ch.kept(current[ch.group.id])) ^ set(ch.kept(to))) if to is not None else []
+
+    now = predicted(kept)
+    while now > limit * (1 + 1e-9):
+        # Cheapest score lost per millisecond saved; where no step saves anything (a flat stretch
+        # of a measured curve), the step losing the least score, to walk on to the next stair.
+        best: tuple[tuple[bool, float], int, int, list[int], float] | None = None
+        for ch in choosers:
+            lower = ch.next_lower(current[ch.group.id])
+            removed = step(ch, lower)
+            if not removed:
+                continue
+            trial = kept.copy()
+            trial[removed] = False
+            after = predicted(trial)
+            saved = now - after
+            lost = float(np.sum(scores[removed])) / norm[ch.group.id]
+            cost = (False, lost / saved) if saved > 1e-12 else (True, lost)
+            if best is None or cost < best[0]:
+                best = (cost, ch.group.id, lower, removed, after)  # type: ignore[arg-type]
+        if best is None:
+            raise PlanError(f"the latency budget {target.latency_budget:g} is unreachable: the smallest widths "
+                            f"allowed are predicted at {now / model.dense_ms:.3f} of the dense latency; raise the "
+                            "budget or lower the minimum width or rounding (min_keep, round_to)")
+        _, gid, lower, removed, now = best
+        kept[removed] = False
+        current[gid] = lower
+    while True:  # give back what still fits, most score per millisecond first
+        best_add: tuple[float, int, int, list[int], float] | None = None
+        for ch in choosers:
+            higher = ch.next_higher(current[ch.group.id])
+            added = step(ch, higher)
+            if not added:
+                continue
+            trial = kept.copy()
+            trial[added] = True
+            after = predicted(trial)
+            if after > limit:
+                continue
+            gain = float(np.sum(scores[added])) / norm[ch.group.id] / max(after - now, 1e-12)
+            if best_add is None or gain > best_add[0]:
+                best_add = (gain, ch.group.id, higher, added, after)  # type: ignore[arg-type]
+        if best_add is None:
+            return kept
+        _, gid, higher, added, now = best_add
+        kept[added] = True
+        current[gid] = higher
 
 
 def floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
@@ -143,11 +222,7 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
     def macs() -> float:
         return float((c_io * w_in * w_out + c_o * w_out).sum())
 
-    norm = {}
-    for ch in choosers:
-        s = scores[ch.group.units]
-        mean = float(np.mean(np.abs(s)))
-        norm[ch.group.id] = mean if mean > 0 and normalise else 1.0
+    norm = _norms(scores, choosers, normalise)
     current = {ch.group.id: ch.group.size for ch in choosers}
     heap: list[tuple[float, int, int]] = []
 
@@ -229,6 +304,8 @@ class PlanGreedyAnalysis(PlannerAnalysis):
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
         scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
-        kept = select(graph, scores, target)
+        model = self.latency_model(gm, am)
+        kept = select(graph, scores, target, latency=model)
         plan = Plan.from_mask(graph, kept, self.importance, self.settings(am))
-        return Planned(plan, self.group_scores(graph, scores))
+        return Planned(plan, self.group_scores(graph, scores),
+                       predicted_latency=self.predicted_latency(graph, kept, model))

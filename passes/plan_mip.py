@@ -65,7 +65,9 @@ class PlanMipAnalysis(PlannerAnalysis):
             kept, scores, record, bias_shift = self._budget(gm, graph, am, target)
         record["seconds"] = time.perf_counter() - start
         plan = Plan.from_mask(graph, kept, "mip", self.settings(am), bias_shift)
-        return Planned(plan, self.group_scores(graph, scores), section="mip", record=record)
+        predicted = self.predicted_latency(graph, kept, self.latency_model(gm, am))
+        return Planned(plan, self.group_scores(graph, scores), section="mip", record=record,
+                       predicted_latency=predicted)
 
     def _warm_start(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target,
                     calib: Calibration) -> tuple[float, str, np.ndarray, list[dict[str, Any]]]:
@@ -145,7 +147,7 @@ class PlanMipAnalysis(PlannerAnalysis):
                                        threads=opts.threads, relax=opts.relax, jobs=opts.jobs, bounds=opts.bounds,
                                        gap=opts.gap, progress=ctx.tick)
         # The scores are comparable across layers already (the objective normalises by layer size).
-        kept = select(graph, scores, target, normalise=False)
+        kept = select(graph, scores, target, normalise=False, latency=self.latency_model(gm, am))
         tau_kept = graph.all_kept()
         tau_kept[free] = scores[free] >= opts.tau
         record = {

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from torch import fx
 
 from oamipc.errors import UsageError
+from oamipc.latency import LatencyModel
 from oamipc.passmanager import Analysis, AnalysisManager
 from oamipc.plan import Planned
 from oamipc.target import Target
@@ -48,6 +50,29 @@ class PlannerAnalysis(Analysis[Planned]):
     def settings(self, am: AnalysisManager) -> dict[str, Any]:
         """How the plan was made, as the plan file records it (target and seed)."""
         return {**self.target.to_dict(), "seed": am.context.seed}
+
+    def latency_model(self, gm: fx.GraphModule, am: AnalysisManager) -> LatencyModel | None:
+        """The measured latency model a latency target needs (None for other targets).
+
+        Keyed by the rounding and the batch only, so every planner and budget of one compile
+        shares one set of measurements."""
+        if self.target.kind != "latency":
+            return None
+        from .latency_model import LatencyModelAnalysis
+
+        rounding = Target(round_to=self.target.round_to, channel_block=self.target.channel_block)
+        return am.get(LatencyModelAnalysis(batch=self.target.latency_batch, target=rounding,
+                                           leaf_modules=self.leaf_modules), gm)
+
+    def predicted_latency(self, graph: UnitGraph, kept: np.ndarray, model: LatencyModel | None
+                          ) -> dict[str, Any] | None:
+        """What the latency model predicts for the plan, for the report (None without a model)."""
+        if model is None or self.target.latency_budget is None:
+            return None
+        widths = {layer.target: layer.widths(kept) for layer in graph.layers}
+        return {"batch": model.setup.batch, "provider": model.provider, "dense_ms": model.dense_ms,
+                "budget_ms": self.target.latency_budget * model.dense_ms, "predicted_ms": model.predict(widths),
+                "measurements": model.measured, "from_cache": model.cached}
 
     @staticmethod
     def group_scores(graph: UnitGraph, scores: np.ndarray) -> dict[str, list[float]]:

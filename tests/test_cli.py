@@ -161,7 +161,8 @@ def test_trusted_pickle_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "phrase"), [
     (["-p", "prune-units,bogus"], "known passes: "),
-    (["--prune-ratio", "0.5", "--flops-budget", "0.5"], "give one of --prune-ratio and --flops-budget, not both"),
+    (["--prune-ratio", "0.5", "--flops-budget", "0.5"],
+     "give one of --prune-ratio, --flops-budget and --latency-budget, not several"),
     (["--prune-ratio", "1.5"], "error: --prune-ratio must be in [0, 1), got 1.5"),
     (["--input-shape", "1,x"], "--input-shape"),
     (["--importance", "nope", "--prune-ratio", "0.5"], "l1"),

@@ -14,8 +14,8 @@ import torch
 from oamipc.errors import UnsupportedGraphError
 from oamipc.passes import UnitGroupAnalysis
 from oamipc.passes.mip.encoder import Encoder, evaluate
-from oamipc.surgery import apply_plan
 from oamipc.passmanager import AnalysisManager, CompileContext
+from oamipc.surgery import apply_plan
 from oamipc.tracing import trace
 
 from .models import ZOO, example_input

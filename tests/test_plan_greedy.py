@@ -301,8 +301,10 @@ def test_flops_budget_removes_low_scores_first() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prune_ratio": None, "flops_budget": None}, "say how much to remove: give flops_budget or prune_ratio"),
-    ({"prune_ratio": 0.5, "flops_budget": 0.5}, "give one of prune_ratio and flops_budget, not both"),
+    ({"prune_ratio": None, "flops_budget": None},
+     "say how much to remove: give flops_budget, latency_budget or prune_ratio"),
+    ({"prune_ratio": 0.5, "flops_budget": 0.5},
+     "give one of prune_ratio, flops_budget and latency_budget, not several"),
     ({"prune_ratio": -0.1, "flops_budget": None}, r"prune_ratio must be in \[0, 1\), got -0.1"),
     ({"prune_ratio": 1.0, "flops_budget": None}, r"prune_ratio must be in \[0, 1\), got 1"),
     ({"prune_ratio": 1.5, "flops_budget": None}, r"prune_ratio must be in \[0, 1\)"),

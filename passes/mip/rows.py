@@ -107,7 +107,7 @@ def group_rows(prob: pulp.LpProblem, group: UnitGroup, m: Keep, current: np.ndar
     """Count, rounding (``round_to``: the group's multiple, :func:`oamipc.target.granularity`) and
     equal-block rules of one group (see the module docstring)."""
     count = count_expression(group.units, m, current)
-    if target.kind == "ratio":
+    if target.kind != "macs":  # a ratio, or a latency plan's widths: the MILP swaps units, counts stay
         prob += count == int(current[group.units].sum())
     else:
         prob += count >= max(target.min_keep, 1)
@@ -139,7 +139,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
     the plan whose per-group counts a ratio target must keep, and whose MACs a ``spend`` stage
     (``spend_budget``) must not fall below.
     """
-    fixed_count = target.kind == "ratio"
+    fixed_count = target.kind != "macs"
     min_keep, flops_budget = target.min_keep, target.flops_budget
     steps = granularity(target, graph)
     problems: list[str] = []
