@@ -24,6 +24,10 @@ Ratios are B/A: the ratio of the medians and the median of the per-round ratios 
 the robust one on a shared machine); below 1 the pruned network is faster, and a batch where
 the pairwise ratio is above 1 is marked slower.
 
+A budget that a ``round_to`` cannot reach (``"auto"`` keeps at least one block per aligned
+group, so a narrow network may have a floor above the budget) is not an error of the run: the
+row records the planner's message under ``error`` and the table says "not reached".
+
 Run::
 
     python benchmarks/latency.py                                  # everything (see RESULTS.md for the time)
@@ -53,6 +57,7 @@ from torch import nn
 import oamipc
 from oamipc.atomic import atomic_output
 from oamipc.bench import benchmark, cpu_model
+from oamipc.errors import PlanError
 from oamipc.export import export_onnx
 from oamipc.hardware import cpu_channel_block, unaligned_widths
 from oamipc.models import MobileNetV2, ResNet18
@@ -106,11 +111,18 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
     example = torch.randn((1, *spec.sample_shape), generator=torch.Generator().manual_seed(seed))
     dense = scratch / f"{name}_dense.onnx"
     export_onnx(net, example, dense)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for round_to in ROUND_TO:
         start = time.perf_counter()
-        result = oamipc.compile(net, example, importance="l1", target=Target(flops_budget=budget, round_to=round_to),
-                                seed=seed)
+        try:
+            result = oamipc.compile(net, example, importance="l1",
+                                    target=Target(flops_budget=budget, round_to=round_to), seed=seed)
+        except PlanError as exc:  # e.g. round_to="auto" on a net too narrow to reach the budget
+            rows.append({"network": name, "input_shape": [1, *spec.sample_shape], "round_to": round_to,
+                         "budget": budget, "importance": "l1", "channel_block": cpu_channel_block(),
+                         "error": str(exc), "batches": {}, "slower_batches": []})
+            _log(f"[{name}] round_to {round_to}: not measured: {exc}")
+            continue
         compile_s = time.perf_counter() - start
         rep = result.report
         pruned = scratch / f"{name}_round{round_to}.onnx"
@@ -141,7 +153,7 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
             "unaligned": {k: list(v) for k, v in unaligned_widths(rep["widths"], block).items()},
             "provider": bench.provider, "cpu": bench.cpu, "onnxruntime": bench.onnxruntime_version,
             "runs": runs, "warmup": warmup,
-            "seconds": {"compile": compile_s, "bench": bench_s},
+            "seconds": {"compile": compile_s, "bench": bench_s}, "error": None,
         }
         rows.append(row)
         ratios = ", ".join(f"b{b} x{m['pairwise_ratio']:.2f}" for b, m in per_batch.items())
@@ -157,6 +169,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = "x".join(str(d) for d in r["input_shape"][1:])
+        if r.get("error"):
+            lines.append(f"| {r['network']} | {shape} | {r['round_to']} | not reached | - | - | - | - | - | - | - | "
+                         f"- |")
+            continue
         for batch, m in r["batches"].items():
             lines.append(f"| {r['network']} | {shape} | {r['round_to']} | {100 * r['macs_kept']:.1f}% | "
                          f"{100 * r['params_kept']:.1f}% | {batch} | {m['a_median_ms']:.3f} | {m['b_median_ms']:.3f} | "

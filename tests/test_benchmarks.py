@@ -122,3 +122,10 @@ def test_latency_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert rows[1]["unaligned"] == {}  # auto keeps every aligned conv width aligned
     printed = capsys.readouterr().out
     assert sum(line.startswith("| lenet5 | 1x28x28 |") for line in printed.splitlines()) == 4
+
+
+def test_latency_table_marks_an_unreachable_budget() -> None:
+    row = {"network": "resnet", "input_shape": [1, 1, 28, 28], "round_to": "auto", "budget": 0.5,
+           "error": "the MAC budget 0.5 is unreachable", "batches": {}, "slower_batches": []}
+    lines = _load("latency").table([row]).splitlines()
+    assert lines[-1].startswith("| resnet | 1x28x28 | auto | not reached |")
