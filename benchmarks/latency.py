@@ -134,6 +134,9 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
         pruned.unlink()
         widths = {layer: [int(w["before"]), int(w["after"])] for layer, w in rep["widths"].items()}
         block = cpu_channel_block()
+        # Only convolutions have a channel block (Linear layers run on GEMM kernels, and auto leaves them alone).
+        convs = {n for n, m in result.original.named_modules() if isinstance(m, nn.Conv2d)}
+        unaligned = {k: list(v) for k, v in unaligned_widths(rep["widths"], block).items() if k in convs}
         per_batch = {
             str(r["batch"]): {"a_median_ms": r["a_median_ms"], "b_median_ms": r["b_median_ms"],
                               "latency_ratio": r["latency_ratio"], "pairwise_ratio": r["pairwise_ratio"],
@@ -150,7 +153,7 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
             "batches": per_batch,
             "slower_batches": [int(b) for b, m in per_batch.items() if m["slower"]],
             "widths": widths,
-            "unaligned": {k: list(v) for k, v in unaligned_widths(rep["widths"], block).items()},
+            "unaligned": unaligned,
             "provider": bench.provider, "cpu": bench.cpu, "onnxruntime": bench.onnxruntime_version,
             "runs": runs, "warmup": warmup,
             "seconds": {"compile": compile_s, "bench": bench_s}, "error": None,
@@ -165,7 +168,7 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table: one line per network, round_to and batch size."""
     lines = ["| network | input | round_to | MACs kept | params kept | batch | dense ms | pruned ms | B/A | "
-             "pairwise B/A | slower | unaligned layers |",
+             "pairwise B/A | slower | unaligned convs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shape = "x".join(str(d) for d in r["input_shape"][1:])
