@@ -6,18 +6,25 @@ sees every layer as its own ``call_module`` node (one ``nn.ReLU`` instance per u
 modules, no data-dependent control flow).  That keeps the unit-group analysis and the pruned
 layer names readable (``body.0``, ``features.conv2``, ...).
 
-None of the constructors seed anything: call ``torch.manual_seed`` first when the initial weights
-must be reproducible (``examples/train_examples.py`` does).
+The small networks do not seed anything: call ``torch.manual_seed`` first when their initial
+weights must be reproducible (``examples/train_examples.py`` does).  The two standard ImageNet
+architectures, :class:`ResNet18` and :class:`MobileNetV2`, are there to measure pruning on
+networks of a realistic shape and size (``benchmarks/latency.py``) without a trained file; they
+draw their weights from a ``seed`` argument instead, so that a benchmark gets the same network
+every time without a download.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "DigitsCNN", "DigitsMLP", "LeNet5", "PaperMLP", "SmallResNet", "SmallVGG"]
+__all__ = [
+    "BasicBlock", "DigitsCNN", "DigitsMLP", "InvertedResidual", "LeNet5", "MobileNetV2", "PaperMLP", "ResNet18",
+    "SmallResNet", "SmallVGG",
+]
 
 
 def _relu_mlp(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
@@ -223,3 +230,195 @@ class SmallResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))
+
+
+# ------------------------------------------------------------------------- standard architectures
+
+
+def _seeded_init(model: nn.Module, seed: int) -> None:
+    """Draw every weight and batch-norm statistic of ``model`` from its own generator seeded with ``seed``.
+
+    Convolutions get He-normal weights (std ``sqrt(2 / fan_in)``, fan-in per group, so depthwise
+    layers are scaled like dense ones), linear layers normal weights with std ``1 / sqrt(fan_in)``
+    and small biases.  Batch norms get scales in [0.5, 1.5], shifts, running means and running
+    variances in [0.5, 2]: a freshly constructed batch norm is the identity in eval mode, which
+    would make every channel look alike to a criterion that reads it and would hide a pruning
+    mistake in its statistics.  The draws go in module order from one ``torch.Generator``, so
+    torch's global random state is neither used nor changed here.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def fill(t: torch.Tensor, kind: str, a: float, b: float) -> None:
+        data = (torch.randn(t.shape, generator=gen) * b + a if kind == "normal"
+                else torch.rand(t.shape, generator=gen) * (b - a) + a)
+        t.copy_(data)
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Conv2d):
+                fan_in = mod.weight[0].numel()
+                fill(mod.weight, "normal", 0.0, (2.0 / fan_in) ** 0.5)
+                if mod.bias is not None:
+                    fill(mod.bias, "normal", 0.0, 0.05)
+            elif isinstance(mod, nn.Linear):
+                fill(mod.weight, "normal", 0.0, mod.in_features ** -0.5)
+                if mod.bias is not None:
+                    fill(mod.bias, "normal", 0.0, 0.05)
+            elif isinstance(mod, nn.BatchNorm2d):
+                fill(mod.weight, "uniform", 0.5, 1.5)
+                fill(mod.bias, "normal", 0.0, 0.2)
+                if mod.running_mean is not None and mod.running_var is not None:
+                    fill(mod.running_mean, "normal", 0.0, 0.2)
+                    fill(mod.running_var, "uniform", 0.5, 2.0)
+
+
+def _built_quietly(build: Callable[[], None]) -> None:
+    """Run ``build`` (which creates layers, whose default init draws from torch's global RNG) without
+    changing the global random state: the layers are re-drawn by :func:`_seeded_init` anyway."""
+    with torch.random.fork_rng(devices=[]):
+        build()
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", 2016), written here.
+
+    ``(N, in_channels, H, W) -> num_classes``, for 224x224 ImageNet images by design and any
+    size from 32x32 up (the adaptive pool makes the head independent of the resolution).
+    Stem: 7x7 convolution stride 2 to ``widths[0]`` channels, batch norm, ReLU, 3x3 max pool
+    stride 2.  Then four stages of ``blocks[i]`` :class:`BasicBlock` at ``widths[i]`` channels,
+    the first block of stages 2-4 with stride 2 and a 1x1 projection shortcut; global average
+    pool, flatten, linear.  The defaults, ``blocks=(2, 2, 2, 2)`` and ``widths=(64, 128, 256,
+    512)``, are the standard ResNet-18: 11.7M parameters and 1.82G MACs at 224x224 with 1000
+    classes.  Why it is here: the residual adds tie each stage's block outputs into one unit
+    group, and its widths are all multiples of 16, so it shows what pruning to widths that break
+    the CPU kernels' channel block costs on a network of real size (``benchmarks/latency.py``).
+
+    Weights and batch-norm statistics are drawn from ``seed`` (see :func:`_seeded_init`); torch's
+    global random state is left as it was.  Layer names: ``stem.<i>``, ``layer<s>.<b>.body.<i>``
+    / ``.short.<i>``, ``fc``.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, blocks: Sequence[int] = (2, 2, 2, 2),
+                 widths: Sequence[int] = (64, 128, 256, 512), seed: int = 0) -> None:
+        super().__init__()
+        stages = _widths(widths)
+        depths = tuple(int(b) for b in blocks)
+        if len(depths) != len(stages) or any(b < 1 for b in depths):
+            raise ValueError(f"blocks must give a positive block count per stage ({len(stages)} stages), "
+                             f"got {tuple(blocks)}")
+
+        def build() -> None:
+            self.stem = nn.Sequential(nn.Conv2d(int(in_channels), stages[0], 7, stride=2, padding=3, bias=False),
+                                      nn.BatchNorm2d(stages[0]), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            c_in = stages[0]
+            for s, (depth, c_out) in enumerate(zip(depths, stages)):
+                stride = 1 if s == 0 else 2
+                layer = [BasicBlock(c_in, c_out, stride)] + [BasicBlock(c_out, c_out) for _ in range(depth - 1)]
+                setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
+                c_in = c_out
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten()
+            self.fc = nn.Linear(stages[-1], int(num_classes))
+
+        _built_quietly(build)
+        self.stages = len(stages)
+        _seeded_init(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in range(self.stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def _conv_bn_relu6(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """Convolution (no bias), batch norm, ReLU6 -- MobileNetV2's building block."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU6())
+
+
+def _divisible(width: float, divisor: int = 8) -> int:
+    """``width`` rounded to the nearest multiple of ``divisor``, never below 90% of it (MobileNetV2's rule)."""
+    out = max(divisor, int(width + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * width else out
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's inverted residual block: expand, depthwise, project (a linear bottleneck).
+
+    ``expand``: 1x1 conv-BN-ReLU6 from ``c_in`` to ``c_in * expansion`` channels (absent when
+    ``expansion`` is 1); ``depthwise``: 3x3 depthwise conv-BN-ReLU6 with ``stride``; ``project``:
+    1x1 conv-BN back down to ``c_out``, with no activation (the paper's linear bottleneck).  The
+    input is added back when the shape is kept (stride 1, ``c_in == c_out``).  For the pruner:
+    the depthwise conv ties its channels to the expansion's outputs (one group through the
+    block), and the residual add ties ``project``'s outputs to the block's input, so the
+    bottleneck widths of a whole stage form one group.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = int(round(c_in * expansion))
+        self.expand: nn.Module = nn.Identity() if expansion == 1 else _conv_bn_relu6(c_in, hidden)
+        self.depthwise = _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden)
+        self.project = nn.Sequential(nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(self.expand(x)))
+        return x + out if self.residual else out
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", 2018), written here.
+
+    ``(N, in_channels, H, W) -> num_classes``, for 224x224 images by design and any size from
+    32x32 up.  Stem: 3x3 conv-BN-ReLU6 stride 2 to 32 channels; then the paper's table of
+    :class:`InvertedResidual` stages, rows ``(t, c, n, s)`` = expansion, width, blocks, stride
+    of the first block (:attr:`SETTINGS`: the first stage has expansion 1, the other six
+    expansion 6); a 1x1 conv-BN-ReLU6 to 1280 channels; global average pool, flatten, dropout
+    (``dropout``, 0.2) and a linear classifier.  ``width_mult`` scales every width except the
+    last 1280 (for multipliers <= 1), rounded to multiples of 8 as in the paper's code; at 1.0
+    (the default) it is the standard network: 3.5M parameters and 0.30G MACs at 224x224 with
+    1000 classes.  Why it is here: depthwise convolutions, linear bottlenecks and residual adds
+    across a stage make its unit groups unlike a plain CNN's, and the depthwise layers are where
+    widths that break the CPU kernels' channel block cost most (``benchmarks/latency.py``).
+
+    Weights and batch-norm statistics are drawn from ``seed`` (see :func:`_seeded_init`); torch's
+    global random state is left as it was.  Layer names: ``stem.<i>``,
+    ``blocks.<k>.expand.<i>`` / ``.depthwise.<i>`` / ``.project.<i>``, ``head.<i>``,
+    ``classifier.<i>``.
+    """
+
+    SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+        (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+    )
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0,
+                 dropout: float = 0.2, seed: int = 0) -> None:
+        super().__init__()
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        first = _divisible(32 * width_mult)
+        last = _divisible(1280 * max(1.0, width_mult))
+
+        def build() -> None:
+            self.stem = _conv_bn_relu6(int(in_channels), first, 3, 2)
+            blocks: list[nn.Module] = []
+            c_in = first
+            for t, c, n, s in self.SETTINGS:
+                c_out = _divisible(c * width_mult)
+                for i in range(n):
+                    blocks.append(InvertedResidual(c_in, c_out, s if i == 0 else 1, t))
+                    c_in = c_out
+            self.blocks = nn.Sequential(*blocks)
+            self.head = _conv_bn_relu6(c_in, last)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten()
+            self.classifier = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(last, int(num_classes)))
+
+        _built_quietly(build)
+        _seeded_init(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.flatten(self.pool(x)))

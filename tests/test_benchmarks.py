@@ -97,3 +97,35 @@ def test_sweep_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     svg = (out / "mlp3_digits.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "mip" in svg and "l1" in svg
     assert json.loads((out / "summary.json").read_text())["seconds"] > 0
+
+
+def test_latency_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "latency.json"
+    result = _load("latency").main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert not list(tmp_path.glob(".latency.json.*"))  # the temporary file was renamed into place
+    rows = result["rows"]
+    assert [(r["network"], r["round_to"]) for r in rows] == [("lenet5", 1), ("lenet5", "auto")]
+    assert result["cpu"] and result["onnxruntime"] and result["channel_block"] in (4, 8, 16)
+    for r in rows:
+        assert 0 < r["macs_kept"] <= r["budget"] + 1e-9 and r["budget"] == 0.5
+        assert 0 < r["params_kept"] <= 1
+        assert r["macs"]["after"] <= r["macs"]["before"] and r["params"]["after"] <= r["params"]["before"]
+        assert set(r["batches"]) == {"1", "64"}
+        for m in r["batches"].values():
+            numbers = [m["a_median_ms"], m["b_median_ms"], m["latency_ratio"], m["pairwise_ratio"]]
+            assert all(math.isfinite(v) and v > 0 for v in numbers), m
+            assert m["latency_ratio"] == pytest.approx(m["b_median_ms"] / m["a_median_ms"])
+            assert m["slower"] == (m["pairwise_ratio"] > 1)
+        assert r["widths"] and all(0 < after <= before for before, after in r["widths"].values())
+        assert r["cpu"] == result["cpu"] and r["provider"] == "CPUExecutionProvider"
+    assert rows[1]["unaligned"] == {}  # auto keeps every aligned conv width aligned
+    printed = capsys.readouterr().out
+    assert sum(line.startswith("| lenet5 | 1x28x28 |") for line in printed.splitlines()) == 4
+
+
+def test_latency_table_marks_an_unreachable_budget() -> None:
+    row = {"network": "resnet", "input_shape": [1, 1, 28, 28], "round_to": "auto", "budget": 0.5,
+           "error": "the MAC budget 0.5 is unreachable", "batches": {}, "slower_batches": []}
+    lines = _load("latency").table([row]).splitlines()
+    assert lines[-1].startswith("| resnet | 1x28x28 | auto | not reached |")

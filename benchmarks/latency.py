@@ -1,0 +1,273 @@
+"""Is the pruned network faster than the dense one?  round_to=1 against round_to="auto", per network.
+
+onnxruntime's fast CPU convolutions work on blocks of channels (16 with AVX-512, 8 with AVX2;
+:func:`oamipc.hardware.cpu_channel_block`).  A network pruned to widths that are not multiples
+of the block falls back to slower kernels and can run slower than the dense original even with
+half its MACs.  ``round_to="auto"`` rounds the kept widths of convolutions to the block.  This
+script measures both, on the sweep's five networks and on two standard ImageNet networks:
+
+* ``mlp3``, ``mlp4``, ``lenet5``, ``vgg``, ``resnet``: the networks of ``benchmarks/sweep.py``
+  (its ``MODELS``, the same constructors), at the sweep's input size 1x28x28, batches 1 and 64;
+* ``resnet18`` and ``mobilenetv2``: :class:`oamipc.models.ResNet18` and
+  :class:`oamipc.models.MobileNetV2` at 3x224x224 with 1000 classes, batches 1 and 8 (batch 64
+  of a 224x224 network takes seconds per run on one thread; ``--large-batches`` changes it).
+
+Weights are seeded, not trained: latency does not depend on the values, and the l1 criterion
+only needs weights that differ per channel (the sweep networks are drawn with
+``torch.manual_seed(seed)`` before their constructor, as the sweep does before training; the
+two ImageNet networks draw from their own ``seed`` argument).  For each network and each
+``round_to`` in (1, "auto") the network is compiled with importance ``l1`` at ``--budget``
+(fraction of the dense MACs kept), the dense and the pruned networks are exported to ONNX in a
+temporary directory, and the pair is timed interleaved (A = dense, B = pruned; A, B, A, B, ...)
+with :func:`oamipc.bench.benchmark` on onnxruntime's CPU provider with one intra-op thread.
+Ratios are B/A: the ratio of the medians and the median of the per-round ratios ("pairwise",
+the robust one on a shared machine); below 1 the pruned network is faster, and a batch where
+the pairwise ratio is above 1 is marked slower.
+
+A budget that a ``round_to`` cannot reach (``"auto"`` keeps at least one block per aligned
+group, so a narrow network may have a floor above the budget) is not an error of the run: the
+row records the planner's message under ``error`` and the table says "not reached".
+
+Run::
+
+    python benchmarks/latency.py                                  # everything (see RESULTS.md for the time)
+    python benchmarks/latency.py --networks vgg,resnet18 --budget 0.3
+    python benchmarks/latency.py --quick --out /tmp/latency.json  # a seconds-long smoke run
+
+It prints a Markdown table and writes JSON (default ``benchmarks/results/latency.json``,
+atomically: a temporary file renamed into place).  Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import oamipc
+from oamipc.atomic import atomic_output
+from oamipc.bench import benchmark, cpu_model
+from oamipc.errors import PlanError
+from oamipc.export import export_onnx
+from oamipc.hardware import cpu_channel_block, unaligned_widths
+from oamipc.models import MobileNetV2, ResNet18
+from oamipc.target import Target
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the sweep's networks are imported from its script, not copied
+    sys.path.insert(0, str(HERE))
+import sweep  # noqa: E402
+
+DEFAULT_OUT = HERE / "results" / "latency.json"
+ROUND_TO: tuple[int | str, ...] = (1, "auto")
+
+
+@dataclass(frozen=True)
+class Network:
+    """One measured network: a seeded constructor, its per-sample input shape, batches, description."""
+
+    make: Callable[[int], nn.Module]  # seed -> network
+    sample_shape: tuple[int, ...]
+    large: bool  # a 224x224 network: timed at --large-batches with --runs-large
+    description: str
+
+
+def _sweep_network(name: str) -> Callable[[int], nn.Module]:
+    def make(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return sweep.MODELS[name].make()
+    return make
+
+
+NETWORKS: dict[str, Network] = {
+    **{name: Network(_sweep_network(name), sweep.INPUT_SHAPE, False, spec.description)
+       for name, spec in sweep.MODELS.items()},
+    "resnet18": Network(lambda seed: ResNet18(seed=seed), (3, 224, 224), True,
+                        "ResNet-18 (oamipc.models.ResNet18), 1000 classes"),
+    "mobilenetv2": Network(lambda seed: MobileNetV2(seed=seed), (3, 224, 224), True,
+                           "MobileNetV2 1.0 (oamipc.models.MobileNetV2), 1000 classes"),
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: int, warmup: int, seed: int,
+                    scratch: Path) -> list[dict[str, Any]]:
+    """Compile ``name`` at ``budget`` with each ``round_to`` and time dense vs pruned: one row per round_to."""
+    spec = NETWORKS[name]
+    net = spec.make(seed).eval()
+    example = torch.randn((1, *spec.sample_shape), generator=torch.Generator().manual_seed(seed))
+    dense = scratch / f"{name}_dense.onnx"
+    export_onnx(net, example, dense)
+    rows: list[dict[str, Any]] = []
+    for round_to in ROUND_TO:
+        start = time.perf_counter()
+        try:
+            result = oamipc.compile(net, example, importance="l1",
+                                    target=Target(flops_budget=budget, round_to=round_to), seed=seed)
+        except PlanError as exc:  # e.g. round_to="auto" on a net too narrow to reach the budget
+            rows.append({"network": name, "input_shape": [1, *spec.sample_shape], "round_to": round_to,
+                         "budget": budget, "importance": "l1", "channel_block": cpu_channel_block(),
+                         "error": str(exc), "batches": {}, "slower_batches": []})
+            _log(f"[{name}] round_to {round_to}: not measured: {exc}")
+            continue
+        compile_s = time.perf_counter() - start
+        rep = result.report
+        pruned = scratch / f"{name}_round{round_to}.onnx"
+        export_onnx(result.module, result.example_inputs, pruned)
+        t0 = time.perf_counter()
+        bench = benchmark([dense, pruned], batch_sizes=batches, runs=runs, warmup=warmup, device="cpu",
+                          intra_op_threads=1, seed=seed)
+        bench_s = time.perf_counter() - t0
+        pruned.unlink()
+        widths = {layer: [int(w["before"]), int(w["after"])] for layer, w in rep["widths"].items()}
+        block = cpu_channel_block()
+        # Only convolutions have a channel block (Linear layers run on GEMM kernels, and auto leaves them alone).
+        convs = {n for n, m in result.original.named_modules() if isinstance(m, nn.Conv2d)}
+        unaligned = {k: list(v) for k, v in unaligned_widths(rep["widths"], block).items() if k in convs}
+        per_batch = {
+            str(r["batch"]): {"a_median_ms": r["a_median_ms"], "b_median_ms": r["b_median_ms"],
+                              "latency_ratio": r["latency_ratio"], "pairwise_ratio": r["pairwise_ratio"],
+                              "slower": r["pairwise_ratio"] > 1.0}
+            for r in bench.rows()
+        }
+        row: dict[str, Any] = {
+            "network": name, "input_shape": [1, *spec.sample_shape], "round_to": round_to, "budget": budget,
+            "importance": "l1", "channel_block": block,
+            "macs": {"before": int(rep["before"]["macs"]), "after": int(rep["after"]["macs"])},
+            "params": {"before": int(rep["before"]["params"]), "after": int(rep["after"]["params"])},
+            "macs_kept": rep["after"]["macs"] / rep["before"]["macs"],
+            "params_kept": rep["after"]["params"] / rep["before"]["params"],
+            "batches": per_batch,
+            "slower_batches": [int(b) for b, m in per_batch.items() if m["slower"]],
+            "widths": widths,
+            "unaligned": unaligned,
+            "provider": bench.provider, "cpu": bench.cpu, "onnxruntime": bench.onnxruntime_version,
+            "runs": runs, "warmup": warmup,
+            "seconds": {"compile": compile_s, "bench": bench_s}, "error": None,
+        }
+        rows.append(row)
+        ratios = ", ".join(f"b{b} x{m['pairwise_ratio']:.2f}" for b, m in per_batch.items())
+        _log(f"[{name}] round_to {round_to}: MACs kept {row['macs_kept']:.3f}, {ratios} "
+             f"(compile {compile_s:.1f} s, timing {bench_s:.1f} s)")
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table: one line per network, round_to and batch size."""
+    lines = ["| network | input | round_to | MACs kept | params kept | batch | dense ms | pruned ms | B/A | "
+             "pairwise B/A | slower | unaligned convs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = "x".join(str(d) for d in r["input_shape"][1:])
+        if r.get("error"):
+            lines.append(f"| {r['network']} | {shape} | {r['round_to']} | not reached | - | - | - | - | - | - | - | "
+                         f"- |")
+            continue
+        for batch, m in r["batches"].items():
+            lines.append(f"| {r['network']} | {shape} | {r['round_to']} | {100 * r['macs_kept']:.1f}% | "
+                         f"{100 * r['params_kept']:.1f}% | {batch} | {m['a_median_ms']:.3f} | {m['b_median_ms']:.3f} | "
+                         f"{m['latency_ratio']:.2f} | {m['pairwise_ratio']:.2f} | "
+                         f"{'**SLOWER**' if m['slower'] else 'no'} | {len(r['unaligned'])} |")
+    return "\n".join(lines)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown or not names:
+        raise SystemExit(f"unknown network(s) {', '.join(unknown) or '(none given)'}: "
+                         f"choose from {', '.join(NETWORKS)}")
+    return names
+
+
+def _batches(value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        out = ()
+    if not out or any(b < 1 for b in out):
+        raise SystemExit(f"batch sizes must be a comma list of positive integers, got {value!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure what the command line asks for; return the result (also written as JSON)."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--networks", default=",".join(NETWORKS), help=f"comma list of {', '.join(NETWORKS)} "
+                                                                       "(default: all)")
+    parser.add_argument("--budget", "--flops-budget", type=float, default=0.5,
+                        help="fraction of the dense MACs kept (default 0.5)")
+    parser.add_argument("--runs", type=int, default=200,
+                        help="timed interleaved rounds per batch size, 28x28 networks (default 200)")
+    parser.add_argument("--runs-large", type=int, default=30,
+                        help="timed rounds per batch size, 224x224 networks (default 30)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed rounds per batch size (default: a tenth of the runs, at least 3)")
+    parser.add_argument("--batches", default="1,64", help="batch sizes, 28x28 networks (default 1,64)")
+    parser.add_argument("--large-batches", default="1,8", help="batch sizes, 224x224 networks (default 1,8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: lenet5 only, 5 runs, 1 warmup (explicit options still win)")
+    args = parser.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.quick:
+        if "--networks" not in given:
+            args.networks = "lenet5"
+        if "--runs" not in given:
+            args.runs = 5
+        if "--runs-large" not in given:
+            args.runs_large = 5
+        if args.warmup is None:
+            args.warmup = 1
+    if not 0.0 < args.budget <= 1.0:
+        raise SystemExit(f"--budget must be a fraction in (0, 1], got {args.budget}")
+    if args.runs < 1 or args.runs_large < 1:
+        raise SystemExit("--runs and --runs-large must be at least 1")
+    names = _names(args.networks)
+    batches, large_batches = _batches(args.batches), _batches(args.large_batches)
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
+        for name in names:
+            large = NETWORKS[name].large
+            runs = args.runs_large if large else args.runs
+            warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
+            rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
+                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp))
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {
+        "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
+        "budget": args.budget, "importance": "l1", "round_to": list(ROUND_TO), "networks": list(names),
+        "descriptions": {n: NETWORKS[n].description for n in names},
+        "cpu": cpu_model(), "channel_block": cpu_channel_block(),
+        "onnxruntime": rows[0]["onnxruntime"] if rows else None, "provider": "CPUExecutionProvider",
+        "intra_op_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
+        "seed": args.seed, "seconds": seconds, "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(args.out) as tmp_path:
+        tmp_path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"l1 at --budget {args.budget:g}; {cpu_model()} (channel block {cpu_channel_block()}), onnxruntime "
+          f"{result['onnxruntime']}, CPU provider, 1 intra-op thread; B/A = pruned / dense latency")
+    print(table(rows))
+    _log(f"done in {seconds:.0f} s; wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
