@@ -84,7 +84,7 @@ def compile(  # noqa: A001 - the product's verb
     prune_ratio: float | None = None,
     flops_budget: float | None = None,
     min_keep: int = 1,
-    round_to: int = 1,
+    round_to: int | str = 1,
     target: Target | None = None,
     leaf_modules: Sequence[str] = (),
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
@@ -477,7 +477,11 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
         bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                           progress=(lambda d, t: progress("bench", d, t)) if progress else None)
         report["latency"] = bench.to_dict()
-        verdict = speed_verdict(report["latency"], report.get("widths", {}))
+        before_layers = report.get("before", {}).get("layers", {})
+        layer_types = {name: str(layer.get("type", "")) for name, layer in before_layers.items()}
+        conv_widths = {name: w for name, w in report.get("widths", {}).items()
+                       if layer_types.get(name, "").startswith("Conv")}  # the channel block is a convolution's
+        verdict = speed_verdict(report["latency"], conv_widths)
         report["latency"]["verdict"] = verdict
         _compare_prediction(report)
         if verdict["slower_batches"]:
