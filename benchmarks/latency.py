@@ -103,20 +103,30 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def variants(budget: float, latency_budget: float | None, latency_batch: int) -> list[tuple[str, Target]]:
+    """The plans measured per network: the MAC budget with each ``round_to``, and with
+    ``--latency-budget`` a latency target (auto rounding) at the largest batch measured."""
+    out = [(str(r), Target(flops_budget=budget, round_to=r)) for r in ROUND_TO]
+    if latency_budget is not None:
+        out.append((f"latency {latency_budget:g}",
+                    Target(latency_budget=latency_budget, latency_batch=latency_batch, round_to="auto")))
+    return out
+
+
 def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: int, warmup: int, seed: int,
-                    scratch: Path) -> list[dict[str, Any]]:
-    """Compile ``name`` at ``budget`` with each ``round_to`` and time dense vs pruned: one row per round_to."""
+                    scratch: Path, latency_budget: float | None = None) -> list[dict[str, Any]]:
+    """Compile ``name`` for each variant (a ``round_to`` at the MAC ``budget``, or a latency target)
+    and time dense vs pruned: one row per variant."""
     spec = NETWORKS[name]
     net = spec.make(seed).eval()
     example = torch.randn((1, *spec.sample_shape), generator=torch.Generator().manual_seed(seed))
     dense = scratch / f"{name}_dense.onnx"
     export_onnx(net, example, dense)
     rows: list[dict[str, Any]] = []
-    for round_to in ROUND_TO:
+    for round_to, target in variants(budget, latency_budget, max(batches)):
         start = time.perf_counter()
         try:
-            result = oamipc.compile(net, example, importance="l1",
-                                    target=Target(flops_budget=budget, round_to=round_to), seed=seed)
+            result = oamipc.compile(net, example, importance="l1", target=target, seed=seed)
         except PlanError as exc:  # e.g. round_to="auto" on a net too narrow to reach the budget
             rows.append({"network": name, "input_shape": [1, *spec.sample_shape], "round_to": round_to,
                          "budget": budget, "importance": "l1", "channel_block": cpu_channel_block(),
@@ -158,6 +168,11 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
             "runs": runs, "warmup": warmup,
             "seconds": {"compile": compile_s, "bench": bench_s}, "error": None,
         }
+        predicted = rep.get("latency_prediction")
+        if predicted:  # the latency model's prediction against the measured pruned latency, same batch
+            measured = per_batch.get(str(predicted["batch"]), {}).get("b_median_ms")
+            row["latency_model"] = {**predicted, "measured_ms": measured,
+                                    "error": predicted["predicted_ms"] / measured - 1 if measured else None}
         rows.append(row)
         ratios = ", ".join(f"b{b} x{m['pairwise_ratio']:.2f}" for b, m in per_batch.items())
         _log(f"[{name}] round_to {round_to}: MACs kept {row['macs_kept']:.3f}, {ratios} "
@@ -218,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="untimed rounds per batch size (default: a tenth of the runs, at least 3)")
     parser.add_argument("--batches", default="1,64", help="batch sizes, 28x28 networks (default 1,64)")
     parser.add_argument("--large-batches", default="1,8", help="batch sizes, 224x224 networks (default 1,8)")
+    parser.add_argument("--latency-budget", type=float, default=None,
+                        help="also plan each network for this fraction of its dense latency at the largest "
+                             "batch (a measured latency model, round_to auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
@@ -248,11 +266,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs = args.runs_large if large else args.runs
             warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
             rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
-                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp))
+                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
+                                    latency_budget=args.latency_budget)
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
-        "budget": args.budget, "importance": "l1", "round_to": list(ROUND_TO), "networks": list(names),
+        "budget": args.budget, "latency_budget": args.latency_budget, "importance": "l1",
+        "round_to": list(ROUND_TO), "networks": list(names),
         "descriptions": {n: NETWORKS[n].description for n in names},
         "cpu": cpu_model(), "channel_block": cpu_channel_block(),
         "onnxruntime": rows[0]["onnxruntime"] if rows else None, "provider": "CPUExecutionProvider",
