@@ -103,10 +103,10 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def variants(budget: float, latency_budget: float | None, latency_batch: int) -> list[tuple[str, Target]]:
+def variants(budget: float, latency_budget: float | None, latency_batch: int) -> list[tuple[int | str, Target]]:
     """The plans measured per network: the MAC budget with each ``round_to``, and with
     ``--latency-budget`` a latency target (auto rounding) at the largest batch measured."""
-    out = [(str(r), Target(flops_budget=budget, round_to=r)) for r in ROUND_TO]
+    out: list[tuple[int | str, Target]] = [(r, Target(flops_budget=budget, round_to=r)) for r in ROUND_TO]
     if latency_budget is not None:
         out.append((f"latency {latency_budget:g}",
                     Target(latency_budget=latency_budget, latency_batch=latency_batch, round_to="auto")))
