@@ -60,11 +60,10 @@ from oamipc import ir
 from oamipc.errors import UnsupportedGraphError
 from oamipc.units import Layout, UnitGraph
 
-log = logging.getLogger(__name__)
+from .bounds import (BOUNDS, EPS_COEF, Relaxation, box_bounds, crown_bounds, identity_relaxation, may_be_negative,
+                     relu_relaxation, sample_phases)
 
-EPS_COEF = 1e-9  # coefficients below this are dropped (solvers mislabel optima with them)
-BOUNDS = ("crown", "interval", "sample")
-_BOUND_PAD = 1e-6  # bounds are widened by this (relative + absolute) against rounding
+log = logging.getLogger(__name__)
 
 # Ops that are affine in their tensor arguments (given the constant ones).
 _AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -133,9 +132,8 @@ class Encoder:
             raise ValueError(f"unknown bounds {bounds!r}: use one of {', '.join(BOUNDS)}")
         self.bounds = bounds
         self.means = means or {}  # reading node -> per-position mean: removed units read as it (not 0)
-        # Linear relaxations of ReLU outputs for back-substitution (CROWN): var -> (vars, coef, const of
-        # the pre-activation, upper slope, upper intercept, lower slope).
-        self._relax: dict[int, tuple[list[int], np.ndarray, float, float, float, float]] = {}
+        # Linear relaxations of ReLU outputs for back-substitution (CROWN), by output variable.
+        self._relax: dict[int, Relaxation] = {}
         self._phase: dict[str, torch.Tensor] = {}
         self.record_bounds = False  # tests: keep every ReLU input's bounds in relu_bounds
         self.relu_bounds: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
@@ -196,15 +194,10 @@ class Encoder:
 
     # ------------------------------------------------------------------ Sym helpers
     def _bounds(self, const: torch.Tensor, vars_: list[int], coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not vars_:
-            return const.clone(), const.clone()
-        lo_v = torch.tensor([self.var_lo[i] for i in vars_], dtype=torch.float64).reshape(-1, *[1] * const.dim())
-        hi_v = torch.tensor([self.var_hi[i] for i in vars_], dtype=torch.float64).reshape(-1, *[1] * const.dim())
-        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
-        lo = const + (pos * lo_v + neg * hi_v).sum(0)
-        hi = const + (pos * hi_v + neg * lo_v).sum(0)
-        pad = _BOUND_PAD * (1.0 + torch.maximum(lo.abs(), hi.abs()))
-        return lo - pad, hi + pad
+        """Interval bounds of a value over its variables' boxes (see :func:`.bounds.box_bounds`)."""
+        lo_v = torch.tensor([self.var_lo[i] for i in vars_], dtype=torch.float64)
+        hi_v = torch.tensor([self.var_hi[i] for i in vars_], dtype=torch.float64)
+        return box_bounds(const, coef, lo_v, hi_v)
 
     def _sym(self, const: torch.Tensor, vars_: list[int], coef: torch.Tensor) -> Sym:
         if vars_:
@@ -455,7 +448,7 @@ class Encoder:
         lo_all = s.lo.reshape(-1)
         for e in torch.nonzero(mask.reshape(-1)).flatten().tolist():
             x_terms = self._terms(s, flat_coef, e)
-            if float(lo_all[e]) < -1e-4 * (1.0 + abs(float(hi_all[e]))):  # pads of the bounds aside
+            if may_be_negative(float(lo_all[e]), float(hi_all[e])):
                 raise UnsupportedGraphError(
                     f"the paper formulation gates a unit with relu(x - (1 - s) U+), which needs x >= 0 (a value "
                     f"after a ReLU); {ir.where(node)} reads values that can be negative; use --formulation budget")
@@ -500,11 +493,10 @@ class Encoder:
             h = self._new("a", lo, hi)
             self.stats.continuous += 1
             self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
-            self._relax[h] = (vars_, coefs, c, 1.0, 0.0, 1.0)  # h = a exactly
+            self._relax[h] = identity_relaxation(vars_, coefs, c)
             return h
         h = self._new("h", 0.0, hi)
-        slope = hi / (hi - lo)
-        self._relax[h] = (vars_, coefs, c, slope, -slope * lo, 1.0 if hi >= -lo else 0.0)
+        self._relax[h] = relu_relaxation(vars_, coefs, c, lo, hi)
         v = self._new("v", 0.0, 1.0, pulp.LpBinary)
         self.stats.relu_binaries += 1
         neg = [(i, -w) for i, w in terms]
@@ -526,7 +518,7 @@ class Encoder:
             lo, hi = s.lo.reshape(-1).clone(), s.hi.reshape(-1).clone()
             ibp_widths += (hi - lo)[torch.from_numpy(dependent)].tolist()
             if self.bounds == "crown" and n_old and any(v in self._relax for v in s.vars):
-                c_lo, c_hi = self._crown(s)
+                c_lo, c_hi = crown_bounds(s.const, s.vars, s.coef, self._relax, self.var_lo, self.var_hi)
                 lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
             if self.record_bounds:
                 self.relu_bounds.setdefault(node.name, []).append((lo.clone(), hi.clone(), dependent.copy()))
@@ -555,52 +547,10 @@ class Encoder:
             self.stats.interval_width_per_layer[node.name] = float(np.mean(ibp_widths))
         return out
 
-    # ------------------------------------------------------------------ bounds
-    def _crown(self, s: Sym) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds of every element of ``s`` by back-substituting the ReLU relaxations (CROWN).
-
-        An expression in ReLU outputs ``h_j`` is bounded above by replacing each ``h_j`` with its
-        upper line ``su a_j + iu`` where its coefficient is positive and its lower line ``sl a_j``
-        where negative (the reverse for the lower bound), ``a_j`` being the pre-activation as an
-        expression of earlier variables; repeated until only variables without a relaxation (keep
-        variables, products, max-pool outputs) remain, which take their box bounds.  Sound for
-        every value of the keep variables in [0, 1], and never looser than interval arithmetic on
-        the first layer after the free units, usually much tighter after it.
-        """
-        n_e = s.const.numel()
-        result = []
-        for sign in (1.0, -1.0):  # upper bound of s, then upper bound of -s (= -lower)
-            rows: dict[int, np.ndarray] = {}
-            for i, v in enumerate(s.vars):
-                rows[v] = rows.get(v, 0.0) + sign * s.coef[i].reshape(-1).numpy()
-            const = sign * s.const.reshape(-1).numpy().copy()
-            while True:
-                relaxed = [v for v in rows if v in self._relax]
-                if not relaxed:
-                    break
-                j = max(relaxed)  # relaxations only refer to earlier variables
-                c = rows.pop(j)
-                vars_, coefs, c0, su, iu, sl = self._relax[j]
-                slope = np.where(c > 0, su, sl)
-                const += c * (slope * c0 + np.where(c > 0, iu, 0.0))
-                scaled = c * slope
-                for v, w in zip(vars_, coefs.tolist()):
-                    rows[v] = rows.get(v, np.zeros(n_e)) + w * scaled
-            for v, r in rows.items():
-                const += np.where(r > 0, r * self.var_hi[v], r * self.var_lo[v])
-            result.append(torch.from_numpy(const))
-        hi = result[0].reshape(s.const.shape).reshape(-1)
-        lo = -result[1].reshape(-1)
-        pad = _BOUND_PAD * (1.0 + torch.maximum(lo.abs(), hi.abs()))
-        return lo - pad, hi + pad
-
     def _sample_phases(self, node: fx.Node) -> torch.Tensor:
         """Pre-activation of ``node`` (a ReLU) in the unpruned network on every sample."""
         if not self._phase:
-            recorder = _Recorder(self.gm)
-            with torch.no_grad():
-                recorder.run(self.x.to(next(self.gm.parameters()).dtype))
-            self._phase = recorder.inputs
+            self._phase = sample_phases(self.gm, self.x)
         return self._phase[node.name].double()
 
     def _fixed_phase(self, terms: list[tuple[int, float]], c: float, active: bool, lo: float,
@@ -677,22 +627,6 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------- helpers
-class _Recorder(fx.Interpreter):
-    """Runs the unpruned network and keeps the input of every ReLU node (for sample phases)."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.inputs: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.all_input_nodes:
-            first = self.env.get(n.all_input_nodes[0])
-            if isinstance(first, torch.Tensor):
-                self.inputs[n.name] = first.detach()
-        return out
-
-
 def ir_values(args: Any, kwargs: Any) -> list[Any]:
     """Tensor-ish values among (nested) args and kwargs, Sym lists counted as one value."""
     found: list[Any] = []
@@ -838,4 +772,4 @@ def evaluate(enc: Encoder, syms: list[Sym]) -> np.ndarray:
     return np.stack(out)
 
 
-__all__ = ["EPS_COEF", "Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]
+__all__ = ["Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]
