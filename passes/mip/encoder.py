@@ -40,7 +40,13 @@ Non-linear ops introduce variables (*materialisation*):
 
 Anything else that depends on a variable raises :class:`~oamipc.errors.UnsupportedGraphError`
 naming the node (LayerNorm/GroupNorm, sigmoid gates, softmax, ...); the solver-free criteria still
-work on such models.  Coefficients with ``|w| < 1e-9`` are dropped before any row is built.
+work on such models.
+
+Division of labour.  This module owns the walk over the graph and the rows; the bounds that go
+into the rows (interval and CROWN bounds, sample phases, the margins that keep them sound, the
+threshold below which coefficients are not kept) belong to :mod:`.bounds`.  Every value is built
+by :meth:`Encoder._sym`, which truncates its coefficients (``|w| < 1e-9``) and then bounds it, so a
+row never contains a different expression from the one its bounds were computed for.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from oamipc.errors import UnsupportedGraphError
 from oamipc.units import Layout, UnitGraph
 
 from .bounds import (BOUNDS, EPS_COEF, Relaxation, box_bounds, crown_bounds, identity_relaxation, may_be_negative,
-                     relu_relaxation, sample_phases)
+                     relu_relaxation, sample_phases, truncate)
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +176,30 @@ class Encoder:
 
     def _row(self, terms: list[tuple[int, float]], const: float, sense: int, rhs_terms: list[tuple[int, float]]
              = (), name: str | None = None) -> None:
-        """Add ``sum terms + const  (sense)  sum rhs_terms`` as one constraint."""
+        """Add ``sum terms + const  (sense)  sum rhs_terms`` as a constraint.
+
+        A merged coefficient below :data:`~.bounds.EPS_COEF` is not handed to the solver; the row is
+        loosened by that term's worst case over its variable's box instead, so that it still holds
+        wherever the exact row does (an equality loosened this way becomes two inequalities).
+        Values reach rows already truncated (:func:`~.bounds.truncate`), so this only happens when
+        terms of the same variable cancel, or a big-M constant is itself below the threshold.
+        """
         merged: dict[int, float] = {}
         for i, c in terms:
             merged[i] = merged.get(i, 0.0) + c
         for i, c in rhs_terms:
             merged[i] = merged.get(i, 0.0) - c
-        expr = pulp.LpAffineExpression([(self.variables[i], c) for i, c in merged.items() if abs(c) >= EPS_COEF],
-                                       constant=const)
-        self.prob += pulp.LpConstraint(expr, sense, rhs=0.0)
+        kept = [(self.variables[i], c) for i, c in merged.items() if abs(c) >= EPS_COEF]
+        slack = math.fsum(abs(c) * max(abs(self.var_lo[i]), abs(self.var_hi[i]))
+                          for i, c in merged.items() if 0.0 < abs(c) < EPS_COEF)
+        if slack > 0.0 and sense == pulp.LpConstraintEQ:
+            self._add_row(kept, const + slack, pulp.LpConstraintGE, name and f"{name}_ge")
+            self._add_row(kept, const - slack, pulp.LpConstraintLE, name and f"{name}_le")
+            return
+        self._add_row(kept, const + slack if sense == pulp.LpConstraintGE else const - slack, sense, name)
+
+    def _add_row(self, kept: list[tuple[pulp.LpVariable, float]], const: float, sense: int, name: str | None) -> None:
+        self.prob += pulp.LpConstraint(pulp.LpAffineExpression(kept, constant=const), sense, rhs=0.0, name=name)
         self.stats.rows += 1
 
     def expression(self, s: Sym, flat_index: int) -> pulp.LpAffineExpression:
@@ -200,9 +221,15 @@ class Encoder:
         return box_bounds(const, coef, lo_v, hi_v)
 
     def _sym(self, const: torch.Tensor, vars_: list[int], coef: torch.Tensor) -> Sym:
+        """The value ``const + coef . vars`` with its bounds; every value is built here.
+
+        Coefficients below :data:`~.bounds.EPS_COEF` are removed first (:func:`~.bounds.truncate`),
+        so the bounds are those of exactly the expression that rows are later written from.
+        """
         if vars_:
-            # Drop variables that no longer appear (e.g. sliced away by a split).
-            used = coef.reshape(len(vars_), -1).abs().amax(dim=1) >= EPS_COEF
+            coef = truncate(coef)
+            # Drop variables that no longer appear (e.g. sliced away by a split, or truncated).
+            used = coef.reshape(len(vars_), -1).abs().amax(dim=1) > 0.0
             if not bool(used.all()):
                 keep = torch.nonzero(used).flatten().tolist()
                 vars_ = [vars_[i] for i in keep]
