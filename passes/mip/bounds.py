@@ -26,6 +26,7 @@ of the bound's own float64 computation and the feasibility tolerance of the solv
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -234,13 +235,16 @@ class PhaseRecorder(fx.Interpreter):
 
 
 def sample_phases(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every node's first input in the unpruned network on ``x`` (node name -> batch).
+    """Every node's first input in the unpruned network on ``x`` (node name -> batch), in float64.
 
-    ``--bounds sample`` fixes each ReLU's phase to the sign recorded here.
+    ``--bounds sample`` fixes each ReLU's phase to the sign recorded here.  The network runs in
+    float64 on a copy, as the encoder does, so a pre-activation within float32 rounding of zero
+    gets the phase of the arithmetic the rows use, not one that the rows then contradict.
     """
-    recorder = PhaseRecorder(gm)
+    net = copy.deepcopy(gm).to(torch.float64).eval()
+    recorder = PhaseRecorder(net)
     with torch.no_grad():
-        recorder.run(x.to(next(gm.parameters()).dtype))
+        recorder.run(x.detach().to(torch.float64))
     return recorder.inputs
 
 
