@@ -100,6 +100,25 @@ class Sym:
     hi: torch.Tensor
 
 
+Affine = tuple[list[tuple[int, float]], float]  # (terms over variable indices, constant)
+
+
+@dataclass(frozen=True)
+class Definition:
+    """How a materialised variable's value follows from earlier variables, in the network's own
+    arithmetic (see :meth:`Encoder.reference_values`).
+
+    ``kind``: ``relu`` (``max(a, 0)``), ``phase`` (the ReLU's binary: ``1`` when ``a > 0``),
+    ``affine`` (``a``), ``product`` (``x[ref] * a``), ``max`` (the largest of ``inputs``) or
+    ``argmax`` (the binary that selects ``inputs[index]`` of the max variable ``ref``).
+    """
+
+    kind: str
+    inputs: tuple[Affine, ...] = ()
+    ref: int = -1
+    index: int = 0
+
+
 @dataclass
 class EncodingStats:
     """Size of an encoding, for the report."""
@@ -154,6 +173,7 @@ class Encoder:
         self.variables: list[pulp.LpVariable] = []
         self.var_lo: list[float] = []
         self.var_hi: list[float] = []
+        self.definitions: dict[int, Definition] = {}  # every materialised variable's definition
         self.free_index: dict[int, int] = {}
         for u, var in sorted(free.items()):
             self.free_index[u] = self._add_var(var, 0.0, 1.0)
@@ -169,10 +189,33 @@ class Encoder:
         self.var_hi.append(hi)
         return len(self.variables) - 1
 
-    def _new(self, kind: str, lo: float, hi: float, cat: str = pulp.LpContinuous) -> int:
+    def _new(self, kind: str, lo: float, hi: float, definition: Definition,
+             cat: str = pulp.LpContinuous) -> int:
         self._count += 1
         var = pulp.LpVariable(f"{self.prefix}_{kind}{self._count}", lowBound=lo, upBound=hi, cat=cat)
-        return self._add_var(var, lo, hi)
+        index = self._add_var(var, lo, hi)
+        self.definitions[index] = definition
+        return index
+
+    def _name(self, var: int, role: str) -> str:
+        """A row's name: the variable it defines and its role (``e_h12_off``), for diagnostics."""
+        return f"{self.variables[var].name}_{role}"
+
+    def reference_values(self, kept: np.ndarray) -> np.ndarray:
+        """Every variable's value when the free units are fixed to ``kept`` (per unit, 0/1 or a score).
+
+        Computed from :attr:`definitions` in creation order (each refers to earlier variables
+        only), with exactly rounded sums: the point the rows describe, evaluated the way the network
+        computes it.  Every row holds there by construction when the bounds are sound, so a fixed
+        plan that a solver calls infeasible can be checked row by row at this point.
+        """
+        values = np.full(len(self.variables), np.nan)
+        for u, i in self.free_index.items():
+            values[i] = float(kept[u])
+        for i in range(len(self.variables)):
+            if np.isnan(values[i]):
+                values[i] = _evaluate_definition(self.definitions[i], values)
+        return values
 
     def _row(self, terms: list[tuple[int, float]], const: float, sense: int, rhs_terms: list[tuple[int, float]]
              = (), name: str | None = None) -> None:
@@ -455,13 +498,15 @@ class Encoder:
         flat = s.coef.reshape(len(s.vars), -1).numpy()
         x_terms = self._terms(s, flat, e)
         c = float(s.const.reshape(-1)[e])
-        y = self._new("p", min(lo, 0.0), max(hi, 0.0))
+        y = self._new("p", min(lo, 0.0), max(hi, 0.0), Definition("product", ((x_terms, c),), ref=m))
         self.stats.product_variables += 1
-        self._row([(y, 1.0), (m, -hi)], 0.0, pulp.LpConstraintLE)            # y <= hi m
-        self._row([(y, 1.0), (m, -lo)], 0.0, pulp.LpConstraintGE)            # y >= lo m
+        self._row([(y, 1.0), (m, -hi)], 0.0, pulp.LpConstraintLE, name=self._name(y, "hi"))     # y <= hi m
+        self._row([(y, 1.0), (m, -lo)], 0.0, pulp.LpConstraintGE, name=self._name(y, "lo"))     # y >= lo m
         # y <= x - lo (1 - m)  <=>  y - x - lo m <= c - lo  ;  y >= x - hi (1 - m)
-        self._row([(y, 1.0), (m, -lo)] + [(i, -w) for i, w in x_terms], -c + lo, pulp.LpConstraintLE)
-        self._row([(y, 1.0), (m, -hi)] + [(i, -w) for i, w in x_terms], -c + hi, pulp.LpConstraintGE)
+        self._row([(y, 1.0), (m, -lo)] + [(i, -w) for i, w in x_terms], -c + lo, pulp.LpConstraintLE,
+                  name=self._name(y, "xlo"))
+        self._row([(y, 1.0), (m, -hi)] + [(i, -w) for i, w in x_terms], -c + hi, pulp.LpConstraintGE,
+                  name=self._name(y, "xhi"))
         return y
 
     def _paper_gate(self, s: Sym, const: torch.Tensor, coef: torch.Tensor, vars_: list[int],
@@ -517,19 +562,20 @@ class Encoder:
         coefs = np.array([w for _, w in terms])
         if lo >= 0.0:
             self.stats.relu_stable += 1
-            h = self._new("a", lo, hi)
+            h = self._new("a", lo, hi, Definition("affine", ((terms, c),)))
             self.stats.continuous += 1
-            self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
+            self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ, name=self._name(h, "eq"))
             self._relax[h] = identity_relaxation(vars_, coefs, c)
             return h
-        h = self._new("h", 0.0, hi)
+        h = self._new("h", 0.0, hi, Definition("relu", ((terms, c),)))
         self._relax[h] = relu_relaxation(vars_, coefs, c, lo, hi)
-        v = self._new("v", 0.0, 1.0, pulp.LpBinary)
+        v = self._new("v", 0.0, 1.0, Definition("phase", ((terms, c),)), pulp.LpBinary)
         self.stats.relu_binaries += 1
         neg = [(i, -w) for i, w in terms]
-        self._row([(h, 1.0)] + neg, -c, pulp.LpConstraintGE)                   # h >= a
-        self._row([(h, 1.0), (v, -lo)] + neg, -c + lo, pulp.LpConstraintLE)   # h <= a - lo (1 - v)
-        self._row([(h, 1.0), (v, -hi)], 0.0, pulp.LpConstraintLE)             # h <= hi v
+        self._row([(h, 1.0)] + neg, -c, pulp.LpConstraintGE, name=self._name(h, "ge"))        # h >= a
+        self._row([(h, 1.0), (v, -lo)] + neg, -c + lo, pulp.LpConstraintLE,                  # h <= a - lo (1 - v)
+                  name=self._name(h, "off"))
+        self._row([(h, 1.0), (v, -hi)], 0.0, pulp.LpConstraintLE, name=self._name(h, "on"))  # h <= hi v
         return h
 
     def _relu_all(self, node: fx.Node, value: list[Sym]) -> list[Sym]:
@@ -590,9 +636,9 @@ class Encoder:
         if not active:
             return None
         # h = a >= 0: the phase stays active (feasible at the unpruned network, where a > 0).
-        h = self._new("a", max(lo, 0.0), max(hi, 0.0))
+        h = self._new("a", max(lo, 0.0), max(hi, 0.0), Definition("affine", ((terms, c),)))
         self.stats.continuous += 1
-        self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
+        self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ, name=self._name(h, "eq"))
         return h
 
     def _maxpool(self, node: fx.Node, mod: nn.Module | None, args: Any, kwargs: Any) -> list[Sym]:
@@ -623,19 +669,21 @@ class Encoder:
                     copies.append((o, alive[0]))
                     continue
                 top = max(hi[i] for i in alive)
-                y = self._new("y", floor, top)
                 terms = {i: self._terms(s, flat_coef, i) for i in alive}
+                inputs = tuple((terms[i], float(flat_const[i])) for i in alive)
+                y = self._new("y", floor, top, Definition("max", inputs))
                 ds = []
-                for i in alive:
-                    self._row([(y, 1.0)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]), pulp.LpConstraintGE)
-                    d = self._new("d", 0.0, 1.0, pulp.LpBinary)
+                for k, i in enumerate(alive):
+                    self._row([(y, 1.0)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]), pulp.LpConstraintGE,
+                              name=self._name(y, f"ge{k}"))
+                    d = self._new("d", 0.0, 1.0, Definition("argmax", inputs, ref=y, index=k), pulp.LpBinary)
                     self.stats.maxpool_binaries += 1
                     ds.append(d)
                     big = top - lo[i]
                     # y <= x_i + big (1 - d)
                     self._row([(y, 1.0), (d, big)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]) - big,
-                              pulp.LpConstraintLE)
-                self._row([(d, 1.0) for d in ds], -1.0, pulp.LpConstraintEQ)
+                              pulp.LpConstraintLE, name=self._name(y, f"le{k}"))
+                self._row([(d, 1.0) for d in ds], -1.0, pulp.LpConstraintEQ, name=self._name(y, "one"))
                 new_vars.append(y)
                 rows.append(o)
             # Copies keep the element's own expression.
@@ -654,6 +702,30 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------- helpers
+def _affine_value(expr: Affine, values: np.ndarray) -> float:
+    terms, const = expr
+    return math.fsum([const, *(w * values[i] for i, w in terms)])
+
+
+def _evaluate_definition(d: Definition, values: np.ndarray) -> float:
+    """The value of a variable defined by ``d`` from the (earlier) ``values``."""
+    if d.kind in ("max", "argmax"):
+        candidates = [_affine_value(e, values) for e in d.inputs]
+        if d.kind == "max":
+            return max(candidates)
+        return 1.0 if int(np.argmax(candidates)) == d.index else 0.0
+    a = _affine_value(d.inputs[0], values)
+    if d.kind == "relu":
+        return max(a, 0.0)
+    if d.kind == "phase":
+        return 1.0 if a > 0.0 else 0.0
+    if d.kind == "product":
+        return values[d.ref] * a
+    if d.kind == "affine":
+        return a
+    raise ValueError(f"unknown definition kind {d.kind!r}")
+
+
 def ir_values(args: Any, kwargs: Any) -> list[Any]:
     """Tensor-ish values among (nested) args and kwargs, Sym lists counted as one value."""
     found: list[Any] = []
@@ -799,4 +871,4 @@ def evaluate(enc: Encoder, syms: list[Sym]) -> np.ndarray:
     return np.stack(out)
 
 
-__all__ = ["Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]
+__all__ = ["Definition", "Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]
