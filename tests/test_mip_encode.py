@@ -19,6 +19,7 @@ from oamipc.surgery import apply_plan
 from oamipc.tracing import trace
 
 from .models import ZOO, example_input
+from .oracle import solve_fixed
 
 SUPPORTED = ["mlp", "lenet5", "vgg_bn", "resnet", "inception", "flatten_view", "chunk", "conv1d", "residual_chain"]
 UNSUPPORTED = {"norms": "LayerNorm|GroupNorm", "se": "sigmoid|Sigmoid|mul", "mobilenet": "ReLU6"}
@@ -52,8 +53,7 @@ def _encode_fixed(gm, graph, x, kept: np.ndarray, mode: str = "keep") -> np.ndar
     for u, var in free.items():
         var.lowBound = var.upBound = float(kept[u])
     prob += pulp.LpAffineExpression()
-    prob.solve(pulp.HiGHS(msg=False))
-    assert pulp.LpStatus[prob.status] == "Optimal"
+    solve_fixed(prob, enc, kept)
     return evaluate(enc, logits)
 
 

@@ -416,6 +416,24 @@ def test_to_dict_is_json_without_values() -> None:
     assert set(d) == {f for f in SolveResult.__dataclass_fields__ if f != "values"}
 
 
+def test_row_slacks_name_the_violated_rows_and_the_near_ties() -> None:
+    on = pulp.LpVariable("on", cat=pulp.LpBinary)
+    y = pulp.LpVariable("y", 0, 10)
+    prob = pulp.LpProblem("rows", pulp.LpMinimize)
+    prob += pulp.LpConstraint(y - 5 * on, pulp.LpConstraintLE, rhs=0, name="y_at_most_5_on")
+    prob += pulp.LpConstraint(y, pulp.LpConstraintGE, rhs=4, name="y_at_least_4")
+    prob += y
+    slacks = solver_mod.row_slacks(prob, {"on": 0.0, "y": 4.0})  # y <= 0 fails by 4
+    assert slacks[0].name == "y_at_most_5_on" and slacks[0].slack == pytest.approx(-4.0)
+    assert [r.slack for r in slacks] == sorted(r.slack for r in slacks)
+    text = solver_mod.describe_slacks(slacks)
+    assert text.startswith("1 rows are violated") and "y_at_most_5_on" in text and "violated by 4" in text
+    # Feasible, with y >= 4 holding by 2e-6 only: reported as a near-tie, not as a violation.
+    text = solver_mod.describe_slacks(solver_mod.row_slacks(prob, {"on": 1.0, "y": 4.000002}))
+    assert "no row is violated" in text and "y_at_least_4" in text and "slack 2e-06" in text
+    assert "upper bound of y" not in text  # 10 - 4 is no near-tie
+
+
 def test_highs_threads_fixed_per_process() -> None:
     # HiGHS fails a run ("Not Solved") that asks for a thread count other than the first one of
     # the process.  In a fresh process (oamipc/__init__ is skipped: it imports torch), a second,

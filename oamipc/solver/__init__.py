@@ -33,7 +33,8 @@ with its default seed shift 0.  A time limit makes the stopping point depend on 
 use ``node_limit`` where a reproducible early stop is needed.
 
 Layout: :mod:`~oamipc.solver.core` holds what does not depend on the solver (option checks,
-warm starts, dispatch, :class:`SolveResult`); :mod:`~oamipc.solver.highs`,
+warm starts, dispatch, :class:`SolveResult`); :mod:`~oamipc.solver.check` evaluates a problem's
+rows at a given point (which are violated, which are near-ties) without solving; :mod:`~oamipc.solver.highs`,
 :mod:`~oamipc.solver.cbc` and :mod:`~oamipc.solver.scip` each drive one solver and report an
 :class:`~oamipc.solver.backend.Outcome` (:mod:`~oamipc.solver.backend` is their contract).  This
 package re-exports the public API; import it from here.
@@ -41,6 +42,7 @@ package re-exports the public API; import it from here.
 
 from __future__ import annotations
 
+from oamipc.solver.check import RowSlack, describe_slacks, row_slacks
 from oamipc.solver.core import (
     SOLVERS,
     STATUSES,
@@ -58,11 +60,14 @@ __all__ = [
     "SOLVERS",
     "STATUSES",
     "ProblemSize",
+    "RowSlack",
     "SolveResult",
     "available_solvers",
     "complete_solution",
+    "describe_slacks",
     "problem_size",
     "require_solver",
     "reset_after_fork",
+    "row_slacks",
     "solve",
 ]

@@ -1,6 +1,8 @@
 """The MIP planner's internals (the OAMIP analysis), one concern per module.
 
 * :mod:`.encoder`: the network on fixed calibration samples as MILP rows (PuLP), no dense conv matrix.
+* :mod:`.bounds`: the bounds and big-M constants those rows use (interval, CROWN, sample phases) and
+  the margins that keep them sound under rounding and solver tolerances.
 * :mod:`.rows`: rows shared by every formulation: a group's counts, the exact MACs, plan checks.
 * :mod:`.budget`: the default ``budget`` formulation, layer sub-problems from the output backwards.
 * :mod:`.joint`: the joint trust-region stage over flip variables of every layer.

@@ -40,7 +40,13 @@ Non-linear ops introduce variables (*materialisation*):
 
 Anything else that depends on a variable raises :class:`~oamipc.errors.UnsupportedGraphError`
 naming the node (LayerNorm/GroupNorm, sigmoid gates, softmax, ...); the solver-free criteria still
-work on such models.  Coefficients with ``|w| < 1e-9`` are dropped before any row is built.
+work on such models.
+
+Division of labour.  This module owns the walk over the graph and the rows; the bounds that go
+into the rows (interval and CROWN bounds, sample phases, the margins that keep them sound, the
+threshold below which coefficients are not kept) belong to :mod:`.bounds`.  Every value is built
+by :meth:`Encoder._sym`, which truncates its coefficients (``|w| < 1e-9``) and then bounds it, so a
+row never contains a different expression from the one its bounds were computed for.
 """
 
 from __future__ import annotations
@@ -60,11 +66,10 @@ from oamipc import ir
 from oamipc.errors import UnsupportedGraphError
 from oamipc.units import Layout, UnitGraph
 
-log = logging.getLogger(__name__)
+from .bounds import (BOUNDS, EPS_COEF, Relaxation, box_bounds, crown_bounds, identity_relaxation, may_be_negative,
+                     relu_relaxation, sample_phases, truncate)
 
-EPS_COEF = 1e-9  # coefficients below this are dropped (solvers mislabel optima with them)
-BOUNDS = ("crown", "interval", "sample")
-_BOUND_PAD = 1e-6  # bounds are widened by this (relative + absolute) against rounding
+log = logging.getLogger(__name__)
 
 # Ops that are affine in their tensor arguments (given the constant ones).
 _AFFINE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -93,6 +98,25 @@ class Sym:
     coef: torch.Tensor  # shape (len(vars), *S)
     lo: torch.Tensor
     hi: torch.Tensor
+
+
+Affine = tuple[list[tuple[int, float]], float]  # (terms over variable indices, constant)
+
+
+@dataclass(frozen=True)
+class Definition:
+    """How a materialised variable's value follows from earlier variables, in the network's own
+    arithmetic (see :meth:`Encoder.reference_values`).
+
+    ``kind``: ``relu`` (``max(a, 0)``), ``phase`` (the ReLU's binary: ``1`` when ``a > 0``),
+    ``affine`` (``a``), ``product`` (``x[ref] * a``), ``max`` (the largest of ``inputs``) or
+    ``argmax`` (the binary that selects ``inputs[index]`` of the max variable ``ref``).
+    """
+
+    kind: str
+    inputs: tuple[Affine, ...] = ()
+    ref: int = -1
+    index: int = 0
 
 
 @dataclass
@@ -133,9 +157,8 @@ class Encoder:
             raise ValueError(f"unknown bounds {bounds!r}: use one of {', '.join(BOUNDS)}")
         self.bounds = bounds
         self.means = means or {}  # reading node -> per-position mean: removed units read as it (not 0)
-        # Linear relaxations of ReLU outputs for back-substitution (CROWN): var -> (vars, coef, const of
-        # the pre-activation, upper slope, upper intercept, lower slope).
-        self._relax: dict[int, tuple[list[int], np.ndarray, float, float, float, float]] = {}
+        # Linear relaxations of ReLU outputs for back-substitution (CROWN), by output variable.
+        self._relax: dict[int, Relaxation] = {}
         self._phase: dict[str, torch.Tensor] = {}
         self.record_bounds = False  # tests: keep every ReLU input's bounds in relu_bounds
         self.relu_bounds: dict[str, list[tuple[torch.Tensor, torch.Tensor, np.ndarray]]] = {}
@@ -150,6 +173,7 @@ class Encoder:
         self.variables: list[pulp.LpVariable] = []
         self.var_lo: list[float] = []
         self.var_hi: list[float] = []
+        self.definitions: dict[int, Definition] = {}  # every materialised variable's definition
         self.free_index: dict[int, int] = {}
         for u, var in sorted(free.items()):
             self.free_index[u] = self._add_var(var, 0.0, 1.0)
@@ -165,22 +189,60 @@ class Encoder:
         self.var_hi.append(hi)
         return len(self.variables) - 1
 
-    def _new(self, kind: str, lo: float, hi: float, cat: str = pulp.LpContinuous) -> int:
+    def _new(self, kind: str, lo: float, hi: float, definition: Definition,
+             cat: str = pulp.LpContinuous) -> int:
         self._count += 1
         var = pulp.LpVariable(f"{self.prefix}_{kind}{self._count}", lowBound=lo, upBound=hi, cat=cat)
-        return self._add_var(var, lo, hi)
+        index = self._add_var(var, lo, hi)
+        self.definitions[index] = definition
+        return index
+
+    def _name(self, var: int, role: str) -> str:
+        """A row's name: the variable it defines and its role (``e_h12_off``), for diagnostics."""
+        return f"{self.variables[var].name}_{role}"
+
+    def reference_values(self, kept: np.ndarray) -> np.ndarray:
+        """Every variable's value when the free units are fixed to ``kept`` (per unit, 0/1 or a score).
+
+        Computed from :attr:`definitions` in creation order (each refers to earlier variables
+        only), with exactly rounded sums: the point the rows describe, evaluated the way the network
+        computes it.  Every row holds there by construction when the bounds are sound, so a fixed
+        plan that a solver calls infeasible can be checked row by row at this point.
+        """
+        values = np.full(len(self.variables), np.nan)
+        for u, i in self.free_index.items():
+            values[i] = float(kept[u])
+        for i in range(len(self.variables)):
+            if np.isnan(values[i]):
+                values[i] = _evaluate_definition(self.definitions[i], values)
+        return values
 
     def _row(self, terms: list[tuple[int, float]], const: float, sense: int, rhs_terms: list[tuple[int, float]]
              = (), name: str | None = None) -> None:
-        """Add ``sum terms + const  (sense)  sum rhs_terms`` as one constraint."""
+        """Add ``sum terms + const  (sense)  sum rhs_terms`` as a constraint.
+
+        A merged coefficient below :data:`~.bounds.EPS_COEF` is not handed to the solver; the row is
+        loosened by that term's worst case over its variable's box instead, so that it still holds
+        wherever the exact row does (an equality loosened this way becomes two inequalities).
+        Values reach rows already truncated (:func:`~.bounds.truncate`), so this only happens when
+        terms of the same variable cancel, or a big-M constant is itself below the threshold.
+        """
         merged: dict[int, float] = {}
         for i, c in terms:
             merged[i] = merged.get(i, 0.0) + c
         for i, c in rhs_terms:
             merged[i] = merged.get(i, 0.0) - c
-        expr = pulp.LpAffineExpression([(self.variables[i], c) for i, c in merged.items() if abs(c) >= EPS_COEF],
-                                       constant=const)
-        self.prob += pulp.LpConstraint(expr, sense, rhs=0.0)
+        kept = [(self.variables[i], c) for i, c in merged.items() if abs(c) >= EPS_COEF]
+        slack = math.fsum(abs(c) * max(abs(self.var_lo[i]), abs(self.var_hi[i]))
+                          for i, c in merged.items() if 0.0 < abs(c) < EPS_COEF)
+        if slack > 0.0 and sense == pulp.LpConstraintEQ:
+            self._add_row(kept, const + slack, pulp.LpConstraintGE, name and f"{name}_ge")
+            self._add_row(kept, const - slack, pulp.LpConstraintLE, name and f"{name}_le")
+            return
+        self._add_row(kept, const + slack if sense == pulp.LpConstraintGE else const - slack, sense, name)
+
+    def _add_row(self, kept: list[tuple[pulp.LpVariable, float]], const: float, sense: int, name: str | None) -> None:
+        self.prob += pulp.LpConstraint(pulp.LpAffineExpression(kept, constant=const), sense, rhs=0.0, name=name)
         self.stats.rows += 1
 
     def expression(self, s: Sym, flat_index: int) -> pulp.LpAffineExpression:
@@ -196,20 +258,21 @@ class Encoder:
 
     # ------------------------------------------------------------------ Sym helpers
     def _bounds(self, const: torch.Tensor, vars_: list[int], coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not vars_:
-            return const.clone(), const.clone()
-        lo_v = torch.tensor([self.var_lo[i] for i in vars_], dtype=torch.float64).reshape(-1, *[1] * const.dim())
-        hi_v = torch.tensor([self.var_hi[i] for i in vars_], dtype=torch.float64).reshape(-1, *[1] * const.dim())
-        pos, neg = coef.clamp(min=0), coef.clamp(max=0)
-        lo = const + (pos * lo_v + neg * hi_v).sum(0)
-        hi = const + (pos * hi_v + neg * lo_v).sum(0)
-        pad = _BOUND_PAD * (1.0 + torch.maximum(lo.abs(), hi.abs()))
-        return lo - pad, hi + pad
+        """Interval bounds of a value over its variables' boxes (see :func:`.bounds.box_bounds`)."""
+        lo_v = torch.tensor([self.var_lo[i] for i in vars_], dtype=torch.float64)
+        hi_v = torch.tensor([self.var_hi[i] for i in vars_], dtype=torch.float64)
+        return box_bounds(const, coef, lo_v, hi_v)
 
     def _sym(self, const: torch.Tensor, vars_: list[int], coef: torch.Tensor) -> Sym:
+        """The value ``const + coef . vars`` with its bounds; every value is built here.
+
+        Coefficients below :data:`~.bounds.EPS_COEF` are removed first (:func:`~.bounds.truncate`),
+        so the bounds are those of exactly the expression that rows are later written from.
+        """
         if vars_:
-            # Drop variables that no longer appear (e.g. sliced away by a split).
-            used = coef.reshape(len(vars_), -1).abs().amax(dim=1) >= EPS_COEF
+            coef = truncate(coef)
+            # Drop variables that no longer appear (e.g. sliced away by a split, or truncated).
+            used = coef.reshape(len(vars_), -1).abs().amax(dim=1) > 0.0
             if not bool(used.all()):
                 keep = torch.nonzero(used).flatten().tolist()
                 vars_ = [vars_[i] for i in keep]
@@ -435,13 +498,15 @@ class Encoder:
         flat = s.coef.reshape(len(s.vars), -1).numpy()
         x_terms = self._terms(s, flat, e)
         c = float(s.const.reshape(-1)[e])
-        y = self._new("p", min(lo, 0.0), max(hi, 0.0))
+        y = self._new("p", min(lo, 0.0), max(hi, 0.0), Definition("product", ((x_terms, c),), ref=m))
         self.stats.product_variables += 1
-        self._row([(y, 1.0), (m, -hi)], 0.0, pulp.LpConstraintLE)            # y <= hi m
-        self._row([(y, 1.0), (m, -lo)], 0.0, pulp.LpConstraintGE)            # y >= lo m
+        self._row([(y, 1.0), (m, -hi)], 0.0, pulp.LpConstraintLE, name=self._name(y, "hi"))     # y <= hi m
+        self._row([(y, 1.0), (m, -lo)], 0.0, pulp.LpConstraintGE, name=self._name(y, "lo"))     # y >= lo m
         # y <= x - lo (1 - m)  <=>  y - x - lo m <= c - lo  ;  y >= x - hi (1 - m)
-        self._row([(y, 1.0), (m, -lo)] + [(i, -w) for i, w in x_terms], -c + lo, pulp.LpConstraintLE)
-        self._row([(y, 1.0), (m, -hi)] + [(i, -w) for i, w in x_terms], -c + hi, pulp.LpConstraintGE)
+        self._row([(y, 1.0), (m, -lo)] + [(i, -w) for i, w in x_terms], -c + lo, pulp.LpConstraintLE,
+                  name=self._name(y, "xlo"))
+        self._row([(y, 1.0), (m, -hi)] + [(i, -w) for i, w in x_terms], -c + hi, pulp.LpConstraintGE,
+                  name=self._name(y, "xhi"))
         return y
 
     def _paper_gate(self, s: Sym, const: torch.Tensor, coef: torch.Tensor, vars_: list[int],
@@ -455,7 +520,7 @@ class Encoder:
         lo_all = s.lo.reshape(-1)
         for e in torch.nonzero(mask.reshape(-1)).flatten().tolist():
             x_terms = self._terms(s, flat_coef, e)
-            if float(lo_all[e]) < -1e-4 * (1.0 + abs(float(hi_all[e]))):  # pads of the bounds aside
+            if may_be_negative(float(lo_all[e]), float(hi_all[e])):
                 raise UnsupportedGraphError(
                     f"the paper formulation gates a unit with relu(x - (1 - s) U+), which needs x >= 0 (a value "
                     f"after a ReLU); {ir.where(node)} reads values that can be negative; use --formulation budget")
@@ -497,20 +562,20 @@ class Encoder:
         coefs = np.array([w for _, w in terms])
         if lo >= 0.0:
             self.stats.relu_stable += 1
-            h = self._new("a", lo, hi)
+            h = self._new("a", lo, hi, Definition("affine", ((terms, c),)))
             self.stats.continuous += 1
-            self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
-            self._relax[h] = (vars_, coefs, c, 1.0, 0.0, 1.0)  # h = a exactly
+            self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ, name=self._name(h, "eq"))
+            self._relax[h] = identity_relaxation(vars_, coefs, c)
             return h
-        h = self._new("h", 0.0, hi)
-        slope = hi / (hi - lo)
-        self._relax[h] = (vars_, coefs, c, slope, -slope * lo, 1.0 if hi >= -lo else 0.0)
-        v = self._new("v", 0.0, 1.0, pulp.LpBinary)
+        h = self._new("h", 0.0, hi, Definition("relu", ((terms, c),)))
+        self._relax[h] = relu_relaxation(vars_, coefs, c, lo, hi)
+        v = self._new("v", 0.0, 1.0, Definition("phase", ((terms, c),)), pulp.LpBinary)
         self.stats.relu_binaries += 1
         neg = [(i, -w) for i, w in terms]
-        self._row([(h, 1.0)] + neg, -c, pulp.LpConstraintGE)                   # h >= a
-        self._row([(h, 1.0), (v, -lo)] + neg, -c + lo, pulp.LpConstraintLE)   # h <= a - lo (1 - v)
-        self._row([(h, 1.0), (v, -hi)], 0.0, pulp.LpConstraintLE)             # h <= hi v
+        self._row([(h, 1.0)] + neg, -c, pulp.LpConstraintGE, name=self._name(h, "ge"))        # h >= a
+        self._row([(h, 1.0), (v, -lo)] + neg, -c + lo, pulp.LpConstraintLE,                  # h <= a - lo (1 - v)
+                  name=self._name(h, "off"))
+        self._row([(h, 1.0), (v, -hi)], 0.0, pulp.LpConstraintLE, name=self._name(h, "on"))  # h <= hi v
         return h
 
     def _relu_all(self, node: fx.Node, value: list[Sym]) -> list[Sym]:
@@ -526,7 +591,7 @@ class Encoder:
             lo, hi = s.lo.reshape(-1).clone(), s.hi.reshape(-1).clone()
             ibp_widths += (hi - lo)[torch.from_numpy(dependent)].tolist()
             if self.bounds == "crown" and n_old and any(v in self._relax for v in s.vars):
-                c_lo, c_hi = self._crown(s)
+                c_lo, c_hi = crown_bounds(s.const, s.vars, s.coef, self._relax, self.var_lo, self.var_hi)
                 lo, hi = torch.maximum(lo, c_lo), torch.minimum(hi, c_hi)
             if self.record_bounds:
                 self.relu_bounds.setdefault(node.name, []).append((lo.clone(), hi.clone(), dependent.copy()))
@@ -555,52 +620,10 @@ class Encoder:
             self.stats.interval_width_per_layer[node.name] = float(np.mean(ibp_widths))
         return out
 
-    # ------------------------------------------------------------------ bounds
-    def _crown(self, s: Sym) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bounds of every element of ``s`` by back-substituting the ReLU relaxations (CROWN).
-
-        An expression in ReLU outputs ``h_j`` is bounded above by replacing each ``h_j`` with its
-        upper line ``su a_j + iu`` where its coefficient is positive and its lower line ``sl a_j``
-        where negative (the reverse for the lower bound), ``a_j`` being the pre-activation as an
-        expression of earlier variables; repeated until only variables without a relaxation (keep
-        variables, products, max-pool outputs) remain, which take their box bounds.  Sound for
-        every value of the keep variables in [0, 1], and never looser than interval arithmetic on
-        the first layer after the free units, usually much tighter after it.
-        """
-        n_e = s.const.numel()
-        result = []
-        for sign in (1.0, -1.0):  # upper bound of s, then upper bound of -s (= -lower)
-            rows: dict[int, np.ndarray] = {}
-            for i, v in enumerate(s.vars):
-                rows[v] = rows.get(v, 0.0) + sign * s.coef[i].reshape(-1).numpy()
-            const = sign * s.const.reshape(-1).numpy().copy()
-            while True:
-                relaxed = [v for v in rows if v in self._relax]
-                if not relaxed:
-                    break
-                j = max(relaxed)  # relaxations only refer to earlier variables
-                c = rows.pop(j)
-                vars_, coefs, c0, su, iu, sl = self._relax[j]
-                slope = np.where(c > 0, su, sl)
-                const += c * (slope * c0 + np.where(c > 0, iu, 0.0))
-                scaled = c * slope
-                for v, w in zip(vars_, coefs.tolist()):
-                    rows[v] = rows.get(v, np.zeros(n_e)) + w * scaled
-            for v, r in rows.items():
-                const += np.where(r > 0, r * self.var_hi[v], r * self.var_lo[v])
-            result.append(torch.from_numpy(const))
-        hi = result[0].reshape(s.const.shape).reshape(-1)
-        lo = -result[1].reshape(-1)
-        pad = _BOUND_PAD * (1.0 + torch.maximum(lo.abs(), hi.abs()))
-        return lo - pad, hi + pad
-
     def _sample_phases(self, node: fx.Node) -> torch.Tensor:
         """Pre-activation of ``node`` (a ReLU) in the unpruned network on every sample."""
         if not self._phase:
-            recorder = _Recorder(self.gm)
-            with torch.no_grad():
-                recorder.run(self.x.to(next(self.gm.parameters()).dtype))
-            self._phase = recorder.inputs
+            self._phase = sample_phases(self.gm, self.x)
         return self._phase[node.name].double()
 
     def _fixed_phase(self, terms: list[tuple[int, float]], c: float, active: bool, lo: float,
@@ -613,9 +636,9 @@ class Encoder:
         if not active:
             return None
         # h = a >= 0: the phase stays active (feasible at the unpruned network, where a > 0).
-        h = self._new("a", max(lo, 0.0), max(hi, 0.0))
+        h = self._new("a", max(lo, 0.0), max(hi, 0.0), Definition("affine", ((terms, c),)))
         self.stats.continuous += 1
-        self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ)
+        self._row([(h, 1.0)] + [(i, -w) for i, w in terms], -c, pulp.LpConstraintEQ, name=self._name(h, "eq"))
         return h
 
     def _maxpool(self, node: fx.Node, mod: nn.Module | None, args: Any, kwargs: Any) -> list[Sym]:
@@ -646,19 +669,21 @@ class Encoder:
                     copies.append((o, alive[0]))
                     continue
                 top = max(hi[i] for i in alive)
-                y = self._new("y", floor, top)
                 terms = {i: self._terms(s, flat_coef, i) for i in alive}
+                inputs = tuple((terms[i], float(flat_const[i])) for i in alive)
+                y = self._new("y", floor, top, Definition("max", inputs))
                 ds = []
-                for i in alive:
-                    self._row([(y, 1.0)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]), pulp.LpConstraintGE)
-                    d = self._new("d", 0.0, 1.0, pulp.LpBinary)
+                for k, i in enumerate(alive):
+                    self._row([(y, 1.0)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]), pulp.LpConstraintGE,
+                              name=self._name(y, f"ge{k}"))
+                    d = self._new("d", 0.0, 1.0, Definition("argmax", inputs, ref=y, index=k), pulp.LpBinary)
                     self.stats.maxpool_binaries += 1
                     ds.append(d)
                     big = top - lo[i]
                     # y <= x_i + big (1 - d)
                     self._row([(y, 1.0), (d, big)] + [(j, -w) for j, w in terms[i]], -float(flat_const[i]) - big,
-                              pulp.LpConstraintLE)
-                self._row([(d, 1.0) for d in ds], -1.0, pulp.LpConstraintEQ)
+                              pulp.LpConstraintLE, name=self._name(y, f"le{k}"))
+                self._row([(d, 1.0) for d in ds], -1.0, pulp.LpConstraintEQ, name=self._name(y, "one"))
                 new_vars.append(y)
                 rows.append(o)
             # Copies keep the element's own expression.
@@ -677,20 +702,28 @@ class Encoder:
 
 
 # ---------------------------------------------------------------------- helpers
-class _Recorder(fx.Interpreter):
-    """Runs the unpruned network and keeps the input of every ReLU node (for sample phases)."""
+def _affine_value(expr: Affine, values: np.ndarray) -> float:
+    terms, const = expr
+    return math.fsum([const, *(w * values[i] for i, w in terms)])
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.inputs: dict[str, torch.Tensor] = {}
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if n.all_input_nodes:
-            first = self.env.get(n.all_input_nodes[0])
-            if isinstance(first, torch.Tensor):
-                self.inputs[n.name] = first.detach()
-        return out
+def _evaluate_definition(d: Definition, values: np.ndarray) -> float:
+    """The value of a variable defined by ``d`` from the (earlier) ``values``."""
+    if d.kind in ("max", "argmax"):
+        candidates = [_affine_value(e, values) for e in d.inputs]
+        if d.kind == "max":
+            return max(candidates)
+        return 1.0 if int(np.argmax(candidates)) == d.index else 0.0
+    a = _affine_value(d.inputs[0], values)
+    if d.kind == "relu":
+        return max(a, 0.0)
+    if d.kind == "phase":
+        return 1.0 if a > 0.0 else 0.0
+    if d.kind == "product":
+        return values[d.ref] * a
+    if d.kind == "affine":
+        return a
+    raise ValueError(f"unknown definition kind {d.kind!r}")
 
 
 def ir_values(args: Any, kwargs: Any) -> list[Any]:
@@ -838,4 +871,4 @@ def evaluate(enc: Encoder, syms: list[Sym]) -> np.ndarray:
     return np.stack(out)
 
 
-__all__ = ["EPS_COEF", "Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]
+__all__ = ["Definition", "Encoder", "EncodingStats", "Sym", "evaluate", "margin_hinge"]

@@ -16,7 +16,7 @@ from typing import Any
 from oamipc.errors import UsageError
 from oamipc.solver import require_solver
 
-from .encoder import BOUNDS
+from .bounds import BOUNDS
 
 DEFAULT_SAMPLES = 64  # MILP samples of the budget formulation when --mip-samples is not given
 
