@@ -66,8 +66,18 @@ from oamipc import ir
 from oamipc.errors import UnsupportedGraphError
 from oamipc.units import Layout, UnitGraph
 
-from .bounds import (BOUNDS, EPS_COEF, Relaxation, box_bounds, crown_bounds, identity_relaxation, may_be_negative,
-                     relu_relaxation, sample_phases, truncate)
+from .bounds import (
+    BOUNDS,
+    EPS_COEF,
+    Relaxation,
+    box_bounds,
+    crown_bounds,
+    identity_relaxation,
+    may_be_negative,
+    relu_relaxation,
+    sample_phases,
+    truncate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +341,10 @@ class Encoder:
             return [self._sym(s.const.reshape(shape[1:]), s.vars, s.coef.reshape(len(s.vars), *shape[1:]))
                     for s in args[0]]
         if mod is None and name in _NON_TENSOR:
-            stand_in = _map_values(args, lambda v: torch.zeros(self.n, *v[0].const.shape) if not self._is_const(v) else v)
+            def stand_in_for(v: Any) -> Any:
+                return torch.zeros(self.n, *v[0].const.shape) if not self._is_const(v) else v
+
+            stand_in = _map_values(args, stand_in_for)
             return self._call(node, None, stand_in, kwargs)
         affine = isinstance(mod, _AFFINE_MODULES) or (mod is None and name in _AFFINE_OPS)
         if mod is None and name in _MULTIPLICATIVE:
@@ -373,7 +386,8 @@ class Encoder:
             pos = {v: i for i, v in enumerate(union)}
             n_v = len(union)
 
-            def part(value: Any, which: str) -> Any:
+            # Bound to this sample's k, pos and n_v (called only within this iteration).
+            def part(value: Any, which: str, k: int = k, pos: dict[int, int] = pos, n_v: int = n_v) -> Any:
                 if isinstance(value, list) and value and isinstance(value[0], Sym):
                     s = value[k]
                     if which == "const":
@@ -393,7 +407,8 @@ class Encoder:
             if n_v:
                 coef_args, coef_kwargs = _map_values((args, kwargs), lambda v: part(v, "coef"))
                 zero_args, zero_kwargs = _map_values((args, kwargs), lambda v: part(v, "zero"))
-                coef = _sub(self._call(node, mod, coef_args, coef_kwargs), self._call(node, mod, zero_args, zero_kwargs))
+                coef = _sub(self._call(node, mod, coef_args, coef_kwargs),
+                            self._call(node, mod, zero_args, zero_kwargs))
             else:
                 coef = _sub(const, const)  # shape holder
                 coef = _map_tensors(coef, lambda t: t[:0])
@@ -825,7 +840,9 @@ def _pool_windows(node: fx.Node, mod: nn.Module | None, args: Any, kwargs: Any, 
         dil = ir.arg_or_kwarg(node, 4, "dilation", 1)
         ceil = ir.arg_or_kwarg(node, 5, "ceil_mode", False)
     spatial = len(shape_in) - 1
-    tup = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * spatial)
+    def tup(v: Any) -> tuple[Any, ...]:
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * spatial
+
     k, st, pad, dil = tup(k), tup(st), tup(pad), tup(dil)
     idx = torch.arange(n_in, dtype=torch.float64).reshape(1, *shape_in) + 1.0  # 0 marks padding
     if spatial == 1:
