@@ -125,16 +125,25 @@ def box_bounds(const: torch.Tensor, coef: torch.Tensor, var_lo: torch.Tensor,
     Exact over the box before the margin (each variable takes the end of its interval that pushes
     the expression the right way), which is exact for expressions in the keep variables alone.
     ``coef`` has shape ``(n_vars, *const.shape)``; ``var_lo``/``var_hi`` shape ``(n_vars,)``.
+
+    A lower bound whose terms are all non-negative (ReLU outputs, their maxima and averages, kept
+    or not) is widened as usual but never below 0: such a sum is non-negative in exact arithmetic
+    and in any rounding, so zero is a sound bound, and the artificial ``-1e-5`` bounds and
+    right-hand sides the margin would otherwise put around exact zeros never reach the solver
+    (likewise, an upper bound of a sum of non-positive terms never rises above 0).
     """
     if coef.shape[0] == 0:
         return const.clone(), const.clone()
     shape = (-1, *[1] * const.dim())
     lo_v, hi_v = var_lo.reshape(shape), var_hi.reshape(shape)
     pos, neg = coef.clamp(min=0), coef.clamp(max=0)
-    lo = const + (pos * lo_v + neg * hi_v).sum(0)
-    hi = const + (pos * hi_v + neg * lo_v).sum(0)
+    lo_terms, hi_terms = pos * lo_v + neg * hi_v, pos * hi_v + neg * lo_v
+    lo, hi = const + lo_terms.sum(0), const + hi_terms.sum(0)
     scale = const.abs() + (coef.abs() * torch.maximum(lo_v.abs(), hi_v.abs())).sum(0)
-    return widen(lo, hi, scale, coef.shape[0] + 2)
+    wide_lo, wide_hi = widen(lo, hi, scale, coef.shape[0] + 2)
+    nonneg = (const >= 0) & (lo_terms >= 0).all(0)
+    nonpos = (const <= 0) & (hi_terms <= 0).all(0)
+    return torch.where(nonneg, wide_lo.clamp(min=0.0), wide_lo), torch.where(nonpos, wide_hi.clamp(max=0.0), wide_hi)
 
 
 @dataclass(frozen=True)
