@@ -45,14 +45,13 @@ computed, so the bounds describe the expression the rows contain."""
 
 MARGIN_ABS = 1e-5
 """Absolute part of :func:`margin`.  HiGHS accepts a MIP point that violates a row or bound by up
-to ``mip_feasibility_tolerance`` (1e-6; 1e-7 for LPs), and it propagates bounds, fixes binaries and
-rounds within that tolerance.  A true value that sits within the tolerance of a big-M constant
-leaves a ReLU's phase undecided to the solver, and chains of such near-ties let it prove a feasible
-problem infeasible (measured on the zoo VGG's fixed paper problem with a margin of 1e-6: HiGHS
-seed 1 of 0-7 called it infeasible here, and, per the bug report, the default seed did on an
-AVX-512 Xeon, whose float64 reductions round differently).  Ten times the MIP tolerance puts
-every true value clearly inside its bounds.  It is also larger than one float64 rounding of a
-bound used in a row constant (``-c + lo``) for values below 1e10."""
+to ``mip_feasibility_tolerance`` (1e-6; 1e-7 for LPs), so it carries every value only to within
+that tolerance, while it uses bounds as exact facts when it propagates, fixes binaries and
+presolves.  A bound is only safe when no reachable value comes within the tolerance of it; ten
+tolerances keep every true value clearly inside.  The old pad (1e-6 absolute + 1e-6 relative)
+left hundreds of true values of the zoo VGG exactly one tolerance away: fixed plans are corners
+of the keep box, where interval bounds are attained.  It is also larger than one float64
+rounding of a bound used in a row constant (``-c + lo``) for values below 1e10."""
 
 MARGIN_REL = 1e-5
 """Relative part of :func:`margin`, times the bound's magnitude.  HiGHS applies its absolute
