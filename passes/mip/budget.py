@@ -348,7 +348,7 @@ class BudgetSolver:
         record.build_seconds = time.perf_counter() - t0
         record.encoding = _encoding_summary(enc.stats)
         try:
-            warm = self._warm_values(prob, m, current)
+            warm = self._warm_values(prob, enc, current)
         except SolverError as exc:
             self._solver_failed(record, group, exc)
             return None
@@ -396,10 +396,11 @@ class BudgetSolver:
         if self.opts.spend_budget:
             prob += macs >= self.graph.macs(current)
 
-    def _warm_values(self, prob: pulp.LpProblem, m: dict[int, pulp.LpVariable],
+    def _warm_values(self, prob: pulp.LpProblem, enc: Encoder,
                      current: np.ndarray) -> tuple[dict[pulp.LpVariable, float], float] | None:
-        """The complete solution of the current plan (every ``m`` fixed to it)."""
-        return complete_solution(prob, {v: float(current[u]) for u, v in m.items()}, solver=self.opts.solver,
+        """The complete solution of the current plan: every ``m`` fixed to it and every binary of
+        the encoding to its phase there (:meth:`Encoder.reference_phases`), so the rest is an LP."""
+        return complete_solution(prob, enc.reference_phases(current), solver=self.opts.solver,
                                  time_limit=self.opts.time_limit, threads=self.opts.threads)
 
 

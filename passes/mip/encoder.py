@@ -227,6 +227,25 @@ class Encoder:
                 values[i] = _evaluate_definition(self.definitions[i], values)
         return values
 
+    def reference_start(self, kept: np.ndarray) -> dict[pulp.LpVariable, float]:
+        """:meth:`reference_values` by variable: a MIP start that satisfies every row exactly."""
+        return dict(zip(self.variables, self.reference_values(kept).tolist()))
+
+    def reference_phases(self, kept: np.ndarray) -> dict[pulp.LpVariable, float]:
+        """The free variables and every binary of the encoding (ReLU phases, max-pool choices) at
+        :meth:`reference_values`: fixing these leaves an LP whose solution is the plan's point.
+
+        The way to complete a plan into a MIP start.  Solving the MILP with only the free variables
+        fixed asks the solver to rediscover every phase, and HiGHS's root conflict analysis and
+        restart presolve call some of these fully determined problems infeasible (measured: 2 of 48
+        seeds on the zoo VGG's paper problem, no row within 1e-5 of violation at this point); the
+        LP has never failed there.
+        """
+        values = self.reference_values(kept)
+        free = set(self.free_index.values())
+        return {var: float(values[i]) for i, var in enumerate(self.variables)
+                if i in free or var.cat == pulp.LpInteger}
+
     def _row(self, terms: list[tuple[int, float]], const: float, sense: int, rhs_terms: list[tuple[int, float]]
              = (), name: str | None = None) -> None:
         """Add ``sum terms + const  (sense)  sum rhs_terms`` as a constraint.

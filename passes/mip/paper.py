@@ -111,8 +111,9 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
     rec.encoding = enc.stats.to_dict()
     rec.build_seconds = time.perf_counter() - t0
     try:
-        warm = complete_solution(prob, {v: 1.0 for v in s.values()}, solver=solver, time_limit=time_limit,
-                                 threads=threads)
+        # s = 1 is the unpruned network; its ReLU phases are fixed too, so the completion is an LP.
+        warm = complete_solution(prob, enc.reference_phases(np.ones(graph.n_units)), solver=solver,
+                                 time_limit=time_limit, threads=threads)
         result = solve(prob, solver=solver, time_limit=time_limit, gap=gap, threads=threads,
                        warm_start=warm[0] if warm else None)
     except SolverError as exc:  # like no incumbent: this class teaches nothing, the others still count
