@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 import oamipc
+from oamipc.hardware import cpu_model  # plans can differ in the last bits of float kernels between CPUs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = {"digits": "digits", "fashion": "fashion-mnist"}
@@ -96,17 +97,6 @@ def run(models: list[str], budgets: list[float], criteria: list[str], mip_option
     return rows
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (plans can differ in the last bits of float kernels between CPUs)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _versions() -> dict[str, str]:
     """Versions of the libraries a plan depends on."""
     from importlib.metadata import PackageNotFoundError, version
@@ -155,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"setting": {"models": models, "budgets": budgets, "criteria": criteria, "mip_options": opts,
                           "seed": args.seed, "torch": torch.__version__, "python": platform.python_version(),
                           "machine": platform.machine(), "threads": torch.get_num_threads(),
-                          "cpu": _cpu_model(), "versions": _versions()},
+                          "cpu": cpu_model(), "versions": _versions()},
               "rows": rows}
     print(table(rows, criteria))
     out = args.out or ROOT / "benchmarks" / "results" / f"mip_quality_{'_'.join(models)}.json"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from oamipc.errors import DataError, UsageError
+from oamipc.hardware import cpu_model
 from oamipc.runtime import CUDA, Device, import_onnxruntime, make_session
 
 __all__ = ["BatchResult", "BenchResult", "LatencyStats", "ModelInfo", "benchmark", "cpu_model"]
@@ -301,14 +301,3 @@ def _given_sample_shape(name: str, sample_shapes: SampleShapes | None, n_inputs:
         raise UsageError("the model has several inputs: give sample_shapes as a mapping from input name to shape")
     return sample_shapes
 
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name") and ":" in line:
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"

@@ -39,7 +39,13 @@ from matplotlib.ticker import MaxNLocator
 from oamipc import summary
 from oamipc.atomic import atomic_output
 from oamipc.errors import DataError
-from oamipc.summary import Column, SummaryTable
+from oamipc.summary import (  # the summary rows' tolerant readers of report fields
+    Column,
+    SummaryTable,
+    _dict,
+    _list,
+    _num,
+)
 
 __all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "sweep_svg", "write_html"]
 
@@ -110,22 +116,6 @@ class _Drawn:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def _num(value: Any) -> float | None:
-    """``value`` as a finite float, or None (missing, non-numeric, NaN, inf)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    f = float(value)
-    return f if math.isfinite(f) else None
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
 
 
 def _esc(value: Any) -> str:

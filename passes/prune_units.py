@@ -1,16 +1,8 @@
-"""Prune transform: physically remove the units a plan drops (the surgery is :mod:`oamipc.surgery`).
+"""Prune transform: physically remove the units a plan drops.
 
-Rules of the surgery:
-1. Every Linear/Conv/BatchNorm/LayerNorm/GroupNorm module whose input or output channels lose
-   units is replaced by a new, smaller module holding the copied slices of its weights, bias and
-   running statistics (never a mask: the result is a plain dense GraphModule).
-2. A unit is removed from every place it appears at once: the producer's output rows, the
-   normalisation entries, and the input slice of every consumer (a flattened channel takes its
-   whole ``H*W`` block of features with it).
-3. Sizes baked into the graph are rewritten: constant sizes of ``view``/``reshape`` on the channel
-   dim, and ``split``/``chunk`` along it (replaced by ``split`` with the new sizes).
-4. Depthwise convs shrink with their input (``groups`` follows); grouped convs keep their groups.
-
+The rules of the removal (smaller dense modules, every place a unit appears, rewritten sizes,
+depthwise and grouped convolutions, bias shifts folded first) are those of the surgery,
+:mod:`oamipc.surgery`; this pass only decides which plan to apply and reports what it did.
 The plan comes from a planner (:mod:`.planner_base`) or is given explicitly (``plan=``, e.g.
 replayed from a JSON file).
 """
