@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -311,5 +311,3 @@ def measure_network(onnx_path: str | Path, sample_shape: tuple[int, ...], setup:
         cache.put(key, value)
     return value, provider
 
-
-ProgressFn = Callable[[str, int, int], None]
