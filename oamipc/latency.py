@@ -130,6 +130,7 @@ def layer_onnx(sig: LayerSignature, c_in: int, c_out: int) -> bytes:
     """A one-node ONNX model of the layer at these widths, with a dynamic batch dimension."""
     rng = np.random.default_rng(0)
     spatial = list(sig.spatial)
+    x_shape: list[str | int]
     if sig.kind == "linear":
         x_shape = ["batch", *spatial, c_in]
         w = rng.standard_normal((c_in, c_out)).astype(np.float32)

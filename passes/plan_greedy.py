@@ -143,7 +143,7 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
         for ch in choosers:
             lower = ch.next_lower(current[ch.group.id])
             removed = step(ch, lower)
-            if not removed:
+            if lower is None or not removed:
                 continue
             trial = kept.copy()
             trial[removed] = False
@@ -152,7 +152,7 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
             lost = float(np.sum(scores[removed])) / norm[ch.group.id]
             cost = (False, lost / saved) if saved > 1e-12 else (True, lost)
             if best is None or cost < best[0]:
-                best = (cost, ch.group.id, lower, removed, after)  # type: ignore[arg-type]
+                best = (cost, ch.group.id, lower, removed, after)
         if best is None:
             raise PlanError(f"the latency budget {target.latency_budget:g} is unreachable: the smallest widths "
                             f"allowed are predicted at {now / model.dense_ms:.3f} of the dense latency; raise the "
@@ -165,7 +165,7 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
         for ch in choosers:
             higher = ch.next_higher(current[ch.group.id])
             added = step(ch, higher)
-            if not added:
+            if higher is None or not added:
                 continue
             trial = kept.copy()
             trial[added] = True
@@ -174,7 +174,7 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
                 continue
             gain = float(np.sum(scores[added])) / norm[ch.group.id] / max(after - now, 1e-12)
             if best_add is None or gain > best_add[0]:
-                best_add = (gain, ch.group.id, higher, added, after)  # type: ignore[arg-type]
+                best_add = (gain, ch.group.id, higher, added, after)
         if best_add is None:
             return kept
         _, gid, higher, added, now = best_add

@@ -35,8 +35,8 @@ class PruneOutcome:
     planned: Planned | None
     units_removed: int
     units_total: int
-    predicted_macs_before: int
-    predicted_macs_after: int
+    predicted_macs_before: float  # the unit graph's cost model (exact counts, held as floats)
+    predicted_macs_after: float
     rewritten: list[str]
 
     def to_dict(self) -> dict[str, Any]:
