@@ -546,8 +546,8 @@ def profile_file(source: ModelSource, target: Target, *, batch: int = 64, thread
     loaded = load_job(source)
     gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
     am = AnalysisManager(CompileContext(loaded.example_inputs, progress=progress))
-    rounding = Target(round_to=target.round_to, channel_block=target.channel_block)
-    model = am.get(passes.LatencyModelAnalysis(batch=batch, threads=threads, target=rounding,
+    model = am.get(passes.LatencyModelAnalysis(batch=batch, threads=threads, round_to=target.round_to,
+                                               channel_block=target.channel_block,
                                                leaf_modules=source.leaf_modules), gm)
     data = {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), **model.to_dict()}
     if plot:

@@ -10,7 +10,7 @@ the cache key of the analysis; the measurements themselves are cached on disk.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,7 +72,8 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
     batch: int = 64
     threads: int = 1
     device: str = "cpu"
-    target: Target = field(default_factory=Target)  # its rounding picks the widths worth measuring
+    round_to: int | str = 1  # the plans' rounding picks the widths worth measuring (see Target)
+    channel_block: int | None = None
     leaf_modules: tuple[str, ...] = ()
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> LatencyModel:
@@ -80,7 +81,7 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
 
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
         setup = MeasureSetup(self.batch, self.threads, self.device)  # type: ignore[arg-type]
-        steps = granularity(self.target, graph)
+        steps = granularity(Target(round_to=self.round_to, channel_block=self.channel_block), graph)
         pinned = graph.pinned_mask()
         inputs = am.context.example_inputs
         counts = {"measured": 0, "cached": 0}

@@ -60,8 +60,8 @@ class PlannerAnalysis(Analysis[Planned]):
             return None
         from .latency_model import LatencyModelAnalysis
 
-        rounding = Target(round_to=self.target.round_to, channel_block=self.target.channel_block)
-        return am.get(LatencyModelAnalysis(batch=self.target.latency_batch, target=rounding,
+        return am.get(LatencyModelAnalysis(batch=self.target.latency_batch, round_to=self.target.round_to,
+                                           channel_block=self.target.channel_block,
                                            leaf_modules=self.leaf_modules), gm)
 
     def predicted_latency(self, graph: UnitGraph, kept: np.ndarray, model: LatencyModel | None
