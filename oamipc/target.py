@@ -14,7 +14,7 @@ each layer re-checks.
   multiples of it where the layer allows, or ``"auto"``: per group, the channel block of the
   execution provider's fast convolution kernels (``channel_block``; by default probed from this
   machine's CPU, :func:`oamipc.hardware.cpu_channel_block`), applied only to groups produced by
-  convolutions whose original width is itself a multiple of the block (:func:`granularity`).
+  convolutions whose original width is a multiple of the block and more than one block (:func:`granularity`).
 
 A :class:`TargetError` names the offending field by its Python name; front ends re-spell it in
 their own vocabulary (``--flops-budget`` on the CLI, ``flops-budget`` in a pipeline string) with
