@@ -20,28 +20,25 @@ from typing import Any
 
 
 @lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is not readable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-@lru_cache(maxsize=1)
-def cpu_model() -> str:
-    """The CPU's model name (measurements are valid for one CPU model)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``keys`` (None: none, or unreadable)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys) and ":" in line:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is not readable)."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (measurements are valid for one CPU model)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def cpu_channel_block(flags: frozenset[str] | None = None) -> int:

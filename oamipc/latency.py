@@ -81,12 +81,16 @@ def _device_name(provider: str) -> str:
         return provider
 
 
-def cache_key(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup, provider: str) -> str:
-    """The cache key of one measurement: every input that changes the number."""
-    ort = import_onnxruntime()
-    parts = {"sig": asdict(sig), "c_in": c_in, "c_out": c_out, "batch": setup.batch, "threads": setup.threads,
-             "provider": provider, "device": _device_name(provider), "onnxruntime": ort.__version__}
+def _key(what: Mapping[str, Any], setup: MeasureSetup, provider: str) -> str:
+    """A cache key: what was measured plus everything about where (batch, threads, provider, device, onnxruntime)."""
+    parts = {**what, "batch": setup.batch, "threads": setup.threads, "provider": provider,
+             "device": _device_name(provider), "onnxruntime": import_onnxruntime().__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_key(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup, provider: str) -> str:
+    """The cache key of one layer measurement: every input that changes the number."""
+    return _key({"sig": asdict(sig), "c_in": c_in, "c_out": c_out}, setup, provider)
 
 
 def cache_path() -> Path:
@@ -178,13 +182,12 @@ def time_session(session: Any, feeds: dict[str, np.ndarray]) -> float:
     return float(np.median(times))
 
 
-def _measure(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup) -> tuple[float, str]:
-    session, provider = make_session(layer_onnx(sig, c_in, c_out), device=setup.device,
-                                     intra_op_threads=setup.threads)
+def _measure(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup) -> float:
+    session, _ = make_session(layer_onnx(sig, c_in, c_out), device=setup.device, intra_op_threads=setup.threads)
     shape = session.get_inputs()[0].shape
     dims = [setup.batch] + [int(d) for d in shape[1:]]
     x = np.random.default_rng(1).standard_normal(dims).astype(np.float32)
-    return time_session(session, {"x": x}), provider
+    return time_session(session, {"x": x})
 
 
 @dataclass
@@ -263,20 +266,19 @@ def cache_session() -> Iterator[_Cache]:
 
 
 def measure_curve(name: str, sig: LayerSignature, full_in: int, full_out: int, out_widths: list[int],
-                  in_widths: list[int], setup: MeasureSetup, cache: _Cache,
-                  counts: dict[str, int]) -> tuple[LayerCurve, str]:
-    """Measure (or read from ``cache``) one layer's two curves."""
-    provider = CPU if setup.device == "cpu" else ""
+                  in_widths: list[int], setup: MeasureSetup, provider: str, cache: _Cache,
+                  counts: dict[str, int]) -> LayerCurve:
+    """Measure (or read from ``cache``) one layer's two curves on ``provider`` (the one that ran the
+    dense network)."""
 
     def one(c_in: int, c_out: int) -> float:
-        nonlocal provider
-        key = cache_key(sig, c_in, c_out, setup, provider or CPU) if provider else None
-        hit = cache.get(key) if key else None
+        key = cache_key(sig, c_in, c_out, setup, provider)
+        hit = cache.get(key)
         if hit is not None:
             counts["cached"] += 1
             return hit
-        value, provider = _measure(sig, c_in, c_out, setup)
-        cache.put(cache_key(sig, c_in, c_out, setup, provider), value)
+        value = _measure(sig, c_in, c_out, setup)
+        cache.put(key, value)
         counts["measured"] += 1
         return value
 
@@ -286,7 +288,7 @@ def measure_curve(name: str, sig: LayerSignature, full_in: int, full_out: int, o
     if sig.kind != "depthwise":
         curve.in_widths = in_widths
         curve.in_ms = [one(w, full_out) for w in in_widths]
-    return curve, provider or CPU
+    return curve
 
 
 def measure_network(onnx_path: str | Path, sample_shape: tuple[int, ...], setup: MeasureSetup,
@@ -298,10 +300,7 @@ def measure_network(onnx_path: str | Path, sample_shape: tuple[int, ...], setup:
     data = Path(onnx_path).read_bytes()
     key = None
     if cache is not None and setup.device == "cpu":
-        ort = import_onnxruntime()
-        parts = {"network": hashlib.sha256(data).hexdigest(), "shape": list(sample_shape), "batch": setup.batch,
-                 "threads": setup.threads, "device": _device_name(CPU), "onnxruntime": ort.__version__}
-        key = "net-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        key = "net-" + _key({"network": hashlib.sha256(data).hexdigest(), "shape": list(sample_shape)}, setup, CPU)
         hit = cache.get(key)
         if hit is not None:
             return hit, CPU

@@ -103,8 +103,8 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
                 # Only the widths a plan can give this layer are measured (its full widths always).
                 outs = candidate_widths(full_out, step_out, lowest=step_out) if out_free else [full_out]
                 ins = candidate_widths(full_in, step_in, lowest=step_in) if in_free and sig.kind != "depthwise" else []
-                curve, provider = measure_curve(layer.target, sig, full_in, full_out, outs, ins, setup, cache, counts)
-                curves.append(curve)
+                curves.append(measure_curve(layer.target, sig, full_in, full_out, outs, ins, setup, provider, cache,
+                                            counts))
                 am.context.tick("latency model", i + 1, len(graph.layers))
         return LatencyModel(setup, provider, dense_ms, curves, counts["measured"], counts["cached"])
 
