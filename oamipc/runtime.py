@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 from oamipc.errors import ExportError, LoadError, UsageError, first_line
 
-__all__ = ["CPU", "CUDA", "Device", "available_providers", "first_line", "import_onnxruntime", "make_session"]
-# first_line lives in oamipc.errors; it is re-exported here for the callers that import it from here.
+__all__ = ["CPU", "CUDA", "Device", "available_providers", "import_onnxruntime", "make_session"]
 
 log = logging.getLogger(__name__)
 

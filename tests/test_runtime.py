@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from oamipc import runtime
-from oamipc.errors import ExportError, LoadError, UsageError
-from oamipc.runtime import CPU, CUDA, available_providers, first_line, import_onnxruntime, make_session
+from oamipc.errors import ExportError, LoadError, UsageError, first_line
+from oamipc.runtime import CPU, CUDA, available_providers, import_onnxruntime, make_session
 
 
 def _relu_model() -> bytes:
