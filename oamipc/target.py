@@ -14,7 +14,7 @@ each layer re-checks.
   multiples of it where the layer allows, or ``"auto"``: per group, the channel block of the
   execution provider's fast convolution kernels (``channel_block``; by default probed from this
   machine's CPU, :func:`oamipc.hardware.cpu_channel_block`), applied only to groups produced by
-  convolutions whose original width is a multiple of the block and more than one block (:func:`granularity`).
+  convolutions whose original width is itself a multiple of the block (:func:`granularity`).
 
 A :class:`TargetError` names the offending field by its Python name; front ends re-spell it in
 their own vocabulary (``--flops-budget`` on the CLI, ``flops-budget`` in a pipeline string) with
@@ -120,11 +120,9 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     """Per group id, the multiple its kept width must be (a group may always keep all its units).
 
     An integer ``round_to`` applies to every group.  ``"auto"`` gives the channel block to groups
-    written by a convolution whose original width is a multiple of it and more than one block,
-    and 1 to the rest: Linear layers run on GEMM kernels without a channel block, rounding a
-    width that was never aligned would buy no speed and cost units, and a group of a single block
-    could only stay whole, which puts some budgets out of reach (a 16/32/64-channel ResNet at half
-    its MACs, measured in benchmarks/RESULTS.md).
+    written by a convolution whose original width is a multiple of it, and 1 to the rest: Linear
+    layers run on GEMM kernels without a channel block, and rounding a width that was never
+    aligned would buy no speed and cost units.
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
@@ -135,5 +133,4 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     for layer in graph.layers:
         if layer.kind in CONV_KINDS:
             conv_units.update(int(u) for u in layer.out_units.tolist() if u >= 0)
-    return {g.id: block if g.size % block == 0 and g.size > block and conv_units.intersection(g.units) else 1
-            for g in graph.groups}
+    return {g.id: block if g.size % block == 0 and conv_units.intersection(g.units) else 1 for g in graph.groups}
