@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    load -> trace (shapes) -> unit groups -> importance -> plan -> prune -> export -> verify -> bench
+    load -> trace (shapes) -> unit groups -> importance -> plan -> prune -> reconstruct -> export -> verify -> bench
 
 :func:`compile` is the Python API (module in, pruned GraphModule and report out).
 :func:`compile_file` is what ``oamipc compile`` runs: it adds loading, ONNX export of the
@@ -43,6 +43,8 @@ from oamipc.tracing import propagate_shapes, trace
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_SAMPLES = 512
+#: Whether ``reconstruct="auto"`` refits the pruned layers when data is given (benchmarks/RESULTS.md).
+RECONSTRUCT_BY_DEFAULT = True
 
 
 @dataclass
@@ -94,6 +96,7 @@ def compile(  # noqa: A001 - the product's verb
     mip_options: passes.MipOptions | Mapping[str, Any] | None = None,
     verify: bool = True,
     finetune: FinetuneConfig | None = None,
+    reconstruct: bool | str | passes.ReconstructPass = "auto",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompileResult:
     """Trace ``model``, choose units with ``importance`` and remove them; return the result.
@@ -107,6 +110,10 @@ def compile(  # noqa: A001 - the product's verb
     ``mip_options`` configures ``importance="mip"``: an ``oamipc.passes.MipOptions`` or a mapping
     of its field names (formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
     The target and the MIP options are validated here, before any work.
+    ``reconstruct`` refits the pruned layers to the original network's layer outputs after
+    pruning (:class:`oamipc.passes.ReconstructPass`; a pass instance sets its options): ``"auto"``
+    does so when ``data`` is given and no ``pipeline`` is (a pipeline names ``reconstruct`` itself),
+    ``True`` requires data; the report then has a ``reconstruct`` section.
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
@@ -139,9 +146,10 @@ def compile(  # noqa: A001 - the product's verb
         importance = "mip" if calib is not None else "l1"
         log.info("importance: %s (%s)", importance, "calibration data given" if calib is not None else "no --data")
     mip = passes.MipOptions.of(mip_options) if importance == "mip" and pipeline is None else None
+    refit = _reconstruct_step(reconstruct, pipeline, calib is not None, len(example_inputs))
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
-                         progress=progress)
-    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip)
+                         progress=progress, train_x=train.x if train is not None else None, original=original)
+    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip) + ([refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
     before = passes.count_costs(gm)
@@ -152,8 +160,9 @@ def compile(  # noqa: A001 - the product's verb
         propagate_shapes(gm, example_inputs)
     after = passes.count_costs(gm)
     outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
+    rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
-        "settings": {"importance": importance, **target.to_dict(), "seed": seed,
+        "settings": {"importance": importance, **target.to_dict(), "seed": seed, "reconstruct": rebuilt is not None,
                      "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
                      "mip": mip.to_dict() if mip is not None else {},
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
@@ -162,6 +171,7 @@ def compile(  # noqa: A001 - the product's verb
         "before": before.to_dict(),
         "after": after.to_dict(),
         **_plan_sections(outcome),
+        **({"reconstruct": rebuilt.to_dict()} if rebuilt is not None else {}),
         "timings_s": dict(am.timings),
     }
     report["widths"] = {name: {"before": layer["out"], "after": after.layers.get(name, {}).get("out", 0)}
@@ -195,6 +205,25 @@ def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | N
     extra = {"options": mip} if mip is not None else {}
     return [passes.planner_for(importance, target, leaf_modules, **extra),
             passes.PruneUnitsPass(leaf_modules=leaf_modules)]
+
+
+def _reconstruct_step(reconstruct: bool | str | passes.ReconstructPass,
+                      pipeline: str | Sequence[Pass | Analysis[Any]] | None, has_data: bool,
+                      n_inputs: int) -> passes.ReconstructPass | None:
+    """The reconstruction pass a compile appends after pruning, or None (see :func:`compile`)."""
+    if isinstance(reconstruct, str):
+        if reconstruct != "auto":
+            raise UsageError(f"reconstruct must be True, False, 'auto' or a ReconstructPass, got {reconstruct!r}")
+        return passes.ReconstructPass() if (RECONSTRUCT_BY_DEFAULT and has_data and pipeline is None
+                                            and n_inputs == 1) else None
+    if reconstruct is False:
+        return None
+    if pipeline is not None:
+        raise UsageError("with a pipeline, name the reconstruct pass in it (e.g. 'prune-units{flops-budget=0.5},"
+                         "reconstruct') instead of asking for reconstruction separately")
+    if not has_data:
+        raise UsageError("reconstruction (--reconstruct) refits layers on sample inputs: give --data")
+    return reconstruct if isinstance(reconstruct, passes.ReconstructPass) else passes.ReconstructPass()
 
 
 def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
