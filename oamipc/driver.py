@@ -226,6 +226,20 @@ def _reconstruct_step(reconstruct: bool | str | passes.ReconstructPass,
     return reconstruct if isinstance(reconstruct, passes.ReconstructPass) else passes.ReconstructPass()
 
 
+def reconstruct_option(enabled: bool | None, samples: int | None) -> bool | str | passes.ReconstructPass:
+    """The ``reconstruct`` argument of :func:`compile` for the CLI's ``--reconstruct/--no-reconstruct``
+    (None: not given, "auto") and ``--reconstruct-samples`` (which asks for reconstruction)."""
+    if samples is not None and samples < 0:
+        raise UsageError(f"--reconstruct-samples must be 0 (all) or more, got {samples}")
+    if enabled is False:
+        if samples is not None:
+            raise UsageError("--reconstruct-samples has no effect with --no-reconstruct; drop one of them")
+        return False
+    if samples is None:
+        return "auto" if enabled is None else True
+    return passes.ReconstructPass(samples=samples)
+
+
 def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
     """The report's sections about planning: the planner's own record, unit scores, the applied plan."""
     if outcome is None:
@@ -377,12 +391,14 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
 
 
 def finetune_file(job: FileJob, config: FinetuneConfig,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str, int, int], None] | None = None, *,
+                  reconstruct: bool | str | passes.ReconstructPass = "auto") -> dict[str, Any]:
     """``oamipc finetune``: load, (replay the plan,) fine-tune, export, verify; return the report.
 
     ``job.source.model`` is either a pruned program written by ``compile --save-pt`` (or any
     model to fine-tune as it is), or, with ``job.plan_path``, the original model: the plan is
-    replayed with :func:`compile` (``job.source.leaf_modules`` as when the plan was made) and the
+    replayed with :func:`compile` (``job.source.leaf_modules`` as when the plan was made; with
+    ``reconstruct`` as there, so by default the replayed network is refit before training) and the
     pruned network fine-tuned.  Training uses the data's train split, accuracy its test split.
     Outputs are checked before any work and written atomically, all or none, as by
     :func:`compile_file`.
@@ -401,7 +417,7 @@ def finetune_file(job: FileJob, config: FinetuneConfig,
     test = _fit(splits.test, loaded.sample_shape)
     if plan is not None:
         result = compile(loaded.model, example, data=splits, plan=plan, leaf_modules=job.source.leaf_modules,
-                         seed=config.seed, finetune=config, progress=progress)
+                         seed=config.seed, finetune=config, progress=progress, reconstruct=reconstruct)
         module, report = result.module, result.report
     else:
         start = time.perf_counter()
