@@ -34,13 +34,16 @@ How, and why:
 * **Bias.** The intercept goes into the layer's bias.  A layer without one (a conv before a
   BatchNorm) gets it folded into the running mean of the BatchNorm that alone reads it; a layer
   with neither is fit without intercept, so reconstruction adds no parameter.
-* **Convolutions.** Patches from ``torch.nn.functional.unfold`` after explicit padding (any
-  ``padding``, ``'same'``, and every ``padding_mode``), with the layer's stride and dilation;
-  Conv1d as a Conv2d of height 1.  Grouped convolutions are fit per group (the patch columns and
-  output channels of one group form one regression), which makes a depthwise convolution one
-  small fit per channel (``k*k + 1`` unknowns).  A conv layer has many rows per sample (one per
-  output position): at most ``max_rows`` rows enter a fit, positions drawn without replacement
-  per sample from a generator seeded with the compile's seed (deterministic).
+* **Convolutions.** One row per output position: the input window under the kernel (an
+  unfolded patch), gathered after explicit padding (any ``padding``, ``'same'``, and every
+  ``padding_mode``), with the layer's stride and dilation; Conv1d as a Conv2d of height 1.
+  Grouped convolutions are fit per group (the patch columns and output channels of one group
+  form one regression), which makes a depthwise convolution one small fit per channel
+  (``k*k + 1`` unknowns).  A conv layer has many rows per sample: at most
+  ``max_rows`` rows enter a fit, the same number of positions from every sample, drawn without
+  replacement from a generator seeded with the compile's seed (deterministic).  Only the windows
+  of the drawn positions are gathered (``unfold`` would build every window first, most of them
+  to be thrown away: it took most of the pass's time on a VGG-style net).
 * **Samples.** ``samples`` inputs drawn (seeded) from the whole train split the calibration set
   came from (``CompileContext.train_x``), or the calibration samples when that is all there is;
   ``samples=0`` takes all of them.
@@ -79,7 +82,7 @@ log = logging.getLogger(__name__)
 
 #: A layer whose relative output error is at most this already reproduces the dense layer.
 MATCH_TOL = 1e-6
-#: Elements of one unfolded patch chunk (bounds the memory of a conv's patches).
+#: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
 _LAYER_CHOICES = ("all", "readers")
 
@@ -201,7 +204,8 @@ class ReconstructPass(Pass):
         layers, skipped = _layers(gm, dense, _kept_outputs(am.outcomes))
         fits: list[LayerFit] = list(skipped)
         with torch.no_grad():
-            out_before = _output_error(gm, dense, x, self.batch_size)
+            reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
+            out_before = _output_error(gm, dense, x, self.batch_size, reference)
             for i, layer in enumerate(layers):
                 if ctx.progress is not None:
                     ctx.tick("reconstruct", i, len(layers))
@@ -210,7 +214,8 @@ class ReconstructPass(Pass):
                 fits.append(self._refit(gm, dense, layer, x, ctx.seed + i))
             if ctx.progress is not None:
                 ctx.tick("reconstruct", len(layers), len(layers))
-            out_after = _output_error(gm, dense, x, self.batch_size) if any(f.refit for f in fits) else out_before
+            refit = any(f.refit for f in fits)
+            out_after = _output_error(gm, dense, x, self.batch_size, reference) if refit else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
                                      time.perf_counter() - start)
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
@@ -381,11 +386,23 @@ def _leaves(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _output_error(gm: nn.Module, dense: nn.Module, x: torch.Tensor, batch: int) -> float:
-    """Relative Frobenius error of the pruned network's outputs against the dense network's."""
+def _output_error(gm: nn.Module, dense: nn.Module, x: torch.Tensor, batch: int,
+                  reference: list[list[torch.Tensor]]) -> float:
+    """Relative Frobenius error of the pruned network's outputs against the dense network's.
+
+    ``reference`` caches the dense outputs per batch: filled on the first call (when they are
+    small: logits, not images), read on the next.
+    """
     num = den = 0.0
-    for sl in _batches(len(x), batch):
-        for a, b in zip(_leaves(gm(x[sl])), _leaves(dense(x[sl]))):
+    cached, keep = bool(reference), False
+    for i, sl in enumerate(_batches(len(x), batch)):
+        want = reference[i] if cached else _leaves(dense(x[sl]))
+        if not cached:
+            if i == 0:  # keep them when all of them hold at most _CHUNK_ELEMENTS values
+                keep = sum(t.numel() for t in want) // (sl.stop - sl.start) * len(x) <= _CHUNK_ELEMENTS
+            if keep:
+                reference.append(want)
+        for a, b in zip(_leaves(gm(x[sl])), want):
             if a.shape != b.shape:
                 continue
             num += float((a.double() - b.double()).pow(2).sum())
@@ -439,21 +456,30 @@ def _rows(mod: nn.Module, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
         xin, y = xin.unsqueeze(2), y.unsqueeze(2)
     if any(pads):
         xin = F.pad(xin, pads, mode=mode)
-    b, c = xin.shape[:2]
-    o = y.shape[1]
-    positions = y.shape[2] * y.shape[3]
+    b, c, height, width = xin.shape
+    o, h_out, w_out = y.shape[1:]
+    if ((height - d[0] * (k[0] - 1) - 1) // s[0] + 1, (width - d[1] * (k[1] - 1) - 1) // s[1] + 1) != (h_out, w_out):
+        raise UsageError(f"reconstruct: the windows of {type(mod).__name__} do not match its output size "
+                         f"{h_out}x{w_out}")
+    positions = h_out * w_out
     per = min(positions, per_sample)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, c * k[0] * k[1] * positions))
-    xs_all, ys_all = [], []
+    if per < positions:  # ``per`` positions of each sample, without replacement
+        pos = torch.rand(b, positions, generator=gen).argsort(dim=1)[:, :per]
+    else:
+        pos = torch.arange(positions).expand(b, positions)
+    x_hwc = xin.permute(0, 2, 3, 1)  # a window's values become one gather of (kh, kw, c) blocks
+    rows = (pos // w_out)[..., None] * s[0] + torch.arange(k[0]) * d[0]  # (b, per, kh)
+    cols = (pos % w_out)[..., None] * s[1] + torch.arange(k[1]) * d[1]  # (b, per, kw)
+    width_d = c // groups * k[0] * k[1]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per * c * k[0] * k[1]))
+    xs_all = []
     for sl in _batches(b, chunk):
-        patches = F.unfold(xin[sl], k, dilation=d, stride=s)  # (B, c*kh*kw, L)
-        if patches.shape[-1] != positions:
-            raise UsageError(f"reconstruct: patches of {type(mod).__name__} do not match its output "
-                             f"({patches.shape[-1]} vs {positions} positions)")
-        xs, ys = _pick(patches.transpose(1, 2), y[sl].reshape(y[sl].shape[0], o, -1).transpose(1, 2), per, gen)
-        xs_all.append(xs.reshape(-1, groups, c // groups * k[0] * k[1]))
-        ys_all.append(ys.reshape(-1, groups, o // groups))
-    return torch.cat(xs_all), torch.cat(ys_all)
+        n = torch.arange(sl.start, sl.stop)[:, None, None, None]
+        patches = x_hwc[n, rows[sl, :, :, None], cols[sl, :, None, :]]  # (B, per, kh, kw, c)
+        # Column order of the weight's flattening: channel (within its group), then kernel row, column.
+        xs_all.append(patches.permute(0, 1, 4, 2, 3).reshape(-1, groups, width_d))
+    ys = y.reshape(b, o, positions).gather(2, pos[:, None, :].expand(b, o, per))  # (b, o, per)
+    return torch.cat(xs_all), ys.permute(0, 2, 1).reshape(-1, groups, o // groups)
 
 
 def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
