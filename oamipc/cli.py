@@ -217,7 +217,7 @@ def compile_cmd(
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
-    reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096).")] = None,
+    reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,

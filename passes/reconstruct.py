@@ -46,7 +46,11 @@ How, and why:
   to be thrown away: it took most of the pass's time on a VGG-style net).
 * **Samples.** ``samples`` inputs drawn (seeded) from the whole train split the calibration set
   came from (``CompileContext.train_x``), or the calibration samples when that is all there is;
-  ``samples=0`` takes all of them.
+  ``samples=0`` takes all of them.  The default (``None``) is 4096 (more helped little and cost
+  in proportion, fewer lost up to 2.5 points: benchmarks/RESULTS.md), lowered for networks whose
+  forward passes are expensive, since the pass runs about one forward pass of the samples per
+  layer: to ``2**36 / (dense MACs per sample * layers)``, but never below 512.  The rule counts
+  MACs, not seconds, so it gives the same samples on every machine.
 * **Not refit.** A module called more than once, or whose weight another module shares (pruning
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
   the graph); models with several inputs (the data holds one) are refused with an error.
@@ -74,7 +78,7 @@ from oamipc import ir
 from oamipc.errors import DataError, UsageError
 from oamipc.passmanager import AnalysisManager, Pass, PassResult, register
 
-from .costs import CostAnalysis
+from .costs import CostAnalysis, count_costs
 from .prune_units import PruneOutcome
 from .unit_groups import UnitGroupAnalysis
 
@@ -82,6 +86,12 @@ log = logging.getLogger(__name__)
 
 #: A layer whose relative output error is at most this already reproduces the dense layer.
 MATCH_TOL = 1e-6
+#: ``samples=None``: this many samples, fewer when ``dense MACs * layers`` per sample is large:
+AUTO_SAMPLES = 4096
+#: at most this many MACs of forward passes (dense MACs per sample * layers * samples),
+AUTO_WORK_MACS = 2**36
+#: but never fewer samples than this.
+AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
 _LAYER_CHOICES = ("all", "readers")
@@ -161,15 +171,16 @@ class ReconstructPass(Pass):
     """Refit every pruned Linear/Conv layer to the dense layer's output; see the module docstring.
 
     Options: ``ridge`` (relative regulariser, times the mean diagonal of ``X^T X``), ``samples``
-    (inputs to fit on, 0: all available), ``layers`` (``all`` | ``readers``), ``max_rows`` (rows
-    per conv fit), ``batch_size`` (samples per forward pass).
+    (inputs to fit on; 0: all available; None: 4096, fewer for big networks, see
+    :func:`auto_samples`), ``layers`` (``all`` | ``readers``), ``max_rows`` (rows per conv fit),
+    ``batch_size`` (samples per forward pass).
     """
 
     name: ClassVar[str] = "reconstruct"
     preserves: ClassVar[tuple[type[Any], ...]] = (UnitGroupAnalysis, CostAnalysis)
     needs_original: ClassVar[bool] = True
     ridge: float = 1e-3
-    samples: int = 4096
+    samples: int | None = None
     layers: str = "all"
     max_rows: int = 200_000
     batch_size: int = 256
@@ -177,7 +188,7 @@ class ReconstructPass(Pass):
     def __post_init__(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise UsageError(f"reconstruct ridge must be a finite number >= 0, got {self.ridge!r}")
-        if not isinstance(self.samples, int) or self.samples < 0:
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 0):
             raise UsageError(f"reconstruct samples must be an integer >= 0 (0: all available), got {self.samples!r}")
         if self.layers not in _LAYER_CHOICES:
             raise UsageError(f"reconstruct layers must be one of {', '.join(_LAYER_CHOICES)}, got {self.layers!r}")
@@ -187,7 +198,8 @@ class ReconstructPass(Pass):
                 raise UsageError(f"reconstruct {key.replace('_', '-')} must be a positive integer, got {value!r}")
 
     def options(self) -> dict[str, Any]:
-        return {"ridge": self.ridge, "layers": self.layers, "max_rows": self.max_rows}
+        return {"ridge": self.ridge, "layers": self.layers, "max_rows": self.max_rows,
+                "samples_option": "auto" if self.samples is None else self.samples}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
         start = time.perf_counter()
@@ -198,10 +210,11 @@ class ReconstructPass(Pass):
         if len(ctx.example_inputs) != 1:
             raise UsageError(f"reconstruct needs a model with one input (the data holds one), this one takes "
                              f"{len(ctx.example_inputs)}; leave reconstruction off")
-        x, source = self._inputs(ctx.train_x, ctx.calib_x, ctx.seed)
         gm.eval()
         dense.eval()
         layers, skipped = _layers(gm, dense, _kept_outputs(am.outcomes))
+        wanted = self.samples if self.samples is not None else auto_samples(count_costs(dense).macs, len(layers))
+        x, source = _inputs(wanted, ctx.train_x, ctx.calib_x, ctx.seed)
         fits: list[LayerFit] = list(skipped)
         with torch.no_grad():
             reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
@@ -221,18 +234,6 @@ class ReconstructPass(Pass):
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
                  outcome.refit, len(x), out_before, out_after, outcome.seconds)
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
-
-    def _inputs(self, train_x: torch.Tensor | None, calib_x: torch.Tensor | None,
-                seed: int) -> tuple[torch.Tensor, str]:
-        """The fitting inputs: ``samples`` drawn (seeded) from the train split, else the calibration set."""
-        pool, source = (train_x, "train") if train_x is not None else (calib_x, "calibration")
-        if pool is None or len(pool) == 0:
-            raise DataError("reconstruct needs sample inputs: give data (--data) or leave reconstruction off")
-        if self.samples == 0 or self.samples >= len(pool):
-            return pool.float(), source
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(pool), generator=gen)[: self.samples].sort().values
-        return pool[idx].float(), source
 
     def _refit(self, gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor,
                seed: int) -> LayerFit:
@@ -256,7 +257,27 @@ class ReconstructPass(Pass):
 
 
 # ----------------------------------------------------------------------------------------------
-# which layers, and which of their outputs
+# which samples, which layers, and which of their outputs
+
+
+def auto_samples(macs_per_sample: float, layers: int) -> int:
+    """The default sample count: ``AUTO_SAMPLES``, lowered so that ``macs * layers * samples`` stays
+    within ``AUTO_WORK_MACS``, never below ``AUTO_MIN_SAMPLES``."""
+    cap = AUTO_WORK_MACS // max(1, math.ceil(macs_per_sample) * max(1, layers))
+    return max(AUTO_MIN_SAMPLES, min(AUTO_SAMPLES, cap))
+
+
+def _inputs(samples: int, train_x: torch.Tensor | None, calib_x: torch.Tensor | None,
+            seed: int) -> tuple[torch.Tensor, str]:
+    """The fitting inputs: ``samples`` (0: all) drawn (seeded) from the train split, else the calibration set."""
+    pool, source = (train_x, "train") if train_x is not None else (calib_x, "calibration")
+    if pool is None or len(pool) == 0:
+        raise DataError("reconstruct needs sample inputs: give data (--data) or leave reconstruction off")
+    if samples == 0 or samples >= len(pool):
+        return pool.float(), source
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(pool), generator=gen)[:samples].sort().values
+    return pool[idx].float(), source
 
 
 def _kept_outputs(outcomes: list[tuple[str, Any]]) -> dict[str, np.ndarray]:

@@ -447,3 +447,16 @@ def test_cli_flag_and_summary_row(tmp_path: Path) -> None:
                               "--report", str(tmp_path / "s.json")], terminal_width=160)
     assert off.exit_code == 0, off.output
     assert "reconstruct" not in json.loads((tmp_path / "s.json").read_text())
+
+
+def test_default_samples_follow_the_work_rule() -> None:
+    from oamipc.passes.reconstruct import AUTO_WORK_MACS, auto_samples
+
+    assert auto_samples(1_000, 4) == 4096  # small nets: the default
+    assert auto_samples(AUTO_WORK_MACS // 600, 1) == 600  # the MACs of forward passes bound the samples
+    assert auto_samples(AUTO_WORK_MACS // 1200, 2) == 600
+    assert auto_samples(1e12, 3) == 512  # and never fewer than 512
+    model = _TwoLayer().eval()
+    x, y = _data((6,), 5000)
+    res = oamipc.compile(model, x[:1], data=(x, y), importance="l1", prune_ratio=0.5)
+    assert res.report["reconstruct"]["samples"] == 4096 and res.report["reconstruct"]["samples_option"] == "auto"
