@@ -49,7 +49,8 @@ How, and why:
   ``samples=0`` takes all of them.  The default (``None``) is 4096 (more helped little and cost
   in proportion, fewer lost up to 2.5 points: benchmarks/RESULTS.md), lowered for networks whose
   forward passes are expensive, since the pass runs about one forward pass of the samples per
-  layer: to ``2**36 / (dense MACs per sample * layers)``, but never below 512.  The rule counts
+  layer: to ``2**37 / (dense MACs per sample * layers)``, but never below 512 (SmallVGG at
+  28x28: 2,317 samples; see benchmarks/reconstruct_samples.py for what fewer and more gave).  The rule counts
   MACs, not seconds, so it gives the same samples on every machine.
 * **Not refit.** A module called more than once, or whose weight another module shares (pruning
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
@@ -89,7 +90,7 @@ MATCH_TOL = 1e-6
 #: ``samples=None``: this many samples, fewer when ``dense MACs * layers`` per sample is large:
 AUTO_SAMPLES = 4096
 #: at most this many MACs of forward passes (dense MACs per sample * layers * samples),
-AUTO_WORK_MACS = 2**36
+AUTO_WORK_MACS = 2**37
 #: but never fewer samples than this.
 AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
