@@ -50,8 +50,8 @@ How, and why:
   in proportion, fewer lost up to 2.5 points: benchmarks/RESULTS.md), lowered for networks whose
   forward passes are expensive, since the pass runs about one forward pass of the samples per
   layer: to ``2**37 / (dense MACs per sample * layers)``, but never below 512 (SmallVGG at
-  28x28: 2,317 samples; see benchmarks/reconstruct_samples.py for what fewer and more gave).  The rule counts
-  MACs, not seconds, so it gives the same samples on every machine.
+  28x28: 2,317 samples; benchmarks/reconstruct_samples.py measures fewer and more).  The rule
+  counts MACs, not seconds, so it gives the same samples on every machine.
 * **Not refit.** A module called more than once, or whose weight another module shares (pruning
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
   the graph); models with several inputs (the data holds one) are refused with an error.
