@@ -96,6 +96,10 @@ AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
 _LAYER_CHOICES = ("all", "readers")
+#: The layers this pass refits.
+Fittable = nn.Linear | nn.Conv1d | nn.Conv2d
+_Conv = nn.Conv1d | nn.Conv2d
+_Norm = nn.BatchNorm1d | nn.BatchNorm2d
 
 
 @dataclass(frozen=True)
@@ -160,10 +164,10 @@ class _Layer:
     """A layer to refit: its module in both networks and where its input lives in the graph."""
 
     target: str
-    module: nn.Module
-    dense: nn.Module
+    module: Fittable
+    dense: Fittable
     kept_out: np.ndarray
-    bias_sink: nn.Module | None = field(default=None)  # the BatchNorm taking the intercept, for a bias-less layer
+    bias_sink: _Norm | None = field(default=None)  # the BatchNorm taking the intercept, for a bias-less layer
 
 
 @register
@@ -244,17 +248,18 @@ class ReconstructPass(Pass):
         stats = _accumulate(gm, dense, layer, x, self.batch_size, self.max_rows, intercept, seed)
         w_old = _weights(mod, intercept)
         err_before = _rel_error(stats, w_old)
-        sizes = dict(name=layer.target, kind=kind, in_width=_in_width(mod), out_width=_out_width(mod), rows=stats.rows)
+        def fit(after: float, refit: bool, note: str = "") -> LayerFit:
+            return LayerFit(layer.target, kind, _in_width(mod), _out_width(mod), stats.rows, err_before, after, refit,
+                            note)
+
         if err_before <= MATCH_TOL:
-            return LayerFit(**sizes, error_before=err_before, error_after=err_before, refit=False,
-                            note="reproduces the dense layer already")
+            return fit(err_before, False, "reproduces the dense layer already")
         w_new = solve_ridge(stats.xtx, stats.xty, self.ridge, intercept)
         err_after = _rel_error(stats, w_new)
         if not err_after < err_before:
-            return LayerFit(**sizes, error_before=err_before, error_after=err_before, refit=False,
-                            note=f"the refit did not lower the error ({err_after:.4g})")
+            return fit(err_before, False, f"the refit did not lower the error ({err_after:.4g})")
         _write(mod, w_new, intercept, layer.bias_sink)
-        return LayerFit(**sizes, error_before=err_before, error_after=err_after, refit=True)
+        return fit(err_after, True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,12 +297,12 @@ def _kept_outputs(outcomes: list[tuple[str, Any]]) -> dict[str, np.ndarray]:
     return composed
 
 
-def _in_width(mod: nn.Module) -> int:
-    return int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)  # type: ignore[union-attr]
+def _in_width(mod: Fittable) -> int:
+    return int(mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels)
 
 
-def _out_width(mod: nn.Module) -> int:
-    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)  # type: ignore[union-attr]
+def _out_width(mod: Fittable) -> int:
+    return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)
 
 
 def _calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -311,7 +316,6 @@ def _calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 def _layers(gm: fx.GraphModule, dense: fx.GraphModule,
             kept_out: dict[str, np.ndarray]) -> tuple[list[_Layer], list[LayerFit]]:
     """The Linear/Conv layers to refit, in graph order, and the ones left out (with why)."""
-    fittable = (nn.Linear, *ir.CONV_MODULES)
     calls, dense_calls = _calls(gm), _calls(dense)
     shared: dict[int, int] = {}
     for _, p in gm.named_parameters(remove_duplicate=False):
@@ -320,11 +324,11 @@ def _layers(gm: fx.GraphModule, dense: fx.GraphModule,
     skipped: list[LayerFit] = []
     for target, nodes in calls.items():
         mod = ir.get_module(gm, target)
-        if not isinstance(mod, fittable):
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
         kind = type(mod).__name__
 
-        def skip(why: str, mod: nn.Module = mod, target: str = target, kind: str = kind) -> None:
+        def skip(why: str, mod: Fittable = mod, target: str = target, kind: str = kind) -> None:
             skipped.append(LayerFit(target, kind, _in_width(mod), _out_width(mod), 0, math.nan, math.nan, False, why))
 
         dense_mod = _submodule(dense, target)
@@ -334,7 +338,7 @@ def _layers(gm: fx.GraphModule, dense: fx.GraphModule,
         if shared.get(id(mod.weight), 0) > 1:
             skip("shares its weight with another module")
             continue
-        if dense_mod is None or type(dense_mod) is not type(mod):
+        if not isinstance(dense_mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(dense_mod) is not type(mod):
             skip("no layer of this name and type in the original network")
             continue
         width, dense_width = _out_width(mod), _out_width(dense_mod)
@@ -353,7 +357,7 @@ def _submodule(gm: nn.Module, target: str) -> nn.Module | None:
         return None
 
 
-def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> nn.Module | None:
+def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: Fittable) -> _Norm | None:
     """For a layer without bias: the BatchNorm (running statistics, eval) that is its only reader."""
     if getattr(mod, "bias", None) is not None or len(node.users) != 1:
         return None
@@ -361,7 +365,7 @@ def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: nn.Module) -> nn.Module |
     if user.op != "call_module":
         return None
     bn = ir.get_module(gm, str(user.target))
-    if (isinstance(bn, ir.BATCHNORM_MODULES) and bn.running_mean is not None and not bn.training
+    if (isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_mean is not None and not bn.training
             and user.args and user.args[0] is node and len(_calls(gm).get(str(user.target), ())) == 1):
         return bn
     return None
@@ -436,13 +440,13 @@ def _output_error(gm: nn.Module, dense: nn.Module, x: torch.Tensor, batch: int,
 # rows of the regression
 
 
-def _conv_geometry(mod: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], list[int], str]:
+def _conv_geometry(mod: _Conv) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], list[int], str]:
     """Kernel, stride, dilation (as 2-D), the explicit F.pad amounts and mode of a Conv1d/Conv2d."""
     two = isinstance(mod, nn.Conv2d)
-    k = tuple(mod.kernel_size)  # type: ignore[union-attr]
-    s = tuple(mod.stride)  # type: ignore[union-attr]
-    d = tuple(mod.dilation)  # type: ignore[union-attr]
-    padding = mod.padding  # type: ignore[union-attr]
+    k = tuple(int(v) for v in mod.kernel_size)
+    s = tuple(int(v) for v in mod.stride)
+    d = tuple(int(v) for v in mod.dilation)
+    padding = mod.padding
     pairs: list[tuple[int, int]] = []
     for i in range(len(k)):
         if padding == "valid":
@@ -451,16 +455,16 @@ def _conv_geometry(mod: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tu
             total = d[i] * (k[i] - 1)
             pairs.append((total // 2, total - total // 2))
         else:
-            p = int(padding[i])  # type: ignore[index]
+            p = int(padding[i])
             pairs.append((p, p))
     pads = [v for pair in reversed(pairs) for v in pair]  # F.pad: last dimension first
-    mode = {"zeros": "constant"}.get(mod.padding_mode, mod.padding_mode)  # type: ignore[union-attr]
+    mode = {"zeros": "constant"}.get(mod.padding_mode, mod.padding_mode)
     if not two:
         k, s, d = (1, *k), (1, *s), (1, *d)
     return k, s, d, pads, mode  # type: ignore[return-value]
 
 
-def _rows(mod: nn.Module, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
+def _rows(mod: Fittable, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Regression rows of one batch: inputs ``(R, groups, d)`` and targets ``(R, groups, o)``.
 
@@ -473,7 +477,7 @@ def _rows(mod: nn.Module, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
         xs, ys = _pick(xs, ys, per_sample, gen)
         return xs.reshape(-1, 1, xs.shape[-1]), ys.reshape(-1, 1, ys.shape[-1])
     k, s, d, pads, mode = _conv_geometry(mod)
-    groups = int(mod.groups)  # type: ignore[union-attr]
+    groups = int(mod.groups)
     if xin.dim() == 3:
         xin, y = xin.unsqueeze(2), y.unsqueeze(2)
     if any(pads):
@@ -573,13 +577,13 @@ def _rel_error(stats: _Stats, w: torch.Tensor) -> float:
     return math.sqrt(max(float(sq), 0.0) / den) if den > 0 else math.sqrt(max(float(sq), 0.0))
 
 
-def _weights(mod: nn.Module, intercept: bool) -> torch.Tensor:
+def _weights(mod: Fittable, intercept: bool) -> torch.Tensor:
     """The layer's weights (and bias, or zero intercept) as ``(groups, d, o)`` float64, as the rows are laid out."""
-    w = mod.weight.detach().double()  # type: ignore[union-attr]
+    w = mod.weight.detach().double()
     if isinstance(mod, nn.Linear):
         groups, o = 1, w.shape[0]
     else:
-        groups, o = int(mod.groups), w.shape[0]  # type: ignore[union-attr]
+        groups, o = int(mod.groups), w.shape[0]
     per = w.reshape(groups, o // groups, -1).transpose(1, 2)  # (groups, d_w, o_g)
     if intercept:
         bias = getattr(mod, "bias", None)
@@ -588,9 +592,9 @@ def _weights(mod: nn.Module, intercept: bool) -> torch.Tensor:
     return per
 
 
-def _write(mod: nn.Module, w: torch.Tensor, intercept: bool, sink: nn.Module | None) -> None:
+def _write(mod: Fittable, w: torch.Tensor, intercept: bool, sink: _Norm | None) -> None:
     """Store the solution ``(groups, d, o)`` in the module (and the intercept where it goes)."""
-    weight = mod.weight  # type: ignore[union-attr]
+    weight = mod.weight
     body = w[:, :-1, :] if intercept else w
     new = body.transpose(1, 2).reshape(weight.shape)
     with torch.no_grad():
@@ -600,6 +604,6 @@ def _write(mod: nn.Module, w: torch.Tensor, intercept: bool, sink: nn.Module | N
             bias = getattr(mod, "bias", None)
             if bias is not None:
                 bias.copy_(b.to(bias.dtype))
-            elif sink is not None:
+            elif sink is not None and sink.running_mean is not None:
                 # BN(y + b) = BN'(y) with the running mean lowered by b.
-                sink.running_mean.sub_(b.to(sink.running_mean.dtype))  # type: ignore[union-attr, operator]
+                sink.running_mean.sub_(b.to(sink.running_mean.dtype))
