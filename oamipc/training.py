@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -124,7 +125,7 @@ def load_or_train(path: Path, make: Callable[[], nn.Module],
             payload = torch.load(path, map_location="cpu", weights_only=True)
             net.load_state_dict(payload["state_dict"])
             return net.eval(), {**payload["training"], "cached": str(path)}
-        except (RuntimeError, KeyError, OSError, EOFError, TypeError) as exc:
+        except (RuntimeError, KeyError, OSError, EOFError, TypeError, pickle.UnpicklingError) as exc:
             log.warning("cached %s unusable (%s); training again", path.name, type(exc).__name__)
             net = make()
     training = fit(net)
