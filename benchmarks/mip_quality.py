@@ -15,9 +15,9 @@ Run::
 The trained-network family (``benchmarks/family.py``: twelve architectures x two seeds, split
 by architecture into a ``tune`` and a ``report`` half) instead of the shipped examples::
 
-    python benchmarks/mip_quality.py --family report --criteria l1,l2,taylor,activation
-    python benchmarks/mip_quality.py --family report --criteria mip --jobs 1 \
-        --also benchmarks/results/mip_quality_family_report_free.json   # merge the earlier rows
+    python benchmarks/mip_quality.py --family report                  # all default criteria in one run
+    python benchmarks/mip_quality.py --family all --criteria l1,l2,taylor,activation --out /tmp/free.json
+    python benchmarks/mip_quality.py --family report --criteria mip --jobs 1 --also /tmp/free.json  # merged
 
 With ``--family`` the default criteria are ``mip,l1,l2,taylor,activation``; the networks are
 trained on first use and cached (``--cache``, default ``$OAMIPC_CACHE_DIR/family``).  It prints a
@@ -30,7 +30,8 @@ Criteria: the solver-free ones, ``mip`` (the default ``budget`` formulation), ``
 with ``--mean-replacement``), ``mip_paper`` (the
 thesis's formulation, one sample per class) and ``mip_paper_lp`` (its LP relaxation, ``--relax``).
 
-It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_quality_<models>.json``).
+It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_quality_<models>.json``,
+with ``--family``: ``mip_quality_family_<half>.json``).
 """
 
 from __future__ import annotations
