@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(summary_table(res["summary"]))
     for half, summ in res["summary"].items():
         goal = summ["goal"]
+        if not summ["budgets"]:
+            print(f"{half}: no network with both a mip row and a solver-free row")
+            continue
         print(f"{half}: never more than 0.5 pt behind: {goal['never_more_than_half_point_behind']}; "
               f"ahead by >= 2 pt on average at 30% and 15%: {goal['ahead_on_average_at_small_budgets']}")
     return res
