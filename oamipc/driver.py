@@ -84,7 +84,7 @@ def compile(  # noqa: A001 - the product's verb
     prune_ratio: float | None = None,
     flops_budget: float | None = None,
     min_keep: int = 1,
-    round_to: int | str = 1,
+    round_to: int | str = "auto",
     target: Target | None = None,
     leaf_modules: Sequence[str] = (),
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
@@ -116,7 +116,7 @@ def compile(  # noqa: A001 - the product's verb
         example_inputs = (example_inputs,)
     if target is None:
         target = Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
-    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, 1):
+    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, "auto"):
         raise UsageError("give the target either as target=Target(...) or as prune_ratio/flops_budget/min_keep/"
                          "round_to, not both")
     torch.manual_seed(seed)

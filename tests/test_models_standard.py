@@ -92,9 +92,11 @@ def test_traces_with_fx(nets: dict[str, nn.Module], name: str) -> None:
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_prunes_exports_and_matches_torch(nets: dict[str, nn.Module], name: str, round_to: int | str,
                                           tmp_path: Path) -> None:
-    result = oamipc.compile(nets[name], _x(1), importance="l1", prune_ratio=0.5, round_to=round_to)
+    # Under "auto" a ratio is not rounded (it fixes every count itself): rounding is for budgets.
+    how = {"prune_ratio": 0.5} if round_to == 1 else {"flops_budget": 0.5}
+    result = oamipc.compile(nets[name], _x(1), importance="l1", round_to=round_to, **how)
     report = result.report
-    assert report["after"]["macs"] < 0.5 * report["before"]["macs"]
+    assert report["after"]["macs"] <= 0.5 * report["before"]["macs"] * (1 + 1e-9)
     widths = report["widths"]
     assert any(w["after"] < w["before"] for w in widths.values())
     assert widths[next(reversed(widths))]["after"] == 10  # the classifier's outputs are never pruned
