@@ -97,7 +97,8 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
     steps = granularity(target, graph)
     choosers = [_GroupChooser(g, scores, target.min_keep, steps[g.id], forced) for g in graph.groups
                 if g.prunable]
-    relaxed = plan_steps(target, graph)
+    # Finer steps for one-block groups, taken only once the strict ones cannot reach the target.
+    relaxed = granularity(target, graph, relaxed=True) if target.kind == "latency" else plan_steps(target, graph)
     fallback = {g.id: _GroupChooser(g, scores, target.min_keep, relaxed[g.id], forced) for g in graph.groups
                 if g.prunable and relaxed[g.id] != steps[g.id]}
     if target.prune_ratio is not None:
@@ -108,7 +109,7 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
     if target.kind == "latency":
         if latency is None:
             raise PlanError("a latency budget needs the measured latency model of the network")
-        return _select_latency(graph, scores, choosers, kept, target, latency, normalise)
+        return _select_latency(graph, scores, choosers, kept, target, latency, normalise, fallback)
     assert target.flops_budget is not None
     return _select_budget(graph, scores, choosers, kept, target.flops_budget, normalise, fallback)
 
@@ -154,7 +155,8 @@ def _norms(scores: np.ndarray, choosers: list[_GroupChooser], normalise: bool) -
 
 
 def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
-                    target: Target, model: LatencyModel, normalise: bool) -> np.ndarray:
+                    target: Target, model: LatencyModel, normalise: bool,
+                    fallback: dict[int, _GroupChooser] | None = None) -> np.ndarray:
     """Remove the step that loses the least (normalised) score per millisecond it saves, until the
     predicted latency is within budget; then give back the steps that still fit (a greedy knapsack
     with measured latency as the cost)."""
@@ -187,6 +189,10 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
             cost = (False, lost / saved) if saved > 1e-12 else (True, lost)
             if best is None or cost < best[0]:
                 best = (cost, ch.group.id, lower, removed, after)
+        if best is None and fallback:
+            choosers = [fallback.get(ch.group.id, ch) for ch in choosers]
+            fallback = None
+            continue
         if best is None:
             raise PlanError(f"the latency budget {target.latency_budget:g} is unreachable: the smallest widths "
                             f"allowed are predicted at {now / model.dense_ms:.3f} of the dense latency; raise the "
@@ -347,8 +353,11 @@ class PlanGreedyAnalysis(PlannerAnalysis):
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
         scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
-        model = self.latency_model(gm, am)
-        kept = select(graph, scores, target, latency=model)
+        model, rounds = None, None
+        if target.kind == "latency":
+            kept, model, rounds = self.latency_select(gm, am, graph, scores, target)
+        else:
+            kept = select(graph, scores, target)
         plan = Plan.from_mask(graph, kept, self.importance, self.settings(am))
         return Planned(plan, self.group_scores(graph, scores),
-                       predicted_latency=self.predicted_latency(graph, kept, model))
+                       predicted_latency=self.predicted_latency(graph, kept, model, rounds))
