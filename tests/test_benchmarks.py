@@ -129,3 +129,19 @@ def test_latency_table_marks_an_unreachable_budget() -> None:
            "error": "the MAC budget 0.5 is unreachable", "batches": {}, "slower_batches": []}
     lines = _load("latency").table([row]).splitlines()
     assert lines[-1].startswith("| resnet | 1x28x28 | auto | not reached |")
+
+
+def test_latency_accuracy_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A latency plan and the MAC plan matched to its measured latency, compared on test accuracy."""
+    monkeypatch.setenv("OAMIPC_CACHE_DIR", str(tmp_path / "cache"))
+    bench = _load("latency_accuracy")
+    out = tmp_path / "la.json"
+    result = bench.main(["--models", "digits_mlp", "--budgets", "0.7", "--runs", "3", "--out", str(out)])
+    row = result["rows"][0]
+    assert json.loads(out.read_text())["rows"][0]["model"] == "digits_mlp"
+    assert row["flops_plan"] in row["flops_tried"] and len(row["flops_tried"]) >= len(bench.GRID)
+    gaps = [abs(t["ratio"] - row["latency_plan"]["ratio"]) for t in row["flops_tried"]]
+    assert abs(row["ratio_gap"]) == pytest.approx(min(gaps))  # the closest measured MAC plan is the match
+    assert row["accuracy_gain"] == pytest.approx(row["latency_plan"]["accuracy"] - row["flops_plan"]["accuracy"])
+    assert "| digits_mlp | l1 | 0.7 |" in capsys.readouterr().out
