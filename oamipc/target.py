@@ -145,28 +145,33 @@ def granularity(target: Target, graph: UnitGraph, *, relaxed: bool = False) -> d
     * a width that is a multiple of the block keeps multiples of the block: output channels are
       computed a whole block at a time, so widths in between cost as much as the next multiple;
     * another width that is a multiple of the alignment the blocked kernels need (input widths of
-      a block or more, depthwise widths) keeps multiples of that alignment, so that no reader
-      falls off the blocked path (MobileNetV2's 24-channel streams: multiples of 4, not 21);
+      a block or more, read by a convolution; depthwise widths) keeps multiples of that alignment,
+      so that no reader falls off the blocked path (MobileNetV2's 24-channel streams: multiples
+      of 4, not 21); a group that no convolution reads (the last one before a Linear) needs none;
     * the rest keep any width (1): rounding a width that was never aligned buys no speed.
 
     Linear layers run on GEMM kernels without a channel block: their groups get 1.  A prune-ratio
     target gets 1 everywhere under ``"auto"``: it fixes every group's count by itself, and rounding
     would silently change what was asked, where a budget lets the planner spend the difference
     elsewhere (an integer ``round_to`` still rounds a ratio's counts up).
-    ``relaxed=True`` also gives groups of exactly one block the alignment step instead of the
-    block (they could otherwise only stay whole); planners use it only when a MAC budget cannot
-    be reached without (:func:`oamipc.passes.plan_greedy.plan_steps`).
+    ``relaxed=True`` also gives groups of exactly one block the step their readers and depthwise
+    members need instead of the block (they could otherwise only stay whole; a width below the
+    block is read directly, so that is 1 unless a depthwise convolution is in the group); planners
+    use it only when a budget cannot be reached without (:func:`oamipc.passes.plan_greedy.plan_steps`).
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
     if target.prune_ratio is not None:
         return {g.id: 1 for g in graph.groups}
     paths = conv_paths_for(target)
-    conv_units: set[int] = set()
+    conv_units: set[int] = set()  # written by a convolution
+    conv_read: set[int] = set()  # read as input channels by a (non-depthwise) convolution
     depthwise: set[int] = set()
     for layer in graph.layers:
         if layer.kind in CONV_KINDS:
             conv_units.update(int(u) for u in layer.out_units.tolist() if u >= 0)
+        if layer.kind in ("conv", "grouped"):
+            conv_read.update(int(u) for u in layer.in_units.tolist() if u >= 0)
         if layer.kind == "depthwise":
             depthwise.update(int(u) for u in layer.out_units.tolist() if u >= 0)
     steps = {}
@@ -177,8 +182,10 @@ def granularity(target: Target, graph: UnitGraph, *, relaxed: bool = False) -> d
         if g.size % paths.block == 0 and not (relaxed and g.size == paths.block):
             steps[g.id] = paths.block
             continue
+        # What keeps every member and reader on the blocked path: readers need widths below the
+        # block or multiples of the input alignment, depthwise members multiples of theirs.
         align = 1
-        if g.size >= paths.block:
+        if g.size > paths.block and conv_read.intersection(g.units):
             align = paths.in_align
         if depthwise.intersection(g.units):
             align = math.lcm(align, paths.depthwise_align)
