@@ -14,7 +14,7 @@ from torch import fx, nn
 
 import oamipc
 from oamipc import passes
-from oamipc.hardware import cpu_channel_block, unaligned_widths
+from oamipc.hardware import cpu_channel_block
 from oamipc.models import MobileNetV2, ResNet18
 from oamipc.tracing import trace
 
@@ -100,8 +100,18 @@ def test_prunes_exports_and_matches_torch(nets: dict[str, nn.Module], name: str,
     widths = report["widths"]
     assert any(w["after"] < w["before"] for w in widths.values())
     assert widths[next(reversed(widths))]["after"] == 10  # the classifier's outputs are never pruned
-    if round_to == "auto":  # every conv width that was a multiple of the CPU's channel block still is
-        assert unaligned_widths(widths, cpu_channel_block()) == {}
+    if round_to == "auto":  # every group a convolution reads keeps the multiple its kernels need
+        from oamipc.passes import UnitGroupAnalysis
+        from oamipc.passmanager import AnalysisManager, CompileContext
+        from oamipc.target import granularity
+
+        graph = AnalysisManager(CompileContext(result.example_inputs)).get(UnitGroupAnalysis(), result.original)
+        steps = granularity(oamipc.Target(flops_budget=0.5), graph)
+        kept = result.plan.kept_mask(graph)
+        for g in graph.groups:
+            count = int(kept[g.units].sum())
+            assert count == g.size or count % steps[g.id] == 0, (g.name, count, steps[g.id])
+        assert max(steps.values()) == cpu_channel_block()
     path = oamipc.export_onnx(result.module, result.example_inputs, tmp_path / f"{name}.onnx")
     check = oamipc.verify_onnx(path, result.module, result.example_inputs)
     assert check.passed, check
