@@ -127,6 +127,7 @@ class BoxBounds:
     values: dict[str, Any]
     ref: dict[str, Any]
     relus: dict[str, ReluStats] = field(default_factory=dict)
+    relu_inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # tightest bounds
     concretised: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)  # nodes whose values could not be bounded
     n_vars: int = 0
@@ -506,6 +507,7 @@ class BoxPropagation:
     def _relu(self, node: fx.Node, x: Val) -> Val:
         stats = self.result.relus.setdefault(node.name, ReluStats())
         x = self._bounded(x)
+        self.result.relu_inputs[node.name] = (x.lo, x.hi)
         if not x.finite:
             dead = torch.zeros_like(x.const)
             stats.elements += int(x.lo.numel())
