@@ -82,12 +82,11 @@ def plan_lossless(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisMana
     target = planner.target.require()
     graph = am.get(planner.unit_analysis(), gm)
     dead = am.get(DeadUnitAnalysis(box=planner.lossless_box, leaf_modules=planner.leaf_modules), gm)
-    plain = dataclasses.replace(planner, lossless=False)
     removed = removable(graph, dead, target)
     record = _record(graph, dead, removed)
-    if not removed.any():
+    if not removed.any():  # the planner's own plan (called directly: its time is already this call's)
         record["planned_target"] = target.to_dict()
-        return dataclasses.replace(am.get(plain, gm), lossless=record)
+        return dataclasses.replace(planner.plan(gm, am), lossless=record)
     shifts = bias_shifts(gm, dead, removed)
     reduced = _reduced(gm, graph, removed, shifts, am)
     sub = AnalysisManager(am.context)
@@ -102,7 +101,7 @@ def plan_lossless(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisMana
                                                                                  planner.latency_model(gm, am)))
         record["note"] = "the dead units alone meet the target; no criterion ran"
     else:
-        inner = sub.get(dataclasses.replace(plain, target=lifted), reduced)
+        inner = sub.get(dataclasses.replace(planner, lossless=False, target=lifted), reduced)
         planned = _lift(inner, planner, gm, graph, sub.get(planner.unit_analysis(), reduced), removed, shifts,
                         settings, am)
     for key, seconds in sub.timings.items():  # the planner's own time is the caller's to count
