@@ -95,15 +95,14 @@ def plan_lossless(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisMana
     settings = {**planner.settings(am), "lossless": {"box": dead.box, "units_removed": int(removed.sum())}}
     if lifted is None:
         log.info("lossless: the %d dead units alone meet the target; nothing else is removed", int(removed.sum()))
-        kept = ~removed
-        plan = Plan.from_mask(graph, kept, _criterion(planner), settings, shifts)
-        planned = Planned(plan, {}, predicted_latency=planner.predicted_latency(graph, kept,
-                                                                                 planner.latency_model(gm, am)))
+        plan = Plan.from_mask(graph, ~removed, _criterion(planner), settings, shifts)
+        planned = Planned(plan, {}, predicted_latency=_predicted(planner, gm, am, reduced, sub, None))
         record["note"] = "the dead units alone meet the target; no criterion ran"
     else:
         inner = sub.get(dataclasses.replace(planner, lossless=False, target=lifted), reduced)
-        planned = _lift(inner, planner, gm, graph, sub.get(planner.unit_analysis(), reduced), removed, shifts,
-                        settings, am)
+        planned = _lift(inner, graph, sub.get(planner.unit_analysis(), reduced), removed, shifts, settings)
+        planned = dataclasses.replace(planned, predicted_latency=_predicted(planner, gm, am, reduced, sub,
+                                                                            inner.predicted_latency))
     for key, seconds in sub.timings.items():  # the planner's own time is the caller's to count
         if key != planner.name:
             am.timings[key] = am.timings.get(key, 0.0) + seconds
@@ -184,9 +183,8 @@ def _surviving_outputs(graph: UnitGraph, target: str, removed: np.ndarray) -> np
     return np.array([i for i, u in enumerate(units.tolist()) if u < 0 or not removed[u]], dtype=np.int64)
 
 
-def _lift(inner: Planned, planner: PlannerAnalysis, gm: fx.GraphModule, graph: UnitGraph, smaller: UnitGraph,
-          removed: np.ndarray, shifts: dict[str, list[float]], settings: dict[str, Any],
-          am: AnalysisManager) -> Planned:
+def _lift(inner: Planned, graph: UnitGraph, smaller: UnitGraph, removed: np.ndarray,
+          shifts: dict[str, list[float]], settings: dict[str, Any]) -> Planned:
     """The reduced copy's plan as a plan of the original network (see the module docstring)."""
     mapping = _unit_map(graph, smaller, removed)
     kept_small = inner.plan.kept_mask(smaller)
@@ -210,8 +208,26 @@ def _lift(inner: Planned, planner: PlannerAnalysis, gm: fx.GraphModule, graph: U
             continue
         index = {u: i for i, u in enumerate(sg.units)}
         scores[g.name] = [0.0 if removed[u] else small_scores[index[mapping[u]]] for u in g.units]
-    predicted = planner.predicted_latency(graph, kept, planner.latency_model(gm, am))
-    return Planned(plan, scores, inner.section, inner.record, predicted)
+    return Planned(plan, scores, inner.section, inner.record)
+
+
+def _predicted(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisManager, reduced: fx.GraphModule,
+               sub: AnalysisManager, inner: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A latency target's prediction, as the planner of the reduced copy made it, against the original.
+
+    The budget is a fraction of the original network's measured latency; the plan was chosen with
+    the reduced copy's latency model (its prediction ``inner``; without one, the copy's own measured
+    latency, when the dead units alone met the budget), which is the prediction reported.
+    """
+    if planner.target.latency_budget is None:
+        return None
+    dense, smaller = planner.latency_model(gm, am), planner.latency_model(reduced, sub)
+    assert dense is not None and smaller is not None
+    return {"batch": dense.setup.batch, "provider": dense.provider, "dense_ms": dense.dense_ms,
+            "budget_ms": planner.target.latency_budget * dense.dense_ms,
+            "predicted_ms": inner["predicted_ms"] if inner else smaller.dense_ms,
+            "measurements": dense.measured + smaller.measured, "from_cache": dense.cached + smaller.cached,
+            "model": "the latency model of the network without its dead units"}
 
 
 __all__ = ["plan_lossless", "removable"]

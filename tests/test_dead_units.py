@@ -425,3 +425,21 @@ def test_shipped_examples_keep_their_outputs_on_the_data_and_the_box(name: str) 
     dead, _, gm = _dead(model, train.x)
     varies = _varying_units(gm, torch.cat([train.x[:512], _box_points(lo, hi, 256)]))
     assert not (dead & varies).any()
+
+
+def test_a_latency_budget_is_a_fraction_of_the_original_measured_latency(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    monkeypatch.setenv("OAMIPC_CACHE_DIR", str(tmp_path / "cache"))
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
+    with torch.no_grad():  # a quarter of the first layer dead on non-negative inputs
+        model[0].weight[:128] = -model[0].weight[:128].abs()
+        model[0].bias[:128] = -0.1
+    x = torch.rand(256, 64, generator=gen)
+    y = torch.randint(0, 10, (256,), generator=gen)
+    result = _compile(model, x, y, target=oamipc.Target(latency_budget=0.7))
+    predicted, section = result.report["latency_prediction"], result.report["lossless"]
+    assert section["units_removed"] == 128
+    assert predicted["predicted_ms"] <= predicted["budget_ms"] == pytest.approx(0.7 * predicted["dense_ms"])
+    replayed = oamipc.compile(model, x[:1], plan=result.plan)
+    _same_outputs(replayed.module, result.module, x)
