@@ -84,7 +84,7 @@ def compile(  # noqa: A001 - the product's verb
     prune_ratio: float | None = None,
     flops_budget: float | None = None,
     min_keep: int = 1,
-    round_to: int | str = 1,
+    round_to: int | str = "auto",
     target: Target | None = None,
     leaf_modules: Sequence[str] = (),
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
@@ -122,7 +122,7 @@ def compile(  # noqa: A001 - the product's verb
         example_inputs = (example_inputs,)
     if target is None:
         target = Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
-    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, 1):
+    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, "auto"):
         raise UsageError("give the target either as target=Target(...) or as prune_ratio/flops_budget/min_keep/"
                          "round_to, not both")
     torch.manual_seed(seed)
@@ -469,6 +469,33 @@ def _compare_prediction(report: dict[str, Any]) -> None:
     predicted["measured_ratio"] = row["b_median_ms"] / row["a_median_ms"]
 
 
+def _plan_prediction(report: dict[str, Any], original: fx.GraphModule, plan: Plan,
+                     example_inputs: tuple[torch.Tensor, ...]) -> dict[str, Any] | None:
+    """The latency model's prediction of the plan at the largest measured batch, from the dense
+    network's measured latency plus the changed layers' measured differences (every compile
+    reports one; latency targets already carry the planner's)."""
+    from oamipc.latency import MeasureSetup
+
+    rows = [r for r in report["latency"].get("rows", []) if r.get("a_median_ms")]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: int(r["batch"]))
+    provider = str(report["latency"].get("provider", "CPUExecutionProvider"))
+    setup = MeasureSetup(batch=int(row["batch"]), threads=1, device="cuda" if "CUDA" in provider else "cpu")
+    leaf = tuple(report.get("settings", {}).get("leaf_modules", ()))
+    try:
+        am = AnalysisManager(CompileContext(example_inputs))
+        graph = am.get(passes.UnitGroupAnalysis(leaf), original)
+        model = passes.plan_latency_model(original, graph, plan.kept_mask(graph), setup, float(row["a_median_ms"]),
+                                          provider)
+        predicted = model.predict(passes.plan_widths(graph, plan.kept_mask(graph)))
+    except Exception as exc:  # noqa: BLE001 - a prediction is information; its failure must not fail the compile
+        log.warning("no latency prediction for this plan: %s", first_line(exc))
+        return None
+    return {"batch": setup.batch, "provider": provider, "dense_ms": model.dense_ms, "predicted_ms": predicted,
+            "measurements": model.measured, "from_cache": model.cached, "source": "layers at the plan's widths"}
+
+
 def _check_speedup(verdict: dict[str, Any], required: float | None) -> None:
     """Fail, before any output is moved into place, when the measured speed-up is below ``required``."""
     low = verdict["min_speedup"]
@@ -519,6 +546,8 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
                        if layer_types.get(name, "").startswith("Conv")}  # the channel block is a convolution's
         verdict = speed_verdict(report["latency"], conv_widths)
         report["latency"]["verdict"] = verdict
+        if not report.get("latency_prediction") and plan is not None and isinstance(original, fx.GraphModule):
+            report["latency_prediction"] = _plan_prediction(report, original, plan, example_inputs)
         _compare_prediction(report)
         if verdict["slower_batches"]:
             log.warning("the pruned network is slower than the original at batch %s: %s",

@@ -15,7 +15,7 @@ from .importance_base import ImportanceAnalysis, criteria, get_criterion
 from .importance_magnitude import L1Importance, L2Importance
 from .importance_random import RandomImportance
 from .importance_taylor import TaylorImportance
-from .latency_model import LatencyModelAnalysis
+from .latency_model import LatencyModelAnalysis, plan_latency_model, plan_widths
 from .mip.options import MipOptions
 from .plan_greedy import PlanGreedyAnalysis, select
 from .plan_mip import PlanMipAnalysis
@@ -29,5 +29,5 @@ __all__ = [
     "LatencyModelAnalysis",
     "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
     "RandomImportance", "TaylorImportance", "UnitGroupAnalysis", "apply_plan", "count_costs", "criteria",
-    "get_criterion", "importance_names", "planner_for", "select",
+    "get_criterion", "importance_names", "plan_latency_model", "plan_widths", "planner_for", "select",
 ]

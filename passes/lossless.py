@@ -223,11 +223,12 @@ def _predicted(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisManager
         return None
     dense, smaller = planner.latency_model(gm, am), planner.latency_model(reduced, sub)
     assert dense is not None and smaller is not None
-    return {"batch": dense.setup.batch, "provider": dense.provider, "dense_ms": dense.dense_ms,
-            "budget_ms": planner.target.latency_budget * dense.dense_ms,
-            "predicted_ms": inner["predicted_ms"] if inner else smaller.dense_ms,
-            "measurements": dense.measured + smaller.measured, "from_cache": dense.cached + smaller.cached,
-            "model": "the latency model of the network without its dead units"}
+    against = {"dense_ms": dense.dense_ms, "budget_ms": planner.target.latency_budget * dense.dense_ms,
+               "model": "the latency model of the network without its dead units"}
+    if inner:
+        return {**inner, **against}
+    return {"batch": dense.setup.batch, "provider": dense.provider, "predicted_ms": smaller.dense_ms,
+            "measurements": dense.measured + smaller.measured, "from_cache": dense.cached + smaller.cached, **against}
 
 
 __all__ = ["plan_lossless", "removable"]
