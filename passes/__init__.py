@@ -9,6 +9,7 @@ subpackage :mod:`.mip`.
 from oamipc.surgery import apply_plan
 
 from .costs import CostAnalysis, Costs, count_costs
+from .dead_units import DeadUnitAnalysis, DeadUnits
 from .importance_activation import ActivationImportance
 from .importance_base import ImportanceAnalysis, criteria, get_criterion
 from .importance_magnitude import L1Importance, L2Importance
@@ -23,7 +24,8 @@ from .prune_units import PruneOutcome, PruneUnitsPass
 from .unit_groups import UnitGroupAnalysis
 
 __all__ = [
-    "ActivationImportance", "CostAnalysis", "Costs", "ImportanceAnalysis", "L1Importance", "L2Importance",
+    "ActivationImportance", "CostAnalysis", "Costs", "DeadUnitAnalysis", "DeadUnits", "ImportanceAnalysis",
+    "L1Importance", "L2Importance",
     "LatencyModelAnalysis",
     "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
     "RandomImportance", "TaylorImportance", "UnitGroupAnalysis", "apply_plan", "count_costs", "criteria",

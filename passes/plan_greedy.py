@@ -352,7 +352,7 @@ class PlanGreedyAnalysis(PlannerAnalysis):
     name: ClassVar[str] = "plan-greedy"
     importance: str = "l1"
 
-    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+    def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
         scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)

@@ -52,7 +52,7 @@ class PlanMipAnalysis(PlannerAnalysis):
     name: ClassVar[str] = "plan-mip"
     options: MipOptions = field(default_factory=MipOptions)
 
-    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+    def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         if am.context.calib_x is None:
             raise UsageError("importance 'mip' needs calibration data: pass --data (Python: data=...)")
         graph = am.get(self.unit_analysis(), gm)

@@ -15,10 +15,16 @@ instance is its own cache key, and it is nameable in a pipeline string with ever
 ``importance`` names map to planners here (:func:`planner_for`): a criterion's name gives the
 greedy planner over it; a name registered with :func:`register_planner` (``mip``) gives that
 planner.
+
+Every planner takes ``lossless`` (off unless asked for; the driver asks when data is given): the
+units that are provably dead on the data's box are removed first and the planner plans over the
+rest, with the target lifted so that they cost nothing (:mod:`.lossless`).  Subclasses implement
+:meth:`PlannerAnalysis.plan`; :meth:`PlannerAnalysis.run` adds the lossless step around it.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,10 +68,31 @@ def _measure_plan(gm: fx.GraphModule, am: AnalysisManager, graph: UnitGraph, kep
 
 @dataclass(frozen=True)
 class PlannerAnalysis(Analysis[Planned]):
-    """Base of every planner: the target and the modules kept opaque while tracing."""
+    """Base of every planner: the target, the modules kept opaque while tracing, and whether the
+    provably dead units go first (``lossless``, on the ``lossless_box``: ``feature`` or ``channel``)."""
 
     target: Target = field(default_factory=Target)
     leaf_modules: tuple[str, ...] = ()
+    lossless: bool = False
+    lossless_box: str = "feature"
+
+    def __post_init__(self) -> None:
+        from .dead_units import BOXES
+
+        if self.lossless_box not in BOXES:
+            raise UsageError(f"lossless_box must be one of {', '.join(BOXES)}, got {self.lossless_box!r}")
+
+    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+        """The plan for the target; with ``lossless``, after the dead units are gone (:mod:`.lossless`)."""
+        if self.lossless:
+            from .lossless import plan_lossless
+
+            return plan_lossless(self, gm, am)
+        return self.plan(gm, am)
+
+    @abstractmethod
+    def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+        """The plan for the target on ``gm`` as it is (every subclass's own method)."""
 
     def unit_analysis(self) -> Analysis[UnitGraph]:
         return UnitGroupAnalysis(self.leaf_modules)
@@ -161,16 +188,22 @@ def register_planner(importance: str) -> Callable[[type[PlannerAnalysis]], type[
     return wrap
 
 
+def planner_names() -> dict[type[PlannerAnalysis], str]:
+    """The ``importance`` name of every planner registered with :func:`register_planner`, by class."""
+    return {cls: name for name, cls in _PLANNERS.items()}  # type: ignore[misc]
+
+
 def importance_names() -> list[str]:
     """Every name ``--importance`` accepts: the criteria and the planners of their own."""
     return sorted(set(criteria()) | set(_PLANNERS))
 
 
-def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] = (),
-                **options: Any) -> PlannerAnalysis:
+def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] = (), *, lossless: bool = False,
+                lossless_box: str = "feature", **options: Any) -> PlannerAnalysis:
     """The planner for an ``importance`` name; ``options`` go to a planner of its own (e.g. the MIP's)."""
+    common = {"target": target, "leaf_modules": leaf_modules, "lossless": lossless, "lossless_box": lossless_box}
     if importance in _PLANNERS:
-        return _PLANNERS[importance](target=target, leaf_modules=leaf_modules, **options)
+        return _PLANNERS[importance](**common, **options)
     if importance not in criteria():
         raise UsageError(f"unknown importance {importance!r}; choose one of: {', '.join(importance_names())}")
     if options:
@@ -178,4 +211,4 @@ def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] =
                          "they belong to --importance mip")
     from .plan_greedy import PlanGreedyAnalysis  # late: plan_greedy subclasses this module's base
 
-    return PlanGreedyAnalysis(target=target, leaf_modules=leaf_modules, importance=importance)
+    return PlanGreedyAnalysis(**common, importance=importance)

@@ -200,3 +200,15 @@ def test_mip_quality_family_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert second["networks"]["digits-mlp3x96-s0"]["training"]["cached"]
     assert [(r["criterion"], r["accuracy_after"]) for r in second["rows"]] == [
         (r["criterion"], r["accuracy_after"]) for r in rows]
+
+
+def test_lossless_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "l.json"
+    _load("lossless").main(["--parts", "proofs", "--quick", "--out", str(out)])
+    rows = json.loads(out.read_text())["proofs"]
+    assert {r["network"] for r in rows} >= {"digits_mlp", "digits_mlp_lr0.1", "zoo/mobilenet"}
+    for r in rows:  # a proof on a box that holds the data never beats the data itself
+        assert r["dead_interval"] <= r["dead_feature"] <= r["constant_on_data"] <= r["units_free"]
+        assert r["dead_channel"] <= r["constant_on_data"]
+    assert next(r for r in rows if r["network"] == "digits_mlp_lr0.1")["dead_feature"] > 0
+    assert "| network | free units |" in capsys.readouterr().out
