@@ -110,7 +110,8 @@ def family_networks(members: list[family.Member], cache: Path,
 
 
 def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], mip_options: dict[str, Any],
-        seed: int, done: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+        seed: int, done: Callable[[list[dict[str, Any]]], None] | None = None,
+        round_to: int | str = "auto") -> list[dict[str, Any]]:
     """Compile every network at every budget with every criterion; one row each.
 
     ``done(rows)`` is called after each network with all rows so far (to save partial results).
@@ -127,7 +128,7 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                     if "paper" in criterion:
                         opts.pop("samples", None)  # the paper's one sample per class
                 res = oamipc.compile(model, example, data=data, importance="mip" if opts else criterion,
-                                     flops_budget=budget, seed=seed, mip_options=opts)
+                                     flops_budget=budget, seed=seed, mip_options=opts, round_to=round_to)
                 rep = res.report
                 row = {"model": name, **{k: v for k, v in net.info.items() if k != "training"},
                        "budget": budget, "criterion": criterion,
@@ -334,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--jobs", type=int, default=2,
                         help="MIP worker processes (paper: class problems; budget: the joint stage's trust radii)")
     parser.add_argument("--seed", type=int, default=0, help="the compile's seed (calibration samples, random)")
+    parser.add_argument("--round-to", default="auto", help="the compile's round_to (auto, the default, or an integer)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = {"time_limit": args.time_limit, "total_time_limit": args.total_time_limit, "samples": args.mip_samples,
             "jobs": args.jobs}
     setting: dict[str, Any] = {"budgets": budgets, "criteria": criteria, "mip_options": opts, "seed": args.seed,
+                               "round_to": args.round_to,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "machine": platform.machine(), "threads": torch.get_num_threads(), "cpu": cpu_model(),
                                "versions": _versions(), "merged_from": [str(p) for p in args.also]}
@@ -373,7 +376,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               for h in family.HALVES if any(r.get("half") == h for r in rows)}
         return res
 
-    rows = run(networks, budgets, criteria, opts, args.seed, done=lambda rows: _write_json(out, result(rows, False)))
+    round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
+    rows = run(networks, budgets, criteria, opts, args.seed, done=lambda rows: _write_json(out, result(rows, False)),
+               round_to=round_to)
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:

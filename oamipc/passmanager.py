@@ -38,11 +38,29 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class InputRange:
+    """The range of the data, per input feature (shape ``(1, *sample_shape)``): the box on which the
+    lossless removal proves units dead.  ``source`` says which data it spans, for the report."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    samples: int
+    source: str
+
+    @classmethod
+    def of(cls, x: torch.Tensor, source: str) -> InputRange:
+        """The per-feature minimum and maximum over the samples ``x`` (shape ``(N, *sample_shape)``)."""
+        return cls(x.amin(0, keepdim=True), x.amax(0, keepdim=True), int(x.shape[0]), source)
+
+
 @dataclass
 class CompileContext:
     """What analyses may need besides the graph: example inputs, data, seed, progress hooks.
 
-    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  Everything
+    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  ``input_range``
+    is the range of all the data given (the train split), for the lossless removal's box; when it
+    is None, that box is the calibration samples' range.  Everything
     that changes an analysis's result and is not the graph or these inputs is an option of the
     analysis (a dataclass field), so the cache key covers it.  Analyses return data; they never
     write a report (the driver builds it from their results).
@@ -53,6 +71,7 @@ class CompileContext:
     calib_y: torch.Tensor | None = None
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
+    input_range: InputRange | None = None
 
     def tick(self, what: str, done: int, total: int) -> None:
         """Report progress of a long step (the CLI draws a bar; the library only calls back)."""
