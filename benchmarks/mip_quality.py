@@ -134,7 +134,9 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                        "budget": budget, "criterion": criterion,
                        "macs_kept": rep["after"]["macs"] / rep["before"]["macs"], "dense_macs": rep["before"]["macs"],
                        "accuracy_before": rep["accuracy"]["before"], "accuracy_after": rep["accuracy"]["after"],
-                       "seconds": time.perf_counter() - start,
+                       "seconds": time.perf_counter() - start, "round_to": rep["settings"].get("round_to"),
+                       # units removed for free before the criterion ran (provably dead on the data's box)
+                       "lossless_units_removed": rep["lossless"].get("units_removed", 0),
                        # The applied plan (kept unit indices per group): restructurings must keep it.
                        "plan": {g.name: g.kept for g in res.plan.groups} if res.plan is not None else None}
                 if "paper" in criterion:
