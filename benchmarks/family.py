@@ -42,7 +42,8 @@ from torch import nn
 from oamipc.data import DataSplits, load_data
 from oamipc.training import Recipe, cache_root, trained
 
-__all__ = ["ARCHITECTURES", "HALVES", "SEEDS", "Member", "cache_dir", "members", "network", "splits"]
+__all__ = ["ARCHITECTURES", "HALVES", "SEEDS", "Member", "cache_dir", "example_input", "half_of", "members", "network",
+           "splits"]
 
 SEEDS: tuple[int, ...] = (0, 1)
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28)}

@@ -15,9 +15,9 @@ Run::
 The trained-network family (``benchmarks/family.py``: twelve architectures x two seeds, split
 by architecture into a ``tune`` and a ``report`` half) instead of the shipped examples::
 
-    python benchmarks/mip_quality.py --family report --criteria l1,l2,taylor,activation
-    python benchmarks/mip_quality.py --family report --criteria mip --jobs 1 \
-        --also benchmarks/results/mip_quality_family_report_free.json   # merge the earlier rows
+    python benchmarks/mip_quality.py --family report                  # all default criteria in one run
+    python benchmarks/mip_quality.py --family all --criteria l1,l2,taylor,activation --out /tmp/free.json
+    python benchmarks/mip_quality.py --family report --criteria mip --jobs 1 --also /tmp/free.json  # merged
 
 With ``--family`` the default criteria are ``mip,l1,l2,taylor,activation``; the networks are
 trained on first use and cached (``--cache``, default ``$OAMIPC_CACHE_DIR/family``).  It prints a
@@ -30,7 +30,8 @@ Criteria: the solver-free ones, ``mip`` (the default ``budget`` formulation), ``
 with ``--mean-replacement``), ``mip_paper`` (the
 thesis's formulation, one sample per class) and ``mip_paper_lp`` (its LP relaxation, ``--relax``).
 
-It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_quality_<models>.json``).
+It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_quality_<models>.json``,
+with ``--family``: ``mip_quality_family_<half>.json``).
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                        "budget": budget, "criterion": criterion,
                        "macs_kept": rep["after"]["macs"] / rep["before"]["macs"], "dense_macs": rep["before"]["macs"],
                        "accuracy_before": rep["accuracy"]["before"], "accuracy_after": rep["accuracy"]["after"],
-                       "seconds": time.perf_counter() - start,
+                       "seconds": time.perf_counter() - start, "round_to": rep["settings"].get("round_to"),
+                       # units removed for free before the criterion ran (provably dead on the data's box)
+                       "lossless_units_removed": rep["lossless"].get("units_removed", 0),
                        # The applied plan (kept unit indices per group): restructurings must keep it.
                        "plan": {g.name: g.kept for g in res.plan.groups} if res.plan is not None else None}
                 if "paper" in criterion:
@@ -392,6 +395,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(summary_table(res["summary"]))
     for half, summ in res["summary"].items():
         goal = summ["goal"]
+        if not summ["budgets"]:
+            print(f"{half}: no network with both a mip row and a solver-free row")
+            continue
         print(f"{half}: never more than 0.5 pt behind: {goal['never_more_than_half_point_behind']}; "
               f"ahead by >= 2 pt on average at 30% and 15%: {goal['ahead_on_average_at_small_budgets']}")
     return res
