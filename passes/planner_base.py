@@ -137,8 +137,8 @@ class PlannerAnalysis(Analysis[Planned]):
         against the dense one interleaved (:func:`oamipc.latency.measure_pair`).  When the whole
         network saved a different share than the layers predicted, the layers' changes are scaled
         by the ratio seen (``LatencyModel.scale``) and the plan is made again; at most
-        :data:`CALIBRATION_ROUNDS` rounds, keeping the last plan that met the budget (or else the
-        last).  Returns the plan, the calibrated model and one record per round."""
+        :data:`CALIBRATION_ROUNDS` rounds, keeping the plan that met the budget with the most of it
+        spent (or else the last).  Returns the plan, the calibrated model and one record per round."""
         from .plan_greedy import select
 
         base = self.latency_model(gm, am)
@@ -146,6 +146,7 @@ class PlannerAnalysis(Analysis[Planned]):
         limit = target.latency_budget
         model, rounds = base, []
         best: tuple[np.ndarray, LatencyModel] | None = None
+        best_ratio = 0.0
         kept = graph.all_kept()
         last: tuple[np.ndarray, LatencyModel] | None = None
         for _ in range(CALIBRATION_ROUNDS):
@@ -161,8 +162,8 @@ class PlannerAnalysis(Analysis[Planned]):
             ratio = _measure_plan(gm, am, graph, kept, base)
             rounds.append({"scale": model.scale, "predicted_ratio": model.predict(widths) / base.dense_ms,
                            "measured_ratio": ratio})
-            if ratio <= limit * (1 + CALIBRATION_SLACK):
-                best = (kept, model)
+            if ratio <= limit * (1 + CALIBRATION_SLACK) and (best is None or ratio > best_ratio):
+                best, best_ratio = (kept, model), ratio  # the met plan that spends most of the budget
                 if ratio >= limit * (1 - 3 * CALIBRATION_SLACK):
                     break  # met, and not far under: no more rounds needed
             if layer_saving <= 1e-12 or ratio >= 1.0:

