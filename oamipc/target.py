@@ -136,14 +136,14 @@ def conv_paths_for(target: Target) -> ConvPaths:
     return ConvPaths(block, min(probed.in_align, block), min(probed.depthwise_align, block))
 
 
-def granularity(target: Target, graph: UnitGraph, *, relaxed: bool = False) -> dict[int, int]:
+def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     """Per group id, the multiple its kept width must be (a group may always keep all its units).
 
     An integer ``round_to`` applies to every group.  ``"auto"`` follows onnxruntime's blocked CPU
     convolutions (:class:`oamipc.hardware.ConvPaths`, probed), for groups written by a convolution:
 
-    * a width that is a multiple of the block keeps multiples of the block: output channels are
-      computed a whole block at a time, so widths in between cost as much as the next multiple;
+    * a width of two or more blocks keeps multiples of the block: output channels are computed a
+      whole block at a time, so widths in between cost as much as the next multiple;
     * another width that is a multiple of the alignment the blocked kernels need (input widths of
       a block or more, read by a convolution; depthwise widths) keeps multiples of that alignment,
       so that no reader falls off the blocked path (MobileNetV2's 24-channel streams: multiples
@@ -158,12 +158,10 @@ def granularity(target: Target, graph: UnitGraph, *, relaxed: bool = False) -> d
     target gets 1 everywhere under ``"auto"``: it fixes every group's count by itself, and rounding
     would silently change what was asked, where a budget lets the planner spend the difference
     elsewhere (an integer ``round_to`` still rounds a ratio's counts up).
-    ``relaxed=True`` also gives groups of exactly one block the input alignment instead of the
-    block (they could otherwise only stay whole).  Widths below the block would be read directly
-    at any width; multiples of the alignment keep the plan on the same grid as wider groups
-    (SmallResNet at half its MACs ran at 0.62-0.68 of the dense latency at batch 64 this way and
-    at 0.66 with any width: neither is much faster, see RESULTS).  Planners use it only when a
-    budget cannot be reached without (:func:`oamipc.passes.plan_greedy.plan_steps`).
+    A group of exactly one block keeps multiples of the input alignment, not of the block (with
+    the block it could only stay whole).  Measured on the trained-network family: with one-block
+    groups kept whole, a digits CNN with convolutions of 16 and 32 channels met 15% of its MACs
+    only by cutting the 32 to one channel, and ``mip`` fell from 82% to 26% test accuracy.
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
@@ -186,7 +184,7 @@ def granularity(target: Target, graph: UnitGraph, *, relaxed: bool = False) -> d
         if not conv_units & units or not (conv_read | depthwise) & units:
             steps[g.id] = 1  # no convolution reads it: every width keeps every kernel on its fast path
             continue
-        if g.size % paths.block == 0 and not (relaxed and g.size == paths.block):
+        if g.size % paths.block == 0 and g.size > paths.block:
             steps[g.id] = paths.block
             continue
         # What keeps every member and reader on the blocked path: readers need widths below the

@@ -81,9 +81,8 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
 
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
         setup = MeasureSetup(self.batch, self.threads, self.device)  # type: ignore[arg-type]
-        # The finer steps one-block groups may take when a budget needs them are measured too.
         steps = granularity(Target(latency_budget=1.0, round_to=self.round_to, channel_block=self.channel_block),
-                            graph, relaxed=True)
+                            graph)
         pinned = graph.pinned_mask()
         inputs = am.context.example_inputs
         counts = {"measured": 0, "cached": 0}

@@ -29,7 +29,7 @@ from oamipc.errors import PlanError
 from oamipc.latency import LatencyModel
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.plan import Plan, Planned
-from oamipc.target import AUTO, Target, granularity
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 from .importance_base import get_criterion
@@ -97,10 +97,6 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
     steps = granularity(target, graph)
     choosers = [_GroupChooser(g, scores, target.min_keep, steps[g.id], forced) for g in graph.groups
                 if g.prunable]
-    # Finer steps for one-block groups, taken only once the strict ones cannot reach the target.
-    relaxed = granularity(target, graph, relaxed=True) if target.kind == "latency" else plan_steps(target, graph)
-    fallback = {g.id: _GroupChooser(g, scores, target.min_keep, relaxed[g.id], forced) for g in graph.groups
-                if g.prunable and relaxed[g.id] != steps[g.id]}
     if target.prune_ratio is not None:
         for ch in choosers:
             n = ch.at_least(ch.group.size - math.floor(target.prune_ratio * ch.group.size))
@@ -109,40 +105,9 @@ def select(graph: UnitGraph, scores: np.ndarray, target: Target, *, normalise: b
     if target.kind == "latency":
         if latency is None:
             raise PlanError("a latency budget needs the measured latency model of the network")
-        return _select_latency(graph, scores, choosers, kept, target, latency, normalise, fallback)
+        return _select_latency(graph, scores, choosers, kept, target, latency, normalise)
     assert target.flops_budget is not None
-    return _select_budget(graph, scores, choosers, kept, target.flops_budget, normalise, fallback)
-
-
-def plan_steps(target: Target, graph: UnitGraph) -> dict[int, int]:
-    """The rounding steps every planner obeys: :func:`~oamipc.target.granularity`, relaxed for groups
-    of exactly one channel block when ``round_to="auto"`` could not reach a MAC budget otherwise.
-
-    Relaxing is the exception, because a width below the block saves no time on the layer that
-    writes it (outputs are computed a whole block at a time) and makes its readers convert layouts;
-    but a budget the user asked for is a promise.  The greedy planner uses the relaxed steps only
-    after the strict ones are exhausted (:func:`_select_budget`), so it relaxes no more than needed.
-    """
-    steps = granularity(target, graph)
-    if target.round_to != AUTO or target.flops_budget is None:
-        return steps
-    relaxed = granularity(target, graph, relaxed=True)
-    if relaxed == steps:
-        return steps
-    kept = graph.all_kept()
-    zeros = np.zeros(graph.n_units)
-    for g in graph.groups:
-        if g.prunable:
-            ch = _GroupChooser(g, zeros, target.min_keep, steps[g.id])
-            _apply(kept, ch, ch.allowed[0])
-    total = graph.macs()
-    floor = graph.macs(kept)
-    if floor <= target.flops_budget * total * (1 + 1e-9):
-        return steps
-    log.info("round_to=auto: one-block groups keep multiples of their alignment, not of the block, since with "
-             "every group at its narrowest aligned width the network keeps %.3f of its MACs (budget %g)",
-             floor / total, target.flops_budget)
-    return relaxed
+    return _select_budget(graph, scores, choosers, kept, target.flops_budget, normalise)
 
 
 def _norms(scores: np.ndarray, choosers: list[_GroupChooser], normalise: bool) -> dict[int, float]:
@@ -155,8 +120,7 @@ def _norms(scores: np.ndarray, choosers: list[_GroupChooser], normalise: bool) -
 
 
 def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
-                    target: Target, model: LatencyModel, normalise: bool,
-                    fallback: dict[int, _GroupChooser] | None = None) -> np.ndarray:
+                    target: Target, model: LatencyModel, normalise: bool) -> np.ndarray:
     """Remove the step that loses the least (normalised) score per millisecond it saves, until the
     predicted latency is within budget; then give back the steps that still fit (a greedy knapsack
     with measured latency as the cost)."""
@@ -189,10 +153,6 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
             cost = (False, lost / saved) if saved > 1e-12 else (True, lost)
             if best is None or cost < best[0]:
                 best = (cost, ch.group.id, lower, removed, after)
-        if best is None and fallback:
-            choosers = [fallback.get(ch.group.id, ch) for ch in choosers]
-            fallback = None
-            continue
         if best is None:
             raise PlanError(f"the latency budget {target.latency_budget:g} is unreachable: the smallest widths "
                             f"allowed are predicted at {now / model.dense_ms:.3f} of the dense latency; raise the "
@@ -241,10 +201,8 @@ def _apply(kept: np.ndarray, ch: _GroupChooser, n: int) -> None:
 
 
 def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
-                   budget: float, normalise: bool = True,
-                   fallback: dict[int, _GroupChooser] | None = None) -> np.ndarray:
-    """Remove the cheapest step until the MACs fit; ``fallback`` choosers (finer steps) replace their
-    groups' choosers only once every strict step is taken (see :func:`plan_steps`)."""
+                   budget: float, normalise: bool = True) -> np.ndarray:
+    """Remove the cheapest step until the MACs fit, then give back what still fits."""
     total = graph.macs()
     target = budget * total
     # Incremental MACs: per layer, how many input/output positions each unit occupies.
@@ -281,12 +239,6 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
     for ch in choosers:
         push(ch)
     while macs() > target + 1e-9 * total:
-        if not heap and fallback:
-            for gid, ch in fallback.items():
-                by_id[gid] = ch
-                choosers = [ch if c.group.id == gid else c for c in choosers]
-                push(ch)
-            fallback = None
         if not heap:
             raise PlanError(f"the MAC budget {budget:g} is unreachable: every group is at its minimum width, "
                             f"which keeps {macs() / total:.3f} of the MACs; lower the minimum width or the "

@@ -65,10 +65,9 @@ from oamipc.errors import SolverError, UsageError
 from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, solve
 from oamipc.surgery import apply_plan, fold_bias_shift
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
-from ..plan_greedy import plan_steps
 from .encoder import Encoder, EncodingStats, margin_hinge
 from .joint import JointStage
 from .masked import MaskedNetwork, margins
@@ -208,7 +207,7 @@ class BudgetSolver:
         self.calib = calib
         self.opts = opts
         self.target = target.require()
-        self.steps = plan_steps(self.target, graph)
+        self.steps = granularity(self.target, graph)
         self.forced = forced
         self.progress = progress
         self.magnitude = unit_magnitude(gm, graph)

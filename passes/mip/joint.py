@@ -51,10 +51,9 @@ import torch
 
 from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph
 
-from ..plan_greedy import plan_steps
 from .masked import MaskedNetwork
 from .rows import Keep, group_rows, mac_expression, plan_violations
 from .workers import fork_map
@@ -94,7 +93,7 @@ class JointStage:
         self.free = free
         self.magnitude = magnitude
         self.target = target
-        self.steps = plan_steps(target, graph)
+        self.steps = granularity(target, graph)
         self.flops_budget = target.flops_budget
         self.spend = spend  # never fewer MACs than the round's starting plan (MipOptions.spend_budget)
         self.gap = gap

@@ -20,10 +20,8 @@ from typing import Any
 import numpy as np
 import pulp
 
-from oamipc.target import Target
+from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
-
-from ..plan_greedy import plan_steps
 
 Keep = dict[int, pulp.LpAffineExpression]
 
@@ -143,7 +141,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
     """
     fixed_count = target.kind != "macs"
     min_keep, flops_budget = target.min_keep, target.flops_budget
-    steps = plan_steps(target, graph)
+    steps = granularity(target, graph)
     problems: list[str] = []
     if len(kept) != graph.n_units:
         return [f"the plan has {len(kept)} entries for {graph.n_units} units"]
