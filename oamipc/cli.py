@@ -218,6 +218,8 @@ def compile_cmd(
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
     exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
+    reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,
@@ -225,11 +227,12 @@ def compile_cmd(
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Prune MODEL and write a smaller, verified ONNX file."""
-    from oamipc.driver import FileJob, compile_file
+    from oamipc.driver import FileJob, compile_file, reconstruct_option
     from oamipc.finetune import FinetuneConfig
 
     _setup_logging(verbose)
     with _errors():
+        rebuild = reconstruct_option(reconstruct, reconstruct_samples)
         if finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
@@ -243,7 +246,7 @@ def compile_cmd(
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
                                   calib_samples=calib_samples, mip_options=mip, finetune=finetune, lossless=lossless,
-                                  lossless_box=lossless_box)
+                                  lossless_box=lossless_box, reconstruct=rebuild)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
@@ -269,13 +272,14 @@ def finetune_cmd(
     schedule: Annotated[str, typer.Option("--schedule", help="Learning rate: cosine (decays to 0) | constant.")] = "cosine",
     label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Cross-entropy label smoothing.")] = 0.0,
     plan: Annotated[Path | None, typer.Option("--plan", help="Replay this plan (from compile --save-plan) on MODEL first.")] = None,
+    reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="With --plan: refit the pruned layers to the original's layer outputs before training, as compile does (default: on).")] = None,
     save_pt: Annotated[Path | None, typer.Option("--save-pt", help="Also write the fine-tuned model as a torch.export program.")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Write the report as JSON (.html: a page with plots).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the batch order (same seed: same weights).")] = 0,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Fine-tune a pruned MODEL on labelled data and write it as a verified ONNX file."""
-    from oamipc.driver import FileJob, finetune_file
+    from oamipc.driver import FileJob, finetune_file, reconstruct_option
     from oamipc.finetune import FinetuneConfig
 
     _setup_logging(verbose)
@@ -285,7 +289,7 @@ def finetune_cmd(
         job = FileJob(source, str(output), str(plan) if plan else None, report_path=str(report) if report else None,
                       save_pt=str(save_pt) if save_pt else None, bench=False)
         with _progress() as progress:
-            result = finetune_file(job, config, progress)
+            result = finetune_file(job, config, progress, reconstruct=reconstruct_option(reconstruct, None))
     console.print(_history_table(result["finetune"]))
     console.print(_finetune_table(result))
     onnx = result["onnx"]

@@ -2,7 +2,7 @@
 
 Data flows one way::
 
-    load -> trace (shapes) -> unit groups -> importance -> plan -> prune -> export -> verify -> bench
+    load -> trace (shapes) -> unit groups -> importance -> plan -> prune -> reconstruct -> export -> verify -> bench
 
 :func:`compile` is the Python API (module in, pruned GraphModule and report out).
 :func:`compile_file` is what ``oamipc compile`` runs: it adds loading, ONNX export of the
@@ -43,6 +43,8 @@ from oamipc.tracing import propagate_shapes, trace
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_SAMPLES = 512
+#: Whether ``reconstruct="auto"`` refits the pruned layers when data is given (benchmarks/RESULTS.md).
+RECONSTRUCT_BY_DEFAULT = True
 
 
 @dataclass
@@ -96,6 +98,7 @@ def compile(  # noqa: A001 - the product's verb
     lossless_box: str = "feature",
     verify: bool = True,
     finetune: FinetuneConfig | None = None,
+    reconstruct: bool | str | passes.ReconstructPass = "auto",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompileResult:
     """Trace ``model``, choose units with ``importance`` and remove them; return the result.
@@ -113,6 +116,10 @@ def compile(  # noqa: A001 - the product's verb
     :mod:`oamipc.passes.lossless`); ``None`` (the default) turns it on when ``data`` is given and
     the plan is chosen here (not replayed, no ``pipeline``: there, planners take ``lossless=true``).
     The target and the MIP options are validated here, before any work.
+    ``reconstruct`` refits the pruned layers to the original network's layer outputs after
+    pruning (:class:`oamipc.passes.ReconstructPass`; a pass instance sets its options): ``"auto"``
+    does so when ``data`` is given and no ``pipeline`` is (a pipeline names ``reconstruct`` itself),
+    ``True`` requires data; the report then has a ``reconstruct`` section.
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
@@ -146,11 +153,14 @@ def compile(  # noqa: A001 - the product's verb
         log.info("importance: %s (%s)", importance, "calibration data given" if calib is not None else "no --data")
     mip = passes.MipOptions.of(mip_options) if importance == "mip" and pipeline is None else None
     lossless_on, lossless_note = _lossless_choice(lossless, calib is not None, plan is not None, pipeline is not None)
+    refit = _reconstruct_step(reconstruct, pipeline, calib is not None, len(example_inputs))
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
                          progress=progress,
                          input_range=InputRange.of(train.x, f"{train.name} ({len(train.x)} samples)")
-                         if lossless_on and train is not None else None)
-    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box)
+                         if lossless_on and train is not None else None,
+                         train_x=train.x if train is not None else None, original=original)
+    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box) + (
+        [refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
     before = passes.count_costs(gm)
@@ -161,8 +171,9 @@ def compile(  # noqa: A001 - the product's verb
         propagate_shapes(gm, example_inputs)
     after = passes.count_costs(gm)
     outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
+    rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
-        "settings": {"importance": importance, **target.to_dict(), "seed": seed,
+        "settings": {"importance": importance, **target.to_dict(), "seed": seed, "reconstruct": rebuilt is not None,
                      "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
                      "lossless": lossless_on, "lossless_box": lossless_box,
                      "mip": mip.to_dict() if mip is not None else {},
@@ -172,6 +183,7 @@ def compile(  # noqa: A001 - the product's verb
         "before": before.to_dict(),
         "after": after.to_dict(),
         **_plan_sections(outcome),
+        **({"reconstruct": rebuilt.to_dict()} if rebuilt is not None else {}),
         "timings_s": dict(am.timings),
     }
     if "lossless" not in report:
@@ -229,6 +241,39 @@ def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | N
     extra = {"options": mip} if mip is not None else {}
     return [passes.planner_for(importance, target, leaf_modules, lossless=lossless, lossless_box=lossless_box, **extra),
             passes.PruneUnitsPass(leaf_modules=leaf_modules)]
+
+
+def _reconstruct_step(reconstruct: bool | str | passes.ReconstructPass,
+                      pipeline: str | Sequence[Pass | Analysis[Any]] | None, has_data: bool,
+                      n_inputs: int) -> passes.ReconstructPass | None:
+    """The reconstruction pass a compile appends after pruning, or None (see :func:`compile`)."""
+    if isinstance(reconstruct, str):
+        if reconstruct != "auto":
+            raise UsageError(f"reconstruct must be True, False, 'auto' or a ReconstructPass, got {reconstruct!r}")
+        return passes.ReconstructPass() if (RECONSTRUCT_BY_DEFAULT and has_data and pipeline is None
+                                            and n_inputs == 1) else None
+    if reconstruct is False:
+        return None
+    if pipeline is not None:
+        raise UsageError("with a pipeline, name the reconstruct pass in it (e.g. 'prune-units{flops-budget=0.5},"
+                         "reconstruct') instead of asking for reconstruction separately")
+    if not has_data:
+        raise UsageError("reconstruction (--reconstruct) refits layers on sample inputs: give --data")
+    return reconstruct if isinstance(reconstruct, passes.ReconstructPass) else passes.ReconstructPass()
+
+
+def reconstruct_option(enabled: bool | None, samples: int | None) -> bool | str | passes.ReconstructPass:
+    """The ``reconstruct`` argument of :func:`compile` for the CLI's ``--reconstruct/--no-reconstruct``
+    (None: not given, "auto") and ``--reconstruct-samples`` (which asks for reconstruction)."""
+    if samples is not None and samples < 0:
+        raise UsageError(f"--reconstruct-samples must be 0 (all) or more, got {samples}")
+    if enabled is False:
+        if samples is not None:
+            raise UsageError("--reconstruct-samples has no effect with --no-reconstruct; drop one of them")
+        return False
+    if samples is None:
+        return "auto" if enabled is None else True
+    return passes.ReconstructPass(samples=samples)
 
 
 def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
@@ -384,12 +429,14 @@ def compile_file(job: FileJob, progress: Callable[[str, int, int], None] | None 
 
 
 def finetune_file(job: FileJob, config: FinetuneConfig,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str, int, int], None] | None = None, *,
+                  reconstruct: bool | str | passes.ReconstructPass = "auto") -> dict[str, Any]:
     """``oamipc finetune``: load, (replay the plan,) fine-tune, export, verify; return the report.
 
     ``job.source.model`` is either a pruned program written by ``compile --save-pt`` (or any
     model to fine-tune as it is), or, with ``job.plan_path``, the original model: the plan is
-    replayed with :func:`compile` (``job.source.leaf_modules`` as when the plan was made) and the
+    replayed with :func:`compile` (``job.source.leaf_modules`` as when the plan was made; with
+    ``reconstruct`` as there, so by default the replayed network is refit before training) and the
     pruned network fine-tuned.  Training uses the data's train split, accuracy its test split.
     Outputs are checked before any work and written atomically, all or none, as by
     :func:`compile_file`.
@@ -408,7 +455,7 @@ def finetune_file(job: FileJob, config: FinetuneConfig,
     test = _fit(splits.test, loaded.sample_shape)
     if plan is not None:
         result = compile(loaded.model, example, data=splits, plan=plan, leaf_modules=job.source.leaf_modules,
-                         seed=config.seed, finetune=config, progress=progress)
+                         seed=config.seed, finetune=config, progress=progress, reconstruct=reconstruct)
         module, report = result.module, result.report
     else:
         start = time.perf_counter()

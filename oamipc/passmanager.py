@@ -15,10 +15,16 @@ Design (after onnx-ir's pass API, Pythran's analysis caching and LLVM's "preserv
 * A registry maps CLI names (``prune-units``) to classes, for the pipeline parser
   (:mod:`oamipc.pipeline`).  The infrastructure never imports the pass library: passes register
   themselves when ``oamipc.passes`` is imported, which only the driver does.
+* A transform that compares the network with what it was before the pipeline ran (layer
+  reconstruction refits pruned layers to the dense network's outputs) says so with
+  ``needs_original``; the pass manager then keeps a copy of the graph as it found it in
+  :attr:`CompileContext.original` (unless the caller put one there), and every transform's outcome
+  is recorded in :attr:`AnalysisManager.outcomes`, so a later pass can read what an earlier one did.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -60,10 +66,14 @@ class CompileContext:
 
     ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  ``input_range``
     is the range of all the data given (the train split), for the lossless removal's box; when it
-    is None, that box is the calibration samples' range.  Everything
-    that changes an analysis's result and is not the graph or these inputs is an option of the
-    analysis (a dataclass field), so the cache key covers it.  Analyses return data; they never
-    write a report (the driver builds it from their results).
+    is None, that box is the calibration samples' range.  ``train_x`` is the whole split the
+    calibration samples were drawn from, for passes that gain from more samples than the
+    calibration set (reconstruction: forward passes are cheap).  ``original`` is the network as
+    it was before the pipeline ran (the dense reference); the driver sets it, or the pass
+    manager copies the graph when a pass needs it.  Everything that changes an analysis's result
+    and is not the graph or these inputs is an option of the analysis (a dataclass field), so the
+    cache key covers it.  Analyses return data; they never write a report (the driver builds it
+    from their results).
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -72,6 +82,8 @@ class CompileContext:
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
     input_range: InputRange | None = None
+    train_x: torch.Tensor | None = None
+    original: fx.GraphModule | None = None
 
     def tick(self, what: str, done: int, total: int) -> None:
         """Report progress of a long step (the CLI draws a bar; the library only calls back)."""
@@ -104,6 +116,8 @@ class Pass(ABC):
 
     name: ClassVar[str] = ""
     preserves: ClassVar[tuple[type[Analysis[Any]], ...]] = ()
+    #: The pass reads ``am.context.original`` (the graph before the pipeline ran).
+    needs_original: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
@@ -120,6 +134,9 @@ class AnalysisManager:
         # The result of the last planner that a pipeline listed (``plan-mip,prune-units``): a
         # prune pass without planning options of its own applies it.  Dropped with the cache.
         self.planned: Planned | None = None
+        # (pass name, PassResult.outcome) of every transform run on this graph, in order: what a
+        # later pass may need to know about earlier ones (the channels a prune pass kept).
+        self.outcomes: list[tuple[str, Any]] = []
 
     def get(self, analysis: Analysis[T], gm: fx.GraphModule) -> T:
         """Return the result of ``analysis`` on ``gm``, computing it at most once per graph state."""
@@ -184,6 +201,8 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> fx.GraphModule:
         done: list[str] = []
+        if am.context.original is None and any(getattr(s, "needs_original", False) for s in self.steps):
+            am.context.original = copy.deepcopy(gm)
         for step in self.steps:
             name = step.name or type(step).__name__
             try:
@@ -197,6 +216,7 @@ class PassManager:
                     am.timings[name] = am.timings.get(name, 0.0) + time.perf_counter() - start
                     gm = result.gm
                     self.outcomes.append((name, result.outcome))
+                    am.outcomes.append((name, result.outcome))
                     if result.modified:
                         am.invalidate(step.preserves)
                         if self.verify:

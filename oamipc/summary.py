@@ -186,13 +186,33 @@ def _lossless_row(table: SummaryTable, report: dict[str, Any]) -> None:
                   ratio(section.get("macs_before"), section.get("macs_after")))
 
 
+def _reconstruct_row(table: SummaryTable, report: dict[str, Any]) -> None:
+    """The network output's relative error against the original, before and after reconstruction.
+
+    Before and after are those of the reconstruct step (as the fine-tuning row's are of fine-tuning):
+    the pruned network as the surgery left it, and with its layers refit.  A note says so, with the
+    samples and seconds (the label must stay short enough for an 80-column table).
+    """
+    rec = _dict(report.get("reconstruct"))
+    before, after = _num(rec.get("output_error_before")), _num(rec.get("output_error_after"))
+    if before is None or after is None:
+        return
+    seconds = _num(rec.get("seconds"))
+    note = (f"reconstruct: relative error of the network's output against the original's on "
+            f"{fmt_int(rec.get('samples'))} {rec.get('source', 'train')} samples, before and after refitting "
+            f"{fmt_int(rec.get('layers_refit'))} layers" + (f" ({seconds:.2f} s)" if seconds is not None else ""))
+    table.add_row(f"output error, reconstructed {table.note(note)}", fmt_num(before), fmt_num(after),
+                  ratio(before, after))
+
+
 def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> SummaryTable:
     """Parameters, MACs, ONNX size, accuracy and latency of the model before and after pruning.
 
-    The lossless row gives the MACs after removing the provably dead units alone.  The ONNX row
-    appears whenever the pruned file's size is known (the original's size, ``-``
-    when not measured, comes with the latency measurement); accuracy rows need labelled data,
-    latency rows a benchmark.
+    The lossless row gives the MACs after removing the provably dead units alone.  With
+    reconstruction, a row gives the network output's relative error against the original before
+    and after the refit.  The ONNX row appears whenever the pruned file's size is known (the
+    original's size, ``-`` when not measured, comes with the latency measurement); accuracy rows
+    need labelled data, latency rows a benchmark.
     """
     table = SummaryTable(title, (Column("", "left"), Column("before"), Column("after"), Column("after/before")))
     b, a = _dict(report.get("before")), _dict(report.get("after"))
@@ -204,6 +224,7 @@ def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> Sum
         table.add_row("ONNX bytes", fmt_int(onnx.get("bytes_before")), fmt_int(onnx.get("bytes")),
                       ratio(onnx.get("bytes_before"), onnx.get("bytes")))
     _accuracy_rows(table, report)
+    _reconstruct_row(table, report)
     for row in _list(_dict(report.get("latency")).get("rows")):
         row = _dict(row)
         a_ms, b_ms = _num(row.get("a_median_ms")), _num(row.get("b_median_ms"))

@@ -192,7 +192,8 @@ def run_transfer(init_model: nn.Module, *, source: DataSplits, target: DataSplit
     # weights, and the ticket is replayed on the initial ones.
     result = compile_model(trained, example, data=src, importance=importance, flops_budget=flops_budget,
                            prune_ratio=prune_ratio, mip_options=mip_options, seed=seed,
-                           calib_samples=calib_samples, progress=progress, lossless=False)
+                           calib_samples=calib_samples, progress=progress, lossless=False,
+                           reconstruct=False)  # only the plan is used: the arms start from the initial weights
     plan = result.plan
     if plan is None:
         raise UsageError("the compile step produced no plan; give --flops-budget or --prune-ratio")

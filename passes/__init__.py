@@ -3,7 +3,8 @@
 Importing this package registers every pass, analysis, importance criterion and planner by name,
 for pipeline strings and ``--importance``.  Only the driver (:mod:`oamipc.driver`) and the CLI
 import it; the infrastructure in ``oamipc`` never does.  The MIP planner's internals live in the
-subpackage :mod:`.mip`.
+subpackage :mod:`.mip`.  After pruning, :mod:`.reconstruct` refits the pruned layers to the
+original network's layer outputs.
 """
 
 from oamipc.surgery import apply_plan
@@ -21,6 +22,7 @@ from .plan_greedy import PlanGreedyAnalysis, select
 from .plan_mip import PlanMipAnalysis
 from .planner_base import PlannerAnalysis, importance_names, planner_for
 from .prune_units import PruneOutcome, PruneUnitsPass
+from .reconstruct import ReconstructOutcome, ReconstructPass
 from .unit_groups import UnitGroupAnalysis
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "L1Importance", "L2Importance",
     "LatencyModelAnalysis",
     "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
-    "RandomImportance", "TaylorImportance", "UnitGroupAnalysis", "apply_plan", "count_costs", "criteria",
-    "get_criterion", "importance_names", "plan_latency_model", "plan_widths", "planner_for", "select",
+    "RandomImportance", "ReconstructOutcome", "ReconstructPass", "TaylorImportance", "UnitGroupAnalysis",
+    "apply_plan", "count_costs", "criteria", "get_criterion", "importance_names", "plan_latency_model", "plan_widths",
+    "planner_for", "select",
 ]

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 from torch import fx
 
 from oamipc.errors import UsageError
@@ -20,6 +21,7 @@ from oamipc.passmanager import AnalysisManager, Pass, PassResult, register
 from oamipc.plan import Plan, Planned
 from oamipc.surgery import apply_plan, fold_bias_shift
 from oamipc.target import Target
+from oamipc.units import Layout, UnitGraph
 
 from .planner_base import planner_for
 from .unit_groups import UnitGroupAnalysis
@@ -38,6 +40,9 @@ class PruneOutcome:
     predicted_macs_before: float  # the unit graph's cost model (exact counts, held as floats)
     predicted_macs_after: float
     rewritten: list[str]
+    # Per Linear/Conv module target: the output channels (positions before the pass) it kept, for
+    # passes that compare the pruned layers with the originals (reconstruction).  Not in the report.
+    kept_outputs: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The report's ``prune`` section."""
@@ -84,6 +89,17 @@ class PruneUnitsPass(Pass):
         if plan.bias_shift:  # removed inputs' constant contributions folded into their readers' biases
             fold_bias_shift(gm, plan.bias_shift)
         changed = apply_plan(gm, graph, kept) if not kept.all() else []
-        outcome = PruneOutcome(plan, planned, int((~kept).sum()), int(graph.n_units), macs_before, macs_after, changed)
+        outcome = PruneOutcome(plan, planned, int((~kept).sum()), int(graph.n_units), macs_before, macs_after, changed,
+                               kept_outputs(graph, kept))
         log.info("removed %d of %d units; rewrote %d nodes", outcome.units_removed, graph.n_units, len(changed))
         return PassResult(gm, modified=bool(changed), outcome=outcome)
+
+
+def kept_outputs(graph: UnitGraph, kept: np.ndarray) -> dict[str, np.ndarray]:
+    """The output positions each Linear/Conv layer keeps under ``kept`` (the surgery's own rule)."""
+    out: dict[str, np.ndarray] = {}
+    for layer in graph.layers:
+        lay = graph.layouts.get(layer.node)
+        if isinstance(lay, Layout):
+            out[layer.target] = lay.keep_positions(kept)
+    return out

@@ -156,7 +156,7 @@ def digits() -> DataSplits:
 def test_pruned_graph_module_recovers_accuracy(digits: DataSplits) -> None:
     model = load_model(MLP)
     x = digits.train.x[:1]
-    pruned = compile(model, x, data=digits, importance="l1", prune_ratio=0.7)
+    pruned = compile(model, x, data=digits, importance="l1", prune_ratio=0.7, reconstruct=False)
     after_prune = accuracy(pruned.module, digits.test)
     assert after_prune < pruned.report["accuracy"]["before"] - 0.2  # pruning really hurt
     config = FinetuneConfig(epochs=2)
@@ -164,7 +164,7 @@ def test_pruned_graph_module_recovers_accuracy(digits: DataSplits) -> None:
     assert hist.final_eval_accuracy is not None and hist.final_eval_accuracy > after_prune + 0.1
 
     # compile(finetune=...) is that same training on the same pruned network: same weights.
-    tuned = compile(model, x, data=digits, importance="l1", prune_ratio=0.7, finetune=config)
+    tuned = compile(model, x, data=digits, importance="l1", prune_ratio=0.7, finetune=config, reconstruct=False)
     assert all(torch.equal(a, b) for a, b in zip(tuned.module.state_dict().values(),
                                                  pruned.module.state_dict().values(), strict=True))
     acc, ft = tuned.report["accuracy"], tuned.report["finetune"]
@@ -216,7 +216,7 @@ def pruned_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("pruned")
     files = {"pt2": d / "p.pt2", "plan": d / "plan.json", "report": d / "r.json"}
     code, _, stderr = run("compile", MLP, "--data", "digits", "--importance", "l1", "--prune-ratio", "0.7",
-                          "--no-bench", "-o", str(d / "p.onnx"), "--save-pt", str(files["pt2"]),
+                          "--no-bench", "--no-reconstruct", "-o", str(d / "p.onnx"), "--save-pt", str(files["pt2"]),
                           "--save-plan", str(files["plan"]), "--report", str(files["report"]))
     assert code == 0, stderr
     return {**files, "acc": json.loads(files["report"].read_text())["accuracy"]}
@@ -227,7 +227,7 @@ def test_compile_finetune_epochs_end_to_end(tmp_path: Path, digits: DataSplits,
     out, report = tmp_path / "ft.onnx", tmp_path / "r.json"
     code, stdout, stderr = run("compile", MLP, "--data", "digits", "--importance", "l1", "--prune-ratio", "0.7",
                                "--finetune-epochs", "2", "--lr", "0.002", "--batch-size", "64", "--optimizer",
-                               "adamw", "--no-bench", "-o", str(out), "--report", str(report))
+                               "adamw", "--no-bench", "--no-reconstruct", "-o", str(out), "--report", str(report))
     assert code == 0, stderr
     assert "fine-tuning (2 epochs" in stdout and "accuracy after pruning" in stdout
     rep = json.loads(report.read_text())
@@ -260,7 +260,7 @@ def test_finetune_command_on_saved_program(tmp_path: Path, digits: DataSplits, p
 def test_finetune_command_replays_a_plan(tmp_path: Path, pruned_files: dict[str, Any]) -> None:
     out, report = tmp_path / "ft.onnx", tmp_path / "r.json"
     code, stdout, stderr = run("finetune", MLP, "--plan", str(pruned_files["plan"]), "--data", "digits",
-                               "--epochs", "2", "-o", str(out), "--report", str(report))
+                               "--no-reconstruct", "--epochs", "2", "-o", str(out), "--report", str(report))
     assert code == 0, stderr
     assert "accuracy after pruning" in stdout
     rep = json.loads(report.read_text())

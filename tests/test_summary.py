@@ -129,7 +129,8 @@ def body(text: str) -> list[list[str]]:
 
 def test_costs_and_widths_rows_carry_the_reports_numbers(plain: dict[str, Any]) -> None:
     table = costs_table(plain)
-    b, a, acc, lossless = plain["before"], plain["after"], plain["accuracy"], plain["lossless"]
+    b, a, acc, lossless, rec = (plain["before"], plain["after"], plain["accuracy"], plain["lossless"],
+                                plain["reconstruct"])
     assert [c.header for c in table.columns] == ["", "before", "after", "after/before"]
     assert table.rows == [
         ("parameters", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / b['params']:.3f}x"),
@@ -138,8 +139,13 @@ def test_costs_and_widths_rows_carry_the_reports_numbers(plain: dict[str, Any]) 
         (f"lossless: 0 dead units removed, {lossless['seconds']:.2f} s", f"{b['macs']:,}", f"{b['macs']:,}", "1.000x"),
         (f"accuracy (digits/test, n={acc['samples']})", f"{100 * acc['before']:.2f}%", f"{100 * acc['after']:.2f}%",
          f"{100 * (acc['after'] - acc['before']):+.2f} pt"),
+        ("output error, reconstructed [1]", f"{rec['output_error_before']:.3g}", f"{rec['output_error_after']:.3g}",
+         f"{rec['output_error_after'] / rec['output_error_before']:.3f}x"),
     ]
-    assert table.caption == "" and table.notes == []
+    assert table.caption == ""
+    assert table.notes == [f"reconstruct: relative error of the network's output against the original's on "
+                           f"{rec['samples']:,} train samples, before and after refitting {rec['layers_refit']} layers "
+                           f"({rec['seconds']:.2f} s)"]
     widths = widths_table(plain)
     assert widths.rows == [(name, str(w["before"]), str(w["after"])) for name, w in plain["widths"].items()]
     assert ("body.0", "128", "64") in widths.rows
@@ -160,7 +166,7 @@ def test_onnx_and_latency_rows_when_measured(plain: dict[str, Any]) -> None:
 def test_finetuned_report_splits_accuracy_and_has_a_history(tuned: dict[str, Any]) -> None:
     acc, ft = tuned["accuracy"], tuned["finetune"]
     labels = [row[0] for row in costs_table(tuned).rows]
-    assert labels[3:] == [f"accuracy after pruning (digits/test, n={acc['samples']})",
+    assert labels[3:6] == [f"accuracy after pruning (digits/test, n={acc['samples']})",
                           f"accuracy, fine-tuning (1 epochs, {ft['seconds']:.2f} s)", "accuracy, pruned + fine-tuned"]
     rows = costs_table(tuned).rows
     assert rows[4][1:] == (f"{100 * acc['after_prune']:.2f}%", f"{100 * acc['after']:.2f}%",
