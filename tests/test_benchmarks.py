@@ -87,7 +87,8 @@ def test_sweep_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     printed = capsys.readouterr().out
     page = (out / "README.md").read_text()
     for text in (printed, page):
-        lines = [line for line in text.splitlines() if line.startswith("| mlp3 | digits |")]
+        # The main table's rows (the list of rows where another criterion beats mip has fewer cells).
+        lines = [line for line in text.splitlines() if line.startswith("| mlp3 | digits |") and line.count("|") > 10]
         assert len(lines) == 1 + len(rows)
         for r in rows:
             cells = (f"| {r['budget']:.2f} | {r['criterion']} | {100 * r['macs_kept']:.2f}% | "
