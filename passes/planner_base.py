@@ -202,7 +202,8 @@ def importance_names() -> list[str]:
 def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] = (), *, lossless: bool = False,
                 lossless_box: str = "feature", **options: Any) -> PlannerAnalysis:
     """The planner for an ``importance`` name; ``options`` go to a planner of its own (e.g. the MIP's)."""
-    common = {"target": target, "leaf_modules": leaf_modules, "lossless": lossless, "lossless_box": lossless_box}
+    common: dict[str, Any] = {"target": target, "leaf_modules": leaf_modules, "lossless": lossless,
+                              "lossless_box": lossless_box}
     if importance in _PLANNERS:
         return _PLANNERS[importance](**common, **options)
     if importance not in criteria():
