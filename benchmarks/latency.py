@@ -3,7 +3,8 @@
 onnxruntime's fast CPU convolutions work on blocks of channels (16 with AVX-512, 8 with AVX2;
 :func:`oamipc.hardware.cpu_channel_block`).  A network pruned to widths that are not multiples
 of the block falls back to slower kernels and can run slower than the dense original even with
-half its MACs.  ``round_to="auto"`` rounds the kept widths of convolutions to the block.  This
+half its MACs.  ``round_to="auto"`` (the default) rounds the kept widths of convolutions to
+the block, or to the alignment the blocked kernels need (:func:`oamipc.target.granularity`).  This
 script measures both, on the sweep's five networks and on two standard ImageNet networks:
 
 * ``mlp3``, ``mlp4``, ``lenet5``, ``vgg``, ``resnet``: the networks of ``benchmarks/sweep.py``
@@ -24,9 +25,10 @@ Ratios are B/A: the ratio of the medians and the median of the per-round ratios 
 the robust one on a shared machine); below 1 the pruned network is faster, and a batch where
 the pairwise ratio is above 1 is marked slower.
 
-A budget that a ``round_to`` cannot reach (``"auto"`` keeps at least one block per aligned
-group, so a narrow network may have a floor above the budget) is not an error of the run: the
-row records the planner's message under ``error`` and the table says "not reached".
+A budget that a ``round_to`` cannot reach is not an error of the run: the row records the
+planner's message under ``error`` and the table says "not reached".  (``"auto"``, the default,
+lets a group of exactly one channel block go below the block only when a MAC budget is out of
+reach otherwise, so it reaches every budget that ``round_to=1`` reaches.)
 
 Run::
 

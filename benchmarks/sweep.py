@@ -74,6 +74,7 @@ from oamipc.finetune import FinetuneConfig, finetune
 from oamipc.models import LeNet5, PaperMLP, SmallResNet, SmallVGG
 from oamipc.report_html import sweep_svg
 from oamipc.tracing import trace
+from oamipc.training import load_or_train
 from oamipc.transfer import fit_to_shape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,26 +216,18 @@ def dense_network(model: str, data: str, train: Dataset, settings: Settings,
     """
     config = _train_config(settings, data)
     key = f"{model}_{data}_n{len(train)}_e{config.epochs}_b{config.batch_size}_lr{config.lr:g}_s{settings.seed}"
-    path = cache / f"{key}.pt"
-    torch.manual_seed(settings.seed)
-    net = MODELS[model].make()
-    if path.is_file():
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(payload["state_dict"])
-            return net.eval(), {**payload["training"], "cached": str(path)}
-        except (RuntimeError, KeyError, OSError, EOFError) as exc:
-            _log(f"  cached {path.name} unusable ({type(exc).__name__}); training again")
-            torch.manual_seed(settings.seed)
-            net = MODELS[model].make()
-    _log(f"[{model}/{data}] training the dense network: {config.epochs} epochs on {len(train)} samples")
-    history = finetune(net, train, config)
-    training = {"config": config.to_dict(), "train_samples": len(train), "seconds": history.seconds,
+
+    def make() -> nn.Module:
+        torch.manual_seed(settings.seed)
+        return MODELS[model].make()
+
+    def fit(net: nn.Module) -> dict[str, Any]:
+        _log(f"[{model}/{data}] training the dense network: {config.epochs} epochs on {len(train)} samples")
+        history = finetune(net, train, config)
+        return {"config": config.to_dict(), "train_samples": len(train), "seconds": history.seconds,
                 "history": history.to_dict(), "key": key}
-    cache.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        torch.save({"state_dict": net.state_dict(), "training": training}, tmp)
-    return net.eval(), {**training, "cached": None}
+
+    return load_or_train(cache / f"{key}.pt", make, fit)
 
 
 def _latency(bench: BenchResult, index: int) -> dict[str, float]:

@@ -16,18 +16,18 @@ Training uses the raw inputs of ``oamipc.data.load_data`` (pixels in [0, 1], no 
 so the files can be compiled with ``--data digits`` / ``--data fashion-mnist`` as they are.
 Determinism: one seed for the initial weights and the batch order, deterministic algorithms,
 no data augmentation; the same torch build and thread count reproduce the same files.
+The recipes are :class:`oamipc.training.Recipe` and the training is :func:`oamipc.training.train`,
+shared with the benchmarks' networks.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +35,11 @@ import torch
 from torch import nn
 
 from oamipc.atomic import atomic_output
-from oamipc.data import Dataset, DataSplits, accuracy, load_data
+from oamipc.data import DataSplits, accuracy, load_data
 from oamipc.errors import OamipcError
-from oamipc.finetune import FinetuneConfig, finetune
+from oamipc.training import Recipe, build, train
 
 SEED = 0
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one example model is built and trained."""
-
-    name: str
-    model_class: str  # "module:Class"
-    model_args: dict[str, Any]
-    data: str
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    input_noise: float = 0.0  # std of Gaussian noise added to each training batch
-    fashion: bool = False
 
 
 # Digits has only 1258 training images: label smoothing and input noise are what lift the MLP
@@ -69,31 +52,15 @@ RECIPES = [
     # FC-4 rather than the paper's FC-3 (784-300-100-10): FC-3 weighs 1.07 MB, over the 1 MB
     # budget for shipped files.
     Recipe("fashion_mlp", "oamipc.models:PaperMLP", {"hidden": [200, 100, 100], "in_features": 784},
-           "fashion-mnist", epochs=12, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1,
-           fashion=True),
+           "fashion-mnist", epochs=12, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1),
     Recipe("fashion_lenet5", "oamipc.models:LeNet5", {"in_channels": 1, "num_classes": 10},
-           "fashion-mnist", epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
-           fashion=True),
+           "fashion-mnist", epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
 ]
 
 
-def build(recipe: Recipe) -> nn.Module:
-    """Instantiate the class named ``module:Class`` with the recipe's arguments."""
-    module_name, class_name = recipe.model_class.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**recipe.model_args)
-
-
-def train(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> None:
-    """AdamW on cross-entropy, cosine-decayed learning rate, seeded batch order and noise.
-
-    The loop is oamipc's fine-tuning loop (:func:`oamipc.finetune.finetune`), which gives the
-    same weights bit for bit as the loop this script had before; ``-v`` logs every epoch.
-    """
-    finetune(model, data, FinetuneConfig(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-                                         optimizer="adamw", weight_decay=recipe.weight_decay,
-                                         label_smoothing=recipe.label_smoothing, schedule="cosine",
-                                         input_noise=recipe.input_noise, seed=seed))
+def _is_fashion(recipe: Recipe) -> bool:
+    """Whether ``recipe`` trains on Fashion-MNIST (trained only with ``--fashion`` or ``--only``)."""
+    return recipe.data == "fashion-mnist"
 
 
 def save(path: Path, recipe: Recipe, model: nn.Module) -> int:
@@ -148,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for recipe in RECIPES:
         if args.only is not None and recipe.name not in args.only:
             continue
-        if recipe.fashion and not args.fashion and args.only is None:
+        if _is_fashion(recipe) and not args.fashion and args.only is None:
             continue
         try:
-            splits = load_data(recipe.data, data_dir=args.data_dir if recipe.fashion else None)
+            splits = load_data(recipe.data, data_dir=args.data_dir if _is_fashion(recipe) else None)
             rows.append(run(recipe, splits, args.out))
         except OamipcError as exc:
             print(f"error: {exc}", file=sys.stderr)

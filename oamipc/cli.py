@@ -212,6 +212,8 @@ def compile_cmd(
     save_pt: Annotated[Path | None, typer.Option("--save-pt", help="Also write the pruned model as a torch.export program.")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
+    lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove the units that are provably constant on the data's range first, for free (default: on with --data).")] = None,
+    lossless_box: Annotated[str, typer.Option("--lossless-box", help="The box of --lossless: feature (each input feature its own range) | channel (one range per input channel; wider).")] = "feature",
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
@@ -243,8 +245,8 @@ def compile_cmd(
                       ints(batch, "--batch") or (1,), exporter=exporter, require_speedup=require_speedup)
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
-                                  calib_samples=calib_samples, mip_options=mip, finetune=finetune,
-                                  reconstruct=rebuild)
+                                  calib_samples=calib_samples, mip_options=mip, finetune=finetune, lossless=lossless,
+                                  lossless_box=lossless_box, reconstruct=rebuild)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)

@@ -34,7 +34,7 @@ from oamipc.errors import DataError, ExportError, OutputError, SpeedupError, Usa
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.hardware import speed_verdict
-from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, Pass, PassManager
+from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, InputRange, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
 from oamipc.target import Target
@@ -86,7 +86,7 @@ def compile(  # noqa: A001 - the product's verb
     prune_ratio: float | None = None,
     flops_budget: float | None = None,
     min_keep: int = 1,
-    round_to: int | str = 1,
+    round_to: int | str = "auto",
     target: Target | None = None,
     leaf_modules: Sequence[str] = (),
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
@@ -94,6 +94,8 @@ def compile(  # noqa: A001 - the product's verb
     seed: int = 0,
     calib_samples: int = DEFAULT_CALIB_SAMPLES,
     mip_options: passes.MipOptions | Mapping[str, Any] | None = None,
+    lossless: bool | None = None,
+    lossless_box: str = "feature",
     verify: bool = True,
     finetune: FinetuneConfig | None = None,
     reconstruct: bool | str | passes.ReconstructPass = "auto",
@@ -109,6 +111,10 @@ def compile(  # noqa: A001 - the product's verb
     calibration samples) and ``l1`` otherwise; the report says which one ran.
     ``mip_options`` configures ``importance="mip"``: an ``oamipc.passes.MipOptions`` or a mapping
     of its field names (formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
+    ``lossless`` removes the units that are provably dead on the data's box (per input feature, or
+    per channel with ``lossless_box="channel"``) before the criterion runs, for free (see
+    :mod:`oamipc.passes.lossless`); ``None`` (the default) turns it on when ``data`` is given and
+    the plan is chosen here (not replayed, no ``pipeline``: there, planners take ``lossless=true``).
     The target and the MIP options are validated here, before any work.
     ``reconstruct`` refits the pruned layers to the original network's layer outputs after
     pruning (:class:`oamipc.passes.ReconstructPass`; a pass instance sets its options): ``"auto"``
@@ -123,7 +129,7 @@ def compile(  # noqa: A001 - the product's verb
         example_inputs = (example_inputs,)
     if target is None:
         target = Target(prune_ratio=prune_ratio, flops_budget=flops_budget, min_keep=min_keep, round_to=round_to)
-    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, 1):
+    elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, "auto"):
         raise UsageError("give the target either as target=Target(...) or as prune_ratio/flops_budget/min_keep/"
                          "round_to, not both")
     torch.manual_seed(seed)
@@ -146,10 +152,15 @@ def compile(  # noqa: A001 - the product's verb
         importance = "mip" if calib is not None else "l1"
         log.info("importance: %s (%s)", importance, "calibration data given" if calib is not None else "no --data")
     mip = passes.MipOptions.of(mip_options) if importance == "mip" and pipeline is None else None
+    lossless_on, lossless_note = _lossless_choice(lossless, calib is not None, plan is not None, pipeline is not None)
     refit = _reconstruct_step(reconstruct, pipeline, calib is not None, len(example_inputs))
     ctx = CompileContext(example_inputs, calib.x if calib else None, calib.y if calib else None, seed=seed,
-                         progress=progress, train_x=train.x if train is not None else None, original=original)
-    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip) + ([refit] if refit else [])
+                         progress=progress,
+                         input_range=InputRange.of(train.x, f"{train.name} ({len(train.x)} samples)")
+                         if lossless_on and train is not None else None,
+                         train_x=train.x if train is not None else None, original=original)
+    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box) + (
+        [refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
     before = passes.count_costs(gm)
@@ -164,6 +175,7 @@ def compile(  # noqa: A001 - the product's verb
     report: dict[str, Any] = {
         "settings": {"importance": importance, **target.to_dict(), "seed": seed, "reconstruct": rebuilt is not None,
                      "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
+                     "lossless": lossless_on, "lossless_box": lossless_box,
                      "mip": mip.to_dict() if mip is not None else {},
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
         "input_shape": list(example_inputs[0].shape),
@@ -174,6 +186,8 @@ def compile(  # noqa: A001 - the product's verb
         **({"reconstruct": rebuilt.to_dict()} if rebuilt is not None else {}),
         "timings_s": dict(am.timings),
     }
+    if "lossless" not in report:
+        report["lossless"] = {"enabled": False, "note": lossless_note or "the planner ran without it"}
     report["widths"] = {name: {"before": layer["out"], "after": after.layers.get(name, {}).get("out", 0)}
                         for name, layer in before.layers.items()}
     if test is not None and test.y is not None:
@@ -190,8 +204,30 @@ def compile(  # noqa: A001 - the product's verb
     return CompileResult(gm, report, outcome.plan if outcome else None, original, example_inputs)
 
 
+def _lossless_choice(asked: bool | None, has_data: bool, replay: bool, pipeline: bool) -> tuple[bool, str | None]:
+    """Whether the compile's planner removes the dead units first, and why not when it does not."""
+    if asked is None:
+        if replay:
+            return False, "a saved plan was replayed: it removes what it names"
+        if pipeline:
+            return False, "a pipeline was given: its planners take lossless=true"
+        if not has_data:
+            return False, "no data: the input box is the data's range (give --data)"
+        return True, None
+    if not asked:
+        return False, "turned off (--no-lossless)"
+    if replay or pipeline:
+        raise UsageError("lossless removal applies when oamipc chooses the plan: a replayed plan removes what it "
+                         "names, and in a pipeline its planners take lossless=true; drop --lossless")
+    if not has_data:
+        raise UsageError("lossless removal needs data: its input box is the data's range; give --data, or drop "
+                         "--lossless")
+    return True, None
+
+
 def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | None, importance: str,
-           target: Target, leaf_modules: tuple[str, ...], mip: passes.MipOptions | None) -> list[Pass | Analysis[Any]]:
+           target: Target, leaf_modules: tuple[str, ...], mip: passes.MipOptions | None, lossless: bool = False,
+           lossless_box: str = "feature") -> list[Pass | Analysis[Any]]:
     """The passes of one compile: a given pipeline, a plan replay, or the planner for ``importance`` + prune."""
     if isinstance(pipeline, str):
         return parse_pipeline(pipeline)
@@ -203,7 +239,7 @@ def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | N
         raise UsageError("say how much to remove: a prune ratio or a FLOPs budget (CLI: --prune-ratio, "
                          "--flops-budget), a saved plan, or a pipeline")
     extra = {"options": mip} if mip is not None else {}
-    return [passes.planner_for(importance, target, leaf_modules, **extra),
+    return [passes.planner_for(importance, target, leaf_modules, lossless=lossless, lossless_box=lossless_box, **extra),
             passes.PruneUnitsPass(leaf_modules=leaf_modules)]
 
 
@@ -248,6 +284,8 @@ def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
     planned = outcome.planned
     if planned is not None and planned.section:
         out[planned.section] = planned.record
+    if planned is not None and planned.lossless is not None:
+        out["lossless"] = planned.lossless
     if planned is not None:
         out["scores"] = planned.scores
         if planned.predicted_latency is not None:
@@ -478,6 +516,33 @@ def _compare_prediction(report: dict[str, Any]) -> None:
     predicted["measured_ratio"] = row["b_median_ms"] / row["a_median_ms"]
 
 
+def _plan_prediction(report: dict[str, Any], original: fx.GraphModule, plan: Plan,
+                     example_inputs: tuple[torch.Tensor, ...]) -> dict[str, Any] | None:
+    """The latency model's prediction of the plan at the largest measured batch, from the dense
+    network's measured latency plus the changed layers' measured differences (every compile
+    reports one; latency targets already carry the planner's)."""
+    from oamipc.latency import MeasureSetup
+
+    rows = [r for r in report["latency"].get("rows", []) if r.get("a_median_ms")]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: int(r["batch"]))
+    provider = str(report["latency"].get("provider", "CPUExecutionProvider"))
+    setup = MeasureSetup(batch=int(row["batch"]), threads=1, device="cuda" if "CUDA" in provider else "cpu")
+    leaf = tuple(report.get("settings", {}).get("leaf_modules", ()))
+    try:
+        am = AnalysisManager(CompileContext(example_inputs))
+        graph = am.get(passes.UnitGroupAnalysis(leaf), original)
+        model = passes.plan_latency_model(original, graph, plan.kept_mask(graph), setup, float(row["a_median_ms"]),
+                                          provider)
+        predicted = model.predict(passes.plan_widths(graph, plan.kept_mask(graph)))
+    except Exception as exc:  # noqa: BLE001 - a prediction is information; its failure must not fail the compile
+        log.warning("no latency prediction for this plan: %s", first_line(exc))
+        return None
+    return {"batch": setup.batch, "provider": provider, "dense_ms": model.dense_ms, "predicted_ms": predicted,
+            "measurements": model.measured, "from_cache": model.cached, "source": "layers at the plan's widths"}
+
+
 def _check_speedup(verdict: dict[str, Any], required: float | None) -> None:
     """Fail, before any output is moved into place, when the measured speed-up is below ``required``."""
     low = verdict["min_speedup"]
@@ -528,6 +593,8 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
                        if layer_types.get(name, "").startswith("Conv")}  # the channel block is a convolution's
         verdict = speed_verdict(report["latency"], conv_widths)
         report["latency"]["verdict"] = verdict
+        if not report.get("latency_prediction") and plan is not None and isinstance(original, fx.GraphModule):
+            report["latency_prediction"] = _plan_prediction(report, original, plan, example_inputs)
         _compare_prediction(report)
         if verdict["slower_batches"]:
             log.warning("the pruned network is slower than the original at batch %s: %s",

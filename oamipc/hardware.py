@@ -4,19 +4,33 @@ onnxruntime's fast CPU convolutions (MLAS's NCHWc layout) work on blocks of chan
 one SIMD register holds floats: 16 with AVX-512, 8 with AVX2, 4 with SSE/NEON.  A layer whose
 width is not a multiple of the block falls back to a slower kernel, which is how a pruned
 network with half the MACs can run slower than the original (Torch-Pruning issue 38,
-onnxruntime issue 14392).  :func:`cpu_channel_block` reads the block off the CPU's feature flags
-(a probe of this machine, not a constant); :func:`speed_verdict` turns an A/B latency
-measurement into what a user must be told: whether the pruned network is slower at any measured
-batch, and which kept widths are likely why.
+onnxruntime issue 14392).
+
+:func:`conv_paths` finds out which widths take the fast path by asking onnxruntime itself: it
+builds one-convolution ONNX graphs at chosen widths, lets the CPU provider optimise them, and
+reads the optimised graph back (a blocked ``com.microsoft.nchwc`` Conv or not; the blocked
+weight's padded output dimension is the block).  This is deterministic (no timing) and takes
+milliseconds.  On onnxruntime 1.32 with AVX-512 it finds: block 16; any output width (padded up
+to the block, so widths between multiples of the block cost the same); input widths below the
+block, or multiples of 4; depthwise widths 1 or multiples of 4.  :func:`cpu_channel_block`
+returns the probed block, or reads it off the CPU's feature flags where the probe cannot run.
+:func:`speed_verdict` turns an A/B latency measurement into what a user must be told: whether
+the pruned network is slower at any measured batch, and which kept widths are likely why.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import platform
+import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -42,8 +56,17 @@ def cpu_model() -> str:
 
 
 def cpu_channel_block(flags: frozenset[str] | None = None) -> int:
-    """Channels per block of onnxruntime's CPU convolutions here: 16 (AVX-512), 8 (AVX2), else 4."""
-    flags = cpu_flags() if flags is None else flags
+    """Channels per block of onnxruntime's CPU convolutions here: probed (:func:`conv_paths`), or
+    from the CPU flags (given ``flags``, or where the probe cannot run): 16 (AVX-512), 8 (AVX2), else 4."""
+    if flags is None:
+        paths = conv_paths()
+        if paths is not None:
+            return paths.block
+    return flags_channel_block(cpu_flags() if flags is None else flags)
+
+
+def flags_channel_block(flags: frozenset[str]) -> int:
+    """The channel block that the CPU's vector width suggests: 16 (AVX-512), 8 (AVX2), else 4."""
     if "avx512f" in flags:
         return 16
     if "avx2" in flags:
@@ -51,6 +74,93 @@ def cpu_channel_block(flags: frozenset[str] | None = None) -> int:
     if flags or platform.machine().lower() in ("arm64", "aarch64"):
         return 4
     return 8  # flags unknown: the most common block of today's x86 machines
+
+
+@dataclass(frozen=True)
+class ConvPaths:
+    """Which convolution widths onnxruntime's CPU provider runs on its blocked (NCHWc) kernels here.
+
+    ``block``: output channels are computed in blocks of this many (a width is padded up to a
+    multiple); ``in_align``: an input width of at least ``block`` must be a multiple of this (below
+    the block any width is read directly); ``depthwise_align``: a depthwise width must be 1 or a
+    multiple of this.  Widths that break a rule run on the generic kernel plus layout conversions.
+    """
+
+    block: int
+    in_align: int
+    depthwise_align: int
+
+    def fast_input(self, width: int) -> bool:
+        return width < self.block or width % self.in_align == 0
+
+    def fast_depthwise(self, width: int) -> bool:
+        return width == 1 or width % self.depthwise_align == 0
+
+
+def _conv_graph(c_in: int, c_out: int, group: int) -> bytes:
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    w = np.zeros((c_out, c_in // group, 3, 3), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=group)], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c_in, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    return model.SerializeToString()
+
+
+def _blocked_out(c_in: int, c_out: int, group: int, tmp: str) -> int | None:
+    """The padded output width of the blocked Conv onnxruntime makes of this convolution (None: not blocked)."""
+    import onnx
+
+    from oamipc.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3  # it warns that an optimised model is machine-specific: that is the point
+    path = os.path.join(tmp, f"probe_{c_in}_{c_out}_{group}.onnx")
+    opts.optimized_model_filepath = path
+    ort.InferenceSession(_conv_graph(c_in, c_out, group), opts, providers=["CPUExecutionProvider"])
+    model = onnx.load(path)
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft.nchwc" and node.op_type == "Conv":
+            dims = inits.get(node.input[1])
+            return int(dims[0]) if dims else c_out
+    return None
+
+
+def _first_aligned(fast: Any, block: int) -> int:
+    """The smallest a in 1, 2, 4, ... below ``block`` for which width ``block + a`` is fast (else ``block``)."""
+    a = 1
+    while a < block:
+        if fast(block + a):
+            return a
+        a *= 2
+    return block
+
+
+@lru_cache(maxsize=1)
+def conv_paths() -> ConvPaths | None:
+    """Probe onnxruntime's CPU convolution paths on this machine (None where it has no blocked kernels
+    or the probe fails; callers then fall back to :func:`flags_channel_block`)."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="oamipc-probe-") as tmp:
+            block = _blocked_out(1, 1, 1, tmp)
+            if block is None or block < 2:
+                return None
+            in_align = _first_aligned(lambda w: _blocked_out(w, block, 1, tmp) is not None, block)
+            dw_align = _first_aligned(lambda w: _blocked_out(w, w, w, tmp) is not None, block)
+            paths = ConvPaths(block, in_align, dw_align)
+    except Exception as exc:  # noqa: BLE001 - a failed probe only loses precision: the CPU flags remain
+        log.info("could not probe onnxruntime's convolution kernels (%s); using the CPU flags", exc)
+        return None
+    log.info("onnxruntime CPU convolutions here: %s", paths)
+    return paths
 
 
 def unaligned_widths(widths: Mapping[str, Mapping[str, Any]], block: int) -> dict[str, tuple[int, int]]:

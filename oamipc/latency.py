@@ -14,7 +14,10 @@ size and thread count of the target:
 
 A layer at widths ``(i, o)`` is predicted as ``T_out(o) * T_in(i) / T_out(full)`` (separable),
 and a plan's latency as the dense network's *measured* latency plus the sum of its layers'
-changes: per-call overheads cancel in the differences.  Measurements are cached on disk
+changes: per-call overheads cancel in the differences.  Layers timed alone also pay layout
+conversions that the whole network does not (MobileNetV2's layers alone sum to 1.3x the whole
+network), so a latency planner checks its plan on the whole network (:func:`measure_pair`) and
+scales the layers' changes by what the whole network showed (``LatencyModel.scale``).  Measurements are cached on disk
 (``$OAMIPC_CACHE_DIR`` or ``~/.cache/oamipc``), keyed by everything that makes them valid: CPU
 model (or GPU name), provider, onnxruntime version, layer signature, widths, batch and threads.
 """
@@ -29,7 +32,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -237,15 +240,20 @@ class LatencyModel:
     layers: list[LayerCurve]
     measured: int = 0  # measurements taken (the rest came from the cache)
     cached: int = 0
+    scale: float = 1.0  # calibration: how much of the layers' measured savings the whole network shows
 
     def predict(self, widths: Mapping[str, tuple[int, int]]) -> float:
         """Predicted milliseconds of the network with ``widths`` (layer name -> (in, out)); others full."""
-        total = self.dense_ms
+        total = 0.0
         for layer in self.layers:
             if layer.name in widths:
                 c_in, c_out = widths[layer.name]
                 total += layer.ms(c_in, c_out) - layer.full_ms
-        return total
+        return self.dense_ms + self.scale * total
+
+    def scaled(self, scale: float) -> LatencyModel:
+        """The same measurements with the layers' changes multiplied by ``scale`` (see calibration)."""
+        return replace(self, scale=scale)
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": self.setup.batch, "threads": self.setup.threads, "provider": self.provider,
@@ -289,6 +297,33 @@ def measure_curve(name: str, sig: LayerSignature, full_in: int, full_out: int, o
         curve.in_widths = in_widths
         curve.in_ms = [one(w, full_out) for w in in_widths]
     return curve
+
+
+def measure_pair(dense: str | Path, pruned: str | Path, sample_shape: tuple[int, ...], setup: MeasureSetup,
+                 cache: _Cache | None = None, rounds: int = 30) -> float:
+    """Pruned over dense latency, timed interleaved (A, B, A, B, ...) at ``setup.batch``: the median of
+    the per-round ratios, which a busy machine disturbs far less than two separate medians.
+
+    Cached by both files' bytes and the setup, so a plan made again on the same machine sees the
+    same number (and is the same plan)."""
+    from oamipc.bench import benchmark
+
+    a, b = Path(dense).read_bytes(), Path(pruned).read_bytes()
+    what = {"dense": hashlib.sha256(a).hexdigest(), "pruned": hashlib.sha256(b).hexdigest(),
+            "shape": list(sample_shape), "rounds": rounds}
+    key = "pair-" + _key(what, setup, CPU if setup.device == "cpu" else str(setup.device))
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+    result = benchmark([dense, pruned], batch_sizes=(setup.batch,), warmup=max(3, rounds // 10), runs=rounds,
+                       device=setup.device, intra_op_threads=setup.threads)
+    ratio = result.batches[0].pairwise_ratio
+    if ratio is None:
+        raise RuntimeError("the interleaved timing gave no ratio")
+    if cache is not None:
+        cache.put(key, float(ratio))
+    return float(ratio)
 
 
 def measure_network(onnx_path: str | Path, sample_shape: tuple[int, ...], setup: MeasureSetup,

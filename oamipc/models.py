@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock", "DigitsCNN", "DigitsMLP", "InvertedResidual", "LeNet5", "MobileNetV2", "PaperMLP", "ResNet18",
-    "SmallResNet", "SmallVGG",
+    "SmallCNN", "SmallResNet", "SmallVGG",
 ]
 
 
@@ -124,21 +124,28 @@ class PaperMLP(nn.Module):
 
 
 class LeNet5(nn.Module):
-    """LeNet-5 with ReLU and max pooling for 28x28 inputs: (N, C, 28, 28) -> ``num_classes``.
+    """LeNet-5 with ReLU and max (or average) pooling for 28x28 inputs: (N, C, 28, 28) -> ``num_classes``.
 
     ``conv(C->6, 5x5, pad 2) ReLU pool2, conv(6->16, 5x5) ReLU pool2, flatten 400, fc 120 ReLU,
     fc 84 ReLU, fc num_classes`` -- the modern variant of LeCun et al. (1998) that the OAMIP paper
     also prunes (the padding makes 28x28 inputs behave like the original 32x32 ones).
+    ``pool="avg"`` gives 2x2 average pooling, closer to the original's subsampling layers; for
+    the pruner an average pool is affine (no binaries in the MILP), a max pool is not.
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+    POOLS: tuple[str, ...] = ("max", "avg")
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, pool: str = "max") -> None:
         super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"pool must be one of {', '.join(self.POOLS)}, got {pool!r}")
+        pool_cls = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
         self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
         self.relu1 = nn.ReLU()
-        self.pool1 = nn.MaxPool2d(2)
+        self.pool1 = pool_cls(2)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.relu2 = nn.ReLU()
-        self.pool2 = nn.MaxPool2d(2)
+        self.pool2 = pool_cls(2)
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(16 * 5 * 5, 120)
         self.relu3 = nn.ReLU()
@@ -151,6 +158,42 @@ class LeNet5(nn.Module):
         x = self.pool2(self.relu2(self.conv2(x)))
         x = self.relu3(self.fc1(self.flatten(x)))
         return self.fc3(self.relu4(self.fc2(x)))
+
+
+class SmallCNN(nn.Module):
+    """A plain CNN: per stage a 3x3 conv (padding 1), optional batch norm, ReLU, 2x2 max pool; then an MLP head.
+
+    ``(N, in_channels, image_size, image_size) -> num_classes``.  Stage ``i`` has ``widths[i]``
+    channels and halves the resolution (floor), so the head sees ``widths[-1] * (image_size //
+    2**len(widths))**2`` features: flatten, linear to ``hidden``, ReLU, linear to
+    ``num_classes``.  ``batch_norm=False`` gives the convolutions biases and no batch norm, so
+    the same shape can be trained with and without it (the trained-network family of
+    ``benchmarks/family.py``).  Layer names: ``features.<i>`` (conv, [bn,] relu, pool per stage)
+    and ``head.<i>``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: Sequence[int] = (16, 32),
+                 image_size: int = 8, hidden: int = 64, batch_norm: bool = True) -> None:
+        super().__init__()
+        stages = _widths(widths)
+        side = int(image_size) // 2 ** len(stages)
+        if side < 1:
+            raise ValueError(f"image_size {image_size} is too small for {len(stages)} pooling stages "
+                             f"(needs at least {2 ** len(stages)})")
+        layers: list[nn.Module] = []
+        c_in = int(in_channels)
+        for c in stages:
+            layers.append(nn.Conv2d(c_in, c, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c))
+            layers += [nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(stages[-1] * side * side, int(hidden)), nn.ReLU(),
+                                  nn.Linear(int(hidden), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
 
 
 class SmallVGG(nn.Module):

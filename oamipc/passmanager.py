@@ -44,12 +44,30 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class InputRange:
+    """The range of the data, per input feature (shape ``(1, *sample_shape)``): the box on which the
+    lossless removal proves units dead.  ``source`` says which data it spans, for the report."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    samples: int
+    source: str
+
+    @classmethod
+    def of(cls, x: torch.Tensor, source: str) -> InputRange:
+        """The per-feature minimum and maximum over the samples ``x`` (shape ``(N, *sample_shape)``)."""
+        return cls(x.amin(0, keepdim=True), x.amax(0, keepdim=True), int(x.shape[0]), source)
+
+
 @dataclass
 class CompileContext:
     """What analyses may need besides the graph: example inputs, data, seed, progress hooks.
 
-    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  ``train_x``
-    is the whole split they were drawn from, for passes that gain from more samples than the
+    ``calib_x``/``calib_y`` are the calibration samples (importance on data, MIP).  ``input_range``
+    is the range of all the data given (the train split), for the lossless removal's box; when it
+    is None, that box is the calibration samples' range.  ``train_x`` is the whole split the
+    calibration samples were drawn from, for passes that gain from more samples than the
     calibration set (reconstruction: forward passes are cheap).  ``original`` is the network as
     it was before the pipeline ran (the dense reference); the driver sets it, or the pass
     manager copies the graph when a pass needs it.  Everything that changes an analysis's result
@@ -63,6 +81,7 @@ class CompileContext:
     calib_y: torch.Tensor | None = None
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
+    input_range: InputRange | None = None
     train_x: torch.Tensor | None = None
     original: fx.GraphModule | None = None
 

@@ -55,9 +55,9 @@ def _check_widths(group: UnitGroup, mask: np.ndarray) -> None:
 class Plan:
     """Kept units per group plus how they were chosen (criterion, settings).
 
-    ``bias_shift`` is plain data for the surgery: per Linear module, what to add to its bias
-    before its removed inputs go (a planner may replace a removed unit by the constant it
-    contributed on average; see :func:`oamipc.surgery.fold_bias_shift`).
+    ``bias_shift`` is plain data for the surgery: per Linear or Conv module, what to add to its bias
+    before its removed inputs go (the constant a provably dead unit contributed, or the mean a
+    removed unit contributed on average; see :func:`oamipc.surgery.fold_bias_shift`).
     """
 
     groups: list[GroupPlan]
@@ -139,7 +139,8 @@ class Planned:
     """What a planner returns: the plan, every unit's score by group, and the planner's own record.
 
     ``record`` (e.g. how each MILP went) goes into the report under ``section``; the planner
-    itself never writes the report.
+    itself never writes the report.  ``lossless``: the lossless removal's record (the report's
+    ``lossless`` section), when the planner removed the provably dead units first.
     """
 
     plan: Plan
@@ -148,3 +149,4 @@ class Planned:
     record: dict[str, Any] | None = None
     # A latency target's prediction: batch, dense and predicted milliseconds, the budget's limit.
     predicted_latency: dict[str, Any] | None = None
+    lossless: dict[str, Any] | None = None

@@ -163,6 +163,29 @@ def _accuracy_rows(table: SummaryTable, report: dict[str, Any]) -> None:
     table.add_row("accuracy, pruned + fine-tuned", _pct(before), _pct(after), _points(before, after))
 
 
+def _lossless_row(table: SummaryTable, report: dict[str, Any]) -> None:
+    """The lossless removal: MACs before and after removing only the provably dead units.
+
+    The label says how many units went and how long the proof took; a removal that did not run
+    says why in a note (no data, turned off), and a report without the section gets no row.
+    """
+    section = _dict(report.get("lossless"))
+    if not section:
+        return
+    if not section.get("enabled"):
+        table.add_row(f"lossless removal: off {table.note(_text(section.get('note')))}", MISSING, MISSING, MISSING)
+        return
+    seconds = _num(section.get("seconds"))
+    took = f", {seconds:.2f} s" if seconds is not None else ""
+    removed, dead = fmt_int(section.get("units_removed")), fmt_int(section.get("units_dead"))
+    label = f"lossless: {removed} dead units removed{took}"
+    if removed != dead:
+        label += " " + table.note(f"{dead} units were proved dead; the rest are kept by --min-keep, --round-to or "
+                                  "equal-count blocks")
+    table.add_row(label, fmt_int(section.get("macs_before")), fmt_int(section.get("macs_after")),
+                  ratio(section.get("macs_before"), section.get("macs_after")))
+
+
 def _reconstruct_row(table: SummaryTable, report: dict[str, Any]) -> None:
     """The network output's relative error against the original, before and after reconstruction.
 
@@ -185,15 +208,17 @@ def _reconstruct_row(table: SummaryTable, report: dict[str, Any]) -> None:
 def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> SummaryTable:
     """Parameters, MACs, ONNX size, accuracy and latency of the model before and after pruning.
 
-    With reconstruction, a row gives the network output's relative error against the original
-    before and after the refit.  The ONNX row appears whenever the pruned file's size is known
-    (the original's size, ``-`` when not measured, comes with the latency measurement); accuracy
-    rows need labelled data, latency rows a benchmark.
+    The lossless row gives the MACs after removing the provably dead units alone.  With
+    reconstruction, a row gives the network output's relative error against the original before
+    and after the refit.  The ONNX row appears whenever the pruned file's size is known (the
+    original's size, ``-`` when not measured, comes with the latency measurement); accuracy rows
+    need labelled data, latency rows a benchmark.
     """
     table = SummaryTable(title, (Column("", "left"), Column("before"), Column("after"), Column("after/before")))
     b, a = _dict(report.get("before")), _dict(report.get("after"))
     for label, key in (("parameters", "params"), ("FLOPs (MACs)", "macs")):
         table.add_row(label, fmt_int(b.get(key)), fmt_int(a.get(key)), ratio(b.get(key), a.get(key)))
+    _lossless_row(table, report)
     onnx = _dict(report.get("onnx"))
     if "bytes" in onnx:
         table.add_row("ONNX bytes", fmt_int(onnx.get("bytes_before")), fmt_int(onnx.get("bytes")),

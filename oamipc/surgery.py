@@ -14,9 +14,9 @@ Rules:
 3. Sizes baked into the graph are rewritten: constant sizes of ``view``/``reshape`` on the channel
    dim, and ``split``/``chunk`` along it (replaced by ``split`` with the new sizes).
 4. Depthwise convs shrink with their input (``groups`` follows); grouped convs keep their groups.
-5. Bias shifts (plain data in a plan: what to add to a Linear layer's bias before its inputs are
-   removed, e.g. the mean a removed unit contributed) are folded in first by
-   :func:`fold_bias_shift`.
+5. Bias shifts (plain data in a plan: what to add to a Linear or Conv layer's bias before its
+   inputs are removed, e.g. the constant a provably dead unit contributed, or the mean a removed
+   unit contributed) are folded in first by :func:`fold_bias_shift`.
 """
 
 from __future__ import annotations
@@ -226,13 +226,21 @@ def apply_plan(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray) -> list[s
 
 
 def fold_bias_shift(gm: fx.GraphModule, shifts: dict[str, list[float]]) -> None:
-    """Add the shifts to the Linear layers' biases (before pruning removes their inputs)."""
+    """Add the shifts to the Linear and Conv layers' biases (before pruning removes their inputs).
+
+    A layer without a bias gets one (holding the shift)."""
     for target, shift in shifts.items():
-        mod = ir.get_module(gm, target)
-        if not isinstance(mod, nn.Linear) or mod.out_features != len(shift):
-            raise PlanError(f"the plan's mean replacement names {target!r} with {len(shift)} outputs, which this "
-                            "model does not have as a Linear layer; replay a plan only on the model it was made for")
-        delta = torch.tensor(shift, dtype=mod.weight.dtype)
+        try:
+            mod = ir.get_module(gm, target)
+        except AttributeError:
+            mod = None
+        width = mod.out_features if isinstance(mod, nn.Linear) else (
+            mod.out_channels if isinstance(mod, ir.CONV_MODULES) else None)
+        if width != len(shift):
+            raise PlanError(f"the plan's bias shift names {target!r} with {len(shift)} outputs, which this model does "
+                            "not have as a Linear or Conv layer; replay a plan only on the model it was made for")
+        assert isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        delta = torch.tensor(shift, dtype=mod.weight.dtype, device=mod.weight.device)
         with torch.no_grad():
             if mod.bias is None:
                 mod.bias = nn.Parameter(delta.clone())

@@ -188,10 +188,11 @@ def run_transfer(init_model: nn.Module, *, source: DataSplits, target: DataSplit
     trained = trained.eval()
     report["source_accuracy"] = accuracy(trained, src.test)
 
-    # 2. The plan on A.
+    # 2. The plan on A.  Without the lossless removal: its bias shifts are facts about the trained
+    # weights, and the ticket is replayed on the initial ones.
     result = compile_model(trained, example, data=src, importance=importance, flops_budget=flops_budget,
                            prune_ratio=prune_ratio, mip_options=mip_options, seed=seed,
-                           calib_samples=calib_samples, progress=progress,
+                           calib_samples=calib_samples, progress=progress, lossless=False,
                            reconstruct=False)  # only the plan is used: the arms start from the initial weights
     plan = result.plan
     if plan is None:

@@ -10,12 +10,13 @@ original network's layer outputs.
 from oamipc.surgery import apply_plan
 
 from .costs import CostAnalysis, Costs, count_costs
+from .dead_units import DeadUnitAnalysis, DeadUnits
 from .importance_activation import ActivationImportance
 from .importance_base import ImportanceAnalysis, criteria, get_criterion
 from .importance_magnitude import L1Importance, L2Importance
 from .importance_random import RandomImportance
 from .importance_taylor import TaylorImportance
-from .latency_model import LatencyModelAnalysis
+from .latency_model import LatencyModelAnalysis, plan_latency_model, plan_widths
 from .mip.options import MipOptions
 from .plan_greedy import PlanGreedyAnalysis, select
 from .plan_mip import PlanMipAnalysis
@@ -25,10 +26,11 @@ from .reconstruct import ReconstructOutcome, ReconstructPass
 from .unit_groups import UnitGroupAnalysis
 
 __all__ = [
-    "ActivationImportance", "CostAnalysis", "Costs", "ImportanceAnalysis", "L1Importance", "L2Importance",
+    "ActivationImportance", "CostAnalysis", "Costs", "DeadUnitAnalysis", "DeadUnits", "ImportanceAnalysis",
+    "L1Importance", "L2Importance",
     "LatencyModelAnalysis",
     "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
     "RandomImportance", "ReconstructOutcome", "ReconstructPass", "TaylorImportance", "UnitGroupAnalysis",
-    "apply_plan", "count_costs", "criteria",
-    "get_criterion", "importance_names", "planner_for", "select",
+    "apply_plan", "count_costs", "criteria", "get_criterion", "importance_names", "plan_latency_model", "plan_widths",
+    "planner_for", "select",
 ]

@@ -81,7 +81,8 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
 
         graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
         setup = MeasureSetup(self.batch, self.threads, self.device)  # type: ignore[arg-type]
-        steps = granularity(Target(round_to=self.round_to, channel_block=self.channel_block), graph)
+        steps = granularity(Target(latency_budget=1.0, round_to=self.round_to, channel_block=self.channel_block),
+                            graph)
         pinned = graph.pinned_mask()
         inputs = am.context.example_inputs
         counts = {"measured": 0, "cached": 0}
@@ -107,6 +108,32 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
                                             counts))
                 am.context.tick("latency model", i + 1, len(graph.layers))
         return LatencyModel(setup, provider, dense_ms, curves, counts["measured"], counts["cached"])
+
+
+def plan_latency_model(gm: fx.GraphModule, graph: UnitGraph, kept: Any, setup: MeasureSetup, dense_ms: float,
+                       provider: str) -> LatencyModel:
+    """A latency model measured only where one plan needs it: every layer whose widths the plan
+    changes, timed alone at its full widths and at the plan's (cached like the full model).
+
+    This is how every compile reports a prediction beside its measurement, also for MAC and ratio
+    targets, without timing whole curves: ``dense_ms`` is the dense network's latency measured
+    by the same benchmark, so the prediction is that measurement plus the layers' changes.
+    """
+    counts = {"measured": 0, "cached": 0}
+    curves = []
+    with cache_session() as cache:
+        for layer in graph.layers:
+            c_in, c_out = layer.widths(kept)
+            full_in, full_out = len(layer.in_units), len(layer.out_units)
+            if (c_in, c_out) == (full_in, full_out):
+                continue
+            sig = signature(gm, layer)
+            if sig is None:
+                continue
+            ins = sorted({c_in, full_in}) if sig.kind != "depthwise" else []
+            curves.append(measure_curve(layer.target, sig, full_in, full_out, sorted({c_out, full_out}), ins, setup,
+                                        provider, cache, counts))
+    return LatencyModel(setup, provider, dense_ms, curves, counts["measured"], counts["cached"])
 
 
 def plan_widths(graph: UnitGraph, kept: Any) -> dict[str, tuple[int, int]]:

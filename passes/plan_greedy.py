@@ -202,6 +202,7 @@ def _apply(kept: np.ndarray, ch: _GroupChooser, n: int) -> None:
 
 def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupChooser], kept: np.ndarray,
                    budget: float, normalise: bool = True) -> np.ndarray:
+    """Remove the cheapest step until the MACs fit, then give back what still fits."""
     total = graph.macs()
     target = budget * total
     # Incremental MACs: per layer, how many input/output positions each unit occupies.
@@ -258,9 +259,10 @@ def _select_budget(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupCh
 def _spend(kept: np.ndarray, choosers: list[_GroupChooser], current: dict[int, int], scores: np.ndarray,
            norm: dict[int, float], counts: tuple[np.ndarray, np.ndarray], widths: tuple[np.ndarray, np.ndarray],
            costs: tuple[np.ndarray, np.ndarray], limit: float) -> None:
-    """Give back rounded steps that still fit the budget, best-scored first (rounding must not
-    leave a plan far under its budget).  Only groups with coarse steps take part, so plans made
-    without rounding are exactly the removal loop's.
+    """Give back steps that still fit the budget, best-scored first (rounding must not leave a
+    plan far under its budget).  Only when some group has coarse steps: then every group takes
+    part, since the units a coarse step freed are best spent wherever they score most (a Linear
+    layer's units, often); plans made without rounding are exactly the removal loop's.
 
     ``counts`` are the per-layer input/output positions of every unit, ``widths`` the layers'
     current input/output widths (updated in place), ``costs`` their ``c_io``/``c_o``.
@@ -270,11 +272,13 @@ def _spend(kept: np.ndarray, choosers: list[_GroupChooser], current: dict[int, i
     def macs(wi: np.ndarray, wo: np.ndarray) -> float:
         return float((c_io * wi * wo + c_o * wo).sum())
 
+    if not any(ch.coarse for ch in choosers):
+        return
     while True:
         best: tuple[float, int, int, list[int]] | None = None
         for ch in choosers:
             gid = ch.group.id
-            higher = ch.next_higher(current[gid]) if ch.coarse else None
+            higher = ch.next_higher(current[gid])
             if higher is None:
                 continue
             added = sorted(set(ch.kept(higher)) - set(ch.kept(current[gid])))
@@ -300,12 +304,15 @@ class PlanGreedyAnalysis(PlannerAnalysis):
     name: ClassVar[str] = "plan-greedy"
     importance: str = "l1"
 
-    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+    def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
         scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
-        model = self.latency_model(gm, am)
-        kept = select(graph, scores, target, latency=model)
+        model, rounds = None, None
+        if target.kind == "latency":
+            kept, model, rounds = self.latency_select(gm, am, graph, scores, target)
+        else:
+            kept = select(graph, scores, target)
         plan = Plan.from_mask(graph, kept, self.importance, self.settings(am))
         return Planned(plan, self.group_scores(graph, scores),
-                       predicted_latency=self.predicted_latency(graph, kept, model))
+                       predicted_latency=self.predicted_latency(graph, kept, model, rounds))

@@ -52,7 +52,7 @@ class PlanMipAnalysis(PlannerAnalysis):
     name: ClassVar[str] = "plan-mip"
     options: MipOptions = field(default_factory=MipOptions)
 
-    def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
+    def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         if am.context.calib_x is None:
             raise UsageError("importance 'mip' needs calibration data: pass --data (Python: data=...)")
         graph = am.get(self.unit_analysis(), gm)
@@ -65,7 +65,11 @@ class PlanMipAnalysis(PlannerAnalysis):
             kept, scores, record, bias_shift = self._budget(gm, graph, am, target)
         record["seconds"] = time.perf_counter() - start
         plan = Plan.from_mask(graph, kept, "mip", self.settings(am), bias_shift)
-        predicted = self.predicted_latency(graph, kept, self.latency_model(gm, am))
+        model = self.latency_model(gm, am)
+        calibration = record.pop("latency_calibration", None)
+        if model is not None and calibration is not None:
+            model = model.scaled(calibration["scale"])
+        predicted = self.predicted_latency(graph, kept, model, calibration["rounds"] if calibration else None)
         return Planned(plan, self.group_scores(graph, scores), section="mip", record=record,
                        predicted_latency=predicted)
 
@@ -98,6 +102,11 @@ class PlanMipAnalysis(PlannerAnalysis):
             "loss": "margin-preserving hinge (original margins), held-out acceptance"}
         warm_loss, warm_name, warm, rows = self._warm_start(gm, graph, am, target, calib)
         record["warm_start"] = {"chosen": warm_name, "candidates": rows}
+        if target.kind == "latency":  # the MILP keeps the warm start's widths: its calibration holds
+            chosen = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=warm_name), gm)
+            predicted = chosen.predicted_latency or {}
+            record["latency_calibration"] = {"scale": predicted.get("scale", 1.0),
+                                             "rounds": predicted.get("calibration", [])}
         forced = floor_units(graph, am.get(get_criterion(warm_name, self.leaf_modules), gm))
         kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced)
         record["subproblems"] = [r.__dict__ for r in solver.records]
@@ -147,7 +156,12 @@ class PlanMipAnalysis(PlannerAnalysis):
                                        threads=opts.threads, relax=opts.relax, jobs=opts.jobs, bounds=opts.bounds,
                                        gap=opts.gap, progress=ctx.tick)
         # The scores are comparable across layers already (the objective normalises by layer size).
-        kept = select(graph, scores, target, normalise=False, latency=self.latency_model(gm, am))
+        calibration = None
+        if target.kind == "latency":
+            kept, model, rounds = self.latency_select(gm, am, graph, scores, target, normalise=False)
+            calibration = {"scale": model.scale, "rounds": rounds}
+        else:
+            kept = select(graph, scores, target, normalise=False)
         tau_kept = graph.all_kept()
         tau_kept[free] = scores[free] >= opts.tau
         record = {
@@ -159,4 +173,6 @@ class PlanMipAnalysis(PlannerAnalysis):
             "threshold_rule": {"tau": opts.tau, "units_kept": int(tau_kept[free].sum()), "units_free": len(free),
                                "macs_kept": graph.macs(tau_kept) / graph.macs()},
         }
+        if calibration is not None:
+            record["latency_calibration"] = calibration
         return kept, scores, record

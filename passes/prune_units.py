@@ -57,20 +57,24 @@ class PruneUnitsPass(Pass):
     """Remove the units a plan drops; see the module docstring.
 
     Where the plan comes from, first match wins: ``plan`` (a saved plan replayed); this pass's own
-    ``importance``/target (the planner for that name, :func:`.planner_base.planner_for`); the last
-    planner a pipeline listed before this pass (``plan-mip{...},prune-units``).
+    ``importance``/target (the planner for that name, :func:`.planner_base.planner_for`, with
+    ``lossless``/``lossless_box`` passed on); the last planner a pipeline listed before this pass
+    (``plan-mip{...},prune-units``).
     """
 
     name: ClassVar[str] = "prune-units"
     importance: str | None = None
     target: Target = field(default_factory=Target)
     leaf_modules: tuple[str, ...] = ()
+    lossless: bool = False
+    lossless_box: str = "feature"
     plan: Plan | None = field(default=None, compare=False)
 
     def _planned(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         if self.importance is not None or self.target.is_set:
             self.target.require()
-            return am.get(planner_for(self.importance or "l1", self.target, self.leaf_modules), gm)
+            return am.get(planner_for(self.importance or "l1", self.target, self.leaf_modules,
+                                      lossless=self.lossless, lossless_box=self.lossless_box), gm)
         if am.planned is not None:
             return am.planned
         raise UsageError("prune-units has no plan: give it a target (prune-ratio or flops-budget), a saved plan, "

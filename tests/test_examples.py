@@ -16,6 +16,7 @@ from types import ModuleType
 import pytest
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
 from oamipc import models
 from oamipc.data import accuracy, fashion_mnist_available, load_data
@@ -66,6 +67,10 @@ ARCHITECTURES = {
     "PaperMLP-flat": (lambda: models.PaperMLP(hidden=(50,), in_features=64), (64,)),
     "LeNet5": (lambda: models.LeNet5(), (1, 28, 28)),
     "LeNet5-rgb": (lambda: models.LeNet5(in_channels=3, num_classes=4), (3, 28, 28)),
+    "LeNet5-avg": (lambda: models.LeNet5(pool="avg"), (1, 28, 28)),
+    "SmallCNN": (lambda: models.SmallCNN(), (1, 8, 8)),
+    "SmallCNN-noBN": (lambda: models.SmallCNN(batch_norm=False), (1, 8, 8)),
+    "SmallCNN-28": (lambda: models.SmallCNN(widths=(8, 16, 4), image_size=28, hidden=20), (1, 28, 28)),
 }
 
 
@@ -97,6 +102,43 @@ def test_digits_cnn_and_lenet_shapes() -> None:
     convs = [(m.in_channels, m.out_channels) for m in models.LeNet5().modules() if isinstance(m, nn.Conv2d)]
     fcs = [(m.in_features, m.out_features) for m in models.LeNet5().modules() if isinstance(m, nn.Linear)]
     assert convs == [(1, 6), (6, 16)] and fcs == [(400, 120), (120, 84), (84, 10)]
+
+
+def test_lenet5_average_pooling_is_the_functional_average() -> None:
+    """pool="avg" is LeNet-5 with F.avg_pool2d where the max pools were (the oracle: torch's functional ops)."""
+    model = models.LeNet5(pool="avg").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        h = F.avg_pool2d(F.relu(model.conv1(x)), 2)
+        h = F.avg_pool2d(F.relu(model.conv2(h)), 2)
+        h = F.relu(model.fc2(F.relu(model.fc1(h.flatten(1)))))
+        torch.testing.assert_close(model(x), model.fc3(h), rtol=0, atol=0)
+    assert isinstance(models.LeNet5().pool1, nn.MaxPool2d)
+    with pytest.raises(ValueError, match="pool must be one of max, avg"):
+        models.LeNet5(pool="min")
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_small_cnn_layers(batch_norm: bool) -> None:
+    model = models.SmallCNN(widths=(8, 16), image_size=28, hidden=32, batch_norm=batch_norm).eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 8), (8, 16)]
+    assert bns == ([8, 16] if batch_norm else [])
+    assert all((c.bias is None) == batch_norm for c in convs)  # the batch norm's shift replaces the bias
+    assert model.head[1].in_features == 16 * 7 * 7  # two 2x2 pools: 28 -> 14 -> 7
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        h = x
+        for i, conv in enumerate(convs):
+            h = conv(h)
+            if batch_norm:
+                bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][i]
+                h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+            h = F.max_pool2d(F.relu(h), 2)
+        torch.testing.assert_close(model(x), model.head[3](F.relu(model.head[1](h.flatten(1)))))
+    with pytest.raises(ValueError, match="too small"):
+        models.SmallCNN(widths=(4, 4, 4, 4), image_size=8)
 
 
 def test_constructors_follow_the_callers_seed() -> None:

@@ -80,3 +80,32 @@ def test_require_speedup_needs_the_measurement(tmp_path: Path) -> None:
     run = _compile(tmp_path, "--require-speedup", "1", "--no-bench")
     assert run.exit_code == 2 and "--require-speedup needs the latency measurement" in run.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_reads_the_block_and_alignments_off_onnxruntimes_own_graph() -> None:
+    """The oracle is onnxruntime: the probed rules predict which convolutions it blocks, and how wide."""
+    from oamipc.hardware import _blocked_out, conv_paths
+
+    paths = conv_paths()
+    if paths is None:
+        pytest.skip("this onnxruntime build has no blocked (NCHWc) CPU convolutions")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        b = paths.block
+        assert _blocked_out(b, b + 1, 1, tmp) == 2 * b  # outputs are padded up to whole blocks
+        assert _blocked_out(b + paths.in_align, b, 1, tmp) is not None
+        if paths.in_align > 1:
+            assert _blocked_out(b + paths.in_align // 2, b, 1, tmp) is None
+        assert _blocked_out(b - 1, b, 1, tmp) is not None  # narrower than a block: read directly
+        d = b + paths.depthwise_align
+        assert _blocked_out(d, d, d, tmp) is not None
+        for width in range(1, 3 * b):
+            assert paths.fast_input(width) == (_blocked_out(width, b, 1, tmp) is not None), width
+
+
+def test_channel_block_falls_back_to_the_cpu_flags_when_the_probe_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import oamipc.hardware as hw
+
+    monkeypatch.setattr(hw, "conv_paths", lambda: None)
+    assert hw.cpu_channel_block() == hw.flags_channel_block(hw.cpu_flags())

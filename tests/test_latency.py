@@ -134,3 +134,68 @@ def test_profile_command_prints_and_plots_the_model(tmp_path: Path) -> None:
     assert data["batch"] == 8 and data["dense_ms"] > 0
     assert {layer["name"] for layer in data["layers"]} == {"body.0", "body.2", "head"}
     assert out.read_text().lstrip().startswith("<svg")
+
+
+def test_calibration_replans_until_the_whole_network_meets_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle is a stand-in for the whole-network timing in which the network shows only 80% of
+    the savings its layers predict: the first plan misses, the calibrated one meets the budget, and
+    the report says what each round predicted and measured."""
+    from oamipc.passes import planner_base
+
+    seen: list[float] = []
+
+    def whole_network(gm: Any, am: Any, graph: Any, kept: np.ndarray, model: LatencyModel) -> float:
+        widths = {layer.target: layer.widths(kept) for layer in graph.layers}
+        ratio = 1.0 - 0.8 * (1.0 - model.scaled(1.0).predict(widths) / model.dense_ms)
+        seen.append(ratio)
+        return ratio
+
+    monkeypatch.setattr(planner_base, "_measure_plan", whole_network)
+    result = oamipc.compile(oamipc.load_model(MLP), torch.zeros(1, 1, 8, 8), importance="l1",
+                            target=Target(latency_budget=0.7, latency_batch=16))
+    predicted = result.report["latency_prediction"]
+    rounds = predicted["calibration"]
+    assert len(rounds) >= 2 and rounds[0]["measured_ratio"] > 0.7 * 1.02
+    assert [r["measured_ratio"] for r in rounds] == seen
+    assert rounds[-1]["measured_ratio"] <= 0.7 * (1 + planner_base.CALIBRATION_SLACK)
+    assert predicted["scale"] == pytest.approx(0.8, rel=0.05)  # it learnt the share the network shows
+    assert predicted["predicted_ms"] / predicted["dense_ms"] == pytest.approx(rounds[-1]["measured_ratio"], rel=0.02)
+
+
+def test_every_compile_reports_a_prediction_beside_its_measurement(tmp_path: Path) -> None:
+    """A MAC budget too: the changed layers are timed alone and added to the measured dense latency."""
+    report_path = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["compile", str(MLP), "--input-shape", "1,1,8,8", "--importance", "l1",
+                                      "--flops-budget", "0.5", "--batch", "1,16", "-o", str(tmp_path / "m.onnx"),
+                                      "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    predicted = json.loads(report_path.read_text())["latency_prediction"]
+    assert predicted["batch"] == 16 and predicted["measurements"] > 0
+    assert predicted["dense_ms"] == predicted["measured_dense_ms"]
+    assert predicted["predicted_ms"] > 0 and predicted["measured_ms"] > 0  # timings: never compared in a test
+    assert predicted["error"] == pytest.approx(predicted["predicted_ms"] / predicted["measured_ms"] - 1)
+    assert "predicted" in result.output
+
+
+def test_whole_network_pairs_are_timed_once_then_read_from_the_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    import oamipc.bench
+    from oamipc.latency import cache_session, measure_pair
+
+    model = oamipc.load_model(MLP)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    oamipc.export_onnx(oamipc.compile(model, torch.zeros(1, 1, 8, 8), prune_ratio=0.0).module,
+                       (torch.zeros(1, 1, 8, 8),), a)
+    oamipc.export_onnx(oamipc.compile(model, torch.zeros(1, 1, 8, 8), prune_ratio=0.5).module,
+                       (torch.zeros(1, 1, 8, 8),), b)
+    calls = []
+    real = oamipc.bench.benchmark
+    monkeypatch.setattr(oamipc.bench, "benchmark", lambda *args, **kw: calls.append(kw) or real(*args, **kw))
+    setup = MeasureSetup(batch=4)
+    with cache_session() as cache:
+        first = measure_pair(a, b, (1, 8, 8), setup, cache, rounds=5)
+    with cache_session() as cache:
+        again = measure_pair(a, b, (1, 8, 8), setup, cache, rounds=5)
+        other = measure_pair(a, b, (1, 8, 8), MeasureSetup(batch=8), cache, rounds=5)
+    assert first == again and len(calls) == 2 and calls[1]["batch_sizes"] == (8,)
+    assert 0 < first and 0 < other

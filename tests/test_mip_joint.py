@@ -83,7 +83,7 @@ def _stage(gm, graph, x, kept, budget, radius_time=5.0):
     y = z.argmax(1)
     free = [u for g in graph.groups for u in g.units if u not in g.pinned]
     stage = JointStage(net, graph, x, y, margins(z, y), free=free, magnitude=unit_magnitude(gm, graph),
-                       target=Target(flops_budget=budget), solver="highs",
+                       target=Target(flops_budget=budget, round_to=1), solver="highs",
                        time_limit=radius_time, threads=1, tie_reward=0.0)
     return net, stage, y, margins(z, y)
 

@@ -34,10 +34,16 @@ def _data(name: str, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
 def test_ratio_zero_is_identity(name: str) -> None:
     model = build(name)
     x, y = _data(name)
-    res = oamipc.compile(model, example_input(name, batch=2), data=(x, y), importance="l1", prune_ratio=0.0)
+    res = oamipc.compile(model, example_input(name, batch=2), data=(x, y), importance="l1", prune_ratio=0.0,
+                         lossless=False)
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
     assert res.report["after"]["params"] == res.report["before"]["params"]
+    # With the lossless removal (the default with data) only units constant on the data's box go.
+    res = oamipc.compile(model, example_input(name, batch=2), data=(x, y), importance="l1", prune_ratio=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+    assert res.report["prune"]["units_removed"] == res.report["lossless"]["units_removed"]
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)

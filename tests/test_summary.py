@@ -129,11 +129,14 @@ def body(text: str) -> list[list[str]]:
 
 def test_costs_and_widths_rows_carry_the_reports_numbers(plain: dict[str, Any]) -> None:
     table = costs_table(plain)
-    b, a, acc, rec = plain["before"], plain["after"], plain["accuracy"], plain["reconstruct"]
+    b, a, acc, lossless, rec = (plain["before"], plain["after"], plain["accuracy"], plain["lossless"],
+                                plain["reconstruct"])
     assert [c.header for c in table.columns] == ["", "before", "after", "after/before"]
     assert table.rows == [
         ("parameters", f"{b['params']:,}", f"{a['params']:,}", f"{a['params'] / b['params']:.3f}x"),
         ("FLOPs (MACs)", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / b['macs']:.3f}x"),
+        # The trained MLP has no unit that is constant on the digits' range (RESULTS, lossless removal).
+        (f"lossless: 0 dead units removed, {lossless['seconds']:.2f} s", f"{b['macs']:,}", f"{b['macs']:,}", "1.000x"),
         (f"accuracy (digits/test, n={acc['samples']})", f"{100 * acc['before']:.2f}%", f"{100 * acc['after']:.2f}%",
          f"{100 * (acc['after'] - acc['before']):+.2f} pt"),
         ("output error, reconstructed [1]", f"{rec['output_error_before']:.3g}", f"{rec['output_error_after']:.3g}",
@@ -152,21 +155,21 @@ def test_costs_and_widths_rows_carry_the_reports_numbers(plain: dict[str, Any]) 
 def test_onnx_and_latency_rows_when_measured(plain: dict[str, Any]) -> None:
     rep = copy.deepcopy(plain)
     rep["onnx"] = {"bytes": 53177}
-    assert costs_table(rep).rows[2] == ("ONNX bytes", "-", "53,177", "-")  # the original's size needs the bench
+    assert costs_table(rep).rows[3] == ("ONNX bytes", "-", "53,177", "-")  # the original's size needs the bench
     rep["onnx"]["bytes_before"] = 105379
     rep["latency"] = {"rows": [{"batch": 1, "a_median_ms": 0.025, "b_median_ms": 0.02354}]}
     rows = costs_table(rep).rows
-    assert rows[2] == ("ONNX bytes", "105,379", "53,177", "0.505x")
+    assert rows[3] == ("ONNX bytes", "105,379", "53,177", "0.505x")
     assert rows[-1] == ("latency batch 1 (median ms)", "0.0250", "0.0235", "0.942x")
 
 
 def test_finetuned_report_splits_accuracy_and_has_a_history(tuned: dict[str, Any]) -> None:
     acc, ft = tuned["accuracy"], tuned["finetune"]
     labels = [row[0] for row in costs_table(tuned).rows]
-    assert labels[2:5] == [f"accuracy after pruning (digits/test, n={acc['samples']})",
+    assert labels[3:6] == [f"accuracy after pruning (digits/test, n={acc['samples']})",
                           f"accuracy, fine-tuning (1 epochs, {ft['seconds']:.2f} s)", "accuracy, pruned + fine-tuned"]
     rows = costs_table(tuned).rows
-    assert rows[3][1:] == (f"{100 * acc['after_prune']:.2f}%", f"{100 * acc['after']:.2f}%",
+    assert rows[4][1:] == (f"{100 * acc['after_prune']:.2f}%", f"{100 * acc['after']:.2f}%",
                            f"{100 * (acc['after'] - acc['after_prune']):+.2f} pt")
     history = finetune_history_table(ft)
     assert [c.header for c in history.columns] == ["epoch", "loss", "train accuracy", "held-out accuracy"]
