@@ -83,6 +83,8 @@ def run(models: list[str], budgets: list[float], criteria: list[str], options: d
                     "compile_seconds": time.perf_counter() - start,
                     "plan": {g.name: g.kept for g in res.plan.groups},
                     "reconstructed": _rebuilt(model, example, data, res.plan, options, seed)}
+                if "mip" in rep:  # whether a wall-clock safety net fired (then the plan depends on the load)
+                    row["mip"] = {"seconds": rep["mip"].get("seconds"), "reproducible": rep["mip"].get("reproducible")}
                 if ablation:
                     row["ablation"] = {label: _rebuilt(model, example, data, res.plan, options | extra, seed)
                                        for label, extra in ABLATION.items()}
