@@ -12,9 +12,14 @@ experiment that chose ``layers=all``: plans that prune one unit group only (the 
 choice in that group, every other group kept whole), reconstructed with ``layers=readers`` and
 with ``layers=all``.
 
+``--family digits-mlp2x128,...`` runs members of the trained-network family
+(``benchmarks/family.py``; architectures or ``<architecture>-s<seed>``, trained or read from its
+cache) instead of the shipped examples.
+
 Run::
 
     python benchmarks/reconstruct.py --criteria l1                       # four models, ~2 minutes
+    python benchmarks/reconstruct.py --family digits-mlp2x128,digits-mlp3x96,digits-mlp4x64 --criteria l1,mip
     python benchmarks/reconstruct.py --criteria mip                      # the MILP plans, ~10 minutes
     python benchmarks/reconstruct.py --criteria l1 --ablation --single-group
     python benchmarks/reconstruct.py --models digits_mlp --budgets 0.3  # a quick look
@@ -31,6 +36,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +46,12 @@ import oamipc
 from oamipc.hardware import cpu_model
 from oamipc.passes import ReconstructPass
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(HERE) not in sys.path:  # the family's networks are defined in their own module
+    sys.path.insert(0, str(HERE))
+import family  # noqa: E402
+
 DATA = {"digits": "digits", "fashion": "fashion-mnist"}
 MODELS = "digits_mlp,digits_cnn,fashion_mlp,fashion_lenet5"
 #: Pass options compared with the defaults by --ablation.
@@ -62,13 +73,28 @@ def _rebuilt(model: torch.nn.Module, example: torch.Tensor, data: oamipc.DataSpl
             "layers": rec["layers"]}
 
 
-def run(models: list[str], budgets: list[float], criteria: list[str], options: dict[str, Any], seed: int,
-        ablation: bool) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+Network = tuple[str, torch.nn.Module, oamipc.DataSplits, torch.Tensor]
+
+
+def shipped(models: list[str]) -> Iterator[Network]:
+    """The shipped example files ``examples/<name>.pt``, with their data and an example input."""
     for name in models:
         model = oamipc.load_model(ROOT / "examples" / f"{name}.pt")
         data = oamipc.load_data(DATA[name.split("_")[0]])
-        example = torch.zeros(1, *data.train.x.shape[1:])
+        yield name, model, data, torch.zeros(1, *data.train.x.shape[1:])
+
+
+def family_members(names: list[str]) -> Iterator[Network]:
+    """Members of the trained-network family (trained now or read from its cache)."""
+    for member in family.members("all", names=tuple(names)):
+        model, _ = family.network(member)
+        yield member.name, model, family.splits(member.data), family.example_input(member)
+
+
+def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], options: dict[str, Any], seed: int,
+        ablation: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name, model, data, example in networks:
         for budget in budgets:
             for criterion in criteria:
                 start = time.perf_counter()
@@ -96,13 +122,10 @@ def run(models: list[str], budgets: list[float], criteria: list[str], options: d
     return rows
 
 
-def single_group(models: list[str], budgets: list[float], seed: int) -> list[dict[str, Any]]:
+def single_group(networks: Iterable[Network], budgets: list[float], seed: int) -> list[dict[str, Any]]:
     """Prune one group at a time (the l1 plan's choice there): reconstruct with layers=readers vs all."""
     rows: list[dict[str, Any]] = []
-    for name in models:
-        model = oamipc.load_model(ROOT / "examples" / f"{name}.pt")
-        data = oamipc.load_data(DATA[name.split("_")[0]])
-        example = torch.zeros(1, *data.train.x.shape[1:])
+    for name, model, data, example in networks:
         for budget in budgets:
             base = oamipc.compile(model, example, data=data, importance="l1", flops_budget=budget, seed=seed,
                                   reconstruct=False).plan
@@ -172,7 +195,8 @@ def single_group_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=MODELS)
+    parser.add_argument("--models", default=MODELS, help="shipped examples")
+    parser.add_argument("--family", default=None, help="family members instead (benchmarks/family.py names)")
     parser.add_argument("--budgets", default="0.5,0.3,0.15")
     parser.add_argument("--criteria", default="l1")
     parser.add_argument("--samples", type=int, default=None, help="reconstruct samples (default: the pass's)")
@@ -182,11 +206,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    models = args.models.split(",")
+    models = args.family.split(",") if args.family else args.models.split(",")
+
+    def networks() -> Iterator[Network]:
+        return family_members(models) if args.family else shipped(models)
+
     criteria = args.criteria.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     options = {k: v for k, v in (("samples", args.samples), ("ridge", args.ridge)) if v is not None}
-    rows = run(models, budgets, criteria, options, args.seed, args.ablation)
+    rows = run(networks(), budgets, criteria, options, args.seed, args.ablation)
     result: dict[str, Any] = {
         "setting": {"models": models, "budgets": budgets, "criteria": criteria,
                     "reconstruct": dataclasses.asdict(ReconstructPass(**options)),
@@ -198,10 +226,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print()
         print(ablation_table(rows))
     if args.single_group:
-        result["single_group"] = single_group(models, budgets, args.seed)
+        result["single_group"] = single_group(networks(), budgets, args.seed)
         print()
         print(single_group_table(result["single_group"]))
-    out = args.out or ROOT / "benchmarks" / "results" / f"reconstruct_{'_'.join(criteria)}.json"
+    prefix = "reconstruct_family" if args.family else "reconstruct"
+    out = args.out or ROOT / "benchmarks" / "results" / f"{prefix}_{'_'.join(criteria)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -46,6 +46,21 @@ def test_mip_quality_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "| digits_mlp" in capsys.readouterr().out
 
 
+def test_reconstruct_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    _load("reconstruct").main(["--models", "digits_mlp", "--budgets", "0.3", "--criteria", "l1", "--ablation",
+                               "--single-group", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["macs_kept"] <= 0.3 + 1e-9
+    # The refit lowers the network output's error against the dense network on the fitting samples.
+    assert row["reconstructed"]["output_error_after"] < row["reconstructed"]["output_error_before"]
+    assert set(row["ablation"]) == {"samples=512", "samples=16384", "ridge=1e-4", "ridge=1e-2", "layers=readers"}
+    assert {r["group"] for r in result["single_group"]} == {"body.0", "body.2"}
+    text = capsys.readouterr().out
+    assert "| digits_mlp (98.70% dense) | 0.30 |" in text and "layers=readers" in text
+
+
 @pytest.mark.slow
 def test_mip_quality_plans_are_reproducible(tmp_path: Path) -> None:
     """Two runs of the quality benchmark with the default MIP settings record the same plans.
