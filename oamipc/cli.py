@@ -420,6 +420,51 @@ def bench_cmd(
                           f"(median of pairwise ratios {row['pairwise_ratio']:.3f}x)")
 
 
+@app.command("pareto")
+@with_groups(lambda: _errors(), source_group(), mip_group())
+def pareto_cmd(
+    source: ModelSource,
+    mip: MipOptions,
+    budgets: Annotated[str, typer.Option("--budgets", help="Fractions of the MACs to keep, one compile each.")] = "0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Where every point's ONNX file and report, pareto.json and pareto.html go (default: MODEL's name + .pareto, here). Points made with the same model, data and options are reused.")] = None,
+    pick: Annotated[float | None, typer.Option("--pick", help="Copy this budget's ONNX file to -o.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --pick writes the chosen ONNX file.")] = None,
+    importance: Annotated[str, typer.Option("--importance", help="auto (mip with --data) | mip | l1 | l2 | activation | taylor | random")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
+    reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="Refit the pruned layers (default: on, as in compile).")] = None,
+    lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove provably constant units first (default: on, as in compile).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 64,
+    runs: Annotated[int, typer.Option("--runs", help="Timed rounds per point (each against the original).")] = 30,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes compiling budgets at once (timing is never parallel).")] = 1,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Compile MODEL at several MAC budgets and chart test accuracy against onnxruntime latency."""
+    from oamipc.atomic import check_writable
+    from oamipc.driver import reconstruct_option
+    from oamipc.pareto import ParetoJob, parse_budgets, run_pareto
+    from oamipc.pareto import pick as pick_point
+
+    _setup_logging(verbose)
+    with _errors():
+        if (pick is None) != (output is None):
+            raise UsageError("--pick and -o go together: --pick 0.5 -o small.onnx writes that budget's ONNX file")
+        if output is not None:
+            check_writable(output)
+        directory = out_dir or Path(f"{Path(source.model).stem}.pareto")
+        options = {"importance": importance, "seed": seed, "calib_samples": calib_samples, "mip_options": mip,
+                   "lossless": lossless, "reconstruct": reconstruct_option(reconstruct, None)}
+        job = ParetoJob(source, parse_budgets(budgets), directory, options, batch=batch, runs=runs, workers=workers)
+        with _progress() as progress:
+            result = run_pareto(job, progress)
+        chosen = pick_point(result, pick, output) if pick is not None and output is not None else None
+    console.print(_Fitted(summary.pareto_table(result)))
+    console.print(f"wrote [bold]{escape(str(directory / 'pareto.html'))}[/] and pareto.json")
+    if chosen is not None:
+        console.print(f"wrote [bold]{escape(str(output))}[/] (budget {chosen['budget']:g}, accuracy "
+                      f"{100 * chosen['accuracy']:.2f}%, latency ratio {chosen['latency_ratio']:.3f})")
+
+
 @app.command("report")
 def report_cmd(
     run: Annotated[Path, typer.Argument(help="A compile report: JSON from --report run.json, or a page made by oamipc.")],

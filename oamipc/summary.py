@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 __all__ = [
     "Column", "SummaryTable", "costs_table", "finetune_history_table", "finetune_table", "fmt_gap", "fmt_int",
-    "fmt_num", "mip_status", "mip_table", "ratio", "widths_table",
+    "fmt_num", "mip_status", "mip_table", "pareto_table", "ratio", "widths_table",
 ]
 
 Align = Literal["left", "right"]
@@ -420,3 +420,33 @@ def finetune_table(report: dict[str, Any], *, title: str = "oamipc finetune") ->
                      + (f", {seconds:.2f} s" if seconds is not None else ""))
     return table
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the accuracy-latency front (oamipc pareto)
+
+
+def pareto_table(result: dict[str, Any]) -> SummaryTable:
+    """One row per budget of an ``oamipc pareto`` result (the dense network first): MACs and
+    parameters kept, test accuracy, latency and its ratio to the dense network's, and whether the
+    point is on the accuracy-latency front."""
+    lat = _dict(result.get("latency"))
+    table = SummaryTable(
+        f"accuracy-latency front of {result.get('model', '?')}",
+        (Column("budget"), Column("MACs kept"), Column("params kept"), Column("accuracy"),
+         Column(f"latency ms (batch {lat.get('batch', '?')})"), Column("latency ratio"), Column("front", "left")))
+    dense = _dict(result.get("dense"))
+    rows = [dense, *(_dict(p) for p in _list(result.get("points")))]
+    for i, p in enumerate(rows):
+        budget = "1 (original)" if i == 0 else fmt_num(p.get("budget"), "g")
+        if "error" in p:
+            table.add_row(budget, *(MISSING,) * 5, f"not compiled {table.note(str(p['error']))}")
+            continue
+        acc = _num(p.get("accuracy"))
+        table.add_row(budget, ratio(dense.get("macs"), p.get("macs")), ratio(dense.get("params"), p.get("params")),
+                      f"{100 * acc:.2f}%" if acc is not None else MISSING, fmt_num(p.get("latency_ms"), ".4f"),
+                      fmt_num(p.get("latency_ratio"), ".3f"), "yes" if p.get("front") else "")
+    table.caption = (f"Latency: onnxruntime ({lat.get('provider', '?')}), median of {lat.get('runs', '?')} runs, "
+                     "each compiled network timed interleaved with the original; ratio below 1 is faster. "
+                     "On the front: no other point is as accurate and as fast.")
+    return table
