@@ -436,7 +436,9 @@ def pareto_cmd(
     lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove provably constant units first (default: on, as in compile).")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 64,
     runs: Annotated[int, typer.Option("--runs", help="Timed rounds per point (each against the original).")] = 30,
-    workers: Annotated[int, typer.Option("--workers", help="Worker processes compiling budgets at once (timing is never parallel).")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="Budgets compiled at once: local worker processes, or the CPUs of an embedded Ray (timing is never parallel).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (worker processes) | ray (Ray tasks; needs pip install 'oamipc[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --executor ray: join this running cluster (e.g. auto, or host:6379) instead of starting an embedded Ray.")] = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ) -> None:
     """Compile MODEL at several MAC budgets and chart test accuracy against onnxruntime latency."""
@@ -454,7 +456,8 @@ def pareto_cmd(
         directory = out_dir or Path(f"{Path(source.model).stem}.pareto")
         options = {"importance": importance, "seed": seed, "calib_samples": calib_samples, "mip_options": mip,
                    "lossless": lossless, "reconstruct": reconstruct_option(reconstruct, None)}
-        job = ParetoJob(source, parse_budgets(budgets), directory, options, batch=batch, runs=runs, workers=workers)
+        job = ParetoJob(source, parse_budgets(budgets), directory, options, batch=batch, runs=runs, workers=workers,
+                        executor=executor, ray_address=ray_address)
         with _progress() as progress:
             result = run_pareto(job, progress)
         chosen = pick_point(result, pick, output) if pick is not None and output is not None else None

@@ -15,8 +15,9 @@ A point is on the **front** when no other point (the dense network is one) is at
 accurate and at least as fast, and strictly better in one of the two.  The front is what a user
 chooses from; ``pick`` copies the chosen budget's ONNX file to an output path.
 
-Compiles are independent and run in ``workers`` worker processes (spawned, one torch thread
-each); timing is never parallel, since it would measure the contention.  Everything is written
+Compiles are independent and run on an executor (:mod:`oamipc.executor`: ``workers`` local
+processes by default, or Ray tasks); the files are the same for any number of workers.  Timing
+is never parallel, since it would measure the contention.  Everything is written
 into ``out_dir``: ``original.onnx``, one ``budget-0.50.onnx`` and ``budget-0.50.json`` (the
 compile report) per budget, ``pareto.json`` and ``pareto.html``.  Every file is written
 atomically.  A point whose report says it was made from the same model file, data and options
@@ -26,12 +27,10 @@ call with ``--pick`` costs only the timing and the copy, and an interrupted run 
 
 from __future__ import annotations
 
-import concurrent.futures as futures
 import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 
 from oamipc.atomic import atomic_output
 from oamipc.errors import DataError, PlanError, UsageError
+from oamipc.executor import executor
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class ParetoJob:
     batch: int = 64
     runs: int = 30
     workers: int = 1
+    executor: str = "local"  # local | ray (oamipc.executor)
+    ray_address: str | None = None
     exporter: str = "torchscript"
 
     def key(self, budget: float) -> str:
@@ -114,18 +116,15 @@ class ParetoJob:
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _compile_point(job: ParetoJob, budget: float, key: str, single_thread: bool) -> dict[str, Any]:
-    """Compile one budget into ``out_dir`` (a worker process runs this); return its point record.
+def _compile_task(job: ParetoJob, budget_key: tuple[float, str]) -> dict[str, Any]:
+    """Compile one budget into ``out_dir`` (an executor's task); return its point record.
 
     A budget the planner cannot reach becomes a point with an ``error``, not a failed front.
     """
-    import torch
-
     from oamipc.driver import FileJob, compile_file
     from oamipc.target import Target
 
-    if single_thread:
-        torch.set_num_threads(1)
+    budget, key = budget_key
     stem = budget_name(budget)
     onnx_path = job.out_dir / f"{stem}.onnx"
     record: dict[str, Any] = {"budget": budget, "key": key, "onnx": onnx_path.name}
@@ -217,8 +216,6 @@ def _time_points(job: ParetoJob, original: Path, points: list[dict[str, Any]],
 def run_pareto(job: ParetoJob, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Compile every budget (reusing intact points), time them, mark the front, write
     ``pareto.json`` and ``pareto.html`` into ``job.out_dir``; return the result dict."""
-    if job.workers < 1:
-        raise UsageError(f"--workers must be 1 or more, got {job.workers}")
     if job.batch < 1 or job.runs < 1:
         raise UsageError(f"--batch and --runs must be positive, got {job.batch} and {job.runs}")
     if not job.source.data:
@@ -236,19 +233,10 @@ def run_pareto(job: ParetoJob, progress: Callable[[str, int, int], None] | None 
     log.info("pareto: %d budget(s) to compile, %d reused", len(todo), len(records))
     if progress:
         progress("compile", 0, len(todo))
-    if job.workers == 1 or len(todo) <= 1:
-        for i, b in enumerate(todo):
-            records[b] = _compile_point(job, b, keys[b], single_thread=False)
-            if progress:
-                progress("compile", i + 1, len(todo))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # torch and fork do not mix once threads exist
-        with futures.ProcessPoolExecutor(max_workers=min(job.workers, len(todo)), mp_context=ctx) as pool:
-            running = {pool.submit(_compile_point, job, b, keys[b], True): b for b in todo}
-            for done, fut in enumerate(futures.as_completed(running), 1):
-                records[running[fut]] = fut.result()
-                if progress:
-                    progress("compile", done, len(todo))
+    with executor(job.executor, job.workers, job.ray_address) as ex:
+        made = ex.map(_compile_task, job, [(b, keys[b]) for b in todo],
+                      done=(lambda n: progress("compile", n, len(todo))) if progress else None)
+    records.update(zip(todo, made))
     points = [{"reused": False} | records[b] for b in job.budgets]
     if all("error" in p for p in points):
         raise PlanError(f"no budget of {', '.join(f'{b:g}' for b in job.budgets)} could be compiled: "
