@@ -221,6 +221,7 @@ def compile_cmd(
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
     reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
+    finetune_select: Annotated[bool, typer.Option("--finetune-select/--no-finetune-select", help="With --finetune-epochs and --importance mip: also make the l1, taylor and activation plans, fine-tune each briefly, and fine-tune the one that does best on held-out train samples.")] = True,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,
     optimizer: Optimizer = "adam",
@@ -236,7 +237,7 @@ def compile_cmd(
         if finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                                   seed=seed) if finetune_epochs else None)
+                                   seed=seed, select=finetune_select) if finetune_epochs else None)
         if require_speedup is not None and (not bench or require_speedup <= 0):
             raise UsageError("--require-speedup needs the latency measurement (drop --no-bench) and a positive "
                              f"speed-up, got {require_speedup:g}" + (" with --no-bench" if not bench else ""))

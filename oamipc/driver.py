@@ -123,6 +123,9 @@ def compile(  # noqa: A001 - the product's verb
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
+    With ``importance="mip"`` and ``finetune.select`` (the default), the solver-free criteria's
+    networks are probed beside the MILP's and the one that fine-tunes best on held-out train
+    samples is fine-tuned (:mod:`oamipc.finetune_select`; the report's ``finetune_select``).
     The input ``model`` is not modified.
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -193,7 +196,15 @@ def compile(  # noqa: A001 - the product's verb
     if test is not None and test.y is not None:
         report["accuracy"] = {"before": accuracy(original, test), "after": accuracy(gm, test),
                               "dataset": test.name, "samples": len(test.x)}
+    chosen_plan = outcome.plan if outcome else None
     if finetune is not None and train is not None and test is not None:
+        if finetune.select and importance == "mip" and plan is None and pipeline is None:
+            def candidate(criterion: str) -> CompileResult:
+                return compile(model, example_inputs, data=splits, importance=criterion, target=target,
+                               leaf_modules=leaf_modules, seed=seed, calib_samples=calib_samples, lossless=lossless,
+                               lossless_box=lossless_box, verify=verify, reconstruct=reconstruct)
+            gm, report, chosen_plan = _select_for_finetune(importance, gm, report, chosen_plan, candidate, train,
+                                                           finetune)
         pruned_acc = report["accuracy"]["after"]
         report["finetune"] = _finetune_section(gm, train, test, finetune, progress, accuracy_before=pruned_acc)
         report["accuracy"] = {"before": report["accuracy"]["before"], "after_prune": pruned_acc,
@@ -201,7 +212,30 @@ def compile(  # noqa: A001 - the product's verb
                               "samples": len(test.x)}
         report["timings_s"]["finetune"] = report["finetune"]["seconds"]
     report["timings_s"]["compile_total"] = time.perf_counter() - start
-    return CompileResult(gm, report, outcome.plan if outcome else None, original, example_inputs)
+    return CompileResult(gm, report, chosen_plan, original, example_inputs)
+
+
+def _select_for_finetune(importance: str, gm: fx.GraphModule, report: dict[str, Any], plan: Plan | None,
+                         candidate: Callable[[str], CompileResult], train: Dataset,
+                         config: FinetuneConfig) -> tuple[fx.GraphModule, dict[str, Any], Plan | None]:
+    """The network to fine-tune: the asked criterion's, or a solver-free criterion's that
+    fine-tunes better on held-out train samples (:mod:`oamipc.finetune_select`)."""
+    from oamipc import finetune_select
+
+    start = time.perf_counter()
+    others = {c: candidate(c) for c in finetune_select.CANDIDATES if c != importance}
+    choice = finetune_select.select([(importance, gm), *((c, r.module) for c, r in others.items())], train, config)
+    record = choice.to_dict() | {"asked": importance, "seconds": time.perf_counter() - start}
+    if choice.chosen:
+        picked = others[choice.probes[choice.chosen].criterion]
+        asked = report
+        gm, plan = picked.module, picked.plan
+        report = picked.report | {"settings": picked.report["settings"] | {"importance": importance}}
+        report.update({k: v for k, v in asked.items() if k not in report})  # e.g. the MILP's own record
+        report["timings_s"] = {**asked["timings_s"], **{f"{k} ({choice.probes[choice.chosen].criterion})": v
+                                                        for k, v in picked.report["timings_s"].items()}}
+    report["finetune_select"] = record
+    return gm, report, plan
 
 
 def _lossless_choice(asked: bool | None, has_data: bool, replay: bool, pipeline: bool) -> tuple[bool, str | None]:
