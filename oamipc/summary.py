@@ -438,7 +438,7 @@ def pareto_table(result: dict[str, Any]) -> SummaryTable:
     dense = _dict(result.get("dense"))
     rows = [dense, *(_dict(p) for p in _list(result.get("points")))]
     for i, p in enumerate(rows):
-        budget = "1 (original)" if i == 0 else fmt_num(p.get("budget"), "g")
+        budget = "original" if i == 0 else fmt_num(p.get("budget"), "g")
         if "error" in p:
             table.add_row(budget, *(MISSING,) * 5, f"not compiled {table.note(str(p['error']))}")
             continue
