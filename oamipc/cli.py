@@ -251,6 +251,8 @@ def compile_cmd(
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
+    if "finetune_select" in result:
+        console.print(f"fine-tune selection: {escape(result['finetune_select']['reason'])}", highlight=False)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     onnx = result["onnx"]
