@@ -217,7 +217,7 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
-    exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    exporter: Annotated[str, typer.Option("--exporter", help="auto (torchscript, then dynamo if torchscript fails) | torchscript (fast) | dynamo")] = "auto",
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
     reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
@@ -252,9 +252,17 @@ def compile_cmd(
         console.print(mip_table)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_wrote(output, result["onnx"])
+
+
+def _print_wrote(output: Path, onnx: dict[str, Any]) -> None:
+    """The last line: where the file went, which exporter wrote it (and why not the first), the check."""
+    failed = onnx.get("exporters_failed") or []
+    for f in failed:
+        console.print(f"[yellow]the {f['exporter']} exporter failed:[/] {escape(f['error'])}", highlight=False)
+    by = f"{onnx['exporter']} exporter" + (f" after {', '.join(f['exporter'] for f in failed)} failed" if failed else "")
+    console.print(f"wrote [bold]{escape(str(output))}[/] ({by}; onnxruntime vs torch: max abs err "
+                  f"{onnx['max_abs_err']:.2e}, max rel err {onnx['max_rel_err']:.2e})")
 
 
 @app.command("finetune")
@@ -292,9 +300,7 @@ def finetune_cmd(
             result = finetune_file(job, config, progress, reconstruct=reconstruct_option(reconstruct, None))
     console.print(_history_table(result["finetune"]))
     console.print(_finetune_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_wrote(output, result["onnx"])
 
 
 def _history_table(finetune: dict[str, Any]) -> _Fitted:

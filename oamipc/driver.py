@@ -395,7 +395,7 @@ class FileJob:
     bench_batches: tuple[int, ...] = (1, 64)
     bench_runs: int = 50
     require_speedup: float | None = None  # fail (nothing written) below this measured speed-up
-    exporter: str = "torchscript"
+    exporter: str = "auto"  # torchscript, and dynamo when torchscript fails (see oamipc.export)
     verify_samples: int = 64
 
     def check_outputs(self) -> None:
@@ -570,19 +570,21 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
                   plan: Plan | None, progress: Callable[[str, int, int], None] | None) -> list[tuple[Path, str]]:
     """Make every requested output in ``scratch``; return (made file, destination) pairs."""
     from oamipc.bench import benchmark
-    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+    from oamipc.export import export, onnx_size_bytes, verify_onnx
 
     # Export and verify in scratch space; only a verified file is moved to the output path.
     pruned = Path(scratch) / "pruned.onnx"
     if progress:
         progress("export", 0, 1)
-    export_onnx(module, example_inputs, pruned, exporter=job.exporter)
+    exported = export(module, example_inputs, pruned, exporter=job.exporter)
     check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
-    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
+    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned), **exported.to_dict(),
                       **verify_onnx(pruned, module, check_inputs).to_dict()}
     if job.bench and original is not None:
         before = Path(scratch) / "original.onnx"
-        export_onnx(original, example_inputs, before, exporter=job.exporter)
+        # The original goes through the exporter that wrote the pruned file, so that the A/B
+        # latency compares graphs from one exporter (auto would retry a failing one first).
+        export(original, example_inputs, before, exporter=exported.exporter if job.exporter == "auto" else job.exporter)
         report["onnx"]["bytes_before"] = onnx_size_bytes(before)
         bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                           progress=(lambda d, t: progress("bench", d, t)) if progress else None)

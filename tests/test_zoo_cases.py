@@ -86,3 +86,43 @@ def test_cat_into_residual_compiles_from_a_file(tmp_path: Path) -> None:
                           importance="l1", prune_ratio=0.75)
     assert report["onnx"]["passed"]
     assert report["after"]["macs"] < report["before"]["macs"]
+
+
+class NarrowVgg11Bn(nn.Module):
+    """VGG-11-BN's layout (8 convs with BatchNorm, 5 max-pools, adaptive average pooling to 7x7,
+    two-layer classifier) at an eighth of its widths, for a 96x96 input: the pooling maps 3x3 to
+    7x7, which the TorchScript exporter cannot export."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in (8, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 64, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.classifier = nn.Sequential(nn.Linear(64 * 49, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def test_vgg_at_96_falls_back_to_the_dynamo_exporter(tmp_path: Path) -> None:
+    """The TorchScript exporter refuses adaptive_avg_pool2d 3x3 -> 7x7; dynamo writes the file, which
+    is verified against the pruned module, and the report says which exporter wrote it and why."""
+    torch.manual_seed(0)
+    torch.save(NarrowVgg11Bn().state_dict(), tmp_path / "model.pt")
+    source = ModelSource(str(tmp_path / "model.pt"), model_class="tests.test_zoo_cases:NarrowVgg11Bn",
+                         input_shape=(1, 3, 96, 96))
+    report = compile_file(FileJob(source, str(tmp_path / "pruned.onnx"), bench=False),
+                          importance="l1", prune_ratio=0.5)
+    onnx = report["onnx"]
+    assert onnx["passed"] and onnx["exporter"] == "dynamo", onnx
+    (failed,) = onnx["exporters_failed"]
+    assert failed["exporter"] == "torchscript" and "adaptive_avg_pool2d" in failed["error"], failed
+    assert (tmp_path / "pruned.onnx").is_file()
