@@ -252,7 +252,14 @@ def compile_cmd(
         console.print(mip_table)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
+    _print_notices(result.get("notices", []))
     _print_wrote(output, result["onnx"])
+
+
+def _print_notices(notices: list[str]) -> None:
+    """What the tables alone would not say: nothing removed, most MACs in opaque modules (oamipc.notices)."""
+    for text in notices:
+        console.print(f"[bold yellow]note:[/] {escape(text)}", highlight=False)
 
 
 def _print_wrote(output: Path, onnx: dict[str, Any]) -> None:
@@ -360,8 +367,10 @@ def inspect_cmd(
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return
+    macs = f"{_fmt_int(summary['macs'])} MACs" + (
+        f" in Linear/Conv layers ({_fmt_int(summary['macs_total'])} with the opaque modules)" if summary["opaque"] else "")
     console.print(f"[bold]{escape(source.model)}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
-                  f"{_fmt_int(summary['params'])} parameters, {_fmt_int(summary['macs'])} MACs")
+                  f"{_fmt_int(summary['params'])} parameters, {macs}")
     layers = Table(title="layers", title_justify="left")
     for col in ("layer", "type", "in", "out", "MACs"):
         layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
@@ -382,6 +391,15 @@ def inspect_cmd(
         for b in summary["units"]["barriers"]:
             barriers.add_row(b["node"], b["op"], b["reason"], str(b["units_pinned"]))
         console.print(barriers)
+    if summary["opaque"]:
+        opaque = Table(title="opaque modules (kept whole by the tracer; never pruned)", title_justify="left")
+        for col in ("module", "type", "params", "MACs", "why opaque"):
+            opaque.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+        for m in summary["opaque"]:
+            macs_cell = _fmt_int(m["macs"]) if m["macs"] is not None else f"unknown: {m['macs_note']}"
+            opaque.add_row(m["name"], m["type"], _fmt_int(m["params"]), macs_cell, m["why"])
+        console.print(opaque)
+    _print_notices(summary["notices"])
 
 
 @app.command("bench")

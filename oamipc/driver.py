@@ -34,6 +34,7 @@ from oamipc.errors import DataError, ExportError, OutputError, SpeedupError, Usa
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.hardware import speed_verdict
+from oamipc.notices import notices, opaque_notices, unprunable_notice
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, InputRange, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
@@ -163,13 +164,13 @@ def compile(  # noqa: A001 - the product's verb
         [refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
-    before = passes.count_costs(gm)
+    before = passes.count_costs(gm, leaf_modules)
     unit_summary = units.summary()
     manager = PassManager(steps, verify=verify)
     gm = manager.run(gm, am)
     if not verify:  # costs are read from shape metadata, which only verification refreshes
         propagate_shapes(gm, example_inputs)
-    after = passes.count_costs(gm)
+    after = passes.count_costs(gm, leaf_modules)
     outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
     rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
@@ -200,6 +201,9 @@ def compile(  # noqa: A001 - the product's verb
                               "after": report["finetune"]["accuracy_after"], "dataset": test.name,
                               "samples": len(test.x)}
         report["timings_s"]["finetune"] = report["finetune"]["seconds"]
+    report["notices"] = notices(report)
+    for text in report["notices"]:  # the CLI prints them under its table; the report keeps them
+        log.info("notice: %s", text)
     report["timings_s"]["compile_total"] = time.perf_counter() - start
     return CompileResult(gm, report, outcome.plan if outcome else None, original, example_inputs)
 
@@ -641,9 +645,13 @@ def inspect_file(source: ModelSource) -> dict[str, Any]:
     gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
     am = AnalysisManager(CompileContext(loaded.example_inputs))
     units = am.get(passes.UnitGroupAnalysis(source.leaf_modules), gm)
-    costs = passes.count_costs(gm)
+    costs = passes.count_costs(gm, source.leaf_modules)
+    summary = units.summary()
+    said = opaque_notices(costs.to_dict())
+    said.append(unprunable_notice(summary, costs.to_dict(), name_opaque=not said))
     return {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), "nodes": len(gm.graph.nodes),
-            "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}
+            "params": costs.params, "macs": costs.macs, "macs_total": costs.macs_total, "layers": costs.layers,
+            "opaque": costs.opaque, "units": summary, "notices": [n for n in said if n]}
 
 
 def profile_file(source: ModelSource, target: Target, *, batch: int = 64, threads: int = 1,

@@ -126,3 +126,100 @@ def test_vgg_at_96_falls_back_to_the_dynamo_exporter(tmp_path: Path) -> None:
     (failed,) = onnx["exporters_failed"]
     assert failed["exporter"] == "torchscript" and "adaptive_avg_pool2d" in failed["error"], failed
     assert (tmp_path / "pruned.onnx").is_file()
+
+
+class EncoderBehindLinear(nn.Module):
+    """torch's own ``nn.TransformerEncoder`` (2 layers, 4 heads, FFN 256) behind a Linear: the tracer
+    keeps the encoder as one call, so nothing in the network can be pruned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.inp(x)).mean(1))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 48)
+        self.fc2 = nn.Linear(48, 12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class WithLeafAndLstm(nn.Module):
+    """A small MLP block kept opaque by name, and an LSTM (whose ops torch's flop counter does not count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.mid = nn.Linear(12, 12)
+        self.block = Block()
+        self.rnn = nn.LSTM(12, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.block(self.mid(torch.relu(self.inp(x)))))
+        return self.head(h[:, -1])
+
+
+def _encoder_macs(seq: int, width: int, ffn: int, layers: int) -> tuple[int, int]:
+    """Closed form: the encoder's projections and FFN per sample, and the attention products
+    (Q K^T and A V), which torch's flop counter may leave out of a fused attention kernel."""
+    linear = seq * width * (3 * width + width + 2 * ffn)
+    products = 2 * seq * seq * width
+    return layers * linear, layers * products
+
+
+def test_encoder_behind_linear_says_nothing_was_removed_and_counts_the_encoder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(EncoderBehindLinear().state_dict(), tmp_path / "model.pt")
+    source = ModelSource(str(tmp_path / "model.pt"), model_class="tests.test_zoo_cases:EncoderBehindLinear",
+                         input_shape=(1, 8, 16))
+    report = compile_file(FileJob(source, str(tmp_path / "pruned.onnx"), bench=False),
+                          importance="l1", prune_ratio=0.5)
+    assert report["onnx"]["passed"]
+    before = report["before"]
+    (enc,) = before["opaque"]
+    assert enc["name"] == "enc" and enc["type"] == "TransformerEncoder"
+    assert enc["params"] == sum(p.numel() for p in EncoderBehindLinear().enc.parameters())
+    linear, products = _encoder_macs(8, 64, 256, 2)
+    assert linear <= enc["macs"] <= linear + products, enc
+    assert before["macs"] == 8 * 16 * 64 + 64 * 10  # the two Linear layers the unit analysis sees
+    assert before["macs_total"] == before["macs"] + enc["macs"]
+    notes = report["notices"]
+    assert any("% of the MACs" in n and "enc (TransformerEncoder" in n for n in notes), notes
+    assert any(n.startswith("nothing was removed") for n in notes), notes
+
+
+def test_leaf_module_is_counted_and_uncountable_macs_are_unknown(tmp_path: Path) -> None:
+    model = WithLeafAndLstm().eval()
+    res = oamipc.compile(model, (torch.randn(1, 5, 6),), importance="l1", prune_ratio=0.5, leaf_modules=("block",))
+    opaque = {m["name"]: m for m in res.report["before"]["opaque"]}
+    assert opaque["block"]["macs"] == 5 * (12 * 48 + 48 * 12) and "--leaf-module" in opaque["block"]["why"]
+    assert opaque["rnn"]["macs"] is None and opaque["rnn"]["macs_note"], opaque["rnn"]
+    assert res.report["before"]["opaque_macs_unknown"] == ["rnn"]
+    assert any("rnn (LSTM" in n and "unknown" in n for n in res.report["notices"]), res.report["notices"]
+    assert not any(n.startswith("nothing was removed") for n in res.report["notices"])  # inp was pruned
+    path = export_onnx(res.module, res.example_inputs, tmp_path / "pruned.onnx")
+    assert verify_onnx(path, res.module, (torch.randn(4, 5, 6),)).passed
+
+
+def test_inspect_shows_the_opaque_modules(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oamipc.cli import app
+
+    torch.save(EncoderBehindLinear().state_dict(), tmp_path / "model.pt")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "model.pt"), "--model-class",
+                                      "tests.test_zoo_cases:EncoderBehindLinear", "--input-shape", "1,8,16"],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "opaque modules" in result.output and "TransformerEncoder" in result.output
+    assert "no unit can be removed" in result.output and "% of the MACs" in result.output
