@@ -223,3 +223,40 @@ def test_inspect_shows_the_opaque_modules(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "opaque modules" in result.output and "TransformerEncoder" in result.output
     assert "no unit can be removed" in result.output and "% of the MACs" in result.output
+
+
+class NormsMlp(nn.Module):
+    """Linear -> LayerNorm -> GELU -> Linear -> GroupNorm(4) -> ReLU -> Linear: ops the MILP's exact
+    encoding does not cover, on units that can be removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 24)
+        self.ln = nn.LayerNorm(24)
+        self.fc2 = nn.Linear(24, 16)
+        self.gn = nn.GroupNorm(4, 16)
+        self.fc3 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.ln(self.fc1(x)))
+        return self.fc3(torch.relu(self.gn(self.fc2(h))))
+
+
+def test_mip_runs_the_stages_that_need_no_encoding(tmp_path: Path) -> None:
+    """``--importance mip`` on LayerNorm/GroupNorm/GELU: the layer sub-problem the encoding cannot
+    build is skipped with the reason, the joint stage (measured flip effects) runs, the report says
+    which stages ran, and the plan keeps the budget, exports and verifies."""
+    torch.manual_seed(0)
+    model = NormsMlp().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(240, 64, generator=gen)
+    y = model(x).argmax(1)  # labels the network gets right: margins to keep
+    res = oamipc.compile(model, (x[:1],), data=(x, y), importance="mip", flops_budget=0.6, calib_samples=160,
+                         reconstruct=False, mip_options={"total_time_limit": 30, "samples": 32})
+    stages = res.report["mip"]["stages"]
+    assert stages["layer_subproblems_without_encoding"] and "cannot handle" in stages["no_encoding_reason"]
+    assert stages["joint_rounds"] >= 1, stages
+    assert res.report["after"]["macs"] <= 0.6 * res.report["before"]["macs"]
+    assert res.report["mip"]["fallback"] is None
+    path = export_onnx(res.module, res.example_inputs, tmp_path / "pruned.onnx")
+    assert verify_onnx(path, res.module, (x[:32],)).passed
