@@ -254,12 +254,14 @@ def _native_stdout_to_debug_log() -> Iterator[None]:
         yield
         return
     with tempfile.TemporaryFile() as sink:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         os.dup2(sink.fileno(), 1)
         try:
             yield
         finally:
-            sys.stdout.flush()
+            if sys.stdout is not None:
+                sys.stdout.flush()
             os.dup2(saved, 1)
             os.close(saved)
             sink.seek(0)
