@@ -217,7 +217,7 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
-    exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    exporter: Annotated[str, typer.Option("--exporter", help="auto (torchscript, then dynamo if torchscript fails) | torchscript (fast) | dynamo")] = "auto",
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
     reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
@@ -255,9 +255,24 @@ def compile_cmd(
         console.print(f"fine-tune selection: {escape(result['finetune_select']['reason'])}", highlight=False)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_notices(result.get("notices", []))
+    _print_wrote(output, result["onnx"])
+
+
+def _print_notices(notices: list[str]) -> None:
+    """What the tables alone would not say: nothing removed, most MACs in opaque modules (oamipc.notices)."""
+    for text in notices:
+        console.print(f"[bold yellow]note:[/] {escape(text)}", highlight=False)
+
+
+def _print_wrote(output: Path, onnx: dict[str, Any]) -> None:
+    """The last line: where the file went, which exporter wrote it (and why not the first), the check."""
+    failed = onnx.get("exporters_failed") or []
+    for f in failed:
+        console.print(f"[yellow]the {f['exporter']} exporter failed:[/] {escape(f['error'])}", highlight=False)
+    by = f"{onnx['exporter']} exporter" + (f" after {', '.join(f['exporter'] for f in failed)} failed" if failed else "")
+    console.print(f"wrote [bold]{escape(str(output))}[/] ({by}; onnxruntime vs torch: max abs err "
+                  f"{onnx['max_abs_err']:.2e}, max rel err {onnx['max_rel_err']:.2e})")
 
 
 @app.command("finetune")
@@ -295,9 +310,7 @@ def finetune_cmd(
             result = finetune_file(job, config, progress, reconstruct=reconstruct_option(reconstruct, None))
     console.print(_history_table(result["finetune"]))
     console.print(_finetune_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_wrote(output, result["onnx"])
 
 
 def _history_table(finetune: dict[str, Any]) -> _Fitted:
@@ -357,8 +370,10 @@ def inspect_cmd(
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return
+    macs = f"{_fmt_int(summary['macs'])} MACs" + (
+        f" in Linear/Conv layers ({_fmt_int(summary['macs_total'])} with the opaque modules)" if summary["opaque"] else "")
     console.print(f"[bold]{escape(source.model)}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
-                  f"{_fmt_int(summary['params'])} parameters, {_fmt_int(summary['macs'])} MACs")
+                  f"{_fmt_int(summary['params'])} parameters, {macs}")
     layers = Table(title="layers", title_justify="left")
     for col in ("layer", "type", "in", "out", "MACs"):
         layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
@@ -379,6 +394,15 @@ def inspect_cmd(
         for b in summary["units"]["barriers"]:
             barriers.add_row(b["node"], b["op"], b["reason"], str(b["units_pinned"]))
         console.print(barriers)
+    if summary["opaque"]:
+        opaque = Table(title="opaque modules (kept whole by the tracer; never pruned)", title_justify="left")
+        for col in ("module", "type", "params", "MACs", "why opaque"):
+            opaque.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+        for m in summary["opaque"]:
+            macs_cell = _fmt_int(m["macs"]) if m["macs"] is not None else f"unknown: {m['macs_note']}"
+            opaque.add_row(m["name"], m["type"], _fmt_int(m["params"]), macs_cell, m["why"])
+        console.print(opaque)
+    _print_notices(summary["notices"])
 
 
 @app.command("bench")

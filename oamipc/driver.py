@@ -34,6 +34,7 @@ from oamipc.errors import DataError, ExportError, OutputError, SpeedupError, Usa
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.hardware import speed_verdict
+from oamipc.notices import notices, opaque_notices, unprunable_notice
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, InputRange, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
@@ -166,13 +167,13 @@ def compile(  # noqa: A001 - the product's verb
         [refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
-    before = passes.count_costs(gm)
+    before = passes.count_costs(gm, leaf_modules)
     unit_summary = units.summary()
     manager = PassManager(steps, verify=verify)
     gm = manager.run(gm, am)
     if not verify:  # costs are read from shape metadata, which only verification refreshes
         propagate_shapes(gm, example_inputs)
-    after = passes.count_costs(gm)
+    after = passes.count_costs(gm, leaf_modules)
     outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
     rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
@@ -211,6 +212,9 @@ def compile(  # noqa: A001 - the product's verb
                               "after": report["finetune"]["accuracy_after"], "dataset": test.name,
                               "samples": len(test.x)}
         report["timings_s"]["finetune"] = report["finetune"]["seconds"]
+    report["notices"] = notices(report)
+    for text in report["notices"]:  # the CLI prints them under its table; the report keeps them
+        log.info("notice: %s", text)
     report["timings_s"]["compile_total"] = time.perf_counter() - start
     return CompileResult(gm, report, chosen_plan, original, example_inputs)
 
@@ -429,7 +433,7 @@ class FileJob:
     bench_batches: tuple[int, ...] = (1, 64)
     bench_runs: int = 50
     require_speedup: float | None = None  # fail (nothing written) below this measured speed-up
-    exporter: str = "torchscript"
+    exporter: str = "auto"  # torchscript, and dynamo when torchscript fails (see oamipc.export)
     verify_samples: int = 64
 
     def check_outputs(self) -> None:
@@ -604,19 +608,21 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
                   plan: Plan | None, progress: Callable[[str, int, int], None] | None) -> list[tuple[Path, str]]:
     """Make every requested output in ``scratch``; return (made file, destination) pairs."""
     from oamipc.bench import benchmark
-    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+    from oamipc.export import export, onnx_size_bytes, verify_onnx
 
     # Export and verify in scratch space; only a verified file is moved to the output path.
     pruned = Path(scratch) / "pruned.onnx"
     if progress:
         progress("export", 0, 1)
-    export_onnx(module, example_inputs, pruned, exporter=job.exporter)
+    exported = export(module, example_inputs, pruned, exporter=job.exporter)
     check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
-    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
+    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned), **exported.to_dict(),
                       **verify_onnx(pruned, module, check_inputs).to_dict()}
     if job.bench and original is not None:
         before = Path(scratch) / "original.onnx"
-        export_onnx(original, example_inputs, before, exporter=job.exporter)
+        # The original goes through the exporter that wrote the pruned file, so that the A/B
+        # latency compares graphs from one exporter (auto would retry a failing one first).
+        export(original, example_inputs, before, exporter=exported.exporter if job.exporter == "auto" else job.exporter)
         report["onnx"]["bytes_before"] = onnx_size_bytes(before)
         bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                           progress=(lambda d, t: progress("bench", d, t)) if progress else None)
@@ -673,9 +679,13 @@ def inspect_file(source: ModelSource) -> dict[str, Any]:
     gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
     am = AnalysisManager(CompileContext(loaded.example_inputs))
     units = am.get(passes.UnitGroupAnalysis(source.leaf_modules), gm)
-    costs = passes.count_costs(gm)
+    costs = passes.count_costs(gm, source.leaf_modules)
+    summary = units.summary()
+    said = opaque_notices(costs.to_dict())
+    said.append(unprunable_notice(summary, costs.to_dict(), name_opaque=not said))
     return {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), "nodes": len(gm.graph.nodes),
-            "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}
+            "params": costs.params, "macs": costs.macs, "macs_total": costs.macs_total, "layers": costs.layers,
+            "opaque": costs.opaque, "units": summary, "notices": [n for n in said if n]}
 
 
 def profile_file(source: ModelSource, target: Target, *, batch: int = 64, threads: int = 1,

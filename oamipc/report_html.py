@@ -518,6 +518,8 @@ def build_page(report: dict[str, Any], *, title: str | None = None) -> Page:
         f"<h1>{_esc(title)}</h1>",
         f"<p class=\"meta\">{meta}</p>" if meta else "",
         _table_html(summary.costs_table(report), section="Summary"),
+        # What the table alone would not say (oamipc.notices): nothing removed, opaque modules.
+        *(f"<p class=\"note\"><b>note:</b> {_esc(n)}</p>" for n in report.get("notices") or [] if isinstance(n, str)),
         *blocks,
     ]
     if page.notes:
