@@ -98,7 +98,7 @@ class ParetoJob:
     workers: int = 1
     executor: str = "local"  # local | ray (oamipc.executor)
     ray_address: str | None = None
-    exporter: str = "torchscript"
+    exporter: str = "auto"  # as compile: torchscript, dynamo where it fails (oamipc.export)
 
     def key(self, budget: float) -> str:
         """What a point depends on, hashed: model and data files' bytes, options, budget, version."""
