@@ -183,3 +183,11 @@ def test_every_accepted_move_has_evidence_and_the_plan_is_deterministic(digits_r
         if ev["accepted"]:  # never fewer right answers, and a gain beyond noise
             assert ev["gained"] >= ev["lost"]
             assert max(ev["z_accuracy"], ev["z_hinge"]) >= 1.645
+
+
+def test_pipeline_names_the_acceptance_options() -> None:
+    from oamipc.pipeline import parse_pipeline
+
+    plan = parse_pipeline("plan-mip{flops-budget=0.5,accept=hinge,accept-z=2.5,holdout=100},prune-units")[0]
+    assert (plan.options.accept, plan.options.accept_z, plan.options.holdout) == ("hinge", 2.5, 100)
+    assert MipOptions().accept == "paired" and MipOptions().holdout is None
