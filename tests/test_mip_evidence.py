@@ -12,7 +12,7 @@ import torch
 
 import oamipc
 from oamipc.errors import UsageError
-from oamipc.passes.mip.evidence import HOLDOUT_MAX, HOLDOUT_MIN, Measure, compare, holdout_pool, holdout_size, no_worse
+from oamipc.passes.mip.evidence import HOLDOUT_MAX, HOLDOUT_MIN, Measure, compare, holdout_order, holdout_size, no_worse
 from oamipc.passes.mip.options import MipOptions
 from oamipc.passes.plan_mip import PlanMipAnalysis
 
@@ -79,23 +79,16 @@ def test_never_worse_check_orders_by_accuracy_then_hinge() -> None:
     assert not no_worse(_measure([True, False, False], [0.0, 0.0, 0.0]), ref)  # less accurate
 
 
-def test_holdout_pool_drops_exactly_the_seen_rows_in_a_seeded_order() -> None:
+def test_holdout_order_drops_exactly_the_seen_rows_in_a_seeded_order() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(300, 1, 4, 4, generator=gen)
-    y = torch.arange(300) % 7
+    x[10] = x[3]  # a duplicate of a seen row was seen too
     seen = x[[3, 50, 299]].clone()
-    px, py = holdout_pool(x, y, seen, seed=5)
-    assert len(px) == 297
-    flat, pflat = x.reshape(300, -1), px.reshape(297, -1)
-    for row in seen.reshape(3, -1):
-        assert not (pflat == row).all(1).any()
-    # every remaining row is there once, with its own label
-    idx = [int(torch.nonzero((flat == r).all(1))[0]) for r in pflat]
-    assert sorted(idx) == sorted(set(range(300)) - {3, 50, 299})
-    assert torch.equal(py, y[idx])
-    again, _ = holdout_pool(x, y, seen, seed=5)
-    other, _ = holdout_pool(x, y, seen, seed=6)
-    assert torch.equal(again, px) and not torch.equal(other, px)
+    idx = holdout_order(x, seen, seed=5)
+    assert sorted(idx.tolist()) == sorted(set(range(300)) - {3, 10, 50, 299})
+    assert torch.equal(holdout_order(x, seen, seed=5), idx)
+    assert not torch.equal(holdout_order(x, seen, seed=6), idx)
+    assert len(holdout_order(x, x, seed=0)) == 0
 
 
 def test_holdout_size_is_bounded_by_work_and_by_the_data() -> None:

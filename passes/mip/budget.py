@@ -72,7 +72,7 @@ from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 from .encoder import Encoder, EncodingStats, margin_hinge
-from .evidence import HeldOut, holdout_pool, holdout_size
+from .evidence import HeldOut, holdout_order, holdout_size
 from .joint import JointStage
 from .masked import MaskedNetwork, margins
 from .means import bias_shift, reading_means
@@ -115,16 +115,18 @@ class Calibration:
         target = margins(logits, y)
         cap = float(torch.quantile(target[:n], opts.margin_cap)) if opts.margin_cap < 1.0 else None
         pool_x, pool_y, source = x[n:], (y[n:] if labelled else None), "calibration"
+        order = torch.arange(len(pool_x))
         if ctx.train_x is not None:
-            pool_x, pool_y = holdout_pool(ctx.train_x.float(), ctx.train_y if labelled else None, x[:n], ctx.seed)
-            source = "train"
-        if len(pool_x) == 0:
+            pool_x, pool_y, source = ctx.train_x, ctx.train_y if labelled else None, "train"
+            order = holdout_order(pool_x, x[:n], ctx.seed)
+        if len(order) == 0:
             pool_x, pool_y, source = x[:n], (y[:n] if labelled else None), "milp-samples"
-        size = holdout_size(opts.holdout, len(pool_x), macs_per_sample)
-        x_hold = pool_x[:size].float()
+            order = torch.arange(n)
+        chosen = order[:holdout_size(opts.holdout, len(order), macs_per_sample)]
+        x_hold = pool_x[chosen].float()
         with torch.no_grad():
             hold_logits = torch.cat([network_logits(gm, x_hold[i:i + 4096]) for i in range(0, len(x_hold), 4096)])
-        y_hold = pool_y[:size] if pool_y is not None else hold_logits.argmax(1)
+        y_hold = pool_y[chosen] if pool_y is not None else hold_logits.argmax(1)
         target_hold = margins(hold_logits, y_hold)
         if cap is not None:
             target, target_hold = target.clamp(max=cap), target_hold.clamp(max=cap)

@@ -5,7 +5,7 @@ need not raise accuracy on unseen data (measured on an MLP of the family: every 
 lowered the hinge on 448 held-out samples, and the plan still ended below its own warm start on
 the test set).  Two things make the judgement hold better:
 
-* **More held-out samples.**  :func:`holdout_pool` takes them from the whole train split the
+* **More held-out samples.**  :func:`holdout_order` takes them from the whole train split the
   calibration set was drawn from (``CompileContext.train_x``), less the MILP's own samples, in a
   seeded order; :func:`holdout_size` says how many, from the MACs a forward pass costs (forward
   passes are cheap: a LeNet-5 judges about 5,000 samples per plan).  Without a train split the
@@ -62,16 +62,16 @@ def holdout_size(requested: int | None, available: int, macs_per_sample: float) 
     return min(available, max(HOLDOUT_MIN, min(HOLDOUT_MAX, wanted)))
 
 
-def holdout_pool(train_x: torch.Tensor, train_y: torch.Tensor | None, seen: torch.Tensor, seed: int
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The train split without the samples in ``seen`` (exact row matches), in a seeded order."""
-    flat = train_x.reshape(len(train_x), -1).double()
-    probe = torch.Generator().manual_seed(12345)
-    direction = torch.randn(flat.shape[1], generator=probe, dtype=torch.float64)
-    seen_flat = seen.reshape(len(seen), -1).double()
+def holdout_order(train_x: torch.Tensor, seen: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices of the train split without the samples in ``seen`` (exact row matches), in a seeded order."""
+    flat = train_x.reshape(len(train_x), -1)
+    seen_flat = seen.reshape(len(seen), -1).to(flat.dtype)
+    direction = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
     # A random projection narrows each seen row to the train rows with (nearly) the same key; an
     # exact comparison decides.  The tolerance absorbs the matmul's order-dependent rounding.
-    keys, seen_keys = flat @ direction, seen_flat @ direction
+    keys = torch.cat([flat[i:i + _BATCH].double() @ direction for i in range(0, len(flat), _BATCH)]) \
+        if len(flat) else torch.zeros(0, dtype=torch.float64)
+    seen_keys = seen_flat.double() @ direction
     order_k = torch.argsort(keys)
     sorted_k = keys[order_k]
     tol = 1e-9 * (1.0 + float(keys.abs().max())) if len(keys) else 0.0
@@ -82,8 +82,7 @@ def holdout_pool(train_x: torch.Tensor, train_y: torch.Tensor | None, seen: torc
         for i in order_k[int(lo[j]):int(hi[j])].tolist():
             drop[i] = drop[i] or bool(torch.equal(flat[i], seen_flat[j]))
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(int(seed)))
-    order = order[~drop[order]]
-    return train_x[order], (train_y[order] if train_y is not None else None)
+    return order[~drop[order]]
 
 
 @dataclass(frozen=True)
