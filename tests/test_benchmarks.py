@@ -230,3 +230,14 @@ def test_lossless_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert r["dead_channel"] <= r["constant_on_data"]
     assert next(r for r in rows if r["network"] == "digits_mlp_lr0.1")["dead_feature"] > 0
     assert "| network | free units |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mip_compile_time_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.json"
+    rows = _load("mip_compile_time").main(["--model", "digits_mlp", "--data", "digits", "--budgets", "0.3",
+                                           "--out", str(out)])
+    assert json.loads(out.read_text())["rows"][0]["budget"] == 0.3
+    assert rows[0]["holdout_samples"] == 1258 - 64  # the train split less the MILP samples
+    assert rows[0]["selection"]["chosen"] in ("mip", "solver-free") and rows[0]["wall_s"] >= rows[0]["mip_s"]
+    assert "| digits_mlp | 0.30 |" in capsys.readouterr().out
