@@ -111,7 +111,7 @@ def family_networks(members: list[family.Member], cache: Path,
 
 def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], mip_options: dict[str, Any],
         seed: int, done: Callable[[list[dict[str, Any]]], None] | None = None,
-        round_to: int | str = "auto") -> list[dict[str, Any]]:
+        round_to: int | str = "auto", reconstruct: bool | str = "auto") -> list[dict[str, Any]]:
     """Compile every network at every budget with every criterion; one row each.
 
     ``done(rows)`` is called after each network with all rows so far (to save partial results).
@@ -128,13 +128,15 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                     if "paper" in criterion:
                         opts.pop("samples", None)  # the paper's one sample per class
                 res = oamipc.compile(model, example, data=data, importance="mip" if opts else criterion,
-                                     flops_budget=budget, seed=seed, mip_options=opts, round_to=round_to)
+                                     flops_budget=budget, seed=seed, mip_options=opts, round_to=round_to,
+                                     reconstruct=reconstruct)
                 rep = res.report
                 row = {"model": name, **{k: v for k, v in net.info.items() if k != "training"},
                        "budget": budget, "criterion": criterion,
                        "macs_kept": rep["after"]["macs"] / rep["before"]["macs"], "dense_macs": rep["before"]["macs"],
                        "accuracy_before": rep["accuracy"]["before"], "accuracy_after": rep["accuracy"]["after"],
                        "seconds": time.perf_counter() - start, "round_to": rep["settings"].get("round_to"),
+                       "reconstruct": rep["settings"].get("reconstruct"),
                        # units removed for free before the criterion ran (provably dead on the data's box)
                        "lossless_units_removed": rep["lossless"].get("units_removed", 0),
                        # The applied plan (kept unit indices per group): restructurings must keep it.
@@ -150,6 +152,7 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                     mip = rep["mip"]
                     row["mip"] = {"warm_start": mip["warm_start"]["chosen"], "holdout_loss": mip["holdout_loss"],
                                   "seconds": mip["seconds"], "reproducible": mip["reproducible"],
+                                  "selection": mip.get("selection"),
                                   "mean_replacement": mip["mean_replacement"],
                                   "subproblems": [{k: s[k] for k in ("group", "free_units", "outcome", "build_seconds")}
                                                   | {"status": s["solve"].get("status"), "gap": s["solve"].get("gap"),
@@ -338,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="MIP worker processes (paper: class problems; budget: the joint stage's trust radii)")
     parser.add_argument("--seed", type=int, default=0, help="the compile's seed (calibration samples, random)")
     parser.add_argument("--round-to", default="auto", help="the compile's round_to (auto, the default, or an integer)")
+    parser.add_argument("--no-reconstruct", action="store_true",
+                        help="leave the pruned layers as they are (no refit): the plans alone are compared")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = {"time_limit": args.time_limit, "total_time_limit": args.total_time_limit, "samples": args.mip_samples,
             "jobs": args.jobs}
     setting: dict[str, Any] = {"budgets": budgets, "criteria": criteria, "mip_options": opts, "seed": args.seed,
-                               "round_to": args.round_to,
+                               "round_to": args.round_to, "reconstruct": not args.no_reconstruct,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "machine": platform.machine(), "threads": torch.get_num_threads(), "cpu": cpu_model(),
                                "versions": _versions(), "merged_from": [str(p) for p in args.also]}
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
     rows = run(networks, budgets, criteria, opts, args.seed, done=lambda rows: _write_json(out, result(rows, False)),
-               round_to=round_to)
+               round_to=round_to, reconstruct=False if args.no_reconstruct else "auto")
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:

@@ -162,7 +162,8 @@ def compile(  # noqa: A001 - the product's verb
                          progress=progress,
                          input_range=InputRange.of(train.x, f"{train.name} ({len(train.x)} samples)")
                          if lossless_on and train is not None else None,
-                         train_x=train.x if train is not None else None, original=original)
+                         train_x=train.x if train is not None else None,
+                         train_y=train.y if train is not None else None, original=original)
     steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box) + (
         [refit] if refit else [])
     am = AnalysisManager(ctx)

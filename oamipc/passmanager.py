@@ -68,12 +68,13 @@ class CompileContext:
     is the range of all the data given (the train split), for the lossless removal's box; when it
     is None, that box is the calibration samples' range.  ``train_x`` is the whole split the
     calibration samples were drawn from, for passes that gain from more samples than the
-    calibration set (reconstruction: forward passes are cheap).  ``original`` is the network as
-    it was before the pipeline ran (the dense reference); the driver sets it, or the pass
-    manager copies the graph when a pass needs it.  Everything that changes an analysis's result
-    and is not the graph or these inputs is an option of the analysis (a dataclass field), so the
-    cache key covers it.  Analyses return data; they never write a report (the driver builds it
-    from their results).
+    calibration set (reconstruction: forward passes are cheap); ``train_y`` its labels, when it has
+    them (the MIP planner judges its moves on the part of the split its MILPs did not see).
+    ``original`` is the network as it was before the pipeline ran (the dense reference); the
+    driver sets it, or the pass manager copies the graph when a pass needs it.  Everything that
+    changes an analysis's result and is not the graph or these inputs is an option of the
+    analysis (a dataclass field), so the cache key covers it.  Analyses return data; they never
+    write a report (the driver builds it from their results).
     """
 
     example_inputs: tuple[torch.Tensor, ...]
@@ -83,6 +84,7 @@ class CompileContext:
     progress: Callable[[str, int, int], None] | None = None
     input_range: InputRange | None = None
     train_x: torch.Tensor | None = None
+    train_y: torch.Tensor | None = None
     original: fx.GraphModule | None = None
 
     def tick(self, what: str, done: int, total: int) -> None:

@@ -8,9 +8,12 @@ report's ``mip`` section.  Its options are its own frozen fields (the target, an
 
 * ``budget`` (default): the plan starts from the best greedy plan of the cheap criteria (asked of
   :class:`.plan_greedy.PlanGreedyAnalysis`, so the analysis cache serves them) and is improved by
-  :mod:`.mip.budget` (layer sub-problems, then the joint stage of :mod:`.mip.joint`).  The
-  reported score of a unit is 1 + its normalised magnitude when kept, its normalised magnitude
-  when removed: kept units always rank above removed ones.
+  :mod:`.mip.budget` (layer sub-problems, then the joint stage of :mod:`.mip.joint`), each move
+  kept only when held-out samples say it is better (:mod:`.mip.evidence`).  The plan returned is
+  never worse on those samples than the best solver-free plan: if the MILP's is, the report's
+  ``selection`` says so and the solver-free plan is returned.  The reported score of a unit is
+  1 + its normalised magnitude when kept, its normalised magnitude when removed: kept units
+  always rank above removed ones.
 * ``paper``: the thesis's continuous scores (:mod:`.mip.paper`), ranked to the target.
 """
 
@@ -32,7 +35,8 @@ from oamipc.target import Target
 from oamipc.units import UnitGraph
 
 from .importance_base import get_criterion
-from .mip.budget import WARM_CRITERIA, Calibration, margin_loss, network_logits, plan_budget, unit_magnitude
+from .mip.budget import WARM_CRITERIA, Calibration, network_logits, plan_budget, unit_magnitude
+from .mip.evidence import HeldOut, Measure, no_worse
 from .mip.masked import margins
 from .mip.options import MipOptions
 from .mip.paper import LAMBDA, paper_scores, pick_samples
@@ -74,41 +78,52 @@ class PlanMipAnalysis(PlannerAnalysis):
                        predicted_latency=predicted)
 
     def _warm_start(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target,
-                    calib: Calibration) -> tuple[float, str, np.ndarray, list[dict[str, Any]]]:
-        """The best greedy plan of the cheap criteria on held-out samples: (loss, name, kept, rows)."""
+                    heldout: HeldOut) -> tuple[dict[str, tuple[np.ndarray, Measure]], str, str]:
+        """The cheap criteria's greedy plans measured on the held-out samples, the warm start's name
+        (the best by the acceptance rule) and the best solver-free plan's (by held-out accuracy, the
+        hinge breaking ties: the plan the MILP's result must not fall below)."""
         opts = self.options
         names = [opts.warm] if opts.warm != "auto" else [
             c for c in WARM_CRITERIA if not (get_criterion(c).needs_labels and am.context.calib_y is None)]
-        rows = []
-        best: tuple[float, str, np.ndarray] | None = None
+        plans: dict[str, tuple[np.ndarray, Measure]] = {}
         for name in names:
             planned = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=name), gm)
             kept = planned.plan.kept_mask(graph)
-            loss = margin_loss(gm, graph, kept, calib.x_hold, calib.y_hold, calib.margin_hold)
-            rows.append({"criterion": name, "holdout_loss": loss})
-            if best is None or loss < best[0] - 1e-12:
-                best = (loss, name, kept)
-        assert best is not None
-        return (*best, rows)
+            plans[name] = (kept, heldout.measure(kept))
+
+        def by_accuracy(name: str) -> tuple[int, float]:
+            m = plans[name][1]
+            return (-int(m.correct.sum()), m.mean_hinge)
+
+        best_free = min(names, key=by_accuracy)  # min keeps the first of equals: WARM_CRITERIA's order
+        warm = min(names, key=lambda n: plans[n][1].mean_hinge) if opts.accept == "hinge" else best_free
+        return plans, warm, best_free
 
     def _budget(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, list[float]]]:
         """The default formulation: warm start, layer sub-problems, joint stage, final checks."""
         opts = self.options
-        calib = Calibration.build(gm, am, opts)
+        calib = Calibration.build(gm, am, opts, macs_per_sample=graph.macs())
+        heldout = HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold, rule=opts.accept, z=opts.accept_z)
         record: dict[str, Any] = {
             "formulation": opts.formulation, "solver": opts.solver, "bounds": opts.bounds,
             "spend_budget": opts.spend_budget, "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
-            "loss": "margin-preserving hinge (original margins), held-out acceptance"}
-        warm_loss, warm_name, warm, rows = self._warm_start(gm, graph, am, target, calib)
-        record["warm_start"] = {"chosen": warm_name, "candidates": rows}
+            "holdout_source": calib.holdout_source,
+            "loss": f"margin-preserving hinge (original margins), held-out acceptance: {opts.accept}"}
+        plans, warm_name, free_name = self._warm_start(gm, graph, am, target, heldout)
+        warm, warm_measure = plans[warm_name]
+        warm_loss = warm_measure.mean_hinge
+        record["warm_start"] = {"chosen": warm_name, "candidates": [
+            {"criterion": name, "holdout_loss": m.mean_hinge, "holdout_accuracy": m.accuracy}
+            for name, (_, m) in plans.items()]}
         if target.kind == "latency":  # the MILP keeps the warm start's widths: its calibration holds
             chosen = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=warm_name), gm)
             predicted = chosen.predicted_latency or {}
             record["latency_calibration"] = {"scale": predicted.get("scale", 1.0),
                                              "rounds": predicted.get("calibration", [])}
         forced = floor_units(graph, am.get(get_criterion(warm_name, self.leaf_modules), gm))
-        kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced)
+        kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced,
+                                   heldout=heldout)
         record["subproblems"] = [r.__dict__ for r in solver.records]
         record["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
         record["stages"] = _stages(solver.records, solver.joint_rounds)
@@ -122,8 +137,9 @@ class PlanMipAnalysis(PlannerAnalysis):
             record["fallback"] = f"the MILP plan broke: {'; '.join(broken)}; the warm start was used"
             kept, solver.bias_shift = warm.copy(), {}
         record["mean_replacement"] = solver.mean_replacement
-        record["holdout_loss"] = {"warm_start": warm_loss, "final": solver.holdout_loss(
-            kept, solver.net if solver.bias_shift else solver.plain_net)}
+        record["selection"], kept = self._select(solver, kept, plans, free_name)
+        final = solver.holdout_loss(kept, means=bool(solver.bias_shift))
+        record["holdout_loss"] = {"warm_start": warm_loss, "final": final}
         record["reproducible"] = solver.reproducible()
         if not record["reproducible"]:
             log.warning("a MILP time limit was reached (time_limit %g s per solve, total_time_limit %g s): "
@@ -135,6 +151,37 @@ class PlanMipAnalysis(PlannerAnalysis):
             top = mags[g.units].max() if g.units else 0.0
             norm[g.units] = mags[g.units] / top if top > 0 else 0.0
         return kept, norm + kept.astype(np.float64), record, solver.bias_shift
+
+    def _select(self, solver: Any, kept: np.ndarray, plans: dict[str, tuple[np.ndarray, Measure]], free_name: str
+                ) -> tuple[dict[str, Any], np.ndarray]:
+        """The final check: the MILP's plan against the best solver-free plan on the same held-out samples.
+
+        The MILP's plan stands when it is at least as accurate there (at equal accuracy, when its
+        hinge is not higher); otherwise the solver-free plan is returned (without any bias shift).
+        Returns the report's ``selection`` section and the plan.
+        """
+        opts = self.options
+        mine = (solver.heldout if solver.bias_shift else solver.plain_heldout).measure(kept)
+        free_kept, free = plans[free_name]
+        moves = [r.outcome for r in solver.records] + [r.outcome for r in solver.joint_rounds]
+        section: dict[str, Any] = {
+            "rule": opts.accept, "z": opts.accept_z if opts.accept == "paired" else None,
+            "holdout_samples": len(free.correct), "holdout_source": solver.calib.holdout_source,
+            "moves_accepted": moves.count("improved"), "moves_rejected": moves.count("rejected"),
+            "mip": mine.summary(), "best_solver_free": {"criterion": free_name, **free.summary()}}
+        if no_worse(mine, free):
+            section["chosen"] = "mip"
+            section["decided_by"] = (f"the MILP's plan is no worse on the held-out samples than the best solver-free "
+                                     f"plan ({free_name}): accuracy {mine.accuracy:.4f} vs {free.accuracy:.4f}")
+            return section, kept
+        log.warning("the MILP's plan is less accurate on %d held-out samples than %s's (%.4f < %.4f); using %s's plan",
+                    len(free.correct), free_name, mine.accuracy, free.accuracy, free_name)
+        section["chosen"] = "solver-free"
+        section["decided_by"] = (f"the MILP's plan was worse on the held-out samples than the best solver-free plan "
+                                 f"({free_name}): accuracy {mine.accuracy:.4f} vs {free.accuracy:.4f}; "
+                                 f"{free_name}'s plan was returned")
+        solver.bias_shift = {}
+        return section, free_kept.copy()
 
     def _paper(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target
                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -12,6 +12,7 @@ import torch
 from oamipc.errors import UnsupportedGraphError
 from oamipc.passes import UnitGroupAnalysis
 from oamipc.passes.mip.budget import group_order, nonlinear_elements_after, unit_magnitude
+from oamipc.passes.mip.evidence import HeldOut
 from oamipc.passes.mip.joint import JointStage
 from oamipc.passes.mip.masked import MaskedNetwork, margins
 from oamipc.passmanager import AnalysisManager, CompileContext
@@ -160,8 +161,10 @@ def test_joint_stage_never_accepts_a_worse_plan_and_is_deterministic_for_any_job
 
         import time
 
-        out = stage.run(kept, holdout, radius=6, max_rounds=6, deadline=time.perf_counter() + 60, jobs=jobs)
+        judge = HeldOut(gm, graph, x_hold, y_hold, t_hold, rule="hinge")
+        out = stage.run(kept, judge, radius=6, max_rounds=6, deadline=time.perf_counter() + 60, jobs=jobs)
         assert holdout(out) <= holdout(kept) + 1e-12
+        assert judge.loss(out) == pytest.approx(holdout(out), abs=1e-5)  # pruned network = masked evaluation
         for r in stage.rounds:
             if r.outcome == "improved":
                 assert r.holdout_after < r.holdout_before

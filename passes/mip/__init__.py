@@ -7,7 +7,9 @@
 * :mod:`.budget`: the default ``budget`` formulation, layer sub-problems from the output backwards.
 * :mod:`.joint`: the joint trust-region stage over flip variables of every layer.
 * :mod:`.paper`: the thesis's formulation (continuous scores, one problem per class).
-* :mod:`.masked`: batched masked forward passes, the held-out judge of every candidate plan.
+* :mod:`.masked`: batched masked forward passes (flip effects, the check against the pruned network).
+* :mod:`.evidence`: the held-out samples (the train split the MILP did not see) and the noise-aware
+  rule that accepts a candidate plan only when they say it is better.
 * :mod:`.means`: mean replacement (removed units read as their mean at Linear readers).
 * :mod:`.workers`: forked worker processes for independent solves.
 

@@ -6,8 +6,10 @@ else fixed is small, and is exact and fast when the logits are affine in its kee
 last hidden layer, or any layer followed only by linear maps).  So:
 
 1. **Warm start.**  Every cheap criterion (L1, L2, and with data activation and Taylor) is turned
-   into a plan for the same target by the ordinary selection; the one with the lowest held-out
-   loss (below) is the starting plan.  The MILP can only improve on it.
+   into a plan for the same target by the ordinary selection; the one with the highest held-out
+   accuracy (the lowest held-out hinge breaking ties; with ``accept="hinge"`` the lowest hinge) is
+   the starting plan.  The MILP can only improve on it, and the planner checks at the end that
+   its plan is no worse on the held-out samples than that best solver-free plan.
 2. **Sub-problems, last group to first.**  For group ``g``: binary ``m_u`` per free unit of ``g``
    (pinned and split-floor units stay), every other unit fixed to the current plan; the network
    on the MILP samples is encoded by :mod:`.encoder` (ReLU big-M only where a downstream
@@ -32,10 +34,11 @@ last hidden layer, or any layer followed only by linear maps).  So:
    ``--prune-ratio R``: the group keeps as many units as the ratio says.  ``--min-keep``, equal
    counts per block (grouped convs) and ``--round-to`` are constraints too.
 5. **Warm-started solve** (the starting plan's complete solution, found by solving with ``m``
-   fixed), a time limit per sub-problem and in total.  The answer is accepted only if it lowers the
-   loss on **held-out** calibration samples, measured by running the pruned network (never on the
-   solver's word); every sub-problem's end (optimal / time limit with gap / no incumbent /
-   rejected / unchanged / skipped) goes into the report.  A solution is first checked against the
+   fixed), a time limit per sub-problem and in total.  The answer is accepted only if the
+   **held-out** samples (the train split less the MILP samples, :mod:`.evidence`) say it is better
+   beyond noise, measured by running the pruned network (never on the solver's word); every
+   sub-problem's end (optimal / time limit with gap / no incumbent / rejected / unchanged /
+   skipped) and the held-out verdict go into the report.  A solution is first checked against the
    target and group rules on the plan itself (:func:`.rows.plan_violations`): one that breaks
    them is ``invalid`` and ignored.  A solver that raises ends the MILP stages (``solver-error``):
    the plan found so far stands, and the report and a warning say why.
@@ -69,6 +72,7 @@ from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph, UnitGroup
 
 from .encoder import Encoder, EncodingStats, margin_hinge
+from .evidence import HeldOut, holdout_order, holdout_size
 from .joint import JointStage
 from .masked import MaskedNetwork, margins
 from .means import bias_shift, reading_means
@@ -91,22 +95,42 @@ class Calibration:
     y_hold: torch.Tensor
     margin: torch.Tensor  # original margin of each MILP sample
     margin_hold: torch.Tensor
+    holdout_source: str = "calibration"  # train (split less the MILP samples) | calibration | milp-samples
 
     @classmethod
-    def build(cls, gm: fx.GraphModule, am: AnalysisManager, opts: MipOptions) -> Calibration:
+    def build(cls, gm: fx.GraphModule, am: AnalysisManager, opts: MipOptions, macs_per_sample: float = 0.0
+              ) -> Calibration:
+        """The first ``samples`` calibration samples for the MILPs; held-out samples from the train split
+        less those (``CompileContext.train_x``), else from the other calibration samples, else the
+        MILP samples themselves; as many as :func:`.evidence.holdout_size` allows."""
         ctx = am.context
         if ctx.calib_x is None:
             raise UsageError("importance 'mip' needs calibration data: pass --data")
         x = ctx.calib_x.float()
         with torch.no_grad():
             logits = network_logits(gm, x)
-        y = ctx.calib_y if ctx.calib_y is not None else logits.argmax(1)
+        labelled = ctx.calib_y is not None
+        y = ctx.calib_y if labelled else logits.argmax(1)
         n = min(opts.samples or DEFAULT_SAMPLES, len(x))
-        hold = slice(n, n + opts.holdout) if len(x) > n else slice(0, n)
         target = margins(logits, y)
-        if opts.margin_cap < 1.0:
-            target = target.clamp(max=float(torch.quantile(target[:n], opts.margin_cap)))
-        return cls(x[:n], y[:n], x[hold], y[hold], target[:n], target[hold])
+        cap = float(torch.quantile(target[:n], opts.margin_cap)) if opts.margin_cap < 1.0 else None
+        pool_x, pool_y, source = x[n:], (y[n:] if labelled else None), "calibration"
+        order = torch.arange(len(pool_x))
+        if ctx.train_x is not None:
+            pool_x, pool_y, source = ctx.train_x, ctx.train_y if labelled else None, "train"
+            order = holdout_order(pool_x, x[:n], ctx.seed)
+        if len(order) == 0:
+            pool_x, pool_y, source = x[:n], (y[:n] if labelled else None), "milp-samples"
+            order = torch.arange(n)
+        chosen = order[:holdout_size(opts.holdout, len(order), macs_per_sample)]
+        x_hold = pool_x[chosen].float()
+        with torch.no_grad():
+            hold_logits = torch.cat([network_logits(gm, x_hold[i:i + 4096]) for i in range(0, len(x_hold), 4096)])
+        y_hold = pool_y[chosen] if pool_y is not None else hold_logits.argmax(1)
+        target_hold = margins(hold_logits, y_hold)
+        if cap is not None:
+            target, target_hold = target.clamp(max=cap), target_hold.clamp(max=cap)
+        return cls(x[:n], y[:n], x_hold, y_hold, target[:n], target_hold, source)
 
 
 def network_logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -114,17 +138,6 @@ def network_logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
     return out.double()
-
-
-def margin_loss(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray, x: torch.Tensor, y: torch.Tensor,
-                target: torch.Tensor) -> float:
-    """Mean hinge ``max(0, M_k - margin_k)`` of the network pruned to ``kept`` (a real forward pass)."""
-    pruned = copy.deepcopy(gm)
-    if not kept.all():
-        apply_plan(pruned, graph, kept)
-    with torch.no_grad():
-        got = margins(network_logits(pruned, x), y)
-    return float((target - got).clamp(min=0).mean())
 
 
 @dataclass
@@ -141,6 +154,7 @@ class SubProblemRecord:
     build_seconds: float = 0.0
     holdout_before: float = 0.0
     holdout_after: float | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)  # the held-out verdict (.evidence.Verdict)
     objective_warm: float | None = None
     time_limited: bool = False  # stopped by the time limit, not a node limit or a proof: may vary between runs
     note: str = ""  # why a solution was invalid, or the solver's error
@@ -201,7 +215,7 @@ class BudgetSolver:
     """Runs the layer-decomposed budgeted MILP from a warm-start plan (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, calib: Calibration, opts: MipOptions, target: Target, *,
-                 forced: set[int], progress: Any = None) -> None:
+                 forced: set[int], progress: Any = None, heldout: HeldOut | None = None) -> None:
         self.gm = gm
         self.graph = graph
         self.calib = calib
@@ -219,6 +233,9 @@ class BudgetSolver:
         self.means = reading_means(gm, self.plain_net.reading, torch.cat([calib.x, calib.x_hold])) \
             if opts.mean_replacement else {}
         self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
+        self.plain_heldout = heldout or HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold,
+                                                rule=opts.accept, z=opts.accept_z)
+        self.heldout = self.plain_heldout.with_means(self.means) if self.means else self.plain_heldout
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
         self.deadline_reached = False
@@ -229,14 +246,9 @@ class BudgetSolver:
         return not (self.deadline_reached or any(r.time_limited for r in self.records)
                     or any(r.time_limited for r in self.joint_rounds))
 
-    def holdout_loss(self, kept: np.ndarray, net: MaskedNetwork | None = None) -> float:
-        """The acceptance measure on held-out samples: the margin hinge, or errors first."""
-        c = self.calib
-        got = margins((net or self.net).logits(c.x_hold, kept[None, :])[0], c.y_hold)
-        hinge = float((c.margin_hold - got).clamp(min=0).mean())
-        if self.opts.accept == "accuracy":
-            return float((got <= 0).sum()) + hinge / (1.0 + hinge)
-        return hinge
+    def holdout_loss(self, kept: np.ndarray, means: bool = True) -> float:
+        """The mean margin hinge on the held-out samples (with the mean replacement when it is on)."""
+        return (self.heldout if means else self.plain_heldout).loss(kept)
 
     def run(self, kept: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
@@ -282,12 +294,12 @@ class BudgetSolver:
                 if np.array_equal(candidate, current):
                     record.outcome = "unchanged"
                     continue
-                loss = self.holdout_loss(candidate)
-                record.holdout_after = loss
-                if loss < best_loss - 1e-12:
+                verdict = self.heldout.judge(candidate, current)
+                record.holdout_after, record.evidence = verdict.hinge_after, verdict.to_dict()
+                if verdict.accepted:
                     record.outcome = "improved"
                     record.kept_after = int(candidate[group.units].sum())
-                    current, best_loss = candidate, loss
+                    current, best_loss = candidate, verdict.hinge_after
                 else:
                     record.outcome = "rejected"
             if self.opts.joint and deadline - time.perf_counter() > 0.5 and not self.solver_error:
@@ -300,7 +312,7 @@ class BudgetSolver:
             self.progress("MILP", steps, steps)
         self.deadline_reached = time.perf_counter() > deadline - 0.5
         if self.means:
-            with_means, without = self.holdout_loss(current), self.holdout_loss(current, self.plain_net)
+            with_means, without = self.holdout_loss(current), self.holdout_loss(current, means=False)
             self.mean_replacement.update({"holdout_with": with_means, "holdout_without": without,
                                           "applied": with_means < without})
             if with_means < without:
@@ -318,7 +330,7 @@ class BudgetSolver:
                            gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
                            spend=self.opts.spend_budget and self.target.kind == "macs")
         radius = self.opts.joint_radius or max(4, len(free) // 10)
-        out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
+        out = stage.run(current, self.heldout, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
         self.joint_rounds.extend(stage.rounds)
         failed = next((r.note for r in stage.rounds if r.outcome == "solver-error"), None)
@@ -418,8 +430,9 @@ def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
 
 
 def plan_budget(gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, warm: np.ndarray, opts: MipOptions,
-                calib: Calibration, target: Target, forced: set[int]) -> tuple[np.ndarray, BudgetSolver]:
+                calib: Calibration, target: Target, forced: set[int], heldout: HeldOut | None = None
+                ) -> tuple[np.ndarray, BudgetSolver]:
     """Improve the plan ``warm`` with the budgeted sub-problems; return it and the records."""
-    solver = BudgetSolver(gm, graph, calib, opts, target, forced=forced, progress=am.context.tick)
+    solver = BudgetSolver(gm, graph, calib, opts, target, forced=forced, progress=am.context.tick, heldout=heldout)
     kept = solver.run(warm)
     return kept, solver

@@ -18,7 +18,8 @@ both with a MILP that is linear in the keep variables by construction:
   the exact MAC row of the whole network (products of two free widths linearised, see
   :mod:`.rows`), every group's count/rounding/block rules.  Every group is free, so MACs can
   move from one layer to another.
-* **Acceptance on held-out samples** by a real forward pass.  Accepted: recompute the effects
+* **Acceptance on held-out samples** by a real forward pass, under the noise-aware rule of
+  :mod:`.evidence` (the verdict and its evidence go into the round's record).  Accepted: recompute the effects
   around the new plan and go on.  Rejected: halve ``r``.  At ``r < 1`` start again from the first
   radius if the plan moved since the last start, else stop; stop also after ``max_rounds`` or
   when the time is up.
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,7 @@ from oamipc.solver import complete_solution, solve
 from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph
 
+from .evidence import HeldOut
 from .masked import MaskedNetwork
 from .rows import Keep, group_rows, mac_expression, plan_violations
 from .workers import fork_map
@@ -76,6 +77,7 @@ class JointRound:
     build_seconds: float = 0.0
     time_limited: bool = False
     candidates: int = 0  # free units screened in (see JointStage.candidates)
+    evidence: dict[str, Any] = field(default_factory=dict)  # the held-out verdict (.evidence.Verdict)
     note: str = ""  # why a solution was invalid, or the solver's error
 
 
@@ -116,9 +118,9 @@ class JointStage:
         z = self.net.logits(self.x, plans).numpy()
         return z[0], z[1:] - z[0]
 
-    def run(self, current: np.ndarray, holdout: Callable[[np.ndarray], float], *, radius: int, max_rounds: int,
+    def run(self, current: np.ndarray, holdout: HeldOut, *, radius: int, max_rounds: int,
             deadline: float, jobs: int = 1) -> np.ndarray:
-        best = holdout(current)
+        best = holdout.loss(current)
         r = radius
         ahead: dict[int, tuple[np.ndarray | None, JointRound]] = {}  # solves at the current plan, by radius
         effects: tuple[np.ndarray, np.ndarray] | None = None  # at the current plan
@@ -148,11 +150,11 @@ class JointStage:
                 r //= 2  # the model sees no better plan this far out; look closer
                 continue
             rec.flips = int((candidate != current).sum())
-            loss = holdout(candidate)
-            rec.holdout_after = loss
-            if loss < best - 1e-12:
+            verdict = holdout.judge(candidate, current)
+            rec.holdout_after, rec.evidence = verdict.hinge_after, verdict.to_dict()
+            if verdict.accepted:
                 rec.outcome = "improved"
-                current, best = candidate, loss
+                current, best = candidate, verdict.hinge_after
                 ahead, effects = {}, None
                 improved_since_restart = True
             else:

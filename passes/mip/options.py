@@ -17,6 +17,7 @@ from oamipc.errors import UsageError
 from oamipc.solver import require_solver
 
 from .bounds import BOUNDS
+from .evidence import RULES
 
 DEFAULT_SAMPLES = 64  # MILP samples of the budget formulation when --mip-samples is not given
 
@@ -40,7 +41,9 @@ class MipOptions:
     mean_replacement: bool = False  # model removed units as their mean at Linear readers; kept if held-out says so
     bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
     tau: float = 0.1  # paper: the thesis's score threshold, reported next to the ranked plan
-    holdout: int = 448
+    # Held-out samples that judge every move: the train split less the MILP samples (calibration samples
+    # without one); None: as many as a bounded amount of forward work allows (:func:`.evidence.holdout_size`).
+    holdout: int | None = None
     sweeps: int = 1
     warm: str = "auto"  # a criterion name, or the best cheap one on held-out data
     joint: bool = True  # the joint linearised stage after the layer sub-problems
@@ -52,7 +55,10 @@ class MipOptions:
     # Layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage.
     exact_binaries: int = 4000
     margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
-    accept: str = "hinge"  # held-out acceptance: hinge | accuracy (errors first, hinge breaks ties)
+    # Held-out acceptance (:mod:`.evidence`): paired (accuracy not lower, and accuracy or hinge better
+    # beyond noise) | hinge (any lower mean hinge) | accuracy (fewer errors, hinge breaks ties).
+    accept: str = "paired"
+    accept_z: float = 1.645  # paired: one-sided z a gain must reach (1.645: 5%)
     # Budget target: no MILP may lower the MACs of the plan it starts from (it swaps or adds units,
     # never only drops them), so the plan keeps the capacity a later fine-tune needs.
     spend_budget: bool = True
@@ -74,8 +80,12 @@ class MipOptions:
         if opts.time_limit <= 0 or opts.total_time_limit <= 0:
             raise UsageError(f"MIP time limits must be positive, got time_limit={opts.time_limit:g}, "
                              f"total_time_limit={opts.total_time_limit:g}")
-        if opts.accept not in ("hinge", "accuracy"):
-            raise UsageError(f"MIP acceptance {opts.accept!r}: use 'hinge' or 'accuracy'")
+        if opts.accept not in RULES:
+            raise UsageError(f"MIP acceptance {opts.accept!r}: use one of {', '.join(RULES)}")
+        if not opts.accept_z >= 0:
+            raise UsageError(f"MIP accept_z must be >= 0, got {opts.accept_z}")
+        if opts.holdout is not None and opts.holdout < 1:
+            raise UsageError(f"MIP holdout must be >= 1 sample, got {opts.holdout}")
         if not 0.0 < opts.margin_cap <= 1.0:
             raise UsageError(f"MIP margin cap {opts.margin_cap}: give a quantile in (0, 1]")
         if opts.gap is not None and opts.gap < 0:
