@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import oamipc
+import oamipc.models
 from oamipc.attention import TracedMultiheadAttention, swap_known_modules
 from oamipc.export import export_onnx, verify_onnx
 from oamipc.passes import count_costs
@@ -119,11 +120,25 @@ class HandAttention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(b, n, E))
 
 
+class PackedHandAttention(nn.Module):
+    """One Linear for q, k and v, cut by ``chunk``; heads by view/transpose; SDPA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(E, 3 * E), nn.Linear(E, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (qkv[i].view(b, n, H, E // H).transpose(1, 2) for i in range(3))
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, E))
+
+
 class HandNet(nn.Module):
-    def __init__(self, **kwargs: bool) -> None:
+    def __init__(self, packed: bool = False, **kwargs: bool) -> None:
         super().__init__()
         self.embed = nn.Linear(8, E)
-        self.attn = HandAttention(**kwargs)
+        self.attn = PackedHandAttention() if packed else HandAttention(**kwargs)
         self.norm = nn.LayerNorm(E)
         self.fc1, self.fc2 = nn.Linear(E, FFN), nn.Linear(FFN, E)
         self.head = nn.Linear(E, 5)
@@ -310,6 +325,7 @@ def _zeroed_oracle(model: nn.Module, drop_heads: dict[str, list[int]], drop_ffn:
     ("mha-weights-seq-first", lambda: _build(AttentionNet, need_weights=True, batch_first=False)),
     ("hand-softmax-causal", lambda: _build(HandNet, sdpa=False, causal=True)),
     ("hand-sdpa", lambda: _build(HandNet)),
+    ("hand-packed", lambda: _build(HandNet, packed=True)),
 ])
 def test_removed_heads_compute_what_zeroed_heads_compute(name: str, make, tmp_path) -> None:
     model = make()
@@ -321,8 +337,8 @@ def test_removed_heads_compute_what_zeroed_heads_compute(name: str, make, tmp_pa
     rng = np.random.default_rng(0)
     for layer in graph.layers:
         t = layer.target
-        if t.endswith("q_proj") or t.endswith("attn.q"):
-            heads = _head_units(graph, t, E // H)
+        if t.endswith("q_proj") or t.endswith("attn.q") or t.endswith("attn.qkv"):
+            heads = _head_units(graph, t, E // H)[:H]  # a packed qkv layer: its q part
             drop = sorted(rng.choice(H, size=2, replace=False).tolist())
             kept[[heads[h] for h in drop]] = False
             owner = t.rsplit(".", 1)[0]
@@ -338,6 +354,9 @@ def test_removed_heads_compute_what_zeroed_heads_compute(name: str, make, tmp_pa
     torch.testing.assert_close(_run(gm, x), want, rtol=1e-4, atol=1e-5)
     # The heads are gone from the weights, not masked.
     for owner in drop_heads:
+        if name == "hand-packed":
+            assert gm.get_submodule(f"{owner}.qkv").out_features == 3 * (H - 2) * (E // H)
+            continue
         for proj in ("q", "k", "v") if name.startswith("hand") else ("q_proj", "k_proj", "v_proj"):
             assert gm.get_submodule(f"{owner}.{proj}").out_features == (H - 2) * (E // H)
     path = tmp_path / f"{name}.onnx"
@@ -351,6 +370,7 @@ def test_removed_heads_compute_what_zeroed_heads_compute(name: str, make, tmp_pa
     ("encoder-seq-first-causal", lambda: _build(EncoderNet, batch_first=False, mask="causal")),
     ("mha-separate", lambda: _build(AttentionNet, packed=False)),
     ("hand-softmax", lambda: _build(HandNet, sdpa=False)),
+    ("hand-packed", lambda: _build(HandNet, packed=True)),
 ])
 def test_compile_prunes_heads_and_exports(name: str, make, criterion: str, tmp_path) -> None:
     model = make()
@@ -361,9 +381,30 @@ def test_compile_prunes_heads_and_exports(name: str, make, criterion: str, tmp_p
     assert rep["after"]["macs"] < rep["before"]["macs"]
     assert rep["after"]["macs"] == pytest.approx(rep["prune"]["predicted_macs_after"])
     assert rep["after"]["macs"] == count_costs(res.module).macs
-    q_projs = [n for n, m in res.module.named_modules() if n.endswith("q_proj") or n.endswith("attn.q")]
-    assert q_projs and all(res.module.get_submodule(n).out_features < E for n in q_projs)
-    assert all(res.module.get_submodule(n).out_features % (E // H) == 0 for n in q_projs)
+    q_projs = [n for n, m in res.module.named_modules() if n.endswith(("q_proj", "attn.q", "attn.qkv"))]
+    widths = [res.module.get_submodule(n).out_features // (3 if n.endswith("qkv") else 1) for n in q_projs]
+    assert widths and all(w < E and w % (E // H) == 0 for w in widths)  # whole heads went
     path = tmp_path / "pruned.onnx"
+    export_onnx(res.module, (x[:2],), path)
+    verify_onnx(path, res.module, x)
+
+
+def test_vit_prunes_heads_and_mlp_units_and_keeps_the_stream(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = oamipc.models.ViT(dim=32, depth=2, heads=4, mlp=64).eval()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(2))
+    gm, graph = _units(model, x[:2])
+    for block in ("blocks.0", "blocks.1"):
+        heads = _head_units(graph, f"{block}.attn.q", 8)
+        assert len(heads) == 4 and not graph.pinned_mask()[heads].any()
+    res = oamipc.compile(model, x[:2], data=(x, y), importance="l1", prune_ratio=0.5)
+    for block in ("blocks.0", "blocks.1"):
+        for proj in ("q", "k", "v"):
+            assert res.module.get_submodule(f"{block}.attn.{proj}").out_features == 16  # 2 heads of 8
+        assert res.module.get_submodule(f"{block}.attn.proj").in_features == 16
+        assert res.module.get_submodule(f"{block}.fc1").out_features == 32
+        assert res.module.get_submodule(f"{block}.fc2").out_features == 32  # the residual stream stays
+    path = tmp_path / "vit.onnx"
     export_onnx(res.module, (x[:2],), path)
     verify_onnx(path, res.module, x)
