@@ -99,10 +99,12 @@ class AttentionNet(nn.Module):
 class HandAttention(nn.Module):
     """Attention written out: q/k/v Linear, heads by view/permute, SDPA or softmax(QK^T)V."""
 
-    def __init__(self, *, sdpa: bool = True, causal: bool = False) -> None:
+    def __init__(self, *, sdpa: bool = True, causal: bool = False, head_bias: bool = False) -> None:
         super().__init__()
         self.q, self.k, self.v, self.o = (nn.Linear(E, E) for _ in range(4))
         self.sdpa, self.causal = sdpa, causal
+        # A learned bias per head and position pair (as Swin's relative position bias).
+        self.bias = nn.Parameter(torch.randn(1, H, SEQ, SEQ)) if head_bias else None
         self.register_buffer("allowed", torch.ones(SEQ, SEQ, dtype=torch.bool).tril())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +118,8 @@ class HandAttention(nn.Module):
             scores = q @ k.transpose(-2, -1) / math.sqrt(E // H)
             if self.causal:
                 scores = scores.masked_fill(~self.allowed, float("-inf"))
+            if self.bias is not None:
+                scores = scores + self.bias
             y = scores.softmax(dim=-1) @ v
         return self.o(y.transpose(1, 2).reshape(b, n, E))
 
@@ -300,6 +304,20 @@ def test_heads_and_ffn_units_are_prunable_groups(model) -> None:
     for ffn in [t for t in (layer.target for layer in graph.layers) if t.endswith("linear1") or t.endswith("fc1")]:
         units = _producer_units(graph, ffn)
         assert len(units) == FFN and not pinned[units].any()
+
+
+def test_a_per_head_bias_keeps_every_head(tmp_path) -> None:
+    model = _build(HandNet, sdpa=False, head_bias=True)
+    gm, graph = _units(model, _input())
+    heads = _head_units(graph, "attn.q", E // H)
+    assert graph.pinned_mask()[heads].all()
+    x = _input(16, seed=1)
+    res = oamipc.compile(model, x[:2], data=(x, torch.zeros(16, dtype=torch.long)), importance="l1", prune_ratio=0.5)
+    assert res.module.get_submodule("attn.q").out_features == E
+    assert res.module.get_submodule("fc1").out_features == FFN // 2
+    path = tmp_path / "biased.onnx"
+    export_onnx(res.module, (x[:2],), path)
+    verify_onnx(path, res.module, x)
 
 
 def _zeroed_oracle(model: nn.Module, drop_heads: dict[str, list[int]], drop_ffn: dict[str, list[int]]) -> nn.Module:
