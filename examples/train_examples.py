@@ -40,6 +40,7 @@ from oamipc.errors import OamipcError
 from oamipc.training import Recipe, build, train
 
 SEED = 0
+EPOCHS_VIT = 4
 
 
 # Digits has only 1258 training images: label smoothing and input noise are what lift the MLP
@@ -55,6 +56,8 @@ RECIPES = [
            "fashion-mnist", epochs=12, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1),
     Recipe("fashion_lenet5", "oamipc.models:LeNet5", {"in_channels": 1, "num_classes": 10},
            "fashion-mnist", epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
+    Recipe("fashion_vit", "oamipc.models:ViT", {"in_channels": 1, "num_classes": 10},
+           "fashion-mnist", epochs=EPOCHS_VIT, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
 ]
 
 

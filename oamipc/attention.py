@@ -17,7 +17,9 @@ of this file that computes the same function from plain parts:
 Masks (``attn_mask`` bool or additive, 2-D or per head, ``key_padding_mask``) are merged into one
 additive mask by :func:`attention_mask`, a function that torch.fx keeps as one call (its branches
 depend on the masks' dtype and rank).  ``is_causal`` is a hint in torch: ``attn_mask`` is used.
-Attention dropout is kept (the fine-tune trains with it); in eval mode it is a no-op.
+Attention dropout is decided when the graph is traced (oamipc traces in eval mode, so the
+traced graph has none, and a fine-tune of it trains without attention dropout; the FFN and
+residual dropout modules stay modules and follow train/eval as usual).
 
 Not replaced (kept opaque, as before): ``add_bias_kv``, ``add_zero_attn`` and modules a user named
 with ``--leaf-module``.  The replacement shares nothing mutable with the original tree, whose
