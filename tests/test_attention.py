@@ -73,6 +73,23 @@ class EncoderNet(nn.Module):
         return self.head(h.mean(1 if self.batch_first else 0))
 
 
+class Seq2Seq(nn.Module):
+    """An encoder and a pre-norm decoder (causal self-attention, cross-attention on the encoder's output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src, self.tgt = nn.Linear(8, E), nn.Linear(8, E)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FFN, batch_first=True), 1)
+        layer = nn.TransformerDecoderLayer(E, H, FFN, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.head = nn.Linear(E, 5)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(SEQ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memory = self.encoder(self.src(x))
+        return self.head(self.decoder(self.tgt(x), memory, tgt_mask=self.causal, tgt_is_causal=True)[:, -1])
+
+
 class AttentionNet(nn.Module):
     """One nn.MultiheadAttention (self- or cross-attention) in a residual block, then a classifier."""
 
@@ -389,6 +406,7 @@ def test_removed_heads_compute_what_zeroed_heads_compute(name: str, make, tmp_pa
     ("mha-separate", lambda: _build(AttentionNet, packed=False)),
     ("hand-softmax", lambda: _build(HandNet, sdpa=False)),
     ("hand-packed", lambda: _build(HandNet, packed=True)),
+    ("seq2seq", lambda: _build(Seq2Seq)),
 ])
 def test_compile_prunes_heads_and_exports(name: str, make, criterion: str, tmp_path) -> None:
     model = make()
