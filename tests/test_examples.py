@@ -30,6 +30,7 @@ DOCUMENTED = {
     "digits_cnn": ("digits", "DigitsCNN", 99.07),
     "fashion_mlp": ("fashion-mnist", "PaperMLP", 88.96),
     "fashion_lenet5": ("fashion-mnist", "LeNet5", 89.24),
+    "fashion_vit": ("fashion-mnist", "ViT", 81.40),
 }
 TOLERANCE_POINTS = 0.5
 
