@@ -72,7 +72,15 @@ def _latency(dense: torch.nn.Module, pruned: torch.nn.Module, example: torch.Ten
                                 "ratio": r.pairwise_ratio} for r in res.batches}
 
 
-def run(path: Path, criteria: list[str], budget: float, finetune_samples: int, seed: int) -> list[dict[str, Any]]:
+def _write(out: Path, result: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+
+
+def run(path: Path, criteria: list[str], budget: float, finetune_samples: int, seed: int,
+        done: Any = None) -> list[dict[str, Any]]:
+    """One row per criterion; ``done(rows)`` after each (the JSON is rewritten as rows come)."""
     model = oamipc.load_model(path)
     head_dim = model.blocks[0].attn.head_dim
     data = oamipc.load_data("fashion-mnist")
@@ -86,6 +94,8 @@ def run(path: Path, criteria: list[str], budget: float, finetune_samples: int, s
         except OamipcError as exc:
             row["error"] = str(exc)
             rows.append(row)
+            if done is not None:
+                done(rows)
             print(f"  {criterion}: refused: {exc}", file=sys.stderr, flush=True)
             continue
         rep = res.report
@@ -102,6 +112,8 @@ def run(path: Path, criteria: list[str], budget: float, finetune_samples: int, s
             row["accuracy_finetuned"] = tuned.report["accuracy"]["after"]
             row["finetune_samples"] = finetune_samples
         rows.append(row)
+        if done is not None:
+            done(rows)
         print(f"  {criterion}: {100 * row['accuracy_pruned']:.2f}% heads {row['pruned']['heads']} "
               f"ffn {row['pruned']['ffn']} ({row['compile_seconds']:.0f} s)", file=sys.stderr, flush=True)
     return rows
@@ -134,15 +146,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "vit_fashion.json")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    rows = run(args.model, args.criteria.split(","), args.budget, args.finetune_samples, args.seed)
-    result = {"command": "python benchmarks/vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-              "threads": torch.get_num_threads(), "rows": rows}
+    result: dict[str, Any] = {
+        "command": "python benchmarks/vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+        "threads": torch.get_num_threads(), "rows": []}
+    rows = run(args.model, args.criteria.split(","), args.budget, args.finetune_samples, args.seed,
+               done=lambda rows: _write(args.out, result | {"rows": rows}))
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
-    return result
+    return result | {"rows": rows}
 
 
 if __name__ == "__main__":
