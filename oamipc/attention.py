@@ -133,6 +133,8 @@ class TracedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if is_causal is True and attn_mask is None:  # as torch: the flag is a hint about attn_mask
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint")
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch, length, source = query.shape[0], query.shape[1], key.shape[1]

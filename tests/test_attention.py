@@ -216,6 +216,9 @@ def test_multihead_stand_in_matches_torch(batch_first: bool, bias: bool, separat
             torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
         else:
             assert got[1] is None
+    for module in (mha, stand_in):  # a causal hint without its mask is refused by both
+        with pytest.raises(RuntimeError, match="is_causal"):
+            _run(module, q, k, v, need_weights=need_weights, is_causal=True)
 
 
 @pytest.mark.parametrize(("batch_first", "norm_first", "activation"),
