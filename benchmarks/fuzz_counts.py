@@ -11,8 +11,9 @@ collects from its output:
 
 * per property of ``tests/test_fuzz.py`` (``analysis``, ``identity``, ``plan``, ``onnx``, ``data``):
   the distinct examples and the distinct networks (or data files) that ran, as the test prints
-  them, and for ``onnx`` how many networks the TorchScript exporter refused (an allowed one-line
-  ``ExportError``);
+  them, and for ``onnx`` how many networks the TorchScript exporter refused (since the default
+  exporter falls back to dynamo, these were written by dynamo and verified, or refused by both
+  exporters with one line);
 * per test of ``tests/test_loading_fuzz.py``: hypothesis's count of passing, failing and invalid
   examples (``--hypothesis-show-statistics``);
 * pytest's summary (passed / failed / skipped), its exit code and the wall time.

@@ -217,10 +217,11 @@ def compile_cmd(
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
-    exporter: Annotated[str, typer.Option("--exporter", help="torchscript (fast) | dynamo")] = "torchscript",
+    exporter: Annotated[str, typer.Option("--exporter", help="auto (torchscript, then dynamo if torchscript fails) | torchscript (fast) | dynamo")] = "auto",
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
     reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
+    finetune_select: Annotated[bool, typer.Option("--finetune-select/--no-finetune-select", help="With --finetune-epochs and --importance mip: also make the l1, taylor and activation plans, fine-tune each briefly, and fine-tune the one that does best on held-out train samples.")] = True,
     lr: Lr = 1e-3,
     batch_size: BatchSize = 128,
     optimizer: Optimizer = "adam",
@@ -236,7 +237,7 @@ def compile_cmd(
         if finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be 0 (off) or more, got {finetune_epochs}")
         finetune = (FinetuneConfig(epochs=finetune_epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                                   seed=seed) if finetune_epochs else None)
+                                   seed=seed, select=finetune_select) if finetune_epochs else None)
         if require_speedup is not None and (not bench or require_speedup <= 0):
             raise UsageError("--require-speedup needs the latency measurement (drop --no-bench) and a positive "
                              f"speed-up, got {require_speedup:g}" + (" with --no-bench" if not bench else ""))
@@ -250,11 +251,28 @@ def compile_cmd(
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
+    if "finetune_select" in result:
+        console.print(f"fine-tune selection: {escape(result['finetune_select']['reason'])}", highlight=False)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_notices(result.get("notices", []))
+    _print_wrote(output, result["onnx"])
+
+
+def _print_notices(notices: list[str]) -> None:
+    """What the tables alone would not say: nothing removed, most MACs in opaque modules (oamipc.notices)."""
+    for text in notices:
+        console.print(f"[bold yellow]note:[/] {escape(text)}", highlight=False)
+
+
+def _print_wrote(output: Path, onnx: dict[str, Any]) -> None:
+    """The last line: where the file went, which exporter wrote it (and why not the first), the check."""
+    failed = onnx.get("exporters_failed") or []
+    for f in failed:
+        console.print(f"[yellow]the {f['exporter']} exporter failed:[/] {escape(f['error'])}", highlight=False)
+    by = f"{onnx['exporter']} exporter" + (f" after {', '.join(f['exporter'] for f in failed)} failed" if failed else "")
+    console.print(f"wrote [bold]{escape(str(output))}[/] ({by}; onnxruntime vs torch: max abs err "
+                  f"{onnx['max_abs_err']:.2e}, max rel err {onnx['max_rel_err']:.2e})")
 
 
 @app.command("finetune")
@@ -292,9 +310,7 @@ def finetune_cmd(
             result = finetune_file(job, config, progress, reconstruct=reconstruct_option(reconstruct, None))
     console.print(_history_table(result["finetune"]))
     console.print(_finetune_table(result))
-    onnx = result["onnx"]
-    console.print(f"wrote [bold]{output}[/] (onnxruntime vs torch: max abs err {onnx['max_abs_err']:.2e}, "
-                  f"max rel err {onnx['max_rel_err']:.2e})")
+    _print_wrote(output, result["onnx"])
 
 
 def _history_table(finetune: dict[str, Any]) -> _Fitted:
@@ -354,8 +370,10 @@ def inspect_cmd(
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return
+    macs = f"{_fmt_int(summary['macs'])} MACs" + (
+        f" in Linear/Conv layers ({_fmt_int(summary['macs_total'])} with the opaque modules)" if summary["opaque"] else "")
     console.print(f"[bold]{escape(source.model)}[/]: {summary['nodes']} graph nodes, input {summary['input_shape']}, "
-                  f"{_fmt_int(summary['params'])} parameters, {_fmt_int(summary['macs'])} MACs")
+                  f"{_fmt_int(summary['params'])} parameters, {macs}")
     layers = Table(title="layers", title_justify="left")
     for col in ("layer", "type", "in", "out", "MACs"):
         layers.add_column(col, justify="left" if col in ("layer", "type") else "right")
@@ -376,6 +394,15 @@ def inspect_cmd(
         for b in summary["units"]["barriers"]:
             barriers.add_row(b["node"], b["op"], b["reason"], str(b["units_pinned"]))
         console.print(barriers)
+    if summary["opaque"]:
+        opaque = Table(title="opaque modules (kept whole by the tracer; never pruned)", title_justify="left")
+        for col in ("module", "type", "params", "MACs", "why opaque"):
+            opaque.add_column(col, justify="right" if col in ("params", "MACs") else "left")
+        for m in summary["opaque"]:
+            macs_cell = _fmt_int(m["macs"]) if m["macs"] is not None else f"unknown: {m['macs_note']}"
+            opaque.add_row(m["name"], m["type"], _fmt_int(m["params"]), macs_cell, m["why"])
+        console.print(opaque)
+    _print_notices(summary["notices"])
 
 
 @app.command("bench")
@@ -418,6 +445,54 @@ def bench_cmd(
         for row in data["rows"]:
             console.print(f"batch {row['batch']}: B/A latency {row['b_median_ms'] / row['a_median_ms']:.3f}x "
                           f"(median of pairwise ratios {row['pairwise_ratio']:.3f}x)")
+
+
+@app.command("pareto")
+@with_groups(lambda: _errors(), source_group(), mip_group())
+def pareto_cmd(
+    source: ModelSource,
+    mip: MipOptions,
+    budgets: Annotated[str, typer.Option("--budgets", help="Fractions of the MACs to keep, one compile each.")] = "0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Where every point's ONNX file and report, pareto.json and pareto.html go (default: MODEL's name + .pareto, here). Points made with the same model, data and options are reused.")] = None,
+    pick: Annotated[float | None, typer.Option("--pick", help="Copy this budget's ONNX file to -o.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --pick writes the chosen ONNX file.")] = None,
+    importance: Annotated[str, typer.Option("--importance", help="auto (mip with --data) | mip | l1 | l2 | activation | taylor | random")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
+    reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="Refit the pruned layers (default: on, as in compile).")] = None,
+    lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove provably constant units first (default: on, as in compile).")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 64,
+    runs: Annotated[int, typer.Option("--runs", help="Timed rounds per point (each against the original).")] = 30,
+    workers: Annotated[int, typer.Option("--workers", help="Budgets compiled at once: local worker processes, or the CPUs of an embedded Ray (timing is never parallel).")] = 1,
+    executor: Annotated[str, typer.Option("--executor", help="local (worker processes) | ray (Ray tasks; needs pip install 'oamipc[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="With --executor ray: join this running cluster (e.g. auto, or host:6379) instead of starting an embedded Ray.")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Compile MODEL at several MAC budgets and chart test accuracy against onnxruntime latency."""
+    from oamipc.atomic import check_writable
+    from oamipc.driver import reconstruct_option
+    from oamipc.pareto import ParetoJob, parse_budgets, run_pareto
+    from oamipc.pareto import pick as pick_point
+
+    _setup_logging(verbose)
+    with _errors():
+        if (pick is None) != (output is None):
+            raise UsageError("--pick and -o go together: --pick 0.5 -o small.onnx writes that budget's ONNX file")
+        if output is not None:
+            check_writable(output)
+        directory = out_dir or Path(f"{Path(source.model).stem}.pareto")
+        options = {"importance": importance, "seed": seed, "calib_samples": calib_samples, "mip_options": mip,
+                   "lossless": lossless, "reconstruct": reconstruct_option(reconstruct, None)}
+        job = ParetoJob(source, parse_budgets(budgets), directory, options, batch=batch, runs=runs, workers=workers,
+                        executor=executor, ray_address=ray_address)
+        with _progress() as progress:
+            result = run_pareto(job, progress)
+        chosen = pick_point(result, pick, output) if pick is not None and output is not None else None
+    console.print(_Fitted(summary.pareto_table(result)))
+    console.print(f"wrote [bold]{escape(str(directory / 'pareto.html'))}[/] and pareto.json")
+    if chosen is not None:
+        console.print(f"wrote [bold]{escape(str(output))}[/] (budget {chosen['budget']:g}, accuracy "
+                      f"{100 * chosen['accuracy']:.2f}%, latency ratio {chosen['latency_ratio']:.3f})")
 
 
 @app.command("report")

@@ -34,6 +34,7 @@ from oamipc.errors import DataError, ExportError, OutputError, SpeedupError, Usa
 from oamipc.finetune import FinetuneConfig
 from oamipc.finetune import finetune as finetune_module
 from oamipc.hardware import speed_verdict
+from oamipc.notices import notices, opaque_notices, unprunable_notice
 from oamipc.passmanager import Analysis, AnalysisManager, CompileContext, InputRange, Pass, PassManager
 from oamipc.pipeline import parse_pipeline
 from oamipc.plan import Plan
@@ -123,6 +124,9 @@ def compile(  # noqa: A001 - the product's verb
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
+    With ``importance="mip"`` and ``finetune.select`` (the default), the solver-free criteria's
+    networks are probed beside the MILP's and the one that fine-tunes best on held-out train
+    samples is fine-tuned (:mod:`oamipc.finetune_select`; the report's ``finetune_select``).
     The input ``model`` is not modified.
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -163,13 +167,13 @@ def compile(  # noqa: A001 - the product's verb
         [refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
-    before = passes.count_costs(gm)
+    before = passes.count_costs(gm, leaf_modules)
     unit_summary = units.summary()
     manager = PassManager(steps, verify=verify)
     gm = manager.run(gm, am)
     if not verify:  # costs are read from shape metadata, which only verification refreshes
         propagate_shapes(gm, example_inputs)
-    after = passes.count_costs(gm)
+    after = passes.count_costs(gm, leaf_modules)
     outcome = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.PruneOutcome)), None)
     rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
@@ -193,15 +197,49 @@ def compile(  # noqa: A001 - the product's verb
     if test is not None and test.y is not None:
         report["accuracy"] = {"before": accuracy(original, test), "after": accuracy(gm, test),
                               "dataset": test.name, "samples": len(test.x)}
+    chosen_plan = outcome.plan if outcome else None
     if finetune is not None and train is not None and test is not None:
+        if finetune.select and importance == "mip" and plan is None and pipeline is None:
+            def candidate(criterion: str) -> CompileResult:
+                return compile(model, example_inputs, data=splits, importance=criterion, target=target,
+                               leaf_modules=leaf_modules, seed=seed, calib_samples=calib_samples, lossless=lossless,
+                               lossless_box=lossless_box, verify=verify, reconstruct=reconstruct)
+            gm, report, chosen_plan = _select_for_finetune(importance, gm, report, chosen_plan, candidate, train,
+                                                           finetune)
         pruned_acc = report["accuracy"]["after"]
         report["finetune"] = _finetune_section(gm, train, test, finetune, progress, accuracy_before=pruned_acc)
         report["accuracy"] = {"before": report["accuracy"]["before"], "after_prune": pruned_acc,
                               "after": report["finetune"]["accuracy_after"], "dataset": test.name,
                               "samples": len(test.x)}
         report["timings_s"]["finetune"] = report["finetune"]["seconds"]
+    report["notices"] = notices(report)
+    for text in report["notices"]:  # the CLI prints them under its table; the report keeps them
+        log.info("notice: %s", text)
     report["timings_s"]["compile_total"] = time.perf_counter() - start
-    return CompileResult(gm, report, outcome.plan if outcome else None, original, example_inputs)
+    return CompileResult(gm, report, chosen_plan, original, example_inputs)
+
+
+def _select_for_finetune(importance: str, gm: fx.GraphModule, report: dict[str, Any], plan: Plan | None,
+                         candidate: Callable[[str], CompileResult], train: Dataset,
+                         config: FinetuneConfig) -> tuple[fx.GraphModule, dict[str, Any], Plan | None]:
+    """The network to fine-tune: the asked criterion's, or a solver-free criterion's that
+    fine-tunes better on held-out train samples (:mod:`oamipc.finetune_select`)."""
+    from oamipc import finetune_select
+
+    start = time.perf_counter()
+    others = {c: candidate(c) for c in finetune_select.CANDIDATES if c != importance}
+    choice = finetune_select.select([(importance, gm), *((c, r.module) for c, r in others.items())], train, config)
+    record = choice.to_dict() | {"asked": importance, "seconds": time.perf_counter() - start}
+    if choice.chosen:
+        picked = others[choice.probes[choice.chosen].criterion]
+        asked = report
+        gm, plan = picked.module, picked.plan
+        report = picked.report | {"settings": picked.report["settings"] | {"importance": importance}}
+        report.update({k: v for k, v in asked.items() if k not in report})  # e.g. the MILP's own record
+        report["timings_s"] = {**asked["timings_s"], **{f"{k} ({choice.probes[choice.chosen].criterion})": v
+                                                        for k, v in picked.report["timings_s"].items()}}
+    report["finetune_select"] = record
+    return gm, report, plan
 
 
 def _lossless_choice(asked: bool | None, has_data: bool, replay: bool, pipeline: bool) -> tuple[bool, str | None]:
@@ -395,7 +433,7 @@ class FileJob:
     bench_batches: tuple[int, ...] = (1, 64)
     bench_runs: int = 50
     require_speedup: float | None = None  # fail (nothing written) below this measured speed-up
-    exporter: str = "torchscript"
+    exporter: str = "auto"  # torchscript, and dynamo when torchscript fails (see oamipc.export)
     verify_samples: int = 64
 
     def check_outputs(self) -> None:
@@ -570,19 +608,21 @@ def _make_outputs(job: FileJob, module: fx.GraphModule, example_inputs: tuple[to
                   plan: Plan | None, progress: Callable[[str, int, int], None] | None) -> list[tuple[Path, str]]:
     """Make every requested output in ``scratch``; return (made file, destination) pairs."""
     from oamipc.bench import benchmark
-    from oamipc.export import export_onnx, onnx_size_bytes, verify_onnx
+    from oamipc.export import export, onnx_size_bytes, verify_onnx
 
     # Export and verify in scratch space; only a verified file is moved to the output path.
     pruned = Path(scratch) / "pruned.onnx"
     if progress:
         progress("export", 0, 1)
-    export_onnx(module, example_inputs, pruned, exporter=job.exporter)
+    exported = export(module, example_inputs, pruned, exporter=job.exporter)
     check_inputs = (check_data.x[: job.verify_samples],) if check_data is not None else example_inputs
-    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned),
+    report["onnx"] = {"path": str(job.output), "bytes": onnx_size_bytes(pruned), **exported.to_dict(),
                       **verify_onnx(pruned, module, check_inputs).to_dict()}
     if job.bench and original is not None:
         before = Path(scratch) / "original.onnx"
-        export_onnx(original, example_inputs, before, exporter=job.exporter)
+        # The original goes through the exporter that wrote the pruned file, so that the A/B
+        # latency compares graphs from one exporter (auto would retry a failing one first).
+        export(original, example_inputs, before, exporter=exported.exporter if job.exporter == "auto" else job.exporter)
         report["onnx"]["bytes_before"] = onnx_size_bytes(before)
         bench = benchmark([before, pruned], batch_sizes=job.bench_batches, runs=job.bench_runs,
                           progress=(lambda d, t: progress("bench", d, t)) if progress else None)
@@ -639,9 +679,13 @@ def inspect_file(source: ModelSource) -> dict[str, Any]:
     gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
     am = AnalysisManager(CompileContext(loaded.example_inputs))
     units = am.get(passes.UnitGroupAnalysis(source.leaf_modules), gm)
-    costs = passes.count_costs(gm)
+    costs = passes.count_costs(gm, source.leaf_modules)
+    summary = units.summary()
+    said = opaque_notices(costs.to_dict())
+    said.append(unprunable_notice(summary, costs.to_dict(), name_opaque=not said))
     return {"model": source.model, "input_shape": list(loaded.example_inputs[0].shape), "nodes": len(gm.graph.nodes),
-            "params": costs.params, "macs": costs.macs, "layers": costs.layers, "units": units.summary()}
+            "params": costs.params, "macs": costs.macs, "macs_total": costs.macs_total, "layers": costs.layers,
+            "opaque": costs.opaque, "units": summary, "notices": [n for n in said if n]}
 
 
 def profile_file(source: ModelSource, target: Target, *, batch: int = 64, threads: int = 1,

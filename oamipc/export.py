@@ -12,8 +12,11 @@ Naming contract of every exported file (the benchmark and the verification rely 
   lists and dict values are flattened depth first);
 - with ``dynamic_batch`` (the default), dim 0 of every input and output is the symbol ``batch``.
 
-Two exporters are offered: ``torchscript`` (the legacy tracer: ~0.2 s for a small net, the
-default) and ``dynamo`` (``torch.export`` based: ~4 s, the one PyTorch develops further).
+Two exporters are offered: ``torchscript`` (the legacy tracer: ~0.2 s for a small net) and
+``dynamo`` (``torch.export`` based: ~4 s, the one PyTorch develops further).  The default,
+``auto``, runs ``torchscript`` and, when it fails (an op it cannot export, such as
+``adaptive_avg_pool2d`` to a size that does not divide its input), ``dynamo``;
+:func:`export` says which one wrote the file and why the first one did not.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,12 +43,14 @@ from oamipc.atomic import atomic_output, check_writable
 from oamipc.errors import ExportError, LoadError, UsageError, first_line
 from oamipc.runtime import make_session
 
-__all__ = ["EXPORTERS", "VerifyResult", "eval_mode", "export_onnx", "input_names", "onnx_size_bytes",
-           "output_names", "verify_onnx"]
+__all__ = ["EXPORTERS", "Exported", "VerifyResult", "eval_mode", "export", "export_onnx", "input_names",
+           "onnx_size_bytes", "output_names", "verify_onnx"]
 
 log = logging.getLogger(__name__)
 
-EXPORTERS: tuple[str, ...] = ("torchscript", "dynamo")
+EXPORTERS: tuple[str, ...] = ("auto", "torchscript", "dynamo")
+#: What ``auto`` tries, in order.
+AUTO_ORDER: tuple[str, ...] = ("torchscript", "dynamo")
 BATCH = "batch"
 
 #: Batch sizes tried, in order, for the random inputs of :func:`verify_onnx`.  3 comes first: a
@@ -89,15 +96,41 @@ def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Exported:
+    """An exported file: its path, the exporter that wrote it, and why the exporters tried before
+    it failed (``(exporter, first line of its error)`` pairs, empty when the first one worked)."""
+
+    path: Path
+    exporter: str
+    failed: tuple[tuple[str, str], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the report."""
+        failed = [{"exporter": e, "error": why} for e, why in self.failed]
+        return {"exporter": self.exporter, "exporters_failed": failed}
+
+
 def export_onnx(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
                 path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
-                exporter: str = "torchscript") -> Path:
+                exporter: str = "auto") -> Path:
     """Export ``module`` (in eval mode) to one self-contained ONNX file at ``path``; return the path.
 
+    The same as :func:`export`, less the record of which exporter wrote the file.
+    """
+    return export(module, example_inputs, path, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter).path
+
+
+def export(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+           path: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
+           exporter: str = "auto") -> Exported:
+    """Export ``module`` (in eval mode) to one self-contained ONNX file at ``path``.
+
     ``example_inputs`` are the positional arguments of ``forward`` (a lone tensor is accepted).
-    ``opset`` ``None`` takes the exporter's default.  The destination is checked for
-    writability before the (possibly slow) export starts.  Raises :class:`ExportError` naming the
-    path and the first line of the exporter's complaint, :class:`OutputError` for a bad path.
+    ``opset`` ``None`` takes the exporter's default.  ``exporter`` ``auto`` tries ``torchscript``
+    and then ``dynamo`` (see the module docstring).  The destination is checked for writability
+    before the (possibly slow) export starts.  Raises :class:`ExportError` naming the path and the
+    first line of every exporter's complaint, :class:`OutputError` for a bad path.
     """
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
@@ -105,21 +138,38 @@ def export_onnx(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise UsageError(f"cannot export to {path}: example_inputs must be a non-empty tuple of tensors")
     dest = check_writable(path)
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    failed: list[tuple[str, str]] = []
+    used = order[0]
     with eval_mode(module), tempfile.TemporaryDirectory(prefix="oamipc-export-") as scratch:
         outputs = _run_torch(module, inputs, where=f"exporting {dest}")
         names = _Names.of(inputs, outputs, dynamic_batch=dynamic_batch)
         tmp = Path(scratch) / "model.onnx"
-        run = _export_torchscript if exporter == "torchscript" else _export_dynamo
-        try:
-            run(module, inputs, tmp, names, opset)
-        except Exception as exc:
-            raise ExportError(f"{exporter} ONNX export to {dest} failed: {first_line(exc)}; "
-                              f"try exporter={_other(exporter)!r} or simplify the offending op") from exc
+        for name in order:
+            run = _export_torchscript if name == "torchscript" else _export_dynamo
+            try:
+                run(module, inputs, tmp, names, opset)
+            except Exception as exc:
+                failed.append((name, _why(exc)))
+                if name != order[-1]:
+                    log.info("the %s ONNX exporter failed (%s); trying %s", name, failed[-1][1],
+                             order[order.index(name) + 1])
+                    for leftover in Path(scratch).iterdir():  # start the next one from an empty directory
+                        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                    continue
+                if len(failed) == 1:
+                    raise ExportError(f"{name} ONNX export to {dest} failed: {failed[0][1]}; "
+                                      f"try exporter={_other(name)!r} or simplify the offending op") from exc
+                said = "; ".join(f"{e}: {why}" for e, why in failed)
+                raise ExportError(f"ONNX export to {dest} failed with every exporter ({said}); "
+                                  "simplify the offending op") from exc
+            used = name
+            break
         _check_exported(Path(scratch), tmp, dest, dynamic_batch=dynamic_batch)
         with atomic_output(dest) as out:
             shutil.copyfile(tmp, out)
-    log.info("exported %s (%s exporter, %d bytes)", dest, exporter, dest.stat().st_size)
-    return dest
+    log.info("exported %s (%s exporter, %d bytes)", dest, used, dest.stat().st_size)
+    return Exported(dest, used, tuple(failed))
 
 
 @dataclass(frozen=True)
@@ -142,7 +192,7 @@ def _export_torchscript(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...
                         opset: int | None) -> None:
     """The legacy tracing exporter: fast, and mature for the layers a pruner produces."""
     axes = {name: {0: BATCH} for name in names.batched} or None
-    with _quiet():
+    with _quiet(), _native_stdout_to_debug_log():
         torch.onnx.export(module, inputs, str(tmp), dynamo=False, input_names=names.inputs,
                           output_names=names.outputs, opset_version=opset, dynamic_axes=axes,
                           do_constant_folding=True)
@@ -152,12 +202,12 @@ def _export_dynamo(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tm
                    opset: int | None) -> None:
     """The ``torch.export`` based exporter; one shared ``batch`` symbol makes dim 0 dynamic.
 
-    It needs the optional package ``onnxscript`` (the ``[dynamo]`` extra); its absence is said
-    plainly rather than surfacing as a bare ``ModuleNotFoundError`` from deep inside torch.
+    It needs the package ``onnxscript`` (a dependency of oamipc); an install that lacks it is
+    said plainly rather than surfacing as a bare ``ModuleNotFoundError`` from deep inside torch.
     """
     if importlib.util.find_spec("onnxscript") is None:
         raise ModuleNotFoundError("the dynamo exporter needs the package onnxscript: "
-                                  "pip install 'oamipc[dynamo]' (or pip install onnxscript)")
+                                  "pip install onnxscript (a dependency of oamipc that this install lacks)")
     kwargs: dict[str, Any] = {}
     params = inspect.signature(torch.onnx.export).parameters
     if "external_data" in params:  # keep the weights inside the one file
@@ -188,6 +238,48 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
     for w in caught:
         log.debug("exporter warning (%s): %s", w.category.__name__, first_line(w.message))
+
+
+@contextlib.contextmanager
+def _native_stdout_to_debug_log() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 during the block to the debug log.
+
+    On an op it cannot export, the torchscript exporter prints its whole IR graph to stdout from
+    C++ (its ONNX log is switched on whatever ``verbose`` says), hundreds of lines before an error
+    that is reported anyway.  Where fd 1 cannot be redirected, nothing is.
+    """
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace").strip()
+            if text:
+                log.debug("torchscript exporter output:\n%s", text)
+
+
+def _why(exc: BaseException) -> str:
+    """One line saying why an exporter failed: the innermost cause (dynamo wraps the op it could not
+    convert in two layers of advice), without torch's request to file an issue."""
+    seen: set[int] = set()
+    inner = exc
+    while (inner.__cause__ is not None) and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__
+    line = first_line(inner) or first_line(exc)
+    return line.split(" Please feel free to request support")[0].strip()
 
 
 def _check_exported(scratch: Path, tmp: Path, dest: Path, *, dynamic_batch: bool) -> None:

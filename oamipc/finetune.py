@@ -67,6 +67,9 @@ class FinetuneConfig:
     ``schedule``: ``constant`` learning rate, or ``cosine`` decay to 0 over all steps.
     ``input_noise``: standard deviation of Gaussian noise added to every training batch.
     ``eval_every``: measure held-out accuracy every this many epochs (and always after the last).
+    ``select``: when :func:`oamipc.compile` chooses the plan with ``importance="mip"``, first
+    probe the solver-free criteria's networks beside the MILP's and fine-tune the one that trains
+    best (:mod:`oamipc.finetune_select`).
     """
 
     epochs: int = 1
@@ -80,6 +83,7 @@ class FinetuneConfig:
     input_noise: float = 0.0
     seed: int = 0
     eval_every: int = 1
+    select: bool = True
 
     def __post_init__(self) -> None:
         def need(ok: bool, option: str, rule: str, value: Any) -> None:
@@ -104,6 +108,7 @@ class FinetuneConfig:
              "a number >= 0", self.input_noise)
         need(_is_int(self.seed), "seed (--seed)", "an integer", self.seed)
         need(_is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an integer >= 1", self.eval_every)
+        need(isinstance(self.select, bool), "select (--finetune-select)", "true or false", self.select)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (for the report)."""

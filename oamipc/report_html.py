@@ -47,7 +47,8 @@ from oamipc.summary import (  # the summary rows' tolerant readers of report fie
     _num,
 )
 
-__all__ = ["FIGURE_COLOURS", "Page", "build_page", "load_report", "render_html", "sweep_svg", "write_html"]
+__all__ = ["FIGURE_COLOURS", "PARETO_COLOUR", "Page", "build_page", "load_report", "render_html", "render_pareto_html",
+           "sweep_svg", "write_html"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ _SWEEP = ("#ff7f0e", "#8c564b", "#e377c2", "#1f77b4", "#bcbd22", "#7f7f7f", "#39
 _FT_LOSS = "#a05a2c"
 _FT_EVAL = "#e7298a"
 _FT_TRAIN = "#66a61e"
+#: The marks of the accuracy-latency front on the ``oamipc pareto`` page.
+PARETO_COLOUR = "#d95f02"
+_PARETO_OFF = "#a6a6a6"
 
 #: The one colour that identifies each figure's data marks (bars, histogram bins, markers).
 FIGURE_COLOURS: dict[str, str] = {
@@ -514,6 +518,8 @@ def build_page(report: dict[str, Any], *, title: str | None = None) -> Page:
         f"<h1>{_esc(title)}</h1>",
         f"<p class=\"meta\">{meta}</p>" if meta else "",
         _table_html(summary.costs_table(report), section="Summary"),
+        # What the table alone would not say (oamipc.notices): nothing removed, opaque modules.
+        *(f"<p class=\"note\"><b>note:</b> {_esc(n)}</p>" for n in report.get("notices") or [] if isinstance(n, str)),
         *blocks,
     ]
     if page.notes:
@@ -614,3 +620,64 @@ def latency_curves_svg(profile: dict[str, Any]) -> str:
     fig.suptitle(f"{profile.get('model', '')}: latency per layer at batch {profile.get('batch')} "
                  f"({profile.get('provider')}, {profile.get('threads')} thread(s))", fontsize=10)
     return _svg(fig, "latency-profile")
+
+
+# ----------------------------------------------------------------------------------------------
+# the accuracy-latency front (oamipc pareto)
+
+
+def _fig_pareto(result: dict[str, Any]) -> _Drawn:
+    """Accuracy against latency ratio, one marker per budget; the front joined by a line."""
+    dense = _dict(result.get("dense"))
+    pts = []
+    for p in [dense, *(_dict(q) for q in _list(result.get("points")))]:
+        x, y = _num(p.get("latency_ratio")), _num(p.get("accuracy"))
+        if x is not None and y is not None:
+            pts.append((x, 100 * y, bool(p.get("front")), p is dense, _num(p.get("budget"))))
+    if len(pts) < 2:
+        raise _Skip("fewer than two measured points (compiled budgets with accuracy and latency)")
+    fig = _new_figure(7.5, 4.5)
+    ax = fig.subplots()
+    on = sorted((x, y) for x, y, f, _, _ in pts if f)
+    if len(on) > 1:
+        ax.plot([x for x, _ in on], [y for _, y in on], color=PARETO_COLOUR, linewidth=1.8, zorder=1,
+                label="front")
+    for x, y, f, is_dense, budget in pts:
+        colour = "black" if is_dense else PARETO_COLOUR if f else _PARETO_OFF
+        ax.plot([x], [y], marker="*" if is_dense else "o", markersize=13 if is_dense else 8, color=colour,
+                linestyle="none", zorder=2)
+        ax.annotate("original" if is_dense else f"{budget:g}", (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    ax.set_xlabel("latency, fraction of the original's")
+    ax.set_ylabel("test accuracy, %")
+    ax.grid(alpha=0.3)
+    lat = _dict(result.get("latency"))
+    caption = (f"Test accuracy against onnxruntime latency at batch {lat.get('batch', '?')} "
+               f"({lat.get('provider', '?')}), one point per MAC budget (labelled with it), the original as a star. "
+               "Orange points are on the front (no other point is as accurate and as fast), grey ones are "
+               "dominated; up and to the left is better.")
+    return _Drawn("pareto", "Accuracy against latency", _svg(fig, "pareto"), caption)
+
+
+def render_pareto_html(result: dict[str, Any]) -> str:
+    """The self-contained page of an ``oamipc pareto`` result: the front, its table, the JSON."""
+    title = f"oamipc pareto: {result.get('model', 'model')}"
+    try:
+        drawn = _fig_pareto(result)
+        figure = (f"<figure class=\"plot\" id=\"fig-{drawn.key}\">\n<h2>{_esc(drawn.title)}</h2>\n{drawn.svg}\n"
+                  f"<figcaption>{_esc(drawn.caption)}</figcaption>\n</figure>")
+    except _Skip as skip:
+        figure = f"<p class=\"note\">{_esc(skip)}</p>"
+    parts = [
+        "<!DOCTYPE html>", "<html lang=\"en\">", "<head>", "<meta charset=\"utf-8\">",
+        f"<title>{_esc(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        f"<h1>{_esc(title)}</h1>",
+        f"<p class=\"meta\">data {_esc(result.get('data', '-'))}; each budget's ONNX file and compile report are in "
+        "the same directory (budget-*.onnx, budget-*.json); <code>oamipc pareto ... --pick B -o file.onnx</code> "
+        "copies one out.</p>",
+        figure,
+        _table_html(summary.pareto_table(result), section="Points"),
+        f"<script type=\"application/json\" id=\"{REPORT_SCRIPT_ID}\">\n{_embedded_json(result)}\n</script>",
+        "</body>", "</html>",
+    ]
+    return "\n".join(parts) + "\n"

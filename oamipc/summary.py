@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 __all__ = [
     "Column", "SummaryTable", "costs_table", "finetune_history_table", "finetune_table", "fmt_gap", "fmt_int",
-    "fmt_num", "mip_status", "mip_table", "ratio", "widths_table",
+    "fmt_num", "mip_status", "mip_table", "pareto_table", "ratio", "widths_table",
 ]
 
 Align = Literal["left", "right"]
@@ -205,6 +205,27 @@ def _reconstruct_row(table: SummaryTable, report: dict[str, Any]) -> None:
                   ratio(before, after))
 
 
+def _opaque_rows(table: SummaryTable, b: dict[str, Any], a: dict[str, Any]) -> None:
+    """MACs with the opaque modules counted in, and the opaque modules' own share (never pruned)."""
+    names = ", ".join(f"{m.get('name')} ({m.get('type')})" for m in (_dict(m) for m in _list(b.get("opaque"))))
+    unknown = _list(b.get("opaque_macs_unknown"))
+    text = (f"opaque modules: {names}; the tracer keeps them whole, so nothing inside them is pruned; their "
+            "MACs are counted by torch.utils.flop_counter on one call with the recorded input shapes")
+    if unknown:
+        text += f"; unknown for {', '.join(map(str, unknown))}, so the totals are lower bounds"
+    marker = table.note(text)
+    bound = ">= " if unknown else ""
+
+    def cell(section: dict[str, Any], key: str) -> str:
+        value = fmt_int(section.get(key))
+        return bound + value if value != MISSING else value
+
+    table.add_row(f"FLOPs (MACs) {marker}", cell(b, "macs_total"), cell(a, "macs_total"),
+                  ratio(b.get("macs_total"), a.get("macs_total")))
+    table.add_row("  in opaque modules", cell(b, "opaque_macs"), cell(a, "opaque_macs"),
+                  ratio(b.get("opaque_macs"), a.get("opaque_macs")))
+
+
 def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> SummaryTable:
     """Parameters, MACs, ONNX size, accuracy and latency of the model before and after pruning.
 
@@ -216,8 +237,13 @@ def costs_table(report: dict[str, Any], *, title: str = "oamipc compile") -> Sum
     """
     table = SummaryTable(title, (Column("", "left"), Column("before"), Column("after"), Column("after/before")))
     b, a = _dict(report.get("before")), _dict(report.get("after"))
-    for label, key in (("parameters", "params"), ("FLOPs (MACs)", "macs")):
-        table.add_row(label, fmt_int(b.get(key)), fmt_int(a.get(key)), ratio(b.get(key), a.get(key)))
+    table.add_row("parameters", fmt_int(b.get("params")), fmt_int(a.get("params")),
+                  ratio(b.get("params"), a.get("params")))
+    if _list(b.get("opaque")):
+        _opaque_rows(table, b, a)
+    else:
+        table.add_row("FLOPs (MACs)", fmt_int(b.get("macs")), fmt_int(a.get("macs")),
+                      ratio(b.get("macs"), a.get("macs")))
     _lossless_row(table, report)
     onnx = _dict(report.get("onnx"))
     if "bytes" in onnx:
@@ -420,3 +446,33 @@ def finetune_table(report: dict[str, Any], *, title: str = "oamipc finetune") ->
                      + (f", {seconds:.2f} s" if seconds is not None else ""))
     return table
 
+
+
+# ----------------------------------------------------------------------------------------------
+# the accuracy-latency front (oamipc pareto)
+
+
+def pareto_table(result: dict[str, Any]) -> SummaryTable:
+    """One row per budget of an ``oamipc pareto`` result (the dense network first): MACs and
+    parameters kept, test accuracy, latency and its ratio to the dense network's, and whether the
+    point is on the accuracy-latency front."""
+    lat = _dict(result.get("latency"))
+    table = SummaryTable(
+        f"accuracy-latency front of {result.get('model', '?')}",
+        (Column("budget"), Column("MACs kept"), Column("params kept"), Column("accuracy"),
+         Column(f"latency ms (batch {lat.get('batch', '?')})"), Column("latency ratio"), Column("front", "left")))
+    dense = _dict(result.get("dense"))
+    rows = [dense, *(_dict(p) for p in _list(result.get("points")))]
+    for i, p in enumerate(rows):
+        budget = "original" if i == 0 else fmt_num(p.get("budget"), "g")
+        if "error" in p:
+            table.add_row(budget, *(MISSING,) * 5, f"not compiled {table.note(str(p['error']))}")
+            continue
+        acc = _num(p.get("accuracy"))
+        table.add_row(budget, ratio(dense.get("macs"), p.get("macs")), ratio(dense.get("params"), p.get("params")),
+                      f"{100 * acc:.2f}%" if acc is not None else MISSING, fmt_num(p.get("latency_ms"), ".4f"),
+                      fmt_num(p.get("latency_ratio"), ".3f"), "yes" if p.get("front") else "")
+    table.caption = (f"Latency: onnxruntime ({lat.get('provider', '?')}), median of {lat.get('runs', '?')} runs, "
+                     "each compiled network timed interleaved with the original; ratio below 1 is faster. "
+                     "On the front: no other point is as accurate and as fast.")
+    return table

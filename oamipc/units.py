@@ -131,8 +131,10 @@ class UnitGraph:
     layers: list[LayerCost]
     barriers: list[Barrier]
     members: dict[int, list[tuple[str, int]]]  # unit -> (producer target, channel index) pairs
-    # Unit sets that must keep at least one unit each (the pieces of a channel split/chunk: torch
-    # cannot split off an empty piece that the rest of the graph still indexes).
+    # Unit sets that must keep at least one unit each: the pieces of a channel split/chunk (torch
+    # cannot split off an empty piece that the rest of the graph still indexes) and the inputs of a
+    # channel cat (an emptied input leaves its producer with no output channel, e.g. one branch's
+    # conv when the cat feeds a residual add and the coupled group keeps units of the other).
     floors: list[np.ndarray] = field(default_factory=list)
 
     def all_kept(self) -> np.ndarray:

@@ -69,7 +69,7 @@ def removable(graph: UnitGraph, dead: DeadUnits, target: Target) -> np.ndarray:
                     if k * len(blocks) >= floor and (k * len(blocks) % step == 0 or k == size))
         for d in dead_in:
             removed[d[:size - keep]] = True
-    for piece in graph.floors:  # a split piece keeps a unit: leave such groups whole
+    for piece in graph.floors:  # a split or cat piece keeps a unit: leave such groups whole
         units = piece.tolist()
         if units and removed[units].all():
             for gid in sorted({int(graph.unit_group[u]) for u in units}):

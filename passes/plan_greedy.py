@@ -183,7 +183,7 @@ def _select_latency(graph: UnitGraph, scores: np.ndarray, choosers: list[_GroupC
 
 
 def floor_units(graph: UnitGraph, scores: np.ndarray) -> set[int]:
-    """The best-scoring unit of every split piece that has no pinned unit: kept so no piece empties."""
+    """The best-scoring unit of every split or cat piece that has no pinned unit: kept so no piece empties."""
     pinned = graph.pinned_mask()
     forced: set[int] = set()
     for piece in graph.floors:

@@ -111,6 +111,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced)
         record["subproblems"] = [r.__dict__ for r in solver.records]
         record["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
+        record["stages"] = _stages(solver.records, solver.joint_rounds)
         record["solver_error"] = solver.solver_error
         # Every accepted step was checked already; check the end result too, against the warm start
         # (always valid), so that no path can hand on a plan outside the target.
@@ -176,3 +177,14 @@ class PlanMipAnalysis(PlannerAnalysis):
         if calibration is not None:
             record["latency_calibration"] = calibration
         return kept, scores, record
+
+
+def _stages(records: list[Any], joint_rounds: list[Any]) -> dict[str, Any]:
+    """Which stages of the budgeted MILP ran: the exact layer sub-problems (those whose graph the
+    encoding covers) and the joint stage's rounds (measured flip effects, no encoding needed)."""
+    solved = sum(r.outcome in ("improved", "unchanged", "rejected") for r in records)
+    unencoded = sorted({r.group for r in records if r.outcome == "no-encoding"})
+    why = next((r.note for r in records if r.outcome == "no-encoding"), None)
+    return {"warm_start": True, "layer_subproblems_solved": int(solved),
+            "layer_subproblems_without_encoding": unencoded, "no_encoding_reason": why,
+            "joint_rounds": len(joint_rounds)}

@@ -7,8 +7,10 @@ How it works (one forward walk over the graph, then a union-find):
    channel dimension (see :mod:`oamipc.units`).
 2. Ops move layouts forward: element-wise ops and pooling keep them; flatten/view expand a
    channel into its ``H*W`` block of features; ``cat`` concatenates them (``cat([x, x])`` simply
-   repeats the units); ``split``/``chunk`` slice them; a depthwise conv maps output ``o`` to input
-   channel ``o // multiplier``; ``transpose``/``permute`` move the channel dim.
+   repeats the units); ``split``/``chunk`` slice them (every piece of a split, and every input of a
+   ``cat``, keeps at least one unit: see :attr:`oamipc.units.UnitGraph.floors`); a depthwise conv
+   maps output ``o`` to input channel ``o // multiplier``; ``transpose``/``permute`` move the
+   channel dim.
    A reshape that cuts the channel dim into blocks (``(B, L, H*d) -> (B, L, H, d)``, attention
    heads) makes each block one unit, on the new ``H`` dim: a head is removed whole.  ``matmul``
    and ``scaled_dot_product_attention`` with heads on a batch dim match the heads of q, k and v
@@ -98,6 +100,7 @@ class _Walker:
         self.layers: list[tuple[fx.Node, str, np.ndarray, np.ndarray]] = []
         self.blocks: list[tuple[list[np.ndarray], str]] = []
         self.floors: list[np.ndarray] = []
+        self.cat_floors: list[np.ndarray] = []
         self.barriers: list[Barrier] = []
         self.calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
         self.tied = _tied_modules(gm)
@@ -474,6 +477,9 @@ class _Walker:
         if tracked_dims == {dim}:
             parts = [lay.units if lay is not None else self.untracked((ir.tensor_shape(t) or ())[dim], dim)
                      for t, lay in zip(tensors, lays)]
+            # Every piece keeps a unit: a piece whose units all went would leave its producer (a conv
+            # of one branch) with no output channel, while the coupled group as a whole still has some.
+            self.cat_floors.extend(p for p in parts if len(p) and (p >= 0).all())
             self.layouts[node.name] = Layout(dim, np.concatenate(parts))
             return None
         if len(tracked_dims) == 1 and None not in lays:
@@ -703,6 +709,13 @@ def _resolve(w: _Walker) -> UnitGraph:
                                               for p in lay.pieces))
     layers = [_layer_cost(w.gm, node, kind, to_units(i), to_units(o)) for node, kind, i, o in w.layers]
     floors = [np.unique(to_units(f)) for f in w.floors]
+    # A cat input that is one whole group (an Inception branch) needs no floor: the group's own
+    # minimum width keeps it, and a floor would fix which unit stays.
+    for f in w.cat_floors:
+        units = np.unique(to_units(f))
+        gids = {int(unit_group[u]) for u in units.tolist()}
+        if len(gids) > 1 or len(units) < groups[gids.pop()].size:
+            floors.append(units)
     return UnitGraph(n_units, groups, unit_group, layouts, layers, w.barriers, members, floors)
 
 

@@ -12,7 +12,8 @@ multiplier, grouped); BatchNorm1d/2d with random eval statistics and per-channel
 activations as modules (some in place), functions and tensor methods; max/avg/adaptive pooling;
 residual ``+``/``-``/``*``/``maximum`` between same-shaped values (which couples their units);
 ``cat`` along the channel dim (also of a value with itself or with the network input) and along a
-spatial dim (which couples like an add); ``chunk``/``split``; ``unsqueeze`` from features to a
+spatial dim (which couples like an add); two branches concatenated into a residual add (one group
+fed by two producers); ``chunk``/``split``; ``unsqueeze`` from features to a
 1-D signal; flatten in eight spellings, three of which hard-code a width; conv and
 squeeze-excitation sigmoid gates (the SE view hard-codes the channel count); barriers the
 analysis cannot see through (channel roll, softmax over channels, flip, channel permutation by
@@ -24,7 +25,7 @@ exactly 0 contributes nothing downstream: that is the exact oracle of pruning (s
 from the spec, not from the graph): which producer channels are coupled, which must be kept, and
 the width of every layer under a plan.  Strategies: :func:`net_specs` (networks) and
 :func:`plans` (random keep masks of a unit graph that respect pinned units, equal-count blocks,
-split floors and min-keep 1).
+split and cat floors and min-keep 1).
 """
 
 from __future__ import annotations
@@ -726,6 +727,24 @@ def _cat_spatial(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec | 
     return _op("cat_spatial", d.draw(st.permutations(inputs)))
 
 
+def _cat_residual(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> list[OpSpec]:
+    """Two branches (a conv or Linear each) concatenated and added to a third layer of the summed
+    width, all reading ``cur``: one coupled group whose units come from three producers, so a plan
+    that keeps units of one branch only would leave the other with no output (each cat input keeps
+    a unit)."""
+    widths = [d.int(1, 4), d.int(1, 4)]
+    n = len(shapes)
+    if len(s) == 1:
+        layers = [_op("linear", [cur], fout=w, bias=d.flag(0.7)) for w in (*widths, sum(widths))]
+    else:
+        layers = [_op("conv", [cur], cout=w, k=k, stride=1, padding=k // 2, dilation=1, groups=1,
+                      bias=d.flag(0.7), padding_mode="zeros")
+                  for w, k in ((w, d.pick([1, 3])) for w in (*widths, sum(widths)))]
+    cat = _op("cat", [n, n + 1], dim=1, fn="cat")
+    add = _op("binary", [n + 3, n + 2] if d.flag() else [n + 2, n + 3], op=d.pick(["add", "sub", "torch.add"]))
+    return [*layers, cat, add]
+
+
 def _unsqueeze(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
     return _op("unsqueeze", [cur])
 
@@ -734,15 +753,16 @@ def _scale(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
     return _op("scale", [cur], factor=d.pick([0.5, 2.0, -1.0]))
 
 
-_SPATIAL_OPS: dict[str, tuple[int, Callable[..., OpSpec | None]]] = {
+_SPATIAL_OPS: dict[str, tuple[int, Callable[..., OpSpec | list[OpSpec] | None]]] = {
     "conv": (6, _conv), "bn": (3, _bn), "act": (4, _act), "pool": (2, _pool), "binary": (3, _binary),
     "cat": (2, _cat), "split": (1, _split), "gate": (1, _gate_op), "barrier": (1, _barrier_op),
     "scale": (1, _scale), "flatten": (1, _flatten_op), "gn": (1, _gn), "cat_spatial": (1, _cat_spatial),
+    "cat_residual": (1, _cat_residual),
 }
-_FLAT_OPS: dict[str, tuple[int, Callable[..., OpSpec | None]]] = {
+_FLAT_OPS: dict[str, tuple[int, Callable[..., OpSpec | list[OpSpec] | None]]] = {
     "linear": (6, _linear), "bn": (2, _bn), "act": (4, _act), "binary": (3, _binary), "cat": (2, _cat),
     "split": (1, _split), "gate": (1, _gate_op), "barrier": (1, _barrier_op), "scale": (1, _scale),
-    "unsqueeze": (1, _unsqueeze),
+    "unsqueeze": (1, _unsqueeze), "cat_residual": (1, _cat_residual),
 }
 
 
@@ -761,11 +781,12 @@ def net_specs(draw: Callable[[st.SearchStrategy[Any]], Any], max_ops: int = 8,
         s = shapes[cur]
         table = _FLAT_OPS if len(s) == 1 else _SPATIAL_OPS
         kinds = [k for k, (w, _) in table.items() for _ in range(w)]
-        op = table[d.pick(kinds)][1](d, cur, s, shapes)
-        if op is None:
+        drawn = table[d.pick(kinds)][1](d, cur, s, shapes)
+        if drawn is None:
             continue
-        ops.append(op)
-        shapes.extend(_out_shapes(op, [shapes[j] for j in op.inputs]))
+        for op in drawn if isinstance(drawn, list) else [drawn]:  # a block is several ops
+            ops.append(op)
+            shapes.extend(_out_shapes(op, [shapes[j] for j in op.inputs]))
     last = len(shapes) - 1
     if len(shapes[last]) > 1:
         op = _flatten_op(d, last, shapes[last], shapes)
@@ -787,7 +808,7 @@ def plans(draw: Callable[[st.SearchStrategy[Any]], Any], graph: UnitGraph) -> np
 
     Per prunable group: a random number of units (at least 1, at least the pinned ones, the same
     in every equal-count block) chosen at random, pinned units always among them; every split
-    piece keeps at least one unit.  Keep-one and keep-all are drawn often: the edges.
+    piece and cat input keeps at least one unit.  Keep-one and keep-all are drawn often: the edges.
     """
     d = _Draw(draw)
     kept = graph.all_kept()
@@ -806,6 +827,6 @@ def plans(draw: Callable[[st.SearchStrategy[Any]], Any], graph: UnitGraph) -> np
                 kept[u] = u in chosen
     for piece in graph.floors:
         units = piece.tolist()
-        if units and not kept[units].any():  # an emptied split piece: keep its whole group
+        if units and not kept[units].any():  # an emptied split or cat piece: keep its whole group
             kept[graph.groups[int(graph.unit_group[units[0]])].units] = True
     return kept

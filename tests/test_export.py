@@ -1,7 +1,8 @@
 """ONNX export and verification: files are single, self-contained, batch-dynamic and correct.
 
-The oracle is onnxruntime against the torch module on the same inputs.  Only one small model goes
-through the slow dynamo exporter (about 4 s); everything else uses the torchscript exporter.
+The oracle is onnxruntime against the torch module on the same inputs.  Two small models go
+through the slow dynamo exporter (about 4 s each: one asked for, one that the default exporter
+falls back to); everything else uses the torchscript exporter.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from oamipc.errors import ExportError, OutputError, UsageError
-from oamipc.export import eval_mode, export_onnx, onnx_size_bytes, verify_onnx
+from oamipc.export import eval_mode, export, export_onnx, onnx_size_bytes, verify_onnx
 from oamipc.runtime import import_onnxruntime, make_session
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +135,6 @@ def test_export_is_single_dynamic_file_matching_torch(tmp_path: Path, name: str,
 
 
 def test_dynamo_exporter_small_graphmodule(tmp_path: Path) -> None:
-    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (the [dynamo] extra)")
     gm = fx.symbolic_trace(_conv_bn().eval())
     path = export_onnx(gm, (torch.randn(1, 1, 8, 8),), tmp_path / "dyn.onnx", exporter="dynamo")
 
@@ -152,7 +152,7 @@ def test_dynamo_exporter_without_onnxscript_names_the_extra(tmp_path: Path, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     gm = fx.symbolic_trace(_conv_bn().eval())
-    with pytest.raises(ExportError, match=r"oamipc\[dynamo\]"):
+    with pytest.raises(ExportError, match=r"pip install onnxscript"):
         export_onnx(gm, (torch.randn(1, 1, 8, 8),), tmp_path / "dyn.onnx", exporter="dynamo")
     assert not (tmp_path / "dyn.onnx").exists()
 
@@ -347,3 +347,44 @@ def test_eval_mode_restores_on_error() -> None:
         assert not module.training
         raise RuntimeError("boom")
     assert module.training and module[1].training
+
+
+class _AdaptiveTo7(nn.Module):
+    """adaptive_avg_pool2d 3x3 -> 7x7: the TorchScript exporter refuses it, dynamo exports it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 7), 1)
+
+
+def test_auto_exporter_falls_back_to_dynamo(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    model = _AdaptiveTo7().eval()
+    with pytest.raises(ExportError, match="adaptive_avg_pool2d.*exporter='dynamo'"):
+        export(model, (torch.randn(1, 1, 3, 3),), tmp_path / "ts.onnx", exporter="torchscript")
+    exported = export(model, (torch.randn(1, 1, 3, 3),), tmp_path / "auto.onnx")
+    assert exported.exporter == "dynamo"
+    assert [e for e, _ in exported.failed] == ["torchscript"] and "adaptive_avg_pool2d" in exported.failed[0][1]
+    _assert_single_dynamic_file(exported.path)
+    assert verify_onnx(exported.path, model, torch.randn(4, 1, 3, 3)).passed
+    # The torchscript exporter's IR dump (printed from C++ on an op it refuses) stays off stdout.
+    assert "Torch IR graph" not in capfd.readouterr().out
+
+
+def test_auto_exporter_keeps_torchscript_when_it_works(tmp_path: Path) -> None:
+    exported = export(_mlp(), (torch.randn(1, 1, 4, 4),), tmp_path / "m.onnx")
+    assert exported.exporter == "torchscript" and exported.failed == ()
+
+
+def test_every_exporter_failing_names_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(module, args, f, **kwargs):
+        raise RuntimeError(f"no luck with dynamo={kwargs.get('dynamo')}")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(ExportError) as info:
+        export(_mlp(), (torch.randn(1, 1, 4, 4),), tmp_path / "m.onnx")
+    message = str(info.value)
+    assert "every exporter" in message and "torchscript: no luck with dynamo=False" in message
+    assert "dynamo: no luck with dynamo=True" in message and not list(tmp_path.iterdir())

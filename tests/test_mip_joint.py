@@ -62,8 +62,41 @@ def test_masked_forward_equals_the_pruned_network(name: str) -> None:
         torch.testing.assert_close(logits.float(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_cross_channel_normalisation_is_refused_with_the_node_named() -> None:
+def _block_plan(graph, rng) -> np.ndarray:
+    """A random plan that also prunes groups with equal-count blocks (the same count from each block)."""
+    kept = graph.all_kept()
+    for g in graph.groups:
+        if not g.prunable or g.pinned:
+            continue
+        blocks = g.blocks or [list(g.units)]
+        drop = int(rng.integers(1, len(blocks[0])))  # keeps at least one per block
+        for b in blocks:
+            kept[list(rng.permutation(b)[:drop])] = False
+    return kept
+
+
+def test_masked_layernorm_and_groupnorm_equal_the_pruned_network() -> None:
+    """LayerNorm over features and GroupNorm (blocks of 4; one group per channel) see every channel:
+    the masked forward takes their statistics over each plan's kept channels, as the pruned layer does."""
+    gm, graph, x = _setup("norms", n=3)
+    net = MaskedNetwork(gm, graph)
+    assert sorted(net.norms) == ["gn1", "gn2", "ln"]
+    rng = np.random.default_rng(0)
+    plans = np.stack([graph.all_kept()] + [_block_plan(graph, rng) for _ in range(4)])
+    assert all((~p).any() for p in plans[1:])
+    for plan, logits in zip(plans, net.logits(x, plans)):
+        pruned = copy.deepcopy(gm)
+        if not plan.all():
+            apply_plan(pruned, graph, plan)
+        with torch.no_grad():
+            want = pruned(x)
+        torch.testing.assert_close(logits.float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_unmasked_cross_channel_normalisation_is_refused_with_the_node_named() -> None:
+    """A normalisation across removable channels that the masked forward does not model is refused."""
     gm, graph, _ = _setup("norms", n=2)
+    gm.gn2 = torch.nn.InstanceNorm2d(8)  # what no unit analysis would let through, put behind its back
     with pytest.raises(UnsupportedGraphError, match="normalises across channels"):
         MaskedNetwork(gm, graph)
 

@@ -61,7 +61,7 @@ import torch
 from torch import fx
 
 from oamipc import ir
-from oamipc.errors import SolverError, UsageError
+from oamipc.errors import SolverError, UnsupportedGraphError, UsageError
 from oamipc.passmanager import AnalysisManager
 from oamipc.solver import complete_solution, solve
 from oamipc.surgery import apply_plan, fold_bias_shift
@@ -270,7 +270,13 @@ class BudgetSolver:
                     record.solve = {"status": f"up to {binaries} ReLU/max-pool binaries (> {limit}); "
                                               "left to the joint stage"}
                     continue
-                candidate = self.solve_group(group, free, current, min(self.opts.time_limit, left), record)
+                try:
+                    candidate = self.solve_group(group, free, current, min(self.opts.time_limit, left), record)
+                except UnsupportedGraphError as exc:  # an op the exact encoding does not cover
+                    record.outcome = "no-encoding"
+                    record.note = str(exc).split("; use a solver-free")[0]
+                    record.solve = {"status": "no exact encoding; left to the joint stage"}
+                    continue
                 if candidate is None:
                     continue
                 if np.array_equal(candidate, current):

@@ -8,10 +8,13 @@ on a batch that pairs every sample with every plan.
 Semantics are the encoder's (:mod:`.encoder`): removing unit ``u`` gives the same outputs as
 zeroing the positions of ``u`` where Linear/Conv layers read them, so the fx graph is interpreted
 as is and those inputs are multiplied by the plan's mask.  A test checks that this equals the
-physically pruned network.  Normalisations across channels (GroupNorm, LayerNorm, softmax, ...)
-that see removable units break that equivalence (a removed channel changes the statistics), so
-such graphs are refused with the node named; :meth:`MaskedNetwork.verify` checks the equivalence
-numerically on a real plan before a stage relies on it.
+physically pruned network.  Normalisations across channels see every channel, so a removed one
+would change the statistics of the others: LayerNorm over the channel dimension and GroupNorm are
+therefore run with masked statistics (mean and variance over each plan's kept channels only,
+which is what the pruned layer computes).  Other normalisations across channels that see
+removable units (InstanceNorm, LocalResponseNorm, ...) are refused with the node named; units that
+are pinned (a softmax over channels pins its inputs) need nothing.  :meth:`MaskedNetwork.verify`
+checks the equivalence numerically on a real plan before a stage relies on it.
 """
 
 from __future__ import annotations
@@ -35,25 +38,64 @@ _CROSS_CHANNEL_OPS = {"group_norm", "layer_norm", "instance_norm", "local_respon
 
 class _Masked(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, reading: dict[str, Layout], masks: torch.Tensor,
-                 means: dict[str, torch.Tensor] | None = None) -> None:
+                 means: dict[str, torch.Tensor] | None = None, norms: dict[str, Layout] | None = None) -> None:
         super().__init__(gm)
         self.reading = reading
         self.masks = masks  # (batch, n_units), float
         self.means = means or {}
+        self.norms = norms or {}  # LayerNorm/GroupNorm node -> layout of its input (removable units)
 
-    def run_node(self, n: fx.Node) -> Any:
-        lay = self.reading.get(n.name)
-        if lay is None:
-            return super().run_node(n)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        x = args[0]
+    def channel_mask(self, lay: Layout, x: torch.Tensor) -> torch.Tensor:
+        """Each row's keep mask over ``lay``'s channels (fixed channels kept), shaped to broadcast on ``x``."""
         units = torch.from_numpy(lay.units)
         scale = torch.ones(x.shape[0], len(units), dtype=x.dtype)
         tracked = units >= 0
         scale[:, tracked] = self.masks[:, units[tracked]].to(x.dtype)
         shape = [x.shape[0]] + [1] * (x.dim() - 1)
         shape[lay.dim] = len(units)
-        scale = scale.reshape(shape)
+        return scale.reshape(shape)
+
+    def masked_norm(self, n: fx.Node, lay: Layout) -> torch.Tensor:
+        """LayerNorm over the channel dim, or GroupNorm, with statistics over the kept channels only."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        mod = self.module.get_submodule(str(n.target))
+        m = self.channel_mask(lay, x)
+        if isinstance(mod, torch.nn.LayerNorm):
+            count = m.sum(dim=-1, keepdim=True).clamp(min=1.0)
+            mean = (x * m).sum(dim=-1, keepdim=True) / count
+            var = (((x - mean) ** 2) * m).sum(dim=-1, keepdim=True) / count
+            y = (x - mean) / torch.sqrt(var + mod.eps)
+        else:
+            assert isinstance(mod, torch.nn.GroupNorm)
+            b, c = x.shape[0], x.shape[1]
+            shape = (b, mod.num_groups, c // mod.num_groups, *x.shape[2:])
+            xg, mg = x.reshape(shape), m.expand_as(x).reshape(shape)
+            dims = tuple(range(2, xg.dim()))
+            count = mg.sum(dim=dims, keepdim=True).clamp(min=1.0)
+            mean = (xg * mg).sum(dim=dims, keepdim=True) / count
+            var = (((xg - mean) ** 2) * mg).sum(dim=dims, keepdim=True) / count
+            y = ((xg - mean) / torch.sqrt(var + mod.eps)).reshape(x.shape)
+            if mod.affine:
+                per_channel = [1, c] + [1] * (x.dim() - 2)
+                return y * mod.weight.reshape(per_channel) + mod.bias.reshape(per_channel)
+            return y
+        if mod.weight is not None:
+            y = y * mod.weight
+        if mod.bias is not None:
+            y = y + mod.bias
+        return y
+
+    def run_node(self, n: fx.Node) -> Any:
+        norm = self.norms.get(n.name)
+        if norm is not None:
+            return self.masked_norm(n, norm)
+        lay = self.reading.get(n.name)
+        if lay is None:
+            return super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        x = args[0]
+        scale = self.channel_mask(lay, x)
         mu = self.means.get(n.name)
         masked = x * scale if mu is None else x * scale + mu.to(x.dtype) * (1 - scale)
         args = (masked, *args[1:])
@@ -68,6 +110,11 @@ class MaskedNetwork:
         self.graph = graph
         self.means = means  # mean replacement at Linear readers (:mod:`.means`)
         self.reading: dict[str, Layout] = {}  # reading layer node -> layout of its input
+        self.norms: dict[str, Layout] = {}  # LayerNorm/GroupNorm node -> layout of its input
+        self.removable = np.zeros(graph.n_units, dtype=bool)
+        for g in graph.groups:
+            if g.prunable:
+                self.removable[[u for u in g.units if u not in g.pinned]] = True
         readers = {layer.node for layer in graph.layers}
         for node in gm.graph.nodes:
             if node.name in readers:
@@ -84,10 +131,17 @@ class MaskedNetwork:
             return
         for arg in node.all_input_nodes:
             lay = self.graph.layouts.get(arg.name)
-            if isinstance(lay, Layout) and bool((lay.units >= 0).any()):
-                raise UnsupportedGraphError(
-                    f"the MILP analysis cannot handle {ir.where(node)}: it normalises across channels that can be "
-                    "removed, so a removed unit changes the others; use a solver-free --importance for this model")
+            if not isinstance(lay, Layout):
+                continue
+            units = lay.units[lay.units >= 0]
+            if not self.removable[units].any():
+                continue  # pinned channels never change
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and arg is node.args[0]:
+                self.norms[node.name] = lay  # the unit analysis let it through: over the channel dim
+                continue
+            raise UnsupportedGraphError(
+                f"the MILP analysis cannot handle {ir.where(node)}: it normalises across channels that can be "
+                "removed, so a removed unit changes the others; use a solver-free --importance for this model")
 
     def verify(self, x: torch.Tensor, kept: np.ndarray, pruned: torch.nn.Module) -> None:
         """Raise unless the masked logits under ``kept`` equal ``pruned``'s (the physically pruned net)."""
@@ -118,7 +172,7 @@ class MaskedNetwork:
                     p = block.shape[0]
                     xs = x.float().repeat(p, *[1] * (x.dim() - 1))
                     masks = block.repeat_interleave(n, dim=0)
-                    y = _Masked(self.gm, self.reading, masks, self.means).run(xs)
+                    y = _Masked(self.gm, self.reading, masks, self.means, self.norms).run(xs)
                     while isinstance(y, (tuple, list)):
                         y = y[0]
                     out.append(y.double().reshape(p, n, -1))

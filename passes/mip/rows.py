@@ -135,7 +135,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
     the plan obeys the rows it was given: a solver bug, a numerically sloppy answer or a wrong
     status could hand back anything.  These are the rules every stage encodes (see the module
     docstring), plus the ones the stages keep by fixing variables: pinned units and one unit of
-    every split piece stay, and groups that cannot be pruned keep every unit.  ``reference`` is
+    every split or cat piece stay, and groups that cannot be pruned keep every unit.  ``reference`` is
     the plan whose per-group counts a ratio target must keep, and whose MACs a ``spend`` stage
     (``spend_budget``) must not fall below.
     """
@@ -165,7 +165,7 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
             problems.append(f"{group.name}: unequal kept counts in its blocks (grouped convolution)")
     for piece in graph.floors:
         if len(piece) and not kept[piece].any():
-            problems.append(f"a channel split piece (units {int(piece[0])}..) lost every unit")
+            problems.append(f"a channel split or cat piece (units {int(piece[0])}..) lost every unit")
     if flops_budget is not None:
         total = graph.macs()
         macs = graph.macs(kept)

@@ -1,0 +1,169 @@
+"""Where independent tasks run: this process, local worker processes, or a Ray cluster.
+
+Some of the work is embarrassingly parallel: the compiles of ``oamipc pareto`` (one per budget)
+are independent, and so are the MIP's class problems and layer sub-problems.  An
+:class:`Executor` maps one module-level function over a list of items, with one large argument
+shared by every task, and returns the results in the items' order, so the answer does not depend
+on how many workers ran it or in which order they finished.
+
+* ``local`` (the default): with one worker the tasks run here, one after another; with more, in
+  spawned worker processes (fork and a torch that has started threads do not mix), one torch
+  thread each.  The shared argument is pickled once per task.
+* ``ray``: tasks are Ray tasks of one CPU each.  Without an address an embedded local Ray is
+  started with ``workers`` CPUs and shut down afterwards; with one (``ray://...`` or
+  ``host:port`` of a running cluster, or ``auto``) the tasks join that cluster, which is left
+  running.  The shared argument goes to the object store once (``ray.put``) and every task reads
+  it from there.  The embedded Ray's workers import this very ``oamipc`` (its directory is put on
+  their ``PYTHONPATH``); a cluster's nodes need oamipc installed.  Ctrl-C cancels the tasks
+  still running before it is re-raised.
+
+Ray is an optional dependency (``pip install 'oamipc[ray]'``); asking for it without it
+installed is a usage error that says how to install it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import contextlib
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from oamipc.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+T = TypeVar("T")
+R = TypeVar("R")
+
+EXECUTORS = ("local", "ray")
+RAY_INSTALL = "pip install 'oamipc[ray]' (or: pip install ray)"
+
+
+class Executor(Protocol):
+    """Maps ``fn(shared, item)`` over ``items``; results in the items' order."""
+
+    name: str
+    workers: int
+
+    def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T],
+            done: Callable[[int], None] | None = None) -> list[R]:
+        """Run every task; ``done(n)`` after each finished task (``n`` finished so far)."""
+        ...
+
+
+def _single_thread_call(fn: Callable[[S, T], R], shared: S, item: T) -> R:
+    """A task in a worker process: one torch thread, so that workers do not fight over cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(shared, item)
+
+
+class LocalExecutor:
+    """This process (one worker) or spawned local worker processes."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+
+    def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T],
+            done: Callable[[int], None] | None = None) -> list[R]:
+        if self.workers <= 1 or len(items) <= 1:
+            results = []
+            for i, item in enumerate(items):
+                results.append(fn(shared, item))
+                if done:
+                    done(i + 1)
+            return results
+        ctx = multiprocessing.get_context("spawn")
+        with futures.ProcessPoolExecutor(max_workers=min(self.workers, len(items)), mp_context=ctx) as pool:
+            running = [pool.submit(_single_thread_call, fn, shared, item) for item in items]
+            try:
+                for n, _ in enumerate(futures.as_completed(running), 1):
+                    if done:
+                        done(n)
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
+            return [fut.result() for fut in running]
+
+
+class RayExecutor:
+    """Ray tasks of one CPU each, on an embedded local Ray or a running cluster."""
+
+    name = "ray"
+
+    def __init__(self, ray: Any, workers: int, address: str | None) -> None:
+        self.ray = ray
+        self.workers = workers
+        self.address = address
+
+    def map(self, fn: Callable[[S, T], R], shared: S, items: Sequence[T],
+            done: Callable[[int], None] | None = None) -> list[R]:
+        ray = self.ray
+        remote = ray.remote(num_cpus=1, max_retries=0)(_single_thread_call)
+        shared_ref = ray.put(shared)  # once into the object store; a top-level ref arrives resolved
+        refs = [remote.remote(fn, shared_ref, item) for item in items]
+        pending = list(refs)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                if done:
+                    done(len(refs) - len(pending))
+            return list(ray.get(refs))
+        except BaseException:  # Ctrl-C or a failed task: stop what is still running
+            for ref in pending:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--executor ray needs Ray, which is not installed: {RAY_INSTALL}") from None
+    return ray
+
+
+@contextlib.contextmanager
+def executor(kind: str = "local", workers: int = 1, address: str | None = None) -> Iterator[Executor]:
+    """An executor of ``kind`` (``local`` or ``ray``) for the duration of the ``with`` block."""
+    if kind not in EXECUTORS:
+        raise UsageError(f"--executor {kind!r}: use one of {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise UsageError(f"--workers must be 1 or more, got {workers}")
+    if address is not None and kind != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    if kind == "local":
+        yield LocalExecutor(workers)
+        return
+    ray = _import_ray()
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            package_root = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+            log.info("starting an embedded local Ray with %d CPU(s)", workers)
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+        else:
+            log.info("joining the Ray cluster at %s", address)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise UsageError(f"--ray-address {address}: cannot join a Ray cluster there ({exc}); start one "
+                                 "with `ray start --head` or drop --ray-address for an embedded one") from None
+        started = True
+    try:
+        yield RayExecutor(ray, workers, address)
+    finally:
+        if started:
+            ray.shutdown()  # an embedded Ray stops; a joined cluster is only disconnected from
