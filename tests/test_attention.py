@@ -447,3 +447,16 @@ def test_vit_prunes_heads_and_mlp_units_and_keeps_the_stream(tmp_path) -> None:
     path = tmp_path / "vit.onnx"
     export_onnx(res.module, (x[:2],), path)
     verify_onnx(path, res.module, x)
+
+
+def test_mip_prunes_whole_heads(tmp_path) -> None:
+    model = _build(HandNet)
+    x = _input(64, seed=1)
+    y = torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(2))
+    res = oamipc.compile(model, x[:2], data=(x, y), importance="mip", prune_ratio=0.5)
+    assert res.module.get_submodule("attn.q").out_features == E // 2  # 2 of the 4 heads
+    assert res.module.get_submodule("attn.o").in_features == E // 2
+    assert res.report["after"]["macs"] == count_costs(res.module).macs
+    path = tmp_path / "mip.onnx"
+    export_onnx(res.module, (x[:2],), path)
+    verify_onnx(path, res.module, x)
