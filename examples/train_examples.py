@@ -4,7 +4,8 @@
 
 Digits (always, a few seconds each): ``digits_mlp`` (DigitsMLP) and ``digits_cnn`` (DigitsCNN).
 With ``--fashion`` also Fashion-MNIST (about a minute each on 2 cores): ``fashion_mlp``
-(PaperMLP in the paper's FC-4 shape 784-200-100-100-10) and ``fashion_lenet5`` (LeNet5).
+(PaperMLP in the paper's FC-4 shape 784-200-100-100-10) and ``fashion_lenet5`` (LeNet5), and
+``fashion_vit`` (a small ViT, one epoch: about 12 minutes on 2 shared cores).
 
 For every model it writes, atomically, ``<name>.pt`` (trained) and ``<name>_init.pt`` (the
 initial weights, for lottery-ticket style rewinding), each a dict that loads with
@@ -40,6 +41,7 @@ from oamipc.errors import OamipcError
 from oamipc.training import Recipe, build, train
 
 SEED = 0
+EPOCHS_VIT = 1  # a short run (11.6 min on 2 cores shared with other work); more epochs would gain accuracy
 
 
 # Digits has only 1258 training images: label smoothing and input noise are what lift the MLP
@@ -55,6 +57,8 @@ RECIPES = [
            "fashion-mnist", epochs=12, batch_size=128, lr=1e-3, weight_decay=0.05, label_smoothing=0.1),
     Recipe("fashion_lenet5", "oamipc.models:LeNet5", {"in_channels": 1, "num_classes": 10},
            "fashion-mnist", epochs=8, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
+    Recipe("fashion_vit", "oamipc.models:ViT", {"in_channels": 1, "num_classes": 10},
+           "fashion-mnist", epochs=EPOCHS_VIT, batch_size=128, lr=2e-3, weight_decay=0.05, label_smoothing=0.1),
 ]
 
 

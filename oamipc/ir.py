@@ -28,6 +28,9 @@ SOFTMAX = "softmax"  # per-dim normalisation: a barrier if it runs over the chan
 CAT = "cat"
 SPLIT = "split"
 GETITEM = "getitem"
+PERMUTE = "permute"  # transpose/permute: the channel dim moves, its units stay
+MATMUL = "matmul"  # batched matmul: channels on a batch dim are matched like an element-wise op
+ATTENTION = "attention"  # scaled_dot_product_attention: heads (a batch dim) of q, k, v are matched
 NON_TENSOR = "non-tensor"  # size(), dim(): produce Python values
 
 _ELEMENTWISE_NAMES = {
@@ -40,7 +43,7 @@ _ELEMENTWISE_NAMES = {
 }
 _BINARY_NAMES = {
     "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "div", "div_",
-    "truediv", "itruediv", "maximum", "minimum",
+    "truediv", "itruediv", "maximum", "minimum", "masked_fill", "masked_fill_",
 }
 _POOL_NAMES = {
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
@@ -53,6 +56,8 @@ _REDUCE_NAMES = {"mean", "sum", "amax", "amin"}
 _SOFTMAX_NAMES = {"softmax", "log_softmax", "_softmax", "_log_softmax"}
 _CAT_NAMES = {"cat", "concat", "concatenate"}
 _SPLIT_NAMES = {"split", "split_with_sizes", "chunk"}
+_PERMUTE_NAMES = {"transpose", "permute", "swapaxes", "swapdims"}
+_MATMUL_NAMES = {"matmul", "bmm"}
 _NON_TENSOR_NAMES = {"size", "dim", "sym_size", "numel", "getattr"}
 
 OP_KINDS: dict[str, str] = {}
@@ -60,7 +65,8 @@ for _kind, _names in (
     (ELEMENTWISE, _ELEMENTWISE_NAMES), (BINARY, _BINARY_NAMES), (POOL, _POOL_NAMES),
     (RESHAPE, _RESHAPE_NAMES), (RESIZE_CONST, _RESIZE_CONST_NAMES), (REDUCE, _REDUCE_NAMES),
     (SOFTMAX, _SOFTMAX_NAMES), (CAT, _CAT_NAMES), (SPLIT, _SPLIT_NAMES),
-    (GETITEM, {"getitem"}), (NON_TENSOR, _NON_TENSOR_NAMES),
+    (GETITEM, {"getitem"}), (NON_TENSOR, _NON_TENSOR_NAMES), (PERMUTE, _PERMUTE_NAMES),
+    (MATMUL, _MATMUL_NAMES), (ATTENTION, {"scaled_dot_product_attention"}),
 ):
     for _n in _names:
         OP_KINDS[_n] = _kind

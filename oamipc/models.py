@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock", "DigitsCNN", "DigitsMLP", "InvertedResidual", "LeNet5", "MobileNetV2", "PaperMLP", "ResNet18",
-    "SmallCNN", "SmallResNet", "SmallVGG",
+    "SelfAttention", "SmallCNN", "SmallResNet", "SmallVGG", "TransformerBlock", "ViT",
 ]
 
 
@@ -465,3 +465,71 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head(self.blocks(self.stem(x)))
         return self.classifier(self.flatten(self.pool(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out: q/k/v Linear layers, heads by reshape, SDPA, out Linear.
+
+    The form oamipc's unit analysis recognises: removing a head removes its ``head_dim`` rows of
+    ``q``, ``k`` and ``v`` and its ``head_dim`` input columns of ``proj``.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not a multiple of the {heads} heads")
+        self.heads, self.head_dim = int(heads), int(dim) // int(heads)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n = x.shape[0], x.shape[1]
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        y = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + fc2(gelu(fc1(norm2(x))))``."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads)
+        self.norm2, self.fc1, self.act = nn.LayerNorm(dim), nn.Linear(dim, mlp), nn.GELU()
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """A small vision transformer (Dosovitskiy et al., 2021) for 28x28 grey images, written here.
+
+    ``(N, in_channels, image_size, image_size) -> num_classes``: non-overlapping ``patch`` x
+    ``patch`` patches embedded by a strided convolution, a learned class token and learned
+    positional embeddings, ``depth`` pre-norm blocks (:class:`TransformerBlock`), a final
+    LayerNorm and a Linear classifier on the class token.  The default (7x7 patches: 16 tokens
+    and the class token, width 64, 4 blocks of 4 heads, MLP 128) is ``examples/fashion_vit.pt``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, patch: int = 7,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(TransformerBlock(dim, heads, mlp) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, tokens, dim)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])

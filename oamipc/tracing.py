@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
+from oamipc.attention import swap_known_modules
 from oamipc.errors import TraceError, UsageError, first_line
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,11 @@ def trace(
 
     Modules named in ``leaf_modules`` (qualified names such as ``layer1.0``) stay opaque
     ``call_module`` nodes, like torch's own layers; oamipc then leaves their insides unpruned.
-    A model that already is a GraphModule (a loaded ``.pt2``) is used as it is.  The result
-    shares parameters with ``model``: copy the model first if it must stay untouched.
+    ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers are traced through traceable
+    stand-ins that compute the same function (:mod:`oamipc.attention`), not kept opaque.  A
+    model that already is a GraphModule (a loaded ``.pt2``) is used as it is.  The result
+    shares parameters with ``model`` (the stand-ins hold copies of theirs): copy the model first
+    if it must stay untouched.
     """
     if isinstance(model, fx.GraphModule):
         if leaf_modules:
@@ -160,6 +164,7 @@ class _Tracer(fx.Tracer):
 def _symbolic_trace(model: nn.Module, leaf_modules: tuple[str, ...]) -> fx.GraphModule:
     _check_leaf_names(model, leaf_modules)
     tracer = _Tracer(frozenset(leaf_modules))
+    model = swap_known_modules(model, frozenset(leaf_modules))
     try:
         graph = tracer.trace(model)
     except Exception as exc:

@@ -9,7 +9,14 @@ How it works (one forward walk over the graph, then a union-find):
    channel into its ``H*W`` block of features; ``cat`` concatenates them (``cat([x, x])`` simply
    repeats the units); ``split``/``chunk`` slice them (every piece of a split, and every input of a
    ``cat``, keeps at least one unit: see :attr:`oamipc.units.UnitGraph.floors`); a depthwise conv
-   maps output ``o`` to input channel ``o // multiplier``.
+   maps output ``o`` to input channel ``o // multiplier``; ``transpose``/``permute`` move the
+   channel dim.
+   A reshape that cuts the channel dim into blocks (``(B, L, H*d) -> (B, L, H, d)``, attention
+   heads) makes each block one unit, on the new ``H`` dim: a head is removed whole.  ``matmul``
+   and ``scaled_dot_product_attention`` with heads on a batch dim match the heads of q, k and v
+   like an element-wise op does, so a head's q, k and v rows and its slice of the output
+   projection's input are one unit (``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers
+   reach this form through their traced stand-ins, :mod:`oamipc.attention`).
 3. Ops that combine tensors element-wise (``add``, ``sub``, ``mul``, ``div``) *couple* the source
    units at equal positions: a union-find merges them into one unit (a residual channel, a
    squeeze-excitation gate and the channel it scales).
@@ -36,7 +43,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from oamipc import ir
+from oamipc import attention, ir
 from oamipc.passmanager import Analysis, AnalysisManager, register
 from oamipc.units import Barrier, LayerCost, Layout, SplitLayout, UnitGraph, UnitGroup
 
@@ -246,6 +253,12 @@ class _Walker:
         lay = self.layout(args[0]) if args else None
         tracked_inputs = [a for a in ir.iter_nodes((node.args, node.kwargs))
                           if self.layouts.get(a.name) is not None]
+        if node.target is attention.attention_mask:  # reads only the shapes of q and k
+            self.layouts[node.name] = None
+            return None
+        if node.target is attention.zero_padded:  # zeroes whole tokens: every channel alike
+            self.layouts[node.name] = lay
+            return None
         if kind == ir.NON_TENSOR or (kind is None and not tracked_inputs):
             self.follow_widths(node, kind)
             self.layouts[node.name] = None
@@ -269,14 +282,19 @@ class _Walker:
             return self.visit_split(node, lay)
         if kind == ir.GETITEM:
             return self.visit_getitem(node)
+        if kind == ir.PERMUTE:
+            return self.visit_permute(node, lay)
+        if kind in (ir.MATMUL, ir.ATTENTION):
+            return self.visit_batched(node, kind)
         return self.barrier(node, f"op {ir.op_name(node)} is not supported by the unit analysis")
 
-    def visit_binary(self, node: fx.Node) -> None:
+    def visit_binary(self, node: fx.Node, operands: list[fx.Node] | None = None) -> None:
         out_shape = ir.tensor_shape(node)
         if out_shape is None:
             return self.barrier(node, "shapes were not propagated")
         rank = len(out_shape)
-        tensors = [a for a in ir.iter_nodes(node.args) if ir.tensor_shape(a) is not None]
+        tensors = [a for a in (ir.iter_nodes(node.args) if operands is None else operands)
+                   if ir.tensor_shape(a) is not None]
         dims = {}
         for a in tensors:
             lay = self.layout(a)
@@ -289,6 +307,11 @@ class _Walker:
             return self.barrier(node, "combines tensors whose channels lie on different dims")
         dim = next(iter(dims.values()))
         width = out_shape[dim]
+        for a in tensors:
+            shape = ir.tensor_shape(a) or ()
+            adim = dim - (rank - len(shape))
+            if 0 <= adim < len(shape) and shape[adim] not in (1, width):
+                return self.barrier(node, f"operands of widths {shape[adim]} and {width} on the channel dim")
         merged = np.full(width, -1, dtype=np.int64)
         # Positions where some full-width operand holds a channel no producer owns (the network
         # input, a barrier's output, such a tensor concatenated with tracked ones): the result
@@ -344,7 +367,69 @@ class _Walker:
                 # Flatten: channel k becomes the contiguous block of its `suffix` features.
                 self.layouts[node.name] = Layout(d, np.repeat(lay.units, suffix))
                 return None
+            blocks = out_shape[d]
+            if 1 < blocks < c and c % blocks == 0 and ir.prod(out_shape[d + 1:]) == c // blocks * suffix:
+                return self.split_channels(node, lay, d, out_shape[d])
         return self.barrier(node, f"reshape {in_shape} -> {out_shape} splits or mixes the channel dim")
+
+    def split_channels(self, node: fx.Node, lay: Layout, dim: int, blocks: int) -> None:
+        """A reshape that cuts the channel dim into ``blocks`` contiguous blocks on ``dim`` (heads).
+
+        ``(B, L, H * d) -> (B, L, H, d)``: each block (a head's ``d`` channels) becomes one unit,
+        so a head is removed whole and the reshape's ``H`` is the width that shrinks.  A block
+        holding a channel no producer owns is kept whole.
+        """
+        per_block = len(lay.units) // blocks
+        units = np.full(blocks, -1, dtype=np.int64)
+        for b, block in enumerate(np.split(lay.units, blocks)):
+            tracked = block[block >= 0]
+            if len(tracked) < per_block:
+                self.uf.pin(tracked, f"a head block with fixed channels at {ir.where(node)}")
+                continue
+            for s in tracked[1:].tolist():
+                self.uf.union(int(tracked[0]), s)
+            units[b] = tracked[0]
+        self.layouts[node.name] = Layout(dim, units)
+        return None
+
+    def visit_permute(self, node: fx.Node, lay: Layout | None) -> None:
+        """transpose/permute: the channel dim moves to its new place."""
+        if lay is None:
+            self.layouts[node.name] = None
+            return None
+        rank = len(ir.tensor_shape(node) or ())
+        args = list(node.args[1:])
+        if ir.op_name(node) == "permute":
+            order = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            order = list(order or node.kwargs.get("dims", ()))
+            if len(order) != rank or not all(isinstance(d, int) for d in order):
+                return self.barrier(node, "permute with dims that are not constants")
+            new_dim = [d % rank for d in order].index(lay.dim)
+        else:
+            d0, d1 = ir.arg_or_kwarg(node, 1, "dim0"), ir.arg_or_kwarg(node, 2, "dim1")
+            if not isinstance(d0, int) or not isinstance(d1, int):
+                return self.barrier(node, "transpose with dims that are not constants")
+            d0, d1 = d0 % rank, d1 % rank
+            new_dim = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
+        self.layouts[node.name] = Layout(new_dim, lay.units)
+        return None
+
+    def visit_batched(self, node: fx.Node, kind: str) -> None:
+        """matmul and scaled_dot_product_attention with channels (heads) on a batch dim.
+
+        The batch dims of the operands are matched like the dims of an element-wise op: the head
+        ``h`` of q, k, v (and of an attention mask with a head dim) is one unit, and the result
+        keeps it on the same dim.  Channels on one of the two matrix dims are contracted or
+        mixed: a barrier.
+        """
+        operands = [a for a in ir.iter_nodes((node.args, node.kwargs)) if ir.tensor_shape(a) is not None]
+        for a in operands:
+            lay, rank = self.layout(a), len(ir.tensor_shape(a) or ())
+            if lay is not None and (rank < 3 or lay.dim >= rank - 2):
+                return self.barrier(node, f"{ir.op_name(node)} over the channel dim")
+        if kind == ir.ATTENTION and ir.arg_or_kwarg(node, 7, "enable_gqa", False):
+            return self.barrier(node, "grouped-query attention (enable_gqa)")
+        return self.visit_binary(node, operands)
 
     def visit_reduce(self, node: fx.Node, lay: Layout | None) -> None:
         if lay is None:
@@ -359,6 +444,9 @@ class _Walker:
         rank = len(in_shape)
         norm = sorted({d % rank for d in dims_list})
         if lay.dim in norm:
+            if not node.users:  # an unused value (attention weights nobody reads) keeps nothing
+                self.layouts[node.name] = None
+                return None
             return self.barrier(node, "reduces over the channel dimension")
         new_dim = lay.dim if keepdim else lay.dim - sum(1 for d in norm if d < lay.dim)
         self.layouts[node.name] = Layout(new_dim, lay.units)

@@ -30,6 +30,7 @@ DOCUMENTED = {
     "digits_cnn": ("digits", "DigitsCNN", 99.07),
     "fashion_mlp": ("fashion-mnist", "PaperMLP", 88.96),
     "fashion_lenet5": ("fashion-mnist", "LeNet5", 89.24),
+    "fashion_vit": ("fashion-mnist", "ViT", 81.40),
 }
 TOLERANCE_POINTS = 0.5
 
@@ -71,6 +72,8 @@ ARCHITECTURES = {
     "SmallCNN": (lambda: models.SmallCNN(), (1, 8, 8)),
     "SmallCNN-noBN": (lambda: models.SmallCNN(batch_norm=False), (1, 8, 8)),
     "SmallCNN-28": (lambda: models.SmallCNN(widths=(8, 16, 4), image_size=28, hidden=20), (1, 28, 28)),
+    "ViT": (lambda: models.ViT(dim=32, depth=2, heads=4, mlp=64), (1, 28, 28)),
+    "ViT-digits": (lambda: models.ViT(image_size=8, patch=2, dim=16, depth=1, heads=2, mlp=32), (1, 8, 8)),
 }
 
 

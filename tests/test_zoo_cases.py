@@ -129,8 +129,9 @@ def test_vgg_at_96_falls_back_to_the_dynamo_exporter(tmp_path: Path) -> None:
 
 
 class EncoderBehindLinear(nn.Module):
-    """torch's own ``nn.TransformerEncoder`` (2 layers, 4 heads, FFN 256) behind a Linear: the tracer
-    keeps the encoder as one call, so nothing in the network can be pruned."""
+    """torch's own ``nn.TransformerEncoder`` (2 layers, 4 heads, FFN 256) behind a Linear.  The tests
+    keep the encoder opaque with ``--leaf-module enc`` (it is traced through otherwise, see
+    ``tests/test_attention.py``), so nothing in the network can be pruned."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,7 +182,7 @@ def test_encoder_behind_linear_says_nothing_was_removed_and_counts_the_encoder(t
     torch.manual_seed(0)
     torch.save(EncoderBehindLinear().state_dict(), tmp_path / "model.pt")
     source = ModelSource(str(tmp_path / "model.pt"), model_class="tests.test_zoo_cases:EncoderBehindLinear",
-                         input_shape=(1, 8, 16))
+                         input_shape=(1, 8, 16), leaf_modules=("enc",))
     report = compile_file(FileJob(source, str(tmp_path / "pruned.onnx"), bench=False),
                           importance="l1", prune_ratio=0.5)
     assert report["onnx"]["passed"]
@@ -218,7 +219,8 @@ def test_inspect_shows_the_opaque_modules(tmp_path: Path) -> None:
 
     torch.save(EncoderBehindLinear().state_dict(), tmp_path / "model.pt")
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "model.pt"), "--model-class",
-                                      "tests.test_zoo_cases:EncoderBehindLinear", "--input-shape", "1,8,16"],
+                                      "tests.test_zoo_cases:EncoderBehindLinear", "--input-shape", "1,8,16",
+                                      "--leaf-module", "enc"],
                                 terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "opaque modules" in result.output and "TransformerEncoder" in result.output
