@@ -111,6 +111,8 @@ class PlanMipAnalysis(PlannerAnalysis):
         kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced)
         record["subproblems"] = [r.__dict__ for r in solver.records]
         record["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
+        record["joint_effects"] = solver.joint_effects
+        record["device"] = str(opts.torch_device())
         record["solver_error"] = solver.solver_error
         # Every accepted step was checked already; check the end result too, against the warm start
         # (always valid), so that no path can hand on a plan outside the target.

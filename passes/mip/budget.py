@@ -215,10 +215,12 @@ class BudgetSolver:
         self.total_macs = graph.macs()
         self.records: list[SubProblemRecord] = []
         self.joint_rounds: list[Any] = []
-        self.plain_net = MaskedNetwork(gm, graph)
+        self.joint_effects: list[dict[str, Any]] = []  # per measured plan: exact effects, screen quality
+        device = opts.torch_device()
+        self.plain_net = MaskedNetwork(gm, graph, device=device)
         self.means = reading_means(gm, self.plain_net.reading, torch.cat([calib.x, calib.x_hold])) \
             if opts.mean_replacement else {}
-        self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
+        self.net = MaskedNetwork(gm, graph, self.means, device=device) if self.means else self.plain_net
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
         self.deadline_reached = False
@@ -310,11 +312,12 @@ class BudgetSolver:
                            magnitude=self.magnitude, target=self.target, solver=self.opts.solver,
                            time_limit=self.opts.time_limit, threads=self.opts.threads, tie_reward=TIE_REWARD,
                            gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
-                           spend=self.opts.spend_budget and self.target.kind == "macs")
+                           spend=self.opts.spend_budget and self.target.kind == "macs", exact=self.opts.joint_exact)
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
         self.joint_rounds.extend(stage.rounds)
+        self.joint_effects.extend(stage.measurements)
         failed = next((r.note for r in stage.rounds if r.outcome == "solver-error"), None)
         self.solver_error = self.solver_error or failed
         return out

@@ -16,6 +16,9 @@ numerically on a real plan before a stage relies on it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,12 +37,22 @@ _CROSS_CHANNEL_OPS = {"group_norm", "layer_norm", "instance_norm", "local_respon
 
 
 class _Masked(fx.Interpreter):
+    """The fx graph, with every Linear/Conv input multiplied by its units' keep values.
+
+    ``masks`` is ``(batch, n_units)``, one row per batch row (plan x sample pairs); any float
+    dtype and device.  Fractional or gradient-carrying masks are allowed: the screen of
+    :meth:`MaskedNetwork.margin_gradients` differentiates through them.
+    """
+
     def __init__(self, gm: fx.GraphModule, reading: dict[str, Layout], masks: torch.Tensor,
                  means: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__(gm)
         self.reading = reading
         self.masks = masks  # (batch, n_units), float
         self.means = means or {}
+        # column n_units is a constant 1: untracked positions (units < 0) read it
+        self.padded = torch.cat([masks, masks.new_ones(masks.shape[0], 1)], dim=1)
+        self._index: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         lay = self.reading.get(n.name)
@@ -47,26 +60,54 @@ class _Masked(fx.Interpreter):
             return super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         x = args[0]
-        units = torch.from_numpy(lay.units)
-        scale = torch.ones(x.shape[0], len(units), dtype=x.dtype)
-        tracked = units >= 0
-        scale[:, tracked] = self.masks[:, units[tracked]].to(x.dtype)
+        index = self._index.get(n.name)
+        if index is None:
+            units = torch.from_numpy(lay.units).long()
+            index = torch.where(units >= 0, units, self.masks.shape[1]).to(self.padded.device)
+            self._index[n.name] = index
         shape = [x.shape[0]] + [1] * (x.dim() - 1)
-        shape[lay.dim] = len(units)
-        scale = scale.reshape(shape)
+        shape[lay.dim] = len(index)
+        scale = self.padded[:, index].to(x.dtype).reshape(shape)
         mu = self.means.get(n.name)
         masked = x * scale if mu is None else x * scale + mu.to(x.dtype) * (1 - scale)
         args = (masked, *args[1:])
         return getattr(self, n.op)(n.target, args, kwargs)
 
+    def run_from(self, start: int, env: dict[fx.Node, Any], x: torch.Tensor | None = None) -> Any:
+        """Run the graph's nodes from position ``start`` on, with ``env`` holding every earlier
+        value they read (a prefix computed elsewhere); ``x`` feeds the placeholder when ``start``
+        is 0.  Values are freed after their last use, as :meth:`run` does."""
+        self.env = env
+        self.args_iter = iter(() if x is None else (x,))
+        for node in list(self.graph.nodes)[start:]:
+            self.env[node] = self.run_node(node)
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+            if node.op == "output":
+                return self.env[node]
+        raise AssertionError("the graph has no output node")
+
+
+def _first_output(y: Any) -> torch.Tensor:
+    while isinstance(y, (tuple, list)):
+        y = y[0]
+    return y
+
 
 class MaskedNetwork:
-    """``logits(x, keep)``: the network's first output for every (plan, sample) pair."""
+    """``logits(x, keep)``: the network's first output for every (plan, sample) pair.
 
-    def __init__(self, gm: fx.GraphModule, graph: UnitGraph, means: dict[str, torch.Tensor] | None = None) -> None:
+    ``device`` (``cpu`` | ``cuda`` | ``cuda:N``) is where every forward pass runs; results come
+    back as float64 CPU tensors, so callers do not depend on it.  On the CPU the graph module
+    itself is run; elsewhere a copy of it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, graph: UnitGraph, means: dict[str, torch.Tensor] | None = None,
+                 device: str | torch.device = "cpu") -> None:
         self.gm = gm
         self.graph = graph
         self.means = means  # mean replacement at Linear readers (:mod:`.means`)
+        self.device = torch.device(device)
         self.reading: dict[str, Layout] = {}  # reading layer node -> layout of its input
         readers = {layer.node for layer in graph.layers}
         for node in gm.graph.nodes:
@@ -76,6 +117,23 @@ class MaskedNetwork:
                 if isinstance(lay, Layout):
                     self.reading[node.name] = lay
             self._refuse_cross_channel(node)
+        self.run_gm = gm if self.device.type == "cpu" else copy.deepcopy(gm).to(self.device)
+        self.run_means = {k: v.to(self.device) for k, v in (means or {}).items()} or None
+        # inputs and keep values in the network's own precision (float32 unless it was converted)
+        self.dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), torch.float32)
+        nodes = list(self.run_gm.graph.nodes)
+        # where a flip of each unit first changes anything: its first reader (len(nodes): nowhere)
+        self.first_reader = np.full(graph.n_units, len(nodes), dtype=np.int64)
+        for i, node in enumerate(nodes):
+            lay = self.reading.get(node.name)
+            if lay is not None:
+                u = lay.units[lay.units >= 0]
+                self.first_reader[u] = np.minimum(self.first_reader[u], i)
+        # nodes whose values carry the sample dimension first (they depend on the input)
+        self.batched: set[fx.Node] = set()
+        for node in nodes:
+            if node.op == "placeholder" or any(a in self.batched for a in node.all_input_nodes):
+                self.batched.add(node)
 
     def _refuse_cross_channel(self, node: fx.Node) -> None:
         mod = ir.get_module(self.gm, str(node.target)) if node.op == "call_module" else None
@@ -103,28 +161,130 @@ class MaskedNetwork:
                 f"the MILP analysis's masked evaluation differs from the pruned network by {err:.3g}: this graph "
                 "mixes removable channels in a way it does not model; use a solver-free --importance")
 
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """The network in eval mode (each sample on its own), its parameters out of autograd."""
+        was_training = self.run_gm.training
+        grads = [(p, p.requires_grad) for p in self.run_gm.parameters()]
+        self.run_gm.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.run_gm.train(was_training)
+            for p, flag in grads:
+                p.requires_grad_(flag)
+
+    def _run(self, masks: torch.Tensor, x: torch.Tensor | None = None, start: int = 0,
+             env: dict[fx.Node, Any] | None = None) -> torch.Tensor:
+        interp = _Masked(self.run_gm, self.reading, masks, self.run_means)
+        return _first_output(interp.run_from(start, {} if env is None else env, x))
+
     def logits(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
-        """Shape (plans, samples, classes) for ``keep`` of shape (plans, n_units), float64."""
+        """Shape (plans, samples, classes) for ``keep`` of shape (plans, n_units), float64 on the CPU."""
         keep = np.atleast_2d(keep)
         n_plans, n = keep.shape[0], x.shape[0]
         per_plan = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * n))
         out = []
-        was_training = self.gm.training
-        self.gm.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, n_plans, per_plan):
-                    block = torch.from_numpy(keep[start:start + per_plan].astype(np.float32))
-                    p = block.shape[0]
-                    xs = x.float().repeat(p, *[1] * (x.dim() - 1))
-                    masks = block.repeat_interleave(n, dim=0)
-                    y = _Masked(self.gm, self.reading, masks, self.means).run(xs)
-                    while isinstance(y, (tuple, list)):
-                        y = y[0]
-                    out.append(y.double().reshape(p, n, -1))
-        finally:
-            self.gm.train(was_training)
+        xd = x.to(self.device, self.dtype)
+        with self._evaluating(), torch.no_grad():
+            for start in range(0, n_plans, per_plan):
+                block = torch.from_numpy(keep[start:start + per_plan]).to(self.device, self.dtype)
+                p = block.shape[0]
+                xs = xd.repeat(p, *[1] * (x.dim() - 1))
+                masks = block.repeat_interleave(n, dim=0)
+                out.append(self._run(masks, xs).double().reshape(p, n, -1).cpu())
         return torch.cat(out)
+
+    def flip_logits(self, x: torch.Tensor, current: np.ndarray, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at ``current`` (samples, classes) and with each of ``units`` flipped alone
+        (kept <-> removed): (len(units), samples, classes), float64 on the CPU.
+
+        Equal to :meth:`logits` on the flipped plans, but a flip only changes the network from
+        its unit's first reading layer on, so the forward pass at ``current`` is run once and
+        kept at each such layer, and every flip runs only the rest of the network from there
+        (many flips in one batch).  Where a value held across that point does not carry the
+        samples first (a shape read off the input, say), those flips run the whole network.
+        """
+        n = x.shape[0]
+        base = torch.from_numpy(current).to(self.device, self.dtype)
+        xd = x.to(self.device, self.dtype)
+        nodes = list(self.run_gm.graph.nodes)
+        by_start: dict[int, list[int]] = {}
+        for i, u in enumerate(units):
+            by_start.setdefault(int(self.first_reader[u]), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(units)
+        with self._evaluating(), torch.no_grad():
+            interp = _Masked(self.run_gm, self.reading, base.expand(n, -1), self.run_means)
+            interp.env, interp.args_iter = {}, iter((xd,))
+            z0: torch.Tensor | None = None
+            for i, node in enumerate(nodes):
+                if i in by_start:
+                    self._flips_from(i, interp.env, xd, base, [units[j] for j in by_start[i]], by_start[i], out)
+                interp.env[node] = interp.run_node(node)
+                for dead in interp.user_to_last_uses.get(node, []):
+                    del interp.env[dead]
+                if node.op == "output":
+                    z0 = _first_output(interp.env[node]).double().cpu()
+                    break
+        assert z0 is not None
+        for j, piece in enumerate(out):  # units that no layer reads change nothing
+            if piece is None:
+                out[j] = z0.clone()
+        d = torch.stack([o for o in out if o is not None]) - z0 if units else z0.new_zeros(0, *z0.shape)
+        return z0, d
+
+    def _flips_from(self, start: int, env: dict[fx.Node, Any], x: torch.Tensor, base: torch.Tensor,
+                    units: list[int], slots: list[int], out: list[torch.Tensor | None]) -> None:
+        """Run each flip of ``units`` from node ``start`` on, with ``env`` the base pass's live values."""
+        n = x.shape[0]
+        live = {node: v for node, v in env.items() if node in self.batched}
+        resumable = all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in live.values())
+        if not resumable:
+            start, live = 0, {}
+        per_sample = max([x[0].numel()] + [v[0].numel() for v in live.values()])
+        per_plan = max(1, CHUNK_ELEMENTS // max(1, per_sample * n))
+        for lo in range(0, len(units), per_plan):
+            chunk = units[lo:lo + per_plan]
+            p = len(chunk)
+            masks = base.repeat(p * n, 1)
+            for j, u in enumerate(chunk):
+                masks[j * n:(j + 1) * n, u] = 1.0 - base[u]
+            if start == 0:
+                y = self._run(masks, x.repeat(p, *[1] * (x.dim() - 1)))
+            else:
+                run_env = {node: (v.repeat(p, *[1] * (v.dim() - 1)) if node in live else v) for node, v in env.items()}
+                y = self._run(masks, start=start, env=run_env)
+            block = y.double().reshape(p, n, -1).cpu()
+            for j in range(p):
+                out[slots[lo + j]] = block[j]
+
+    def margin_gradients(self, x: torch.Tensor, current: np.ndarray, y: torch.Tensor,
+                         rivals: torch.Tensor) -> torch.Tensor:
+        """``g[k, r, u]``: the derivative of ``z_y - z_c`` (``c = rivals[k, r]``) of sample ``k``
+        with respect to unit ``u``'s keep value, at ``current``: (samples, rivals, n_units), float64.
+
+        Each sample gets its own row of keep values, so one backward pass per rival rank gives
+        every sample's gradient (in eval mode a sample's output depends on its own row only).
+        A flip's first-order effect on that margin is ``g * (1 - 2 current[u])``.  Samples go in
+        chunks that bound the memory autograd holds.
+        """
+        n, r_count = x.shape[0], rivals.shape[1]
+        per = max(1, (CHUNK_ELEMENTS // 16) // max(1, x[0].numel()))
+        base = torch.from_numpy(current).to(self.device, self.dtype)
+        out = torch.zeros(n, r_count, len(current), dtype=torch.float64)
+        with self._evaluating(), torch.enable_grad():
+            for lo in range(0, n, per):
+                xs = x[lo:lo + per].to(self.device, self.dtype)
+                masks = base.repeat(len(xs), 1).requires_grad_(True)
+                z = self._run(masks, xs)
+                zy = z.gather(1, y[lo:lo + per, None].to(self.device))[:, 0]
+                for r in range(r_count):
+                    zc = z.gather(1, rivals[lo:lo + per, r:r + 1].to(self.device))[:, 0]
+                    (g,) = torch.autograd.grad((zy - zc).sum(), masks, retain_graph=r + 1 < r_count)
+                    out[lo:lo + per, r] = g.double().cpu()
+        return out
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
