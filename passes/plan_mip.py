@@ -84,7 +84,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         for name in names:
             planned = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=name), gm)
             kept = planned.plan.kept_mask(graph)
-            loss = margin_loss(gm, graph, kept, calib.x_hold, calib.y_hold, calib.margin_hold)
+            loss = margin_loss(gm, graph, kept, calib.x_hold, calib.y_hold, calib.margin_hold, opts.torch_device())
             rows.append({"criterion": name, "holdout_loss": loss})
             if best is None or loss < best[0] - 1e-12:
                 best = (loss, name, kept)
@@ -145,7 +145,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         assert ctx.calib_x is not None
         x = ctx.calib_x.float()
         with torch.no_grad():
-            logits = network_logits(gm, x)
+            logits = network_logits(gm, x, opts.torch_device())
         predicted = logits.argmax(1)
         y = ctx.calib_y if ctx.calib_y is not None else predicted
         classes = int(logits.shape[1])

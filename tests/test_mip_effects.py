@@ -60,8 +60,9 @@ def test_margin_gradients_match_finite_differences(name: str) -> None:
     x = x.double()
     z = net.logits(x, current[None, :])[0]
     y = z.argmax(1)
-    rivals = torch.argsort(z.scatter(1, y[:, None], float("-inf")), dim=1, descending=True)[:, :2]
-    g = net.margin_gradients(x, current, y, rivals)
+    got_z, rivals, g = net.margin_gradients(x, current, y, 2)
+    torch.testing.assert_close(got_z, z)
+    assert torch.equal(rivals, torch.argsort(z.scatter(1, y[:, None], float("-inf")), dim=1, descending=True)[:, :2])
     units = _free(graph)[:: max(1, len(_free(graph)) // 12)]
     eps = 1e-4
     for u in units:
@@ -77,9 +78,9 @@ def test_margin_gradients_match_finite_differences(name: str) -> None:
 
 
 def test_screened_stage_measures_only_the_pool_and_its_estimates_rank_like_the_exact_effects() -> None:
-    """With fewer exact measurements than free units, only the screened pool is measured exactly,
-    every measured effect equals the full forward pass, and the record carries the screen's rank
-    correlation; with enough, every free unit is measured (today's exact stage)."""
+    """With a MAC budget below what every flip costs, only the screened pool is measured exactly
+    (within the budget), every measured effect equals the full forward pass, and the record
+    carries the screen's rank correlation; with enough, every free unit is measured."""
     gm, graph, x = _setup("vgg_bn", n=16)
     net = MaskedNetwork(gm, graph)
     z = net.logits(x, graph.all_kept()[None, :])[0]
@@ -87,14 +88,17 @@ def test_screened_stage_measures_only_the_pool_and_its_estimates_rank_like_the_e
     free = _free(graph)
     current = _random_plan(graph, np.random.default_rng(4), p=0.7)
 
-    def stage(exact: int) -> JointStage:
+    def stage(exact_macs: float) -> JointStage:
         return JointStage(net, graph, x, y, margins(z, y), free=free, magnitude=unit_magnitude(gm, graph),
                           target=Target(flops_budget=0.6, round_to=1), solver="highs", time_limit=5.0, threads=1,
-                          tie_reward=0.0, exact=exact)
+                          tie_reward=0.0, exact_macs=exact_macs)
 
-    small = stage(exact=len(free) // 3)
+    costs = net.flip_costs(current) * graph.macs(current) * len(x)
+    budget = float(costs[free].sum()) / 3
+    small = stage(exact_macs=budget)
     eff = small.effects(current)
-    assert len(eff.units) == len(free) // 3 and set(eff.units) <= set(free)
+    assert 0 < len(eff.units) < len(free) and set(eff.units) <= set(free)
+    assert costs[eff.units].sum() <= budget
     plans = np.repeat(current[None, :], len(eff.units), axis=0)
     for i, u in enumerate(eff.units):
         plans[i, u] = not current[u]
@@ -102,8 +106,9 @@ def test_screened_stage_measures_only_the_pool_and_its_estimates_rank_like_the_e
     np.testing.assert_allclose(eff.d, want, rtol=1e-5, atol=1e-5)
     rec = small.measurements[-1]
     assert rec["exact"] == len(eff.units) and rec["free"] == len(free)
+    assert rec["exact_macs"] == pytest.approx(costs[eff.units].sum())
     assert rec["spearman"] is not None and -1.0 <= rec["spearman"] <= 1.0
-    full = stage(exact=len(free) + 5).effects(current)
+    full = stage(exact_macs=float(costs[free].sum()) + 1).effects(current)
     assert full.units == free
     assert set(small.candidates(current, eff, 4)) <= set(eff.units)
 

@@ -44,7 +44,8 @@ last hidden layer, or any layer followed only by linear maps).  So:
    network, so the budget can move between layers (the layer sub-problems keep the warm start's
    split).  Same loss, same held-out acceptance.  Held-out samples and flip effects are evaluated
    by batched masked forward passes (:mod:`.masked`), checked once against the physically
-   pruned network.
+   pruned network; with many free units only those a first-order screen ranks best are
+   measured exactly.  Every forward pass of the analysis runs on ``MipOptions.device``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from oamipc.units import UnitGraph, UnitGroup
 
 from .encoder import Encoder, EncodingStats, margin_hinge
 from .joint import JointStage
-from .masked import MaskedNetwork, margins
+from .masked import CHUNK_ELEMENTS, MaskedNetwork, margins
 from .means import bias_shift, reading_means
 from .options import DEFAULT_SAMPLES, MipOptions
 from .rows import as_keep, group_rows, mac_expression, plan_violations
@@ -99,7 +100,7 @@ class Calibration:
             raise UsageError("importance 'mip' needs calibration data: pass --data")
         x = ctx.calib_x.float()
         with torch.no_grad():
-            logits = network_logits(gm, x)
+            logits = network_logits(gm, x, opts.torch_device())
         y = ctx.calib_y if ctx.calib_y is not None else logits.argmax(1)
         n = min(opts.samples or DEFAULT_SAMPLES, len(x))
         hold = slice(n, n + opts.holdout) if len(x) > n else slice(0, n)
@@ -109,21 +110,30 @@ class Calibration:
         return cls(x[:n], y[:n], x[hold], y[hold], target[:n], target[hold])
 
 
-def network_logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = gm(x)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.double()
+def network_logits(gm: torch.nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The network's first output on ``x``, float64 on the CPU; run on ``device`` (a copy of the
+    network when that is not the CPU), in chunks of at most ``CHUNK_ELEMENTS`` input values so
+    that large inputs (224x224 images) do not hold every sample's activations at once."""
+    if device is not None and device.type != "cpu":
+        gm = copy.deepcopy(gm).to(device)
+    per = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    parts = []
+    for lo in range(0, len(x), per):
+        out = gm(x[lo:lo + per].to(device or x.device))
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        parts.append(out.double().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 def margin_loss(gm: fx.GraphModule, graph: UnitGraph, kept: np.ndarray, x: torch.Tensor, y: torch.Tensor,
-                target: torch.Tensor) -> float:
+                target: torch.Tensor, device: torch.device | None = None) -> float:
     """Mean hinge ``max(0, M_k - margin_k)`` of the network pruned to ``kept`` (a real forward pass)."""
     pruned = copy.deepcopy(gm)
     if not kept.all():
         apply_plan(pruned, graph, kept)
     with torch.no_grad():
-        got = margins(network_logits(pruned, x), y)
+        got = margins(network_logits(pruned, x, device), y)
     return float((target - got).clamp(min=0).mean())
 
 
@@ -312,7 +322,8 @@ class BudgetSolver:
                            magnitude=self.magnitude, target=self.target, solver=self.opts.solver,
                            time_limit=self.opts.time_limit, threads=self.opts.threads, tie_reward=TIE_REWARD,
                            gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
-                           spend=self.opts.spend_budget and self.target.kind == "macs", exact=self.opts.joint_exact)
+                           spend=self.opts.spend_budget and self.target.kind == "macs",
+                           exact_macs=self.opts.joint_exact_macs)
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.holdout_loss, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)

@@ -7,9 +7,22 @@ both with a MILP that is linear in the keep variables by construction:
 
 * **Local model.**  Around the current plan ``cur``, the effect of flipping unit ``u`` (removing a
   kept one, restoring a removed one) on sample ``k``'s logits, ``d_ku = z_k(cur xor u) - z_k(cur)``,
-  is measured by real forward passes (:class:`.masked.MaskedNetwork`, every flip in one
-  batch).  With a binary flip variable ``t_u``, ``z_k ~ z_k(cur) + sum_u t_u d_ku``: exact for
-  any single flip, first order for several (their interactions are ignored).
+  is measured by real forward passes (:meth:`.masked.MaskedNetwork.flip_logits`: the pass at
+  ``cur`` is kept at every layer, and a flip reruns the network only from its unit's first
+  reading layer on, many flips per batch).  With a binary flip variable ``t_u``,
+  ``z_k ~ z_k(cur) + sum_u t_u d_ku``: exact for any single flip, first order for several (their
+  interactions are ignored).
+* **Which effects are measured.**  All free units' when that costs at most ``exact_macs``
+  multiply-accumulates (2e12 by default: every shipped example, many times over; a flip costs the
+  MACs from its first reader on, times the samples).  Beyond that (a ResNet-18 at 224x224 has
+  thousands of units, each flip a large part of a 116 GMAC pass), a first-order screen ranks
+  them first: one forward and one backward pass per rival rank give every unit's gradient of
+  every sample's margins (:meth:`.masked.MaskedNetwork.margin_gradients`), hence an estimated
+  single-flip change of the hinge, and the units it ranks best (removals and restorations,
+  alone and per MAC moved, in turn) are measured until ``exact_macs`` is spent.  A budget in
+  MACs, not seconds, so the same units are measured on every machine.  The report's
+  ``joint_effects`` gives, per measured plan, the counts and how well the screen ranked the
+  measured units (Spearman correlation).
 * **Rivals only.**  Each sample's hinge rows cover its ``competitors`` strongest other classes at
   the current plan (2 by default): the rows are dense in the flip variables, and a class far
   behind cannot overtake within one small trust region (held-out acceptance checks it anyway).
@@ -97,7 +110,7 @@ class JointStage:
                  time_limit: float, threads: int | None, tie_reward: float, gap: float | None = None,
                  node_limit: int | None = None, competitors: int = 2,
                  screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False,
-                 exact: int = 256) -> None:
+                 exact_macs: float = 2e12) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.margin = x, y, margin
@@ -117,7 +130,7 @@ class JointStage:
         self.screen_min = screen_min
         self.screen_per_flip = screen_per_flip
         self.screen_max = screen_max
-        self.exact = exact  # flip effects measured exactly per plan; the rest are screened out
+        self.exact_macs = exact_macs  # MACs per plan for exact flip effects; beyond, the screen chooses
         self.rounds: list[JointRound] = []
         self.measurements: list[dict[str, Any]] = []  # one per plan whose effects were measured
 
@@ -136,17 +149,21 @@ class JointStage:
         t0 = time.perf_counter()
         estimate = self.estimated_loss_change(current)
         t1 = time.perf_counter()
-        if len(self.free) <= self.exact:
+        costs = self.net.flip_costs(current) * self.graph.macs(current) * len(self.x)  # MACs of each flip
+        if costs[self.free].sum() <= self.exact_macs:
             pool = list(self.free)
         else:
-            pool = _pick(estimate, self.free, current, single_flip_macs(self.graph, current), self.exact)
+            order = _ranked(estimate, self.free, current, single_flip_macs(self.graph, current))
+            spent = np.cumsum(costs[order])
+            pool = sorted(order[:max(1, int(np.searchsorted(spent, self.exact_macs, side="right")))])
         z0, d = self.net.flip_logits(self.x, current, pool)
         out = Effects(z0.numpy(), pool, d.numpy())
         exact_change = self._mean_hinge(out.z0[None] + out.d) - self._mean_hinge(out.z0)
         position = {u: i for i, u in enumerate(self.free)}
         predicted = estimate[[position[u] for u in pool]]
         self.measurements.append({
-            "free": len(self.free), "exact": len(pool), "screen_seconds": t1 - t0,
+            "free": len(self.free), "exact": len(pool), "exact_macs": float(costs[pool].sum()),
+            "screen_seconds": t1 - t0,
             "exact_seconds": time.perf_counter() - t1, "spearman": _spearman(predicted, exact_change),
             "top_overlap": _top_overlap(predicted, exact_change, max(1, min(self.screen_max, len(pool)) // 4))})
         return out
@@ -159,11 +176,9 @@ class JointStage:
         moves that margin by about ``g * (1 - 2 current[u])``.  The hinge after the flip is taken
         over those two rivals (the strongest is the true margin at ``current``).
         """
-        z = self.net.logits(self.x, current[None, :])[0]
         y = self.y.long()
-        other = z.scatter(1, y[:, None], float("-inf"))
-        rivals = torch.argsort(other, dim=1, descending=True, stable=True)[:, :2]
-        g = self.net.margin_gradients(self.x, current, y, rivals).numpy()  # (N, R, units)
+        z, rivals, grads = self.net.margin_gradients(self.x, current, y, 2)
+        g = grads.numpy()  # (N, R, units)
         zn = z.numpy()
         idx = np.arange(len(zn))
         gaps = zn[idx, y.numpy()][:, None] - np.take_along_axis(zn, rivals.numpy(), axis=1)  # (N, R)
@@ -359,10 +374,10 @@ def _round_task(shared: tuple[JointStage, np.ndarray, Effects, list[int], float]
     return candidate, rec
 
 
-def _pick(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs: np.ndarray, size: int) -> list[int]:
-    """``size`` free units by the screen's estimates, as :meth:`JointStage.candidates` picks by
-    exact ones: removals and restorations, each by the loss change alone and per MAC moved,
-    taken in turn from the four rankings until ``size`` are chosen; returned in id order."""
+def _ranked(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs: np.ndarray) -> list[int]:
+    """The free units in the screen's order of preference, as :meth:`JointStage.candidates` picks
+    by exact effects: four rankings (removals and restorations, each by the estimated loss change
+    alone and per MAC moved), taken in turn, each unit at its first place."""
     units = np.asarray(free)
     keep = current[units]
     rankings = []
@@ -370,14 +385,14 @@ def _pick(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs:
         pos = np.flatnonzero(side)
         for key in (estimate[pos], estimate[pos] / np.maximum(flip_macs[units[pos]], 1.0)):
             rankings.append(pos[np.argsort(key, kind="stable")].tolist())
-    chosen: set[int] = set()
-    depth = 0
-    while len(chosen) < size and any(depth < len(r) for r in rankings):
+    order: list[int] = []
+    seen: set[int] = set()
+    for depth in range(max((len(r) for r in rankings), default=0)):
         for r in rankings:
-            if depth < len(r) and len(chosen) < size:
-                chosen.add(r[depth])
-        depth += 1
-    return sorted(int(units[i]) for i in chosen)
+            if depth < len(r) and r[depth] not in seen:
+                seen.add(r[depth])
+                order.append(int(units[r[depth]]))
+    return order
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:

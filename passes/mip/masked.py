@@ -135,6 +135,17 @@ class MaskedNetwork:
             if node.op == "placeholder" or any(a in self.batched for a in node.all_input_nodes):
                 self.batched.add(node)
 
+    def flip_costs(self, current: np.ndarray) -> np.ndarray:
+        """Each unit's cost in :meth:`flip_logits`: the MACs (at ``current``) of the Linear/Conv
+        layers from its first reader on, as a fraction of the whole network's; (n_units,).
+        A machine-independent measure of work, so a budget of it gives the same choice anywhere."""
+        position = {node.name: i for i, node in enumerate(self.run_gm.graph.nodes)}
+        layers = sorted((position.get(layer.node, 0), layer.macs(current)) for layer in self.graph.layers)
+        total = sum(m for _, m in layers) or 1.0
+        suffix = {start: sum(m for pos, m in layers if pos >= start) / total
+                  for start in np.unique(self.first_reader).tolist()}
+        return np.array([suffix[int(s)] for s in self.first_reader])
+
     def _refuse_cross_channel(self, node: fx.Node) -> None:
         mod = ir.get_module(self.gm, str(node.target)) if node.op == "call_module" else None
         functional = mod is None and node.op in ("call_function", "call_method")
@@ -261,30 +272,38 @@ class MaskedNetwork:
                 out[slots[lo + j]] = block[j]
 
     def margin_gradients(self, x: torch.Tensor, current: np.ndarray, y: torch.Tensor,
-                         rivals: torch.Tensor) -> torch.Tensor:
-        """``g[k, r, u]``: the derivative of ``z_y - z_c`` (``c = rivals[k, r]``) of sample ``k``
-        with respect to unit ``u``'s keep value, at ``current``: (samples, rivals, n_units), float64.
+                         rivals: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits ``z`` at ``current`` (samples, classes), each sample's ``rivals`` strongest other
+        classes ``c`` (samples, rivals) and ``g[k, r, u]``: the derivative of ``z_y - z_c``
+        (``c = c[k, r]``) of sample ``k`` with respect to unit ``u``'s keep value, at ``current``:
+        (samples, rivals, n_units).  All float64 (classes int64) on the CPU.
 
         Each sample gets its own row of keep values, so one backward pass per rival rank gives
         every sample's gradient (in eval mode a sample's output depends on its own row only).
         A flip's first-order effect on that margin is ``g * (1 - 2 current[u])``.  Samples go in
         chunks that bound the memory autograd holds.
         """
-        n, r_count = x.shape[0], rivals.shape[1]
+        n = x.shape[0]
         per = max(1, (CHUNK_ELEMENTS // 16) // max(1, x[0].numel()))
         base = torch.from_numpy(current).to(self.device, self.dtype)
-        out = torch.zeros(n, r_count, len(current), dtype=torch.float64)
+        out = torch.zeros(n, rivals, len(current), dtype=torch.float64)
+        logits, classes = [], []
         with self._evaluating(), torch.enable_grad():
             for lo in range(0, n, per):
                 xs = x[lo:lo + per].to(self.device, self.dtype)
                 masks = base.repeat(len(xs), 1).requires_grad_(True)
                 z = self._run(masks, xs)
-                zy = z.gather(1, y[lo:lo + per, None].to(self.device))[:, 0]
-                for r in range(r_count):
-                    zc = z.gather(1, rivals[lo:lo + per, r:r + 1].to(self.device))[:, 0]
-                    (g,) = torch.autograd.grad((zy - zc).sum(), masks, retain_graph=r + 1 < r_count)
+                yk = y[lo:lo + per, None].to(self.device)
+                zd = z.detach().double()
+                top = torch.argsort(zd.scatter(1, yk, float("-inf")), dim=1, descending=True, stable=True)[:, :rivals]
+                zy = z.gather(1, yk)[:, 0]
+                for r in range(top.shape[1]):
+                    zc = z.gather(1, top[:, r:r + 1])[:, 0]
+                    (g,) = torch.autograd.grad((zy - zc).sum(), masks, retain_graph=r + 1 < top.shape[1])
                     out[lo:lo + per, r] = g.double().cpu()
-        return out
+                logits.append(zd.cpu())
+                classes.append(top.cpu())
+        return torch.cat(logits), torch.cat(classes), out[:, :classes[0].shape[1]] if classes else out
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,9 @@ class MipOptions:
     joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
     layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
     joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
-    # Flip effects measured exactly per plan in the joint stage; with more free units the rest are
-    # screened out by a first-order estimate (one backward pass per rival rank for all units).
-    joint_exact: int = 256
+    # Multiply-accumulates per plan for exact flip effects in the joint stage: when measuring every
+    # free unit costs more, the units a first-order screen ranks best are measured up to this much.
+    joint_exact_macs: float = 2e12
     device: str = "auto"  # torch device of the analysis's forward passes: auto (CUDA when usable) | cpu | cuda[:N]
     # Layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage.
     exact_binaries: int = 4000
@@ -73,8 +73,8 @@ class MipOptions:
             raise UsageError("relax (the LP relaxation) applies to the 'paper' formulation only")
         if opts.bounds not in BOUNDS:
             raise UsageError(f"MIP bounds {opts.bounds!r} are unknown: use one of {', '.join(BOUNDS)}")
-        if opts.joint_exact < 1:
-            raise UsageError(f"MIP joint_exact must be >= 1, got {opts.joint_exact}")
+        if not opts.joint_exact_macs > 0:
+            raise UsageError(f"MIP joint_exact_macs must be positive, got {opts.joint_exact_macs:g}")
         analysis_device(opts.device)  # an unknown or unusable device fails here, before any work
         if opts.jobs < 1:
             raise UsageError(f"MIP jobs must be >= 1, got {opts.jobs}")
