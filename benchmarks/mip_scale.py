@@ -19,6 +19,7 @@ Run::
     python benchmarks/mip_scale.py --nets resnet18,resnet50,mobilenetv2
     python benchmarks/mip_scale.py --nets resnet18 --size 64 --samples 32   # a quick look
     python benchmarks/mip_scale.py --device cuda                    # the analysis on a GPU
+    python benchmarks/mip_scale.py --no-reconstruct                 # without layer reconstruction
 
 It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_scale.json``).
 """
@@ -54,7 +55,8 @@ NETS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any]) -> dict[str, Any]:
+def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], reconstruct: bool = True
+        ) -> dict[str, Any]:
     """Compile ``net`` once in this process; the row, with this process's peak memory."""
     model = NETS[net]().eval()
     x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -63,11 +65,12 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any]) 
     data = DataSplits(train=Dataset("random images", x, y), test=Dataset("random images", x[:16], y[:16]))
     start = time.perf_counter()
     res = oamipc.compile(model, x[:1], data=data, importance="mip", flops_budget=budget, calib_samples=samples,
-                         mip_options=opts)
+                         mip_options=opts, reconstruct="auto" if reconstruct else False)
     seconds = time.perf_counter() - start
     mip = res.report["mip"]
     effects = mip.get("joint_effects", [])
-    return {"net": net, "size": size, "samples": samples, "budget": budget, "seconds": seconds,
+    return {"net": net, "reconstruct": reconstruct, "size": size, "samples": samples, "budget": budget,
+            "seconds": seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "mip_seconds": mip["seconds"], "device": mip.get("device", "cpu"),
             "macs": res.report["before"]["macs"],
@@ -82,7 +85,8 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any]) 
 
 
 def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
-    spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts})
+    spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts,
+                       "reconstruct": args.reconstruct})
     done = subprocess.run([sys.executable, __file__, "--one", spec], check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -113,12 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--device", default="cpu", help="the MIP analysis's device: cpu | cuda | auto")
     parser.add_argument("--total-time-limit", type=float, default=None)
+    parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                        help="compile without layer reconstruction (the MIP analysis's share alone)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mip_scale.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # a child: one compile, its row as the last line of stdout
         spec = json.loads(args.one)
-        print(json.dumps(one(spec["net"], spec["size"], spec["samples"], spec["budget"], spec["opts"])))
+        print(json.dumps(one(spec["net"], spec["size"], spec["samples"], spec["budget"], spec["opts"],
+                             spec["reconstruct"])))
         return {}
     opts: dict[str, Any] = {"device": args.device}
     if args.total_time_limit is not None:
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error(f"unknown net {net!r}; known: {', '.join(NETS)}")
         rows.append(_child(net, args, opts))
         print(f"  {net}: {rows[-1]['seconds']:.0f} s, {rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
-    result = {"setting": {"size": args.size, "samples": args.samples, "budget": args.budget, "mip_options": opts,
+    result = {"setting": {"reconstruct": args.reconstruct, "size": args.size, "samples": args.samples,
+                          "budget": args.budget, "mip_options": opts,
                           "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
                           "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

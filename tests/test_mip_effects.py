@@ -102,8 +102,11 @@ def test_screened_stage_measures_only_the_pool_and_its_estimates_rank_like_the_e
     plans = np.repeat(current[None, :], len(eff.units), axis=0)
     for i, u in enumerate(eff.units):
         plans[i, u] = not current[u]
-    want = net.logits(x, plans).numpy() - eff.z0
-    np.testing.assert_allclose(eff.d, want, rtol=1e-5, atol=1e-5)
+    zf = net.logits(x, plans).numpy()
+    rows = np.arange(len(x))[:, None]
+    assert (eff.cols[:, 0] == y.numpy()).all() and (eff.cols[:, 1:] != eff.cols[:, :1]).all()
+    np.testing.assert_allclose(eff.d, zf[:, rows, eff.cols] - eff.z0[rows, eff.cols], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(eff.loss, small._mean_hinge(zf) - small._mean_hinge(eff.z0), rtol=1e-6, atol=1e-9)
     rec = small.measurements[-1]
     assert rec["exact"] == len(eff.units) and rec["free"] == len(free)
     assert rec["exact_macs"] == pytest.approx(costs[eff.units].sum())

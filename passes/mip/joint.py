@@ -77,11 +77,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Effects:
-    """Flip effects measured at one plan: ``d[i]`` is ``z(plan with units[i] flipped) - z0``."""
+    """Flip effects measured at one plan, on the classes the MILP rows read.
+
+    ``cols[k]`` are sample ``k``'s label and its ``competitors`` strongest other classes at the
+    plan (:meth:`JointStage.columns`); ``d[i, k, j] = z_k(plan with units[i] flipped) - z_k(plan)``
+    at class ``cols[k, j]``; ``loss[i]`` the flip's change of the mean hinge (over all classes).
+    Only these are kept: a (units, samples, classes) array of a 1000-class network is gigabytes.
+    """
 
     z0: np.ndarray  # (samples, classes) logits at the plan
     units: list[int]  # the units measured exactly (all free units, or the screened pool)
-    d: np.ndarray  # (len(units), samples, classes)
+    cols: np.ndarray  # (samples, 1 + competitors) class columns
+    d: np.ndarray  # (len(units), samples, 1 + competitors)
+    loss: np.ndarray  # (len(units),)
 
 
 @dataclass
@@ -134,7 +142,17 @@ class JointStage:
         self.rounds: list[JointRound] = []
         self.measurements: list[dict[str, Any]] = []  # one per plan whose effects were measured
 
-    def effects(self, current: np.ndarray) -> Effects:
+    def columns(self, z0: np.ndarray) -> np.ndarray:
+        """Per sample: its label, then its ``competitors`` strongest other classes at ``z0`` (the
+        classes of its hinge rows), (samples, 1 + competitors)."""
+        y = self.y.numpy()
+        cols = np.empty((len(z0), 1 + self.competitors), dtype=np.int64)
+        for k in range(len(z0)):
+            rivals = [c for c in np.argsort(-z0[k], kind="stable").tolist() if c != y[k]][:self.competitors]
+            cols[k] = [y[k], *rivals]
+        return cols
+
+    def effects(self, current: np.ndarray, deadline: float = float("inf")) -> Effects:
         """Logits at ``current`` and the exact flip effects of the screened units (:class:`Effects`).
 
         Screen: one forward and one backward pass per rival rank give every free unit's
@@ -144,7 +162,8 @@ class JointStage:
         estimates the way :meth:`candidates` chooses from exact ones; otherwise every free unit is
         measured (the estimates then only go into the record, as a check of the screen).  Exact
         effects are real forward passes from each unit's first reading layer on
-        (:meth:`.masked.MaskedNetwork.flip_logits`).
+        (:meth:`.masked.MaskedNetwork.each_flip`); past ``deadline`` the rest are not measured
+        (the record says so).
         """
         t0 = time.perf_counter()
         estimate = self.estimated_loss_change(current)
@@ -156,13 +175,29 @@ class JointStage:
             order = _ranked(estimate, self.free, current, single_flip_macs(self.graph, current))
             spent = np.cumsum(costs[order])
             pool = sorted(order[:max(1, int(np.searchsorted(spent, self.exact_macs, side="right")))])
-        z0, d = self.net.flip_logits(self.x, current, pool)
-        out = Effects(z0.numpy(), pool, d.numpy())
-        exact_change = self._mean_hinge(out.z0[None] + out.d) - self._mean_hinge(out.z0)
+        z0 = self.net.logits(self.x, current[None, :])[0].numpy()
+        cols = self.columns(z0)
+        rows = np.arange(len(z0))[:, None]
+        base_hinge = self._mean_hinge(z0)
+        d = np.zeros((len(pool), *cols.shape))
+        loss = np.zeros(len(pool))
+        got = np.zeros(len(pool), dtype=bool)
+
+        def take(block: torch.Tensor, slots: list[int]) -> None:
+            z = block.numpy()
+            loss[slots] = self._mean_hinge(z) - base_hinge
+            d[slots] = z[:, rows, cols] - z0[rows, cols]
+            got[slots] = True
+
+        self.net.each_flip(self.x, current, pool, take, stop=lambda: time.perf_counter() > deadline)
+        pool = [u for u, ok in zip(pool, got) if ok]
+        out = Effects(z0, pool, cols, d[got], loss[got])
+        exact_change = out.loss
         position = {u: i for i, u in enumerate(self.free)}
         predicted = estimate[[position[u] for u in pool]]
         self.measurements.append({
             "free": len(self.free), "exact": len(pool), "exact_macs": float(costs[pool].sum()),
+            "cut_by_deadline": not bool(got.all()),
             "screen_seconds": t1 - t0,
             "exact_seconds": time.perf_counter() - t1, "spearman": _spearman(predicted, exact_change),
             "top_overlap": _top_overlap(predicted, exact_change, max(1, min(self.screen_max, len(pool)) // 4))})
@@ -216,7 +251,7 @@ class JointStage:
                 break
             if r not in ahead:
                 if effects is None:
-                    effects = self.effects(current)
+                    effects = self.effects(current, deadline)
                 radii = [r]
                 while len(radii) < jobs and radii[-1] > 1:
                     radii.append(radii[-1] // 2)  # the radius a rejection usually falls back to
@@ -258,7 +293,7 @@ class JointStage:
         units = effects.units
         if len(units) <= size:
             return list(units)
-        d_loss = self._mean_hinge(effects.z0[None] + effects.d) - self._mean_hinge(effects.z0)
+        d_loss = effects.loss
         base = self.graph.macs(current)
         d_macs = np.empty(len(units))
         for i, u in enumerate(units):
@@ -292,12 +327,11 @@ class JointStage:
         xi = [pulp.LpVariable(f"xi{k}", lowBound=0.0) for k in range(n)]
         tvars = [t[u] for u in cands]
         for k in range(n):
-            yk = int(self.y[k])
             tk = float(self.margin[k])
-            rivals = [c for c in np.argsort(-z0[k], kind="stable").tolist() if c != yk][:self.competitors]
-            for c in rivals:
+            yk, rivals = int(effects.cols[k, 0]), effects.cols[k, 1:].tolist()
+            for j, c in enumerate(rivals, start=1):
                 # xi_k >= target - (z_y - z_c), z = z0 + sum_u t_u d_u
-                slope = d[:, k, yk] - d[:, k, c]
+                slope = d[:, k, 0] - d[:, k, j]
                 gap = tk - (z0[k, yk] - z0[k, c])
                 terms = [(xi[k], 1.0)] + [(v, float(s)) for v, s in zip(tvars, slope) if abs(s) >= 1e-9]
                 prob += pulp.LpConstraint(pulp.LpAffineExpression(terms), pulp.LpConstraintGE, rhs=gap)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -209,14 +209,33 @@ class MaskedNetwork:
         return torch.cat(out)
 
     def flip_logits(self, x: torch.Tensor, current: np.ndarray, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits at ``current`` (samples, classes) and with each of ``units`` flipped alone
-        (kept <-> removed): (len(units), samples, classes), float64 on the CPU.
+        """Logits at ``current`` (samples, classes) and the change of them when each of ``units``
+        is flipped alone (kept <-> removed): (len(units), samples, classes), float64 on the CPU.
+        Equal to :meth:`logits` on the flipped plans minus the current one (see :meth:`each_flip`)."""
+        out: list[torch.Tensor | None] = [None] * len(units)
 
-        Equal to :meth:`logits` on the flipped plans, but a flip only changes the network from
-        its unit's first reading layer on, so the forward pass at ``current`` is run once and
-        kept at each such layer, and every flip runs only the rest of the network from there
-        (many flips in one batch).  Where a value held across that point does not carry the
-        samples first (a shape read off the input, say), those flips run the whole network.
+        def keep(block: torch.Tensor, slots: list[int]) -> None:
+            for j, slot in enumerate(slots):
+                out[slot] = block[j]
+
+        z0 = self.each_flip(x, current, units, keep)
+        d = torch.stack([z0 if o is None else o for o in out]) - z0 if units else z0.new_zeros(0, *z0.shape)
+        return z0, d
+
+    def each_flip(self, x: torch.Tensor, current: np.ndarray, units: list[int],
+                  take: Callable[[torch.Tensor, list[int]], None], stop: Callable[[], bool] | None = None
+                  ) -> torch.Tensor:
+        """Run the network with each of ``units`` flipped alone; return the logits at ``current``.
+
+        ``take(block, slots)`` receives the logits of a batch of flips, (len(slots), samples,
+        classes) float64 on the CPU, ``slots`` their positions in ``units``; a unit no layer reads
+        changes nothing and is handed over with the current logits.  ``stop()`` is asked between
+        batches: when it says so, the remaining flips are not run (the caller sees which slots it
+        got).  A flip changes the network only from its unit's first reading layer on, so the
+        pass at ``current`` is run once and kept at each such layer, and every flip runs only the
+        rest of the network from there (many flips in one batch).  Where a value held across
+        that point does not carry the samples first (a shape read off the input, say), those
+        flips run the whole network.
         """
         n = x.shape[0]
         base = torch.from_numpy(current).to(self.device, self.dtype)
@@ -225,14 +244,14 @@ class MaskedNetwork:
         by_start: dict[int, list[int]] = {}
         for i, u in enumerate(units):
             by_start.setdefault(int(self.first_reader[u]), []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(units)
+        z0: torch.Tensor | None = None
         with self._evaluating(), torch.no_grad():
             interp = _Masked(self.run_gm, self.reading, base.expand(n, -1), self.run_means)
             interp.env, interp.args_iter = {}, iter((xd,))
-            z0: torch.Tensor | None = None
             for i, node in enumerate(nodes):
                 if i in by_start:
-                    self._flips_from(i, interp.env, xd, base, [units[j] for j in by_start[i]], by_start[i], out)
+                    self._flips_from(i, interp.env, xd, base, [units[j] for j in by_start[i]], by_start[i], take,
+                                     stop)
                 interp.env[node] = interp.run_node(node)
                 for dead in interp.user_to_last_uses.get(node, []):
                     del interp.env[dead]
@@ -240,14 +259,14 @@ class MaskedNetwork:
                     z0 = _first_output(interp.env[node]).double().cpu()
                     break
         assert z0 is not None
-        for j, piece in enumerate(out):  # units that no layer reads change nothing
-            if piece is None:
-                out[j] = z0.clone()
-        d = torch.stack([o for o in out if o is not None]) - z0 if units else z0.new_zeros(0, *z0.shape)
-        return z0, d
+        unread = by_start.get(len(nodes), [])
+        if unread:
+            take(z0.expand(len(unread), *z0.shape), unread)
+        return z0
 
     def _flips_from(self, start: int, env: dict[fx.Node, Any], x: torch.Tensor, base: torch.Tensor,
-                    units: list[int], slots: list[int], out: list[torch.Tensor | None]) -> None:
+                    units: list[int], slots: list[int], take: Callable[[torch.Tensor, list[int]], None],
+                    stop: Callable[[], bool] | None) -> None:
         """Run each flip of ``units`` from node ``start`` on, with ``env`` the base pass's live values."""
         n = x.shape[0]
         live = {node: v for node, v in env.items() if node in self.batched}
@@ -257,6 +276,8 @@ class MaskedNetwork:
         per_sample = max([x[0].numel()] + [v[0].numel() for v in live.values()])
         per_plan = max(1, CHUNK_ELEMENTS // max(1, per_sample * n))
         for lo in range(0, len(units), per_plan):
+            if stop is not None and stop():
+                return
             chunk = units[lo:lo + per_plan]
             p = len(chunk)
             masks = base.repeat(p * n, 1)
@@ -267,9 +288,7 @@ class MaskedNetwork:
             else:
                 run_env = {node: (v.repeat(p, *[1] * (v.dim() - 1)) if node in live else v) for node, v in env.items()}
                 y = self._run(masks, start=start, env=run_env)
-            block = y.double().reshape(p, n, -1).cpu()
-            for j in range(p):
-                out[slots[lo + j]] = block[j]
+            take(y.double().reshape(p, n, -1).cpu(), slots[lo:lo + p])
 
     def margin_gradients(self, x: torch.Tensor, current: np.ndarray, y: torch.Tensor,
                          rivals: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
