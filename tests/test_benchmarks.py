@@ -228,3 +228,17 @@ def test_lossless_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         assert r["dead_channel"] <= r["constant_on_data"]
     assert next(r for r in rows if r["network"] == "digits_mlp_lr0.1")["dead_feature"] > 0
     assert "| network | free units |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mip_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A few minutes (a ResNet-18 compile in a child process): ``python -m pytest -m slow``."""
+    out = tmp_path / "s.json"
+    _load("mip_scale").main(["--nets", "resnet18", "--size", "32", "--samples", "24", "--total-time-limit", "5",
+                             "--no-reconstruct", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["net"] == "resnet18" and row["device"] == "cpu" and row["macs_kept"] <= 0.5 + 1e-9
+    assert row["peak_rss_gib"] > 0 and row["seconds"] >= row["mip_seconds"] > 0
+    for e in row["joint_effects"]:
+        assert 0 < e["exact"] <= e["free"]
+    assert "| resnet18 | 32x32 | 24 | cpu |" in capsys.readouterr().out
