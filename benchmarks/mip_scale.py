@@ -7,7 +7,9 @@ with ``importance="mip"`` at ``--flops-budget`` (the whole :func:`oamipc.compile
 pass, warm start, layer sub-problems, joint stage, pruning, reconstruction, checks).  Each
 compile runs in its own process, so its peak resident memory (``ru_maxrss``) is its own.
 
-Per row: the compile's wall time and peak memory, the MIP analysis's own seconds, the joint
+Per row: the compile's wall time, CPU time (user + system, all threads: on a shared machine the
+wall time says more about the other jobs than about this one; the load average is recorded) and
+peak memory, the MIP analysis's own seconds, the joint
 stage's rounds, and its flip effects: how many were measured exactly per plan out of how many
 free units, and how well the first-order screen ranked them (Spearman correlation of predicted
 and exact single-flip hinge changes over the measured units; the share of the exact best
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -63,7 +66,7 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
     with torch.no_grad():
         y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
     data = DataSplits(train=Dataset("random images", x, y), test=Dataset("random images", x[:16], y[:16]))
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), _cpu_seconds(0.0)
     res = oamipc.compile(model, x[:1], data=data, importance="mip", flops_budget=budget, calib_samples=samples,
                          mip_options=opts, reconstruct="auto" if reconstruct else False)
     seconds = time.perf_counter() - start
@@ -72,6 +75,7 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
     return {"net": net, "reconstruct": reconstruct, "size": size, "samples": samples, "budget": budget,
             "seconds": seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "cpu_seconds": _cpu_seconds(start_cpu), "load_average": os.getloadavg()[0],
             "mip_seconds": mip["seconds"], "device": mip.get("device", "cpu"),
             "macs": res.report["before"]["macs"],
             "macs_kept": res.report["after"]["macs"] / res.report["before"]["macs"],
@@ -84,6 +88,12 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
             "joint_effects": effects, "timings_s": res.report["timings_s"]}
 
 
+def _cpu_seconds(since: float) -> float:
+    """User and system CPU seconds of this process since ``since`` (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime - since
+
+
 def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts,
                        "reconstruct": args.reconstruct})
@@ -92,9 +102,10 @@ def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| net | input | samples | device | compile s | peak GiB | mip s | joint rounds (improved / all) | "
-             "exact effects per plan / free units | screen Spearman (median) | held-out hinge (warm -> final) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| net | input | samples | device | compile s | CPU s | peak GiB | mip s | "
+             "joint rounds (improved / all) | exact effects per plan / free units | screen Spearman (median) | "
+             "held-out hinge (warm -> final) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eff = r["joint_effects"]
         exact = "/".join(str(e["exact"]) for e in eff[:3]) + ("/..." if len(eff) > 3 else "")
@@ -103,7 +114,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         improved = sum(j["outcome"] == "improved" for j in r["joint_rounds"])
         h = r["holdout_loss"]
         lines.append(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['device']} | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_gib']:.2f} | {r['mip_seconds']:.0f} | {improved} / {len(r['joint_rounds'])} | "
+                     f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['mip_seconds']:.0f} | "
+                     f"{improved} / {len(r['joint_rounds'])} | "
                      f"{exact or '-'} of {eff[0]['free'] if eff else '-'} | {rho} | "
                      f"{h['warm_start']:.3f} -> {h['final']:.3f} |")
     return "\n".join(lines)
