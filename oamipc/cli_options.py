@@ -192,6 +192,8 @@ def mip_group() -> OptionGroup:
         _param("bounds", opt("--bounds", str, "MILP bounds: crown (sound, default) | interval | sample (the "
                "thesis's per-sample phases)."), "crown"),
         _param("jobs", opt("--jobs", int, "Worker processes for independent MILPs (paper: one per class)."), 1),
+        _param("device", opt("--device", str, "Where the MIP analysis's forward passes run: auto (CUDA when torch "
+               "can use it) | cpu | cuda[:N]."), "auto"),
         _param("solver", opt("--solver", str, "MILP solver: highs | cbc | scip."), "highs"),
         _param("time_limit", opt("--time-limit", float, "Seconds per MILP solve: a safety net; solves end at node "
                "limits, reproducibly."), 20.0),

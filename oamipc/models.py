@@ -374,6 +374,75 @@ class ResNet18(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block: ``relu(body(x) + shortcut(x))`` with a 4x wider output.
+
+    ``body``: 1x1 conv-BN-ReLU to ``width``, 3x3 conv-BN-ReLU with ``stride`` (the torchvision
+    "v1.5" placement), 1x1 conv-BN to ``4 * width``; the shortcut is the identity when the
+    shape is kept, else a strided 1x1 projection with batch norm.  As in :class:`BasicBlock`, the
+    addition ties the block's output channels to the shortcut's (one unit group across a stage).
+    """
+
+    expansion = 4
+
+    def __init__(self, c_in: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        c_out = width * self.expansion
+        self.body = nn.Sequential(nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                  *_conv_bn_relu(width, width, stride),
+                                  nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.short: nn.Module = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.short(x))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al., 2016), written here: :class:`ResNet18`'s stem and head around four
+    stages of :class:`Bottleneck` blocks, ``blocks=(3, 4, 6, 3)`` at widths (64, 128, 256, 512)
+    (outputs four times wider).  The defaults are the standard network: 25.6M parameters and
+    4.09G MACs at 224x224 with 1000 classes.  Why it is here: about five times ResNet-18's prunable
+    channels, the size the MIP planner's scale benchmark (``benchmarks/mip_scale.py``) reaches for.
+    Weights and batch-norm statistics are drawn from ``seed`` (:func:`_seeded_init`).  Layer
+    names: ``stem.<i>``, ``layer<s>.<b>.body.<i>`` / ``.short.<i>``, ``fc``.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, blocks: Sequence[int] = (3, 4, 6, 3),
+                 widths: Sequence[int] = (64, 128, 256, 512), seed: int = 0) -> None:
+        super().__init__()
+        stages = _widths(widths)
+        depths = tuple(int(b) for b in blocks)
+        if len(depths) != len(stages) or any(b < 1 for b in depths):
+            raise ValueError(f"blocks must give a positive block count per stage ({len(stages)} stages), "
+                             f"got {tuple(blocks)}")
+
+        def build() -> None:
+            self.stem = nn.Sequential(nn.Conv2d(int(in_channels), 64, 7, stride=2, padding=3, bias=False),
+                                      nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            c_in = 64
+            for s, (depth, width) in enumerate(zip(depths, stages)):
+                stride = 1 if s == 0 else 2
+                layer = [Bottleneck(c_in, width, stride)]
+                c_in = width * Bottleneck.expansion
+                layer += [Bottleneck(c_in, width) for _ in range(depth - 1)]
+                setattr(self, f"layer{s + 1}", nn.Sequential(*layer))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.flatten = nn.Flatten()
+            self.fc = nn.Linear(c_in, int(num_classes))
+
+        _built_quietly(build)
+        self.stages = len(stages)
+        _seeded_init(self, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in range(self.stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return self.fc(self.flatten(self.pool(x)))
+
+
 def _conv_bn_relu6(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Convolution (no bias), batch norm, ReLU6 -- MobileNetV2's building block."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),

@@ -127,6 +127,8 @@ class PlanMipAnalysis(PlannerAnalysis):
         record["subproblems"] = [r.__dict__ for r in solver.records]
         record["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
         record["stages"] = _stages(solver.records, solver.joint_rounds)
+        record["joint_effects"] = solver.joint_effects
+        record["device"] = str(opts.torch_device())
         record["solver_error"] = solver.solver_error
         # Every accepted step was checked already; check the end result too, against the warm start
         # (always valid), so that no path can hand on a plan outside the target.
@@ -191,7 +193,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         assert ctx.calib_x is not None
         x = ctx.calib_x.float()
         with torch.no_grad():
-            logits = network_logits(gm, x)
+            logits = network_logits(gm, x, opts.torch_device())
         predicted = logits.argmax(1)
         y = ctx.calib_y if ctx.calib_y is not None else predicted
         classes = int(logits.shape[1])

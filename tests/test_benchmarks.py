@@ -241,3 +241,17 @@ def test_mip_compile_time_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert rows[0]["holdout_samples"] == 1258 - 64  # the train split less the MILP samples
     assert rows[0]["selection"]["chosen"] in ("mip", "solver-free") and rows[0]["wall_s"] >= rows[0]["mip_s"]
     assert "| digits_mlp | 0.30 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mip_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A few minutes (a ResNet-18 compile in a child process): ``python -m pytest -m slow``."""
+    out = tmp_path / "s.json"
+    _load("mip_scale").main(["--nets", "resnet18", "--size", "32", "--samples", "24", "--total-time-limit", "5",
+                             "--no-reconstruct", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["net"] == "resnet18" and row["device"] == "cpu" and row["macs_kept"] <= 0.5 + 1e-9
+    assert row["peak_rss_gib"] > 0 and row["seconds"] >= row["mip_seconds"] > 0
+    for e in row["joint_effects"]:
+        assert 0 < e["exact"] <= e["free"]
+    assert "| resnet18 | 32x32 | 24 | cpu |" in capsys.readouterr().out

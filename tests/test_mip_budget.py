@@ -155,3 +155,24 @@ def test_mip_options_are_validated_when_made_and_name_fields() -> None:
         MipOptions.of({"nodes": 3})
     assert MipOptions.of({"time_limit": 5}) == MipOptions(time_limit=5)
     assert MipOptions.of(None) == MipOptions()
+
+
+def test_mip_device_is_checked_when_the_options_are_made() -> None:
+    with pytest.raises(UsageError, match="MIP device 'tpu' is unknown"):
+        MipOptions(device="tpu")
+    with pytest.raises(UsageError, match="joint_exact_macs must be positive"):
+        MipOptions(joint_exact_macs=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="torch sees no usable CUDA GPU"):
+            MipOptions(device="cuda")
+    assert MipOptions(device="auto").torch_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mip_plan_on_cuda_is_the_cpu_plan() -> None:
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    data = oamipc.load_data("digits")
+    plans = [oamipc.compile(model, torch.zeros(1, 1, 8, 8), data=data, importance="mip", flops_budget=0.3,
+                            calib_samples=128, mip_options={**FAST, "device": device}).plan
+             for device in ("cpu", "cuda")]
+    assert plans[0] == plans[1]

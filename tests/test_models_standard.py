@@ -15,7 +15,7 @@ from torch import fx, nn
 import oamipc
 from oamipc import passes
 from oamipc.hardware import cpu_channel_block
-from oamipc.models import MobileNetV2, ResNet18
+from oamipc.models import MobileNetV2, ResNet18, ResNet50
 from oamipc.tracing import trace
 
 ARCHS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2}
@@ -35,6 +35,7 @@ def _x(batch: int = 2, side: int = SIDE, seed: int = 0) -> torch.Tensor:
     # The published sizes of the standard networks (1000 classes, 224x224, MACs of conv and linear layers).
     (ResNet18, 11_689_512, 1_814_073_344),
     (MobileNetV2, 3_504_872, 300_774_272),
+    (ResNet50, 25_557_032, 4_089_184_256),
 ])
 def test_standard_size_at_224(cls: type[nn.Module], params: int, macs: int) -> None:
     model = cls()
@@ -59,6 +60,11 @@ def test_layer_structure() -> None:
     assert sum(b.residual for b in mobile.blocks) == 10
     assert mobile.head[0].out_channels == 1280 and isinstance(mobile.classifier[0], nn.Dropout)
     assert ResNet18(num_classes=7, in_channels=1).eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 7)
+    r50 = ResNet50()
+    convs = [m for m in r50.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 16 * 3 + 4  # stem + 16 bottlenecks x 3 + 4 projections
+    assert [r50.layer1[0].body[6].out_channels, r50.layer4[2].body[3].stride] == [256, (1, 1)]
+    assert r50.layer2[0].body[3].stride == (2, 2) and r50.fc.in_features == 2048
 
 
 @pytest.mark.parametrize("cls", list(ARCHS.values()), ids=list(ARCHS))

@@ -47,7 +47,8 @@ last hidden layer, or any layer followed only by linear maps).  So:
    network, so the budget can move between layers (the layer sub-problems keep the warm start's
    split).  Same loss, same held-out acceptance.  Held-out samples and flip effects are evaluated
    by batched masked forward passes (:mod:`.masked`), checked once against the physically
-   pruned network.
+   pruned network; with many free units only those a first-order screen ranks best are
+   measured exactly.  Every forward pass of the analysis runs on ``MipOptions.device``.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from oamipc.units import UnitGraph, UnitGroup
 from .encoder import Encoder, EncodingStats, margin_hinge
 from .evidence import HeldOut, holdout_order, holdout_size
 from .joint import JointStage
-from .masked import MaskedNetwork, margins
+from .masked import CHUNK_ELEMENTS, MaskedNetwork, margins
 from .means import bias_shift, reading_means
 from .options import DEFAULT_SAMPLES, MipOptions
 from .rows import as_keep, group_rows, mac_expression, plan_violations
@@ -108,7 +109,7 @@ class Calibration:
             raise UsageError("importance 'mip' needs calibration data: pass --data")
         x = ctx.calib_x.float()
         with torch.no_grad():
-            logits = network_logits(gm, x)
+            logits = network_logits(gm, x, opts.torch_device())
         labelled = ctx.calib_y is not None
         y = ctx.calib_y if labelled else logits.argmax(1)
         n = min(opts.samples or DEFAULT_SAMPLES, len(x))
@@ -125,7 +126,7 @@ class Calibration:
         chosen = order[:holdout_size(opts.holdout, len(order), macs_per_sample)]
         x_hold = pool_x[chosen].float()
         with torch.no_grad():
-            hold_logits = torch.cat([network_logits(gm, x_hold[i:i + 4096]) for i in range(0, len(x_hold), 4096)])
+            hold_logits = network_logits(gm, x_hold, opts.torch_device())
         y_hold = pool_y[chosen] if pool_y is not None else hold_logits.argmax(1)
         target_hold = margins(hold_logits, y_hold)
         if cap is not None:
@@ -133,11 +134,20 @@ class Calibration:
         return cls(x[:n], y[:n], x_hold, y_hold, target[:n], target_hold, source)
 
 
-def network_logits(gm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = gm(x)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out.double()
+def network_logits(gm: torch.nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """The network's first output on ``x``, float64 on the CPU; run on ``device`` (a copy of the
+    network when that is not the CPU), in chunks of at most ``CHUNK_ELEMENTS`` input values so
+    that large inputs (224x224 images) do not hold every sample's activations at once."""
+    if device is not None and device.type != "cpu":
+        gm = copy.deepcopy(gm).to(device)
+    per = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    parts = []
+    for lo in range(0, len(x), per):
+        out = gm(x[lo:lo + per].to(device or x.device))
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        parts.append(out.double().cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 @dataclass
@@ -229,10 +239,12 @@ class BudgetSolver:
         self.total_macs = graph.macs()
         self.records: list[SubProblemRecord] = []
         self.joint_rounds: list[Any] = []
-        self.plain_net = MaskedNetwork(gm, graph)
+        self.joint_effects: list[dict[str, Any]] = []  # per measured plan: exact effects, screen quality
+        device = opts.torch_device()
+        self.plain_net = MaskedNetwork(gm, graph, device=device)
         self.means = reading_means(gm, self.plain_net.reading, torch.cat([calib.x, calib.x_hold])) \
             if opts.mean_replacement else {}
-        self.net = MaskedNetwork(gm, graph, self.means) if self.means else self.plain_net
+        self.net = MaskedNetwork(gm, graph, self.means, device=device) if self.means else self.plain_net
         self.plain_heldout = heldout or HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold,
                                                 rule=opts.accept, z=opts.accept_z)
         self.heldout = self.plain_heldout.with_means(self.means) if self.means else self.plain_heldout
@@ -328,11 +340,13 @@ class BudgetSolver:
                            magnitude=self.magnitude, target=self.target, solver=self.opts.solver,
                            time_limit=self.opts.time_limit, threads=self.opts.threads, tie_reward=TIE_REWARD,
                            gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
-                           spend=self.opts.spend_budget and self.target.kind == "macs")
+                           spend=self.opts.spend_budget and self.target.kind == "macs",
+                           exact_macs=self.opts.joint_exact_macs)
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.heldout, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
         self.joint_rounds.extend(stage.rounds)
+        self.joint_effects.extend(stage.measurements)
         failed = next((r.note for r in stage.rounds if r.outcome == "solver-error"), None)
         self.solver_error = self.solver_error or failed
         return out

@@ -7,9 +7,22 @@ both with a MILP that is linear in the keep variables by construction:
 
 * **Local model.**  Around the current plan ``cur``, the effect of flipping unit ``u`` (removing a
   kept one, restoring a removed one) on sample ``k``'s logits, ``d_ku = z_k(cur xor u) - z_k(cur)``,
-  is measured by real forward passes (:class:`.masked.MaskedNetwork`, every flip in one
-  batch).  With a binary flip variable ``t_u``, ``z_k ~ z_k(cur) + sum_u t_u d_ku``: exact for
-  any single flip, first order for several (their interactions are ignored).
+  is measured by real forward passes (:meth:`.masked.MaskedNetwork.flip_logits`: the pass at
+  ``cur`` is kept at every layer, and a flip reruns the network only from its unit's first
+  reading layer on, many flips per batch).  With a binary flip variable ``t_u``,
+  ``z_k ~ z_k(cur) + sum_u t_u d_ku``: exact for any single flip, first order for several (their
+  interactions are ignored).
+* **Which effects are measured.**  All free units' when that costs at most ``exact_macs``
+  multiply-accumulates (2e12 by default: every shipped example, many times over; a flip costs the
+  MACs from its first reader on, times the samples).  Beyond that (a ResNet-18 at 224x224 has
+  thousands of units, each flip a large part of a 116 GMAC pass), a first-order screen ranks
+  them first: one forward and one backward pass per rival rank give every unit's gradient of
+  every sample's margins (:meth:`.masked.MaskedNetwork.margin_gradients`), hence an estimated
+  single-flip change of the hinge, and the units it ranks best (removals and restorations,
+  alone and per MAC moved, in turn) are measured until ``exact_macs`` is spent.  A budget in
+  MACs, not seconds, so the same units are measured on every machine.  The report's
+  ``joint_effects`` gives, per measured plan, the counts and how well the screen ranked the
+  measured units (Spearman correlation).
 * **Rivals only.**  Each sample's hinge rows cover its ``competitors`` strongest other classes at
   the current plan (2 by default): the rows are dense in the flip variables, and a class far
   behind cannot overtake within one small trust region (held-out acceptance checks it anyway).
@@ -48,6 +61,7 @@ from typing import Any
 import numpy as np
 import pulp
 import torch
+from scipy.stats import rankdata
 
 from oamipc.errors import SolverError
 from oamipc.solver import complete_solution, solve
@@ -56,10 +70,27 @@ from oamipc.units import UnitGraph
 
 from .evidence import HeldOut
 from .masked import MaskedNetwork
-from .rows import Keep, group_rows, mac_expression, plan_violations
+from .rows import Keep, group_rows, mac_expression, plan_violations, single_flip_macs
 from .workers import fork_map
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Effects:
+    """Flip effects measured at one plan, on the classes the MILP rows read.
+
+    ``cols[k]`` are sample ``k``'s label and its ``competitors`` strongest other classes at the
+    plan (:meth:`JointStage.columns`); ``d[i, k, j] = z_k(plan with units[i] flipped) - z_k(plan)``
+    at class ``cols[k, j]``; ``loss[i]`` the flip's change of the mean hinge (over all classes).
+    Only these are kept: a (units, samples, classes) array of a 1000-class network is gigabytes.
+    """
+
+    z0: np.ndarray  # (samples, classes) logits at the plan
+    units: list[int]  # the units measured exactly (all free units, or the screened pool)
+    cols: np.ndarray  # (samples, 1 + competitors) class columns
+    d: np.ndarray  # (len(units), samples, 1 + competitors)
+    loss: np.ndarray  # (len(units),)
 
 
 @dataclass
@@ -88,7 +119,8 @@ class JointStage:
                  margin: torch.Tensor, *, free: list[int], magnitude: np.ndarray, target: Target, solver: str,
                  time_limit: float, threads: int | None, tie_reward: float, gap: float | None = None,
                  node_limit: int | None = None, competitors: int = 2,
-                 screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False) -> None:
+                 screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False,
+                 exact_macs: float = 2e12) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.margin = x, y, margin
@@ -108,22 +140,108 @@ class JointStage:
         self.screen_min = screen_min
         self.screen_per_flip = screen_per_flip
         self.screen_max = screen_max
+        self.exact_macs = exact_macs  # MACs per plan for exact flip effects; beyond, the screen chooses
         self.rounds: list[JointRound] = []
+        self.measurements: list[dict[str, Any]] = []  # one per plan whose effects were measured
 
-    def effects(self, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits at ``current`` (N, C) and the flip effects (U, N, C)."""
-        plans = np.repeat(current[None, :], len(self.free) + 1, axis=0)
-        for i, u in enumerate(self.free):
-            plans[i + 1, u] = not current[u]
-        z = self.net.logits(self.x, plans).numpy()
-        return z[0], z[1:] - z[0]
+    def columns(self, z0: np.ndarray) -> np.ndarray:
+        """Per sample: its label, then its ``competitors`` strongest other classes at ``z0`` (the
+        classes of its hinge rows), (samples, 1 + competitors)."""
+        y = self.y.numpy()
+        cols = np.empty((len(z0), 1 + self.competitors), dtype=np.int64)
+        for k in range(len(z0)):
+            rivals = [c for c in np.argsort(-z0[k], kind="stable").tolist() if c != y[k]][:self.competitors]
+            cols[k] = [y[k], *rivals]
+        return cols
+
+    def effects(self, current: np.ndarray, deadline: float = float("inf")) -> Effects:
+        """Logits at ``current`` and the exact flip effects of the screened units (:class:`Effects`).
+
+        Screen: one forward and one backward pass per rival rank give every free unit's
+        first-order (Taylor) effect on its samples' margins to the two strongest other classes,
+        hence an estimated change of the mean hinge (:meth:`estimated_loss_change`).  When there
+        are more free units than ``exact``, the pool measured exactly is chosen from those
+        estimates the way :meth:`candidates` chooses from exact ones; otherwise every free unit is
+        measured (the estimates then only go into the record, as a check of the screen).  Exact
+        effects are real forward passes from each unit's first reading layer on
+        (:meth:`.masked.MaskedNetwork.each_flip`); past ``deadline`` the rest are not measured
+        (the record says so).
+        """
+        t0 = time.perf_counter()
+        estimate = self.estimated_loss_change(current)
+        t1 = time.perf_counter()
+        costs = self.net.flip_costs(current) * self.graph.macs(current) * len(self.x)  # MACs of each flip
+        if costs[self.free].sum() <= self.exact_macs:
+            pool = list(self.free)
+        else:
+            order = _ranked(estimate, self.free, current, single_flip_macs(self.graph, current))
+            spent = np.cumsum(costs[order])
+            pool = sorted(order[:max(1, int(np.searchsorted(spent, self.exact_macs, side="right")))])
+        z0 = self.net.logits(self.x, current[None, :])[0].numpy()
+        cols = self.columns(z0)
+        rows = np.arange(len(z0))[:, None]
+        base_hinge = self._mean_hinge(z0)
+        d = np.zeros((len(pool), *cols.shape))
+        loss = np.zeros(len(pool))
+        got = np.zeros(len(pool), dtype=bool)
+
+        def take(block: torch.Tensor, slots: list[int]) -> None:
+            z = block.numpy()
+            loss[slots] = self._mean_hinge(z) - base_hinge
+            d[slots] = z[:, rows, cols] - z0[rows, cols]
+            got[slots] = True
+
+        self.net.each_flip(self.x, current, pool, take, stop=lambda: time.perf_counter() > deadline)
+        pool = [u for u, ok in zip(pool, got) if ok]
+        out = Effects(z0, pool, cols, d[got], loss[got])
+        exact_change = out.loss
+        position = {u: i for i, u in enumerate(self.free)}
+        predicted = estimate[[position[u] for u in pool]]
+        self.measurements.append({
+            "free": len(self.free), "exact": len(pool), "exact_macs": float(costs[pool].sum()),
+            "cut_by_deadline": not bool(got.all()),
+            "screen_seconds": t1 - t0,
+            "exact_seconds": time.perf_counter() - t1, "spearman": _spearman(predicted, exact_change),
+            "top_overlap": _top_overlap(predicted, exact_change, max(1, min(self.screen_max, len(pool)) // 4))})
+        return out
+
+    def estimated_loss_change(self, current: np.ndarray) -> np.ndarray:
+        """First-order estimate of each free unit's single-flip change of the mean hinge.
+
+        ``g[k, r, u]``: gradient of sample ``k``'s margin to its ``r``-th strongest rival with
+        respect to unit ``u``'s keep value (:meth:`.masked.MaskedNetwork.margin_gradients`); a flip
+        moves that margin by about ``g * (1 - 2 current[u])``.  The hinge after the flip is taken
+        over those two rivals (the strongest is the true margin at ``current``).
+        """
+        y = self.y.long()
+        z, rivals, grads = self.net.margin_gradients(self.x, current, y, 2)
+        g = grads.numpy()  # (N, R, units)
+        zn = z.numpy()
+        idx = np.arange(len(zn))
+        gaps = zn[idx, y.numpy()][:, None] - np.take_along_axis(zn, rivals.numpy(), axis=1)  # (N, R)
+        free = np.asarray(self.free)
+        sign = np.where(current[free], -1.0, 1.0)
+        moved = gaps[:, :, None] + g[:, :, free] * sign  # (N, R, free)
+        target = self.margin.numpy()[:, None]
+        after = np.clip(target - moved.min(axis=1), 0.0, None).mean(0)
+        before = np.clip(self.margin.numpy() - gaps.min(axis=1), 0.0, None).mean()
+        return after - before
+
+    def _mean_hinge(self, z: np.ndarray) -> np.ndarray:
+        """(..., N, C) logits -> the mean margin hinge over the samples (all other classes)."""
+        idx = np.arange(len(self.y))
+        y = self.y.numpy()
+        zy = z[..., idx, y]
+        other = z.copy()
+        other[..., idx, y] = -np.inf
+        return np.clip(self.margin.numpy() - (zy - other.max(-1)), 0.0, None).mean(-1)
 
     def run(self, current: np.ndarray, holdout: HeldOut, *, radius: int, max_rounds: int,
             deadline: float, jobs: int = 1) -> np.ndarray:
         best = holdout.loss(current)
         r = radius
         ahead: dict[int, tuple[np.ndarray | None, JointRound]] = {}  # solves at the current plan, by radius
-        effects: tuple[np.ndarray, np.ndarray] | None = None  # at the current plan
+        effects: Effects | None = None  # at the current plan
         improved_since_restart = False
         while len(self.rounds) < max_rounds:
             if r < 1:
@@ -135,7 +253,7 @@ class JointStage:
                 break
             if r not in ahead:
                 if effects is None:
-                    effects = self.effects(current)
+                    effects = self.effects(current, deadline)
                 radii = [r]
                 while len(radii) < jobs and radii[-1] > 1:
                     radii.append(radii[-1] // 2)  # the radius a rejection usually falls back to
@@ -162,38 +280,29 @@ class JointStage:
                 r = min(r, rec.flips) // 2
         return current
 
-    def candidates(self, current: np.ndarray, effects: tuple[np.ndarray, np.ndarray], radius: int) -> list[int]:
-        """The free units this round may flip: all of them, or a screened set when there are many.
+    def candidates(self, current: np.ndarray, effects: Effects, radius: int) -> list[int]:
+        """The units this round may flip: every measured one, or a screened set when there are many.
 
         A round flips at most ``radius`` units, so it needs only the units that matter most as
         single flips; with fewer columns the dense hinge rows and the MAC product rows shrink and
         each solve stays far from the time limit (so the plan is reproducible).  Screening is exact
-        for single flips (the effects are): each flip's change of the mean hinge ``dL_u`` and of the
-        MACs ``dM_u``.  Kept: for removals and for restorations separately, the best by ``dL_u``
-        and the best by ``dL_u`` per MAC moved, ``screen_per_flip * radius`` units in all, at
-        least ``screen_min`` and at most ``screen_max``; ties go to the lower unit id.
+        for single flips (the measured effects are): each flip's change of the mean hinge ``dL_u``
+        and of the MACs ``dM_u``.  Kept: for removals and for restorations separately, the best by
+        ``dL_u`` and the best by ``dL_u`` per MAC moved, ``screen_per_flip * radius`` units in all,
+        at least ``screen_min`` and at most ``screen_max``; ties go to the lower unit id.
         """
         size = min(max(self.screen_min, self.screen_per_flip * radius), self.screen_max)
-        if len(self.free) <= size:
-            return list(self.free)
-        z0, d = effects
-        idx = np.arange(len(self.y))
-        y = self.y.numpy()
-
-        def hinge(z: np.ndarray) -> np.ndarray:  # (..., N, C) -> mean hinge over samples
-            zy = z[..., idx, y]
-            other = z.copy()
-            other[..., idx, y] = -np.inf
-            return np.clip(self.margin.numpy() - (zy - other.max(-1)), 0.0, None).mean(-1)
-
-        d_loss = hinge(z0[None] + d) - hinge(z0)
+        units = effects.units
+        if len(units) <= size:
+            return list(units)
+        d_loss = effects.loss
         base = self.graph.macs(current)
-        d_macs = np.empty(len(self.free))
-        for i, u in enumerate(self.free):
+        d_macs = np.empty(len(units))
+        for i, u in enumerate(units):
             flipped = current.copy()
             flipped[u] = not current[u]
             d_macs[i] = abs(self.graph.macs(flipped) - base)
-        keep = np.array([bool(current[u]) for u in self.free])
+        keep = np.array([bool(current[u]) for u in units])
         chosen: set[int] = set()
         quarter = max(1, size // 4)
         for side in (keep, ~keep):  # removals, then restorations
@@ -201,16 +310,17 @@ class JointStage:
             # lowest first: least harm (removals) or most gain (restorations), alone and per MAC moved
             for key in (d_loss[pos], d_loss[pos] / np.maximum(d_macs[pos], 1.0)):
                 chosen.update(pos[np.argsort(key, kind="stable")[:quarter]].tolist())
-        return [self.free[i] for i in sorted(chosen)]
+        return [units[i] for i in sorted(chosen)]
 
-    def solve_round(self, current: np.ndarray, effects: tuple[np.ndarray, np.ndarray], radius: int,
+    def solve_round(self, current: np.ndarray, effects: Effects, radius: int,
                     time_limit: float, rec: JointRound) -> np.ndarray | None:
         """One trust-region MILP around ``current`` (``effects`` measured there); ``None``: no answer."""
         t0 = time.perf_counter()
-        z0, d = effects
+        z0 = effects.z0
         cands = self.candidates(current, effects, radius)
         rec.candidates = len(cands)
-        d = d[[self.free.index(u) for u in cands]] if len(cands) < len(self.free) else d
+        row = {u: i for i, u in enumerate(effects.units)}
+        d = effects.d[[row[u] for u in cands]] if cands != effects.units else effects.d
         prob = pulp.LpProblem("joint", pulp.LpMinimize)
         t = {u: pulp.LpVariable(f"t{u}", cat=pulp.LpBinary) for u in cands}
         m: Keep = {u: pulp.LpAffineExpression([(t[u], -1.0)], constant=1.0) if current[u]
@@ -219,12 +329,11 @@ class JointStage:
         xi = [pulp.LpVariable(f"xi{k}", lowBound=0.0) for k in range(n)]
         tvars = [t[u] for u in cands]
         for k in range(n):
-            yk = int(self.y[k])
             tk = float(self.margin[k])
-            rivals = [c for c in np.argsort(-z0[k], kind="stable").tolist() if c != yk][:self.competitors]
-            for c in rivals:
+            yk, rivals = int(effects.cols[k, 0]), effects.cols[k, 1:].tolist()
+            for j, c in enumerate(rivals, start=1):
                 # xi_k >= target - (z_y - z_c), z = z0 + sum_u t_u d_u
-                slope = d[:, k, yk] - d[:, k, c]
+                slope = d[:, k, 0] - d[:, k, j]
                 gap = tk - (z0[k, yk] - z0[k, c])
                 terms = [(xi[k], 1.0)] + [(v, float(s)) for v, s in zip(tvars, slope) if abs(s) >= 1e-9]
                 prob += pulp.LpConstraint(pulp.LpAffineExpression(terms), pulp.LpConstraintGE, rhs=gap)
@@ -292,10 +401,47 @@ class JointStage:
         log.warning("joint MILP: %s; keeping the plan found so far", exc)
 
 
-def _round_task(shared: tuple[JointStage, np.ndarray, tuple[np.ndarray, np.ndarray], list[int], float],
+def _round_task(shared: tuple[JointStage, np.ndarray, Effects, list[int], float],
                 index: int) -> tuple[np.ndarray | None, JointRound]:
     """Solve the round of radius ``radii[index]`` (a worker task of :func:`.workers.fork_map`)."""
     stage, current, effects, radii, time_limit = shared
     rec = JointRound(radius=radii[index])
     candidate = stage.solve_round(current, effects, radii[index], time_limit, rec)
     return candidate, rec
+
+
+def _ranked(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs: np.ndarray) -> list[int]:
+    """The free units in the screen's order of preference, as :meth:`JointStage.candidates` picks
+    by exact effects: four rankings (removals and restorations, each by the estimated loss change
+    alone and per MAC moved), taken in turn, each unit at its first place."""
+    units = np.asarray(free)
+    keep = current[units]
+    rankings = []
+    for side in (keep, ~keep):
+        pos = np.flatnonzero(side)
+        for key in (estimate[pos], estimate[pos] / np.maximum(flip_macs[units[pos]], 1.0)):
+            rankings.append(pos[np.argsort(key, kind="stable")].tolist())
+    order: list[int] = []
+    seen: set[int] = set()
+    for depth in range(max((len(r) for r in rankings), default=0)):
+        for r in rankings:
+            if depth < len(r) and r[depth] not in seen:
+                seen.add(r[depth])
+                order.append(int(units[r[depth]]))
+    return order
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Rank correlation of two vectors (average ranks for ties); ``None`` when either is constant."""
+    if len(a) < 2:
+        return None
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _top_overlap(predicted: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Share of the ``k`` lowest exact loss changes among the ``k`` lowest predicted ones."""
+    top = set(np.argsort(exact, kind="stable")[:k].tolist())
+    return len(top & set(np.argsort(predicted, kind="stable")[:k].tolist())) / k

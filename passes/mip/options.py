@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+import torch
+
 from oamipc.errors import UsageError
 from oamipc.solver import require_solver
 
@@ -52,6 +54,10 @@ class MipOptions:
     joint_nodes: int = 100  # branch-and-bound nodes per joint solve (a deterministic work limit)
     layer_nodes: int = 500  # branch-and-bound nodes per layer sub-problem (a deterministic work limit)
     joint_rivals: int = 2  # hinge rows per sample in the joint stage: the strongest other classes
+    # Multiply-accumulates per plan for exact flip effects in the joint stage: when measuring every
+    # free unit costs more, the units a first-order screen ranks best are measured up to this much.
+    joint_exact_macs: float = 2e12
+    device: str = "auto"  # torch device of the analysis's forward passes: auto (CUDA when usable) | cpu | cuda[:N]
     # Layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage.
     exact_binaries: int = 4000
     margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
@@ -73,6 +79,9 @@ class MipOptions:
             raise UsageError("relax (the LP relaxation) applies to the 'paper' formulation only")
         if opts.bounds not in BOUNDS:
             raise UsageError(f"MIP bounds {opts.bounds!r} are unknown: use one of {', '.join(BOUNDS)}")
+        if not opts.joint_exact_macs > 0:
+            raise UsageError(f"MIP joint_exact_macs must be positive, got {opts.joint_exact_macs:g}")
+        analysis_device(opts.device)  # an unknown or unusable device fails here, before any work
         if opts.jobs < 1:
             raise UsageError(f"MIP jobs must be >= 1, got {opts.jobs}")
         if opts.samples is not None and opts.samples < 1:
@@ -105,5 +114,26 @@ class MipOptions:
                              f"{', '.join(f.name for f in fields(cls))}")
         return cls(**dict(value))
 
+    def torch_device(self) -> torch.device:
+        """The device the analysis's forward passes run on (``auto``: CUDA when usable, else CPU)."""
+        return analysis_device(self.device)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def analysis_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` when torch can use a GPU, else ``cpu``; ``cpu`` / ``cuda[:N]`` as given,
+    refused when unknown or when CUDA is asked for and torch cannot use it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"MIP device {name!r} is unknown: use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"MIP device {name!r} is unknown: use auto, cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"MIP device {name!r} asked for, but torch sees no usable CUDA GPU on this machine; "
+                         "use --device cpu (or auto)")
+    return device

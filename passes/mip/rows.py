@@ -175,3 +175,22 @@ def plan_violations(graph: UnitGraph, kept: np.ndarray, reference: np.ndarray, t
             problems.append(f"keeps {macs / total:.4f} of the MACs, less than the {graph.macs(reference) / total:.4f} "
                             "of the plan it started from (spend_budget)")
     return problems
+
+
+def single_flip_macs(graph: UnitGraph, kept: np.ndarray) -> np.ndarray:
+    """``|MACs(kept with u flipped) - MACs(kept)|`` for every unit ``u`` at once, (n_units,).
+
+    Per layer, flipping ``u`` moves its input width by ``u``'s count among the input positions
+    and its output width by its count among the output positions (signed: -1 for a kept unit,
+    +1 for a removed one); the change of ``c_io * n_in * n_out + c_o * n_out`` follows.  Equal to
+    evaluating :meth:`UnitGraph.macs` on each flipped plan, in one pass over the layers.
+    """
+    sign = np.where(kept, -1.0, 1.0)
+    total = np.zeros(graph.n_units)
+    for layer in graph.layers:
+        n_in, n_out = layer.widths(kept)
+        a = np.bincount(layer.in_units[layer.in_units >= 0], minlength=graph.n_units).astype(np.float64)
+        b = np.bincount(layer.out_units[layer.out_units >= 0], minlength=graph.n_units).astype(np.float64)
+        new_in, new_out = n_in + sign * a, n_out + sign * b
+        total += layer.c_io * (new_in * new_out - n_in * n_out) + layer.c_o * (new_out - n_out)
+    return np.abs(total)

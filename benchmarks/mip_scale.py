@@ -1,0 +1,165 @@
+"""Does ``mip`` finish on ImageNet-size networks?  Wall time and peak memory of whole compiles.
+
+For each network (seeded weights and batch-norm statistics, :mod:`oamipc.models`; time and
+memory do not need trained ones), ``samples`` seeded random images at ``size`` x ``size``,
+labelled with the network's own predictions, are the calibration data; the network is compiled
+with ``importance="mip"`` at ``--flops-budget`` (the whole :func:`oamipc.compile`: lossless
+pass, warm start, layer sub-problems, joint stage, pruning, reconstruction, checks).  Each
+compile runs in its own process, so its peak resident memory (``ru_maxrss``) is its own.
+
+Per row: the compile's wall time, CPU time (user + system, all threads: on a shared machine the
+wall time says more about the other jobs than about this one; the load average is recorded) and
+peak memory, the MIP analysis's own seconds, the joint
+stage's rounds, and its flip effects: how many were measured exactly per plan out of how many
+free units, and how well the first-order screen ranked them (Spearman correlation of predicted
+and exact single-flip hinge changes over the measured units; the share of the exact best
+quarter of the candidates that the screen also put in its best quarter).
+
+Run::
+
+    python benchmarks/mip_scale.py                                  # ResNet-18, 224x224, 256 samples
+    python benchmarks/mip_scale.py --nets resnet18,resnet50,mobilenetv2
+    python benchmarks/mip_scale.py --nets resnet18 --size 64 --samples 32   # a quick look
+    python benchmarks/mip_scale.py --device cuda                    # the analysis on a GPU
+    python benchmarks/mip_scale.py --no-reconstruct                 # without layer reconstruction
+
+It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_scale.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import oamipc
+from oamipc.atomic import atomic_output
+from oamipc.data import Dataset, DataSplits
+from oamipc.hardware import cpu_model
+from oamipc.models import MobileNetV2, ResNet18, ResNet50
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NETS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": lambda: ResNet18(seed=0),
+    "resnet50": lambda: ResNet50(seed=0),
+    "mobilenetv2": lambda: MobileNetV2(seed=0),
+}
+
+
+def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], reconstruct: bool = True
+        ) -> dict[str, Any]:
+    """Compile ``net`` once in this process; the row, with this process's peak memory."""
+    model = NETS[net]().eval()
+    x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
+    data = DataSplits(train=Dataset("random images", x, y), test=Dataset("random images", x[:16], y[:16]))
+    start, start_cpu = time.perf_counter(), _cpu_seconds(0.0)
+    res = oamipc.compile(model, x[:1], data=data, importance="mip", flops_budget=budget, calib_samples=samples,
+                         mip_options=opts, reconstruct="auto" if reconstruct else False)
+    seconds = time.perf_counter() - start
+    mip = res.report["mip"]
+    effects = mip.get("joint_effects", [])
+    return {"net": net, "reconstruct": reconstruct, "size": size, "samples": samples, "budget": budget,
+            "seconds": seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "cpu_seconds": _cpu_seconds(start_cpu), "load_average": os.getloadavg()[0],
+            "mip_seconds": mip["seconds"], "device": mip.get("device", "cpu"),
+            "macs": res.report["before"]["macs"],
+            "macs_kept": res.report["after"]["macs"] / res.report["before"]["macs"],
+            "units": res.report["units"]["units"], "reproducible": mip["reproducible"],
+            "warm_start": mip["warm_start"]["chosen"], "holdout_loss": mip["holdout_loss"],
+            "subproblems": [{"group": s["group"], "outcome": s["outcome"], "build_seconds": s["build_seconds"],
+                             "solve_seconds": s["solve"].get("seconds")} for s in mip["subproblems"]],
+            "joint_rounds": [{k: r[k] for k in ("radius", "flips", "outcome", "candidates", "time_limited")}
+                             | {"solve_seconds": r["solve"].get("seconds")} for r in mip["joint_rounds"]],
+            "joint_effects": effects, "timings_s": res.report["timings_s"]}
+
+
+def _cpu_seconds(since: float) -> float:
+    """User and system CPU seconds of this process since ``since`` (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime - since
+
+
+def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
+    spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts,
+                       "reconstruct": args.reconstruct})
+    done = subprocess.run([sys.executable, __file__, "--one", spec], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| net | input | samples | device | compile s | CPU s | peak GiB | mip s | "
+             "joint rounds (improved / all) | exact effects per plan / free units | screen Spearman (median) | "
+             "held-out hinge (warm -> final) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eff = r["joint_effects"]
+        exact = "/".join(str(e["exact"]) for e in eff[:3]) + ("/..." if len(eff) > 3 else "")
+        rhos = sorted(e["spearman"] for e in eff if e["spearman"] is not None)
+        rho = f"{rhos[len(rhos) // 2]:.2f}" if rhos else "-"
+        improved = sum(j["outcome"] == "improved" for j in r["joint_rounds"])
+        h = r["holdout_loss"]
+        lines.append(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['device']} | {r['seconds']:.0f} | "
+                     f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['mip_seconds']:.0f} | "
+                     f"{improved} / {len(r['joint_rounds'])} | "
+                     f"{exact or '-'} of {eff[0]['free'] if eff else '-'} | {rho} | "
+                     f"{h['warm_start']:.3f} -> {h['final']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default="resnet18")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--device", default="cpu", help="the MIP analysis's device: cpu | cuda | auto")
+    parser.add_argument("--total-time-limit", type=float, default=None)
+    parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
+                        help="compile without layer reconstruction (the MIP analysis's share alone)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mip_scale.json")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:  # a child: one compile, its row as the last line of stdout
+        spec = json.loads(args.one)
+        print(json.dumps(one(spec["net"], spec["size"], spec["samples"], spec["budget"], spec["opts"],
+                             spec["reconstruct"])))
+        return {}
+    opts: dict[str, Any] = {"device": args.device}
+    if args.total_time_limit is not None:
+        opts["total_time_limit"] = args.total_time_limit
+    rows = []
+    for net in args.nets.split(","):
+        if net not in NETS:
+            parser.error(f"unknown net {net!r}; known: {', '.join(NETS)}")
+        rows.append(_child(net, args, opts))
+        print(f"  {net}: {rows[-1]['seconds']:.0f} s, {rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    result = {"setting": {"reconstruct": args.reconstruct, "size": args.size, "samples": args.samples,
+                          "budget": args.budget, "mip_options": opts,
+                          "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+                          "threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+              "rows": rows}
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(args.out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
