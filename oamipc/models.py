@@ -322,7 +322,35 @@ def _built_quietly(build: Callable[[], None]) -> None:
         build()
 
 
-class ResNet18(nn.Module):
+def _stage_depths(blocks: Sequence[int], stages: Sequence[int]) -> tuple[int, ...]:
+    """The blocks per stage of a ResNet, one positive count per stage width."""
+    depths = tuple(int(b) for b in blocks)
+    if len(depths) != len(stages) or any(b < 1 for b in depths):
+        raise ValueError(f"blocks must give a positive block count per stage ({len(stages)} stages), "
+                         f"got {tuple(blocks)}")
+    return depths
+
+
+def _resnet_stem(in_channels: int, width: int) -> nn.Sequential:
+    """The ImageNet ResNet stem: 7x7 stride-2 conv, batch norm, ReLU, 3x3 stride-2 max pool."""
+    return nn.Sequential(nn.Conv2d(int(in_channels), width, 7, stride=2, padding=3, bias=False),
+                         nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+
+
+class _ResNet(nn.Module):
+    """What ResNet-18 and ResNet-50 share: ``stem``, ``layer1..layerN`` (``stages`` of them), then
+    global pool, flatten and ``fc``; subclasses build those modules."""
+
+    stages: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for s in range(self.stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return self.fc(self.flatten(self.pool(x)))
+
+
+class ResNet18(_ResNet):
     """ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", 2016), written here.
 
     ``(N, in_channels, H, W) -> num_classes``, for 224x224 ImageNet images by design and any
@@ -345,14 +373,10 @@ class ResNet18(nn.Module):
                  widths: Sequence[int] = (64, 128, 256, 512), seed: int = 0) -> None:
         super().__init__()
         stages = _widths(widths)
-        depths = tuple(int(b) for b in blocks)
-        if len(depths) != len(stages) or any(b < 1 for b in depths):
-            raise ValueError(f"blocks must give a positive block count per stage ({len(stages)} stages), "
-                             f"got {tuple(blocks)}")
+        depths = _stage_depths(blocks, stages)
 
         def build() -> None:
-            self.stem = nn.Sequential(nn.Conv2d(int(in_channels), stages[0], 7, stride=2, padding=3, bias=False),
-                                      nn.BatchNorm2d(stages[0]), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = _resnet_stem(in_channels, stages[0])
             c_in = stages[0]
             for s, (depth, c_out) in enumerate(zip(depths, stages)):
                 stride = 1 if s == 0 else 2
@@ -366,12 +390,6 @@ class ResNet18(nn.Module):
         _built_quietly(build)
         self.stages = len(stages)
         _seeded_init(self, seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in range(self.stages):
-            x = getattr(self, f"layer{s + 1}")(x)
-        return self.fc(self.flatten(self.pool(x)))
 
 
 class Bottleneck(nn.Module):
@@ -399,7 +417,7 @@ class Bottleneck(nn.Module):
         return self.relu(self.body(x) + self.short(x))
 
 
-class ResNet50(nn.Module):
+class ResNet50(_ResNet):
     """ResNet-50 (He et al., 2016), written here: :class:`ResNet18`'s stem and head around four
     stages of :class:`Bottleneck` blocks, ``blocks=(3, 4, 6, 3)`` at widths (64, 128, 256, 512)
     (outputs four times wider).  The defaults are the standard network: 25.6M parameters and
@@ -413,14 +431,10 @@ class ResNet50(nn.Module):
                  widths: Sequence[int] = (64, 128, 256, 512), seed: int = 0) -> None:
         super().__init__()
         stages = _widths(widths)
-        depths = tuple(int(b) for b in blocks)
-        if len(depths) != len(stages) or any(b < 1 for b in depths):
-            raise ValueError(f"blocks must give a positive block count per stage ({len(stages)} stages), "
-                             f"got {tuple(blocks)}")
+        depths = _stage_depths(blocks, stages)
 
         def build() -> None:
-            self.stem = nn.Sequential(nn.Conv2d(int(in_channels), 64, 7, stride=2, padding=3, bias=False),
-                                      nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = _resnet_stem(in_channels, 64)
             c_in = 64
             for s, (depth, width) in enumerate(zip(depths, stages)):
                 stride = 1 if s == 0 else 2
@@ -435,12 +449,6 @@ class ResNet50(nn.Module):
         _built_quietly(build)
         self.stages = len(stages)
         _seeded_init(self, seed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for s in range(self.stages):
-            x = getattr(self, f"layer{s + 1}")(x)
-        return self.fc(self.flatten(self.pool(x)))
 
 
 def _conv_bn_relu6(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
