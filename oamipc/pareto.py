@@ -100,6 +100,11 @@ class ParetoJob:
     ray_address: str | None = None
     exporter: str = "auto"  # as compile: torchscript, dynamo where it fails (oamipc.export)
 
+    def options_dict(self) -> dict[str, Any]:
+        """The compile options as JSON data (dataclasses such as MipOptions as their fields)."""
+        return _jsonable({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                          for k, v in sorted(self.options.items())})
+
     def key(self, budget: float) -> str:
         """What a point depends on, hashed: model and data files' bytes, options, budget, version."""
         from oamipc import __version__
@@ -111,8 +116,7 @@ class ParetoJob:
                 files[label] = _sha256(Path(name))
         what = {"v": KEY_VERSION, "oamipc": __version__, "budget": budget, "files": files, "exporter": self.exporter,
                 "source": _jsonable(dataclasses.asdict(src) | {"model": None}),
-                "options": _jsonable({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                                      for k, v in sorted(self.options.items())})}
+                "options": self.options_dict()}
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -254,8 +258,7 @@ def run_pareto(job: ParetoJob, progress: Callable[[str, int, int], None] | None 
         p["front"] = flag
     result = {"model": job.source.model, "data": job.source.data, "out_dir": str(job.out_dir),
               "budgets": list(job.budgets),
-              "options": _jsonable({k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                                    for k, v in job.options.items()}),
+              "options": job.options_dict(),
               "latency": latency, "dense": dense, "points": points}
     from oamipc.report_html import render_pareto_html
 
