@@ -31,6 +31,7 @@ from oamipc.cli_options import (
     InputShape,
     ModelArgs,
     ModelClass,
+    PruneEmbed,
     TrustPickle,
     ints,
     json_arg,
@@ -214,6 +215,7 @@ def compile_cmd(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
     lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove the units that are provably constant on the data's range first, for free (default: on with --data).")] = None,
     lossless_box: Annotated[str, typer.Option("--lossless-box", help="The box of --lossless: feature (each input feature its own range) | channel (one range per input channel; wider).")] = "feature",
+    prune_embed: PruneEmbed = False,
     bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Measure latency before/after.")] = True,
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes for the latency measurement.")] = "1,64",
     require_speedup: Annotated[float | None, typer.Option("--require-speedup", help="Fail (exit 1, nothing written) when the measured speed-up over the original, at any --batch, is below this (e.g. 1.0: never slower).")] = None,
@@ -247,7 +249,7 @@ def compile_cmd(
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
                                   calib_samples=calib_samples, mip_options=mip, finetune=finetune, lossless=lossless,
-                                  lossless_box=lossless_box, reconstruct=rebuild)
+                                  lossless_box=lossless_box, reconstruct=rebuild, prune_embed=prune_embed)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
@@ -361,12 +363,13 @@ def profile_cmd(
 def inspect_cmd(
     source: ModelSource,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    prune_embed: PruneEmbed = False,
 ) -> None:
     """Show the graph, unit groups, widths, parameters, FLOPs and barriers of MODEL."""
     from oamipc.driver import inspect_file
 
     with _errors():
-        summary = inspect_file(source)
+        summary = inspect_file(source, prune_embed=prune_embed)
     if as_json:
         console.print_json(json.dumps(summary, default=str))
         return
@@ -461,6 +464,7 @@ def pareto_cmd(
     calib_samples: Annotated[int, typer.Option("--calib-samples", help="Calibration samples for data-driven criteria.")] = 512,
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="Refit the pruned layers (default: on, as in compile).")] = None,
     lossless: Annotated[bool | None, typer.Option("--lossless/--no-lossless", help="Remove provably constant units first (default: on, as in compile).")] = None,
+    prune_embed: PruneEmbed = False,
     batch: Annotated[int, typer.Option("--batch", help="Batch size the latency is measured at.")] = 64,
     runs: Annotated[int, typer.Option("--runs", help="Timed rounds per point (each against the original).")] = 30,
     workers: Annotated[int, typer.Option("--workers", help="Budgets compiled at once: local worker processes, or the CPUs of an embedded Ray (timing is never parallel).")] = 1,
@@ -483,6 +487,8 @@ def pareto_cmd(
         directory = out_dir or Path(f"{Path(source.model).stem}.pareto")
         options = {"importance": importance, "seed": seed, "calib_samples": calib_samples, "mip_options": mip,
                    "lossless": lossless, "reconstruct": reconstruct_option(reconstruct, None)}
+        if prune_embed:  # only when asked: the points made without it keep their keys
+            options["prune_embed"] = True
         job = ParetoJob(source, parse_budgets(budgets), directory, options, batch=batch, runs=runs, workers=workers,
                         executor=executor, ray_address=ray_address)
         with _progress() as progress:

@@ -36,6 +36,7 @@ ModelArgs = Annotated[str | None, typer.Option("--model-args", help="JSON kwargs
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a full pickled model (runs code in the file!).")]
 InputShape = Annotated[str | None, typer.Option("--input-shape", help="Example input shape, e.g. 1,1,28,28 (default: from --data).")]
 DataDir = Annotated[str | None, typer.Option("--data-dir", help="Directory of the Fashion-MNIST IDX files.")]
+PruneEmbed = Annotated[bool, typer.Option("--prune-embed", help="Also prune a transformer's residual stream: embeddings, class token, positional embedding, every LayerNorm over it and every block's output rows and input columns, as one group (off: kept). A LayerNorm over fewer channels is not an exact removal.")]
 LeafModules = Annotated[list[str] | None, typer.Option("--leaf-module", help="Keep this module opaque and unpruned (repeatable).")]
 DATA_HELP = "digits | fashion-mnist | file.pt | file.npz | pkg.module:function"
 MODEL_HELP = "Model file: torch.export program (.pt2), state dict (.pt) or pickle."

@@ -90,6 +90,7 @@ def compile(  # noqa: A001 - the product's verb
     round_to: int | str = "auto",
     target: Target | None = None,
     leaf_modules: Sequence[str] = (),
+    prune_embed: bool = False,
     pipeline: str | Sequence[Pass | Analysis[Any]] | None = None,
     plan: Plan | None = None,
     seed: int = 0,
@@ -127,6 +128,10 @@ def compile(  # noqa: A001 - the product's verb
     With ``importance="mip"`` and ``finetune.select`` (the default), the solver-free criteria's
     networks are probed beside the MILP's and the one that fine-tunes best on held-out train
     samples is fine-tuned (:mod:`oamipc.finetune_select`; the report's ``finetune_select``).
+    ``prune_embed`` makes a transformer's residual stream (embeddings, class token, positional
+    embedding, every LayerNorm over it, every block's output rows and input columns) one prunable
+    group; without it the stream is kept (a LayerNorm over fewer channels computes other
+    statistics, so this removal is not exact).  A replayed plan made with it turns it on.
     The input ``model`` is not modified.
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -136,6 +141,7 @@ def compile(  # noqa: A001 - the product's verb
     elif (prune_ratio, flops_budget, min_keep, round_to) != (None, None, 1, "auto"):
         raise UsageError("give the target either as target=Target(...) or as prune_ratio/flops_budget/min_keep/"
                          "round_to, not both")
+    prune_embed = bool(prune_embed or (plan is not None and plan.settings.get("prune_embed")))
     torch.manual_seed(seed)
     start = time.perf_counter()
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=tuple(leaf_modules))
@@ -164,10 +170,10 @@ def compile(  # noqa: A001 - the product's verb
                          if lossless_on and train is not None else None,
                          train_x=train.x if train is not None else None,
                          train_y=train.y if train is not None else None, original=original)
-    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box) + (
-        [refit] if refit else [])
+    steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box,
+                   prune_embed) + ([refit] if refit else [])
     am = AnalysisManager(ctx)
-    units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules)), gm)
+    units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules), prune_embed), gm)
     before = passes.count_costs(gm, leaf_modules)
     unit_summary = units.summary()
     manager = PassManager(steps, verify=verify)
@@ -179,7 +185,8 @@ def compile(  # noqa: A001 - the product's verb
     rebuilt = next((o for _, o in reversed(manager.outcomes) if isinstance(o, passes.ReconstructOutcome)), None)
     report: dict[str, Any] = {
         "settings": {"importance": importance, **target.to_dict(), "seed": seed, "reconstruct": rebuilt is not None,
-                     "leaf_modules": list(leaf_modules), "calib_samples": len(calib.x) if calib else 0,
+                     "leaf_modules": list(leaf_modules), "prune_embed": prune_embed,
+                     "calib_samples": len(calib.x) if calib else 0,
                      "lossless": lossless_on, "lossless_box": lossless_box,
                      "mip": mip.to_dict() if mip is not None else {},
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
@@ -203,7 +210,8 @@ def compile(  # noqa: A001 - the product's verb
         if finetune.select and importance == "mip" and plan is None and pipeline is None:
             def candidate(criterion: str) -> CompileResult:
                 return compile(model, example_inputs, data=splits, importance=criterion, target=target,
-                               leaf_modules=leaf_modules, seed=seed, calib_samples=calib_samples, lossless=lossless,
+                               leaf_modules=leaf_modules, prune_embed=prune_embed, seed=seed,
+                               calib_samples=calib_samples, lossless=lossless,
                                lossless_box=lossless_box, verify=verify, reconstruct=reconstruct)
             gm, report, chosen_plan = _select_for_finetune(importance, gm, report, chosen_plan, candidate, train,
                                                            finetune)
@@ -266,20 +274,23 @@ def _lossless_choice(asked: bool | None, has_data: bool, replay: bool, pipeline:
 
 def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | None, importance: str,
            target: Target, leaf_modules: tuple[str, ...], mip: passes.MipOptions | None, lossless: bool = False,
-           lossless_box: str = "feature") -> list[Pass | Analysis[Any]]:
+           lossless_box: str = "feature", prune_embed: bool = False) -> list[Pass | Analysis[Any]]:
     """The passes of one compile: a given pipeline, a plan replay, or the planner for ``importance`` + prune."""
+    if pipeline is not None and prune_embed:
+        raise UsageError("with a pipeline, give prune-embed=true to its passes instead of --prune-embed")
     if isinstance(pipeline, str):
         return parse_pipeline(pipeline)
     if pipeline is not None:
         return list(pipeline)
     if plan is not None:
-        return [passes.PruneUnitsPass(leaf_modules=leaf_modules, plan=plan)]
+        return [passes.PruneUnitsPass(leaf_modules=leaf_modules, plan=plan, prune_embed=prune_embed)]
     if not target.is_set:
         raise UsageError("say how much to remove: a prune ratio or a FLOPs budget (CLI: --prune-ratio, "
                          "--flops-budget), a saved plan, or a pipeline")
     extra = {"options": mip} if mip is not None else {}
-    return [passes.planner_for(importance, target, leaf_modules, lossless=lossless, lossless_box=lossless_box, **extra),
-            passes.PruneUnitsPass(leaf_modules=leaf_modules)]
+    return [passes.planner_for(importance, target, leaf_modules, lossless=lossless, lossless_box=lossless_box,
+                               prune_embed=prune_embed, **extra),
+            passes.PruneUnitsPass(leaf_modules=leaf_modules, prune_embed=prune_embed)]
 
 
 def _reconstruct_step(reconstruct: bool | str | passes.ReconstructPass,
@@ -569,9 +580,10 @@ def _plan_prediction(report: dict[str, Any], original: fx.GraphModule, plan: Pla
     provider = str(report["latency"].get("provider", "CPUExecutionProvider"))
     setup = MeasureSetup(batch=int(row["batch"]), threads=1, device="cuda" if "CUDA" in provider else "cpu")
     leaf = tuple(report.get("settings", {}).get("leaf_modules", ()))
+    embed = bool(report.get("settings", {}).get("prune_embed", False))
     try:
         am = AnalysisManager(CompileContext(example_inputs))
-        graph = am.get(passes.UnitGroupAnalysis(leaf), original)
+        graph = am.get(passes.UnitGroupAnalysis(leaf, embed), original)
         model = passes.plan_latency_model(original, graph, plan.kept_mask(graph), setup, float(row["a_median_ms"]),
                                           provider)
         predicted = model.predict(passes.plan_widths(graph, plan.kept_mask(graph)))
@@ -674,12 +686,13 @@ def temp_dir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="oamipc-")
 
 
-def inspect_file(source: ModelSource) -> dict[str, Any]:
-    """``oamipc inspect``: graph summary, unit groups, per-layer widths, parameters, MACs, barriers."""
+def inspect_file(source: ModelSource, *, prune_embed: bool = False) -> dict[str, Any]:
+    """``oamipc inspect``: graph summary, unit groups, per-layer widths, parameters, MACs, barriers
+    (the unit groups as ``compile`` sees them with the same ``prune_embed``)."""
     loaded = load_job(source)
     gm = trace(loaded.model, loaded.example_inputs, leaf_modules=source.leaf_modules)
     am = AnalysisManager(CompileContext(loaded.example_inputs))
-    units = am.get(passes.UnitGroupAnalysis(source.leaf_modules), gm)
+    units = am.get(passes.UnitGroupAnalysis(source.leaf_modules, prune_embed), gm)
     costs = passes.count_costs(gm, source.leaf_modules)
     summary = units.summary()
     said = opaque_notices(costs.to_dict())

@@ -11,8 +11,10 @@ Rules:
 2. A unit is removed from every place it appears at once: the producer's output rows, the
    normalisation entries, and the input slice of every consumer (a flattened channel takes its
    whole ``H*W`` block of features with it).
-3. Sizes baked into the graph are rewritten: constant sizes of ``view``/``reshape`` on the channel
-   dim, and ``split``/``chunk`` along it (replaced by ``split`` with the new sizes).
+3. Sizes baked into the graph are rewritten: constant sizes of ``view``/``reshape``/``expand`` on
+   the channel dim, and ``split``/``chunk`` along it (replaced by ``split`` with the new sizes).
+   With ``prune_embed`` (the residual stream), ``nn.Embedding`` loses columns and a parameter the
+   graph reads (class token, positional embedding) loses its slices along its channel dim.
 4. Depthwise convs shrink with their input (``groups`` follows); grouped convs keep their groups.
 5. Bias shifts (plain data in a plan: what to add to a Linear or Conv layer's bias before its
    inputs are removed, e.g. the constant a provably dead unit contributed, or the mean a removed
@@ -88,6 +90,14 @@ def _new_layernorm(mod: nn.LayerNorm, idx: np.ndarray) -> nn.LayerNorm:
     return new
 
 
+def _new_embedding(mod: nn.Embedding, idx: np.ndarray) -> nn.Embedding:
+    new = nn.Embedding(mod.num_embeddings, len(idx), padding_idx=mod.padding_idx, max_norm=mod.max_norm,
+                       norm_type=mod.norm_type, scale_grad_by_freq=mod.scale_grad_by_freq, sparse=mod.sparse,
+                       device=mod.weight.device, dtype=mod.weight.dtype)
+    new.weight = _param(_index(mod.weight, 1, idx))
+    return new
+
+
 def _new_groupnorm(mod: nn.GroupNorm, idx: np.ndarray) -> nn.GroupNorm:
     groups = len(idx) if mod.num_groups == mod.num_channels else mod.num_groups
     if len(idx) % groups:
@@ -118,9 +128,11 @@ class _Rewriter:
         for node in list(self.gm.graph.nodes):
             if node.op == "call_module":
                 self.module(node, layer_kinds.get(node.name))
+            elif node.op == "get_attr":
+                self.parameter(node)
             elif node.op in ("call_function", "call_method"):
                 kind = ir.op_kind(node)
-                if kind == ir.RESIZE_CONST:
+                if kind == ir.RESIZE_CONST or ir.op_name(node) == "expand":
                     self.fix_view(node)
                 elif kind == ir.SPLIT:
                     self.fix_split(node)
@@ -160,10 +172,29 @@ class _Rewriter:
                     new = _new_layernorm(mod, idx)
                 else:
                     new = _new_groupnorm(mod, idx)
+        elif isinstance(mod, nn.Embedding):
+            idx = self.keep(node, mod.embedding_dim)
+            if len(idx) < mod.embedding_dim:
+                new = _new_embedding(mod, idx)
         if new is not None:
             new.train(mod.training)
             ir.replace_module(self.gm, target, new)
             self.changed.append(target)
+
+    def parameter(self, node: fx.Node) -> None:
+        """Slice a parameter joined to pruned channels (class token, positional embedding)."""
+        lay = self.graph.layouts.get(node.name)
+        target = str(node.target)
+        if not isinstance(lay, Layout) or target in self.changed:
+            return
+        owner_name, _, leaf = target.rpartition(".")
+        owner = self.gm.get_submodule(owner_name) if owner_name else self.gm
+        value = getattr(owner, leaf)
+        idx = lay.keep_positions(self.kept)
+        if not isinstance(value, nn.Parameter) or len(idx) == value.shape[lay.dim]:
+            return
+        setattr(owner, leaf, _param(_index(value, lay.dim, idx)))
+        self.changed.append(target)
 
     def fix_view(self, node: fx.Node) -> None:
         """Rewrite a constant size on the channel dim of view/reshape to the kept width."""

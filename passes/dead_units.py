@@ -107,6 +107,7 @@ class DeadUnitAnalysis(Analysis[DeadUnits]):
     bounds: str = "linear"
     linear_limit: int = LINEAR_LIMIT
     leaf_modules: tuple[str, ...] = ()
+    prune_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.box not in BOXES:
@@ -116,7 +117,7 @@ class DeadUnitAnalysis(Analysis[DeadUnits]):
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> DeadUnits:
         start = time.perf_counter()
-        graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
+        graph = am.get(UnitGroupAnalysis(self.leaf_modules, self.prune_embed), gm)
         none = np.zeros(graph.n_units, dtype=bool)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:

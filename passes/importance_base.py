@@ -33,6 +33,7 @@ class ImportanceAnalysis(Analysis[np.ndarray]):
     needs_data: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
     leaf_modules: tuple[str, ...] = ()
+    prune_embed: bool = False
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> np.ndarray:
         ctx = am.context
@@ -47,7 +48,7 @@ class ImportanceAnalysis(Analysis[np.ndarray]):
         return np.nan_to_num(scores, nan=0.0, posinf=np.finfo(np.float64).max)
 
     def unit_analysis(self) -> Analysis[UnitGraph]:
-        return UnitGroupAnalysis(self.leaf_modules)
+        return UnitGroupAnalysis(self.leaf_modules, self.prune_embed)
 
     @abstractmethod
     def scores(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager) -> np.ndarray:
@@ -88,7 +89,7 @@ def criteria() -> dict[str, type[ImportanceAnalysis]]:
     return dict(sorted(_CRITERIA.items()))
 
 
-def get_criterion(name: str, leaf_modules: tuple[str, ...] = ()) -> ImportanceAnalysis:
+def get_criterion(name: str, leaf_modules: tuple[str, ...] = (), prune_embed: bool = False) -> ImportanceAnalysis:
     if name not in _CRITERIA:
         raise UsageError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(_CRITERIA))}")
-    return _CRITERIA[name](leaf_modules=leaf_modules)
+    return _CRITERIA[name](leaf_modules=leaf_modules, prune_embed=prune_embed)

@@ -75,11 +75,12 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
     round_to: int | str = 1  # the plans' rounding picks the widths worth measuring (see Target)
     channel_block: int | None = None
     leaf_modules: tuple[str, ...] = ()
+    prune_embed: bool = False
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> LatencyModel:
         from oamipc.export import export_onnx
 
-        graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
+        graph = am.get(UnitGroupAnalysis(self.leaf_modules, self.prune_embed), gm)
         setup = MeasureSetup(self.batch, self.threads, self.device)  # type: ignore[arg-type]
         steps = granularity(Target(latency_budget=1.0, round_to=self.round_to, channel_block=self.channel_block),
                             graph)

@@ -81,7 +81,8 @@ def plan_lossless(planner: PlannerAnalysis, gm: fx.GraphModule, am: AnalysisMana
     """Plan with ``planner`` after the dead units are gone (see the module docstring)."""
     target = planner.target.require()
     graph = am.get(planner.unit_analysis(), gm)
-    dead = am.get(DeadUnitAnalysis(box=planner.lossless_box, leaf_modules=planner.leaf_modules), gm)
+    dead = am.get(DeadUnitAnalysis(box=planner.lossless_box, leaf_modules=planner.leaf_modules,
+                                   prune_embed=planner.prune_embed), gm)
     removed = removable(graph, dead, target)
     record = _record(graph, dead, removed)
     if not removed.any():  # the planner's own plan (called directly: its time is already this call's)

@@ -307,7 +307,7 @@ class PlanGreedyAnalysis(PlannerAnalysis):
     def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
-        scores = am.get(get_criterion(self.importance, self.leaf_modules), gm)
+        scores = am.get(get_criterion(self.importance, self.leaf_modules, self.prune_embed), gm)
         model, rounds = None, None
         if target.kind == "latency":
             kept, model, rounds = self.latency_select(gm, am, graph, scores, target)

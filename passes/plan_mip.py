@@ -87,7 +87,8 @@ class PlanMipAnalysis(PlannerAnalysis):
             c for c in WARM_CRITERIA if not (get_criterion(c).needs_labels and am.context.calib_y is None)]
         plans: dict[str, tuple[np.ndarray, Measure]] = {}
         for name in names:
-            planned = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=name), gm)
+            planned = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=name,
+                                                prune_embed=self.prune_embed), gm)
             kept = planned.plan.kept_mask(graph)
             plans[name] = (kept, heldout.measure(kept))
 
@@ -117,11 +118,12 @@ class PlanMipAnalysis(PlannerAnalysis):
             {"criterion": name, "holdout_loss": m.mean_hinge, "holdout_accuracy": m.accuracy}
             for name, (_, m) in plans.items()]}
         if target.kind == "latency":  # the MILP keeps the warm start's widths: its calibration holds
-            chosen = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=warm_name), gm)
+            chosen = am.get(PlanGreedyAnalysis(target=target, leaf_modules=self.leaf_modules, importance=warm_name,
+                                                prune_embed=self.prune_embed), gm)
             predicted = chosen.predicted_latency or {}
             record["latency_calibration"] = {"scale": predicted.get("scale", 1.0),
                                              "rounds": predicted.get("calibration", [])}
-        forced = floor_units(graph, am.get(get_criterion(warm_name, self.leaf_modules), gm))
+        forced = floor_units(graph, am.get(get_criterion(warm_name, self.leaf_modules, self.prune_embed), gm))
         kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced,
                                    heldout=heldout)
         record["subproblems"] = [r.__dict__ for r in solver.records]

@@ -75,6 +75,7 @@ class PlannerAnalysis(Analysis[Planned]):
     leaf_modules: tuple[str, ...] = ()
     lossless: bool = False
     lossless_box: str = "feature"
+    prune_embed: bool = False
 
     def __post_init__(self) -> None:
         from .dead_units import BOXES
@@ -95,11 +96,11 @@ class PlannerAnalysis(Analysis[Planned]):
         """The plan for the target on ``gm`` as it is (every subclass's own method)."""
 
     def unit_analysis(self) -> Analysis[UnitGraph]:
-        return UnitGroupAnalysis(self.leaf_modules)
+        return UnitGroupAnalysis(self.leaf_modules, self.prune_embed)
 
     def settings(self, am: AnalysisManager) -> dict[str, Any]:
         """How the plan was made, as the plan file records it (target and seed)."""
-        return {**self.target.to_dict(), "seed": am.context.seed}
+        return {**self.target.to_dict(), "seed": am.context.seed, **({"prune_embed": True} if self.prune_embed else {})}
 
     def latency_model(self, gm: fx.GraphModule, am: AnalysisManager) -> LatencyModel | None:
         """The measured latency model a latency target needs (None for other targets).
@@ -112,7 +113,7 @@ class PlannerAnalysis(Analysis[Planned]):
 
         return am.get(LatencyModelAnalysis(batch=self.target.latency_batch, round_to=self.target.round_to,
                                            channel_block=self.target.channel_block,
-                                           leaf_modules=self.leaf_modules), gm)
+                                           leaf_modules=self.leaf_modules, prune_embed=self.prune_embed), gm)
 
     def predicted_latency(self, graph: UnitGraph, kept: np.ndarray, model: LatencyModel | None,
                           calibration: list[dict[str, float]] | None = None) -> dict[str, Any] | None:
@@ -200,10 +201,10 @@ def importance_names() -> list[str]:
 
 
 def planner_for(importance: str, target: Target, leaf_modules: tuple[str, ...] = (), *, lossless: bool = False,
-                lossless_box: str = "feature", **options: Any) -> PlannerAnalysis:
+                lossless_box: str = "feature", prune_embed: bool = False, **options: Any) -> PlannerAnalysis:
     """The planner for an ``importance`` name; ``options`` go to a planner of its own (e.g. the MIP's)."""
     common: dict[str, Any] = {"target": target, "leaf_modules": leaf_modules, "lossless": lossless,
-                              "lossless_box": lossless_box}
+                              "lossless_box": lossless_box, "prune_embed": prune_embed}
     if importance in _PLANNERS:
         return _PLANNERS[importance](**common, **options)
     if importance not in criteria():

@@ -68,20 +68,22 @@ class PruneUnitsPass(Pass):
     leaf_modules: tuple[str, ...] = ()
     lossless: bool = False
     lossless_box: str = "feature"
+    prune_embed: bool = False
     plan: Plan | None = field(default=None, compare=False)
 
     def _planned(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         if self.importance is not None or self.target.is_set:
             self.target.require()
             return am.get(planner_for(self.importance or "l1", self.target, self.leaf_modules,
-                                      lossless=self.lossless, lossless_box=self.lossless_box), gm)
+                                      lossless=self.lossless, lossless_box=self.lossless_box,
+                                      prune_embed=self.prune_embed), gm)
         if am.planned is not None:
             return am.planned
         raise UsageError("prune-units has no plan: give it a target (prune-ratio or flops-budget), a saved plan, "
                          "or run a planner before it in the pipeline (plan-greedy, plan-mip)")
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
-        graph = am.get(UnitGroupAnalysis(self.leaf_modules), gm)
+        graph = am.get(UnitGroupAnalysis(self.leaf_modules, self.prune_embed), gm)
         planned = None if self.plan is not None else self._planned(gm, am)
         plan = self.plan if self.plan is not None else planned.plan  # type: ignore[union-attr]
         kept = plan.kept_mask(graph)

@@ -27,6 +27,15 @@ How it works (one forward walk over the graph, then a union-find):
    never removed; so do positions where a unit is added to a channel that no producer owns.
 5. Grouped convolutions and GroupNorm add *equal-count blocks*: the kept count must be the same
    in every block so that the layer stays valid.
+6. **The residual stream** of a transformer (a group that a LayerNorm normalises and that several
+   layers add into) is kept unless ``prune_embed`` is set: removing its channels touches every
+   block, and a LayerNorm over fewer channels computes other statistics, so that removal is not
+   exact (the other removals are).  With ``prune_embed``, ``nn.Embedding`` outputs and the
+   parameters the graph reads (class token, positional embedding: their last dim) are *passive*
+   sources: joined to the stream by an add or a cat, they are cut with it, but they never make a
+   unit on their own (only layers' outputs do, so every unit has a layer to score it by).
+   ``expand`` (a class token over the batch) and basic indexing that leaves the channel dim whole
+   (``x[:, 0]``) then keep the channels instead of being barriers.
 
 The result (:class:`oamipc.units.UnitGraph`) also holds the exact cost model of every
 Linear/Conv layer as a function of the kept units.
@@ -50,6 +59,7 @@ from oamipc.units import Barrier, LayerCost, Layout, SplitLayout, UnitGraph, Uni
 log = logging.getLogger(__name__)
 
 OUTPUT_REASON = "reaches a network output"
+STREAM_REASON = "the residual stream (a LayerNorm over channels several layers add into): pruned only with prune_embed"
 
 
 class _UnionFind:
@@ -91,10 +101,16 @@ class _UnionFind:
 class _Walker:
     """One forward walk over the graph that assigns layouts (see the module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, leaf_modules: frozenset[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, leaf_modules: frozenset[str], prune_embed: bool = False) -> None:
         self.gm = gm
         self.leaf_modules = leaf_modules
+        self.prune_embed = prune_embed
         self.uf = _UnionFind()
+        # Sources that only follow the width they are joined to (``prune_embed``: an embedding's
+        # columns, a class token, a positional embedding): sliced with their unit, never a unit alone.
+        self.passive: set[int] = set()
+        self.param_layouts: dict[str, Layout] = {}  # parameter target -> its channels (one per parameter)
+        self.norm_reads: list[np.ndarray] = []  # the sources each LayerNorm normalises
         self.layouts: dict[str, Layout | SplitLayout | None] = {}
         self.producers: dict[int, tuple[str, int]] = {}  # source id -> (module target, channel)
         self.layers: list[tuple[fx.Node, str, np.ndarray, np.ndarray]] = []
@@ -141,7 +157,9 @@ class _Walker:
     # ----------------------------------------------------------------- walk
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node.op == "get_attr" and self.prune_embed:
+                self.visit_parameter(node)
+            elif node.op in ("placeholder", "get_attr"):
                 self.layouts[node.name] = None
             elif node.op == "output":
                 for arg in ir.iter_nodes(node.args):
@@ -166,6 +184,8 @@ class _Walker:
             return self.barrier(node, f"module is called {self.calls[node.target]} times (shared weights)")
         if target in self.tied:
             return self.barrier(node, f"shares a parameter with {self.tied[target]} (tied weights)")
+        if isinstance(mod, nn.Embedding) and self.prune_embed:
+            return self.visit_embedding(node, target, mod)
         if isinstance(mod, nn.Linear):
             return self.visit_linear(node, target, mod, x, lay)
         if isinstance(mod, ir.CONV_MODULES):
@@ -176,6 +196,8 @@ class _Walker:
             shape = ir.tensor_shape(x)
             if len(mod.normalized_shape) != 1 or shape is None:
                 return self.barrier(node, "LayerNorm over more than the channel dimension")
+            if lay is not None:
+                self.norm_reads.append(lay.units)
             return self.pass_through(node, lay, dim=len(shape) - 1)
         if isinstance(mod, nn.GroupNorm):
             return self.visit_groupnorm(node, mod, lay)
@@ -286,6 +308,8 @@ class _Walker:
             return self.visit_permute(node, lay)
         if kind in (ir.MATMUL, ir.ATTENTION):
             return self.visit_batched(node, kind)
+        if self.prune_embed and ir.op_name(node) == "expand" and lay is not None:
+            return self.visit_expand(node, lay)
         return self.barrier(node, f"op {ir.op_name(node)} is not supported by the unit analysis")
 
     def visit_binary(self, node: fx.Node, operands: list[fx.Node] | None = None) -> None:
@@ -572,7 +596,95 @@ class _Walker:
         if lay is None:
             self.layouts[node.name] = None
             return None
+        if self.prune_embed:
+            return self.visit_index(node, lay, index)
         return self.barrier(node, "indexes into a tensor with channels")
+
+    # ----------------------------------------------------------------- the residual stream (prune_embed)
+    def passive_units(self, target: str, n: int, dim: int) -> Layout:
+        """Sources that follow the unit they are joined to (see :attr:`passive`)."""
+        lay = self.new_units(target, n, dim)
+        self.passive.update(lay.units.tolist())
+        return lay
+
+    def visit_parameter(self, node: fx.Node) -> None:
+        """A parameter read by the graph (class token, positional embedding, layer scale): its last dim.
+
+        Every read of one parameter shares the same sources, so the parameter is sliced one way.
+        A parameter joined to the stream by an add or a cat is cut with the stream's channels; one
+        that meets anything else pins what it meets, as an untracked tensor would.
+        """
+        target = str(node.target)
+        try:
+            value = _fetch_attr(self.gm, target)
+        except AttributeError:
+            value = None
+        shape = ir.tensor_shape(node)
+        if not isinstance(value, nn.Parameter) or shape is None or not shape or shape[-1] <= 1:
+            self.layouts[node.name] = None
+            return None
+        if target not in self.param_layouts:
+            self.param_layouts[target] = self.passive_units(target, shape[-1], len(shape) - 1)
+        self.layouts[node.name] = self.param_layouts[target]
+        return None
+
+    def visit_embedding(self, node: fx.Node, target: str, mod: nn.Embedding) -> None:
+        """``nn.Embedding``: its columns are the channels of its output's last dim."""
+        shape = ir.tensor_shape(node)
+        if shape is None:
+            return self.barrier(node, "shapes were not propagated")
+        if self.calls[node.target] > 1:
+            return self.barrier(node, f"module is called {self.calls[node.target]} times (shared weights)")
+        self.layouts[node.name] = self.passive_units(target, mod.embedding_dim, len(shape) - 1)
+        return None
+
+    def visit_expand(self, node: fx.Node, lay: Layout) -> None:
+        """``expand`` (a class token broadcast over the batch): the channel dim keeps its size."""
+        in_shape, out_shape = ir.tensor_shape(node.args[0]), ir.tensor_shape(node)
+        if in_shape is None or out_shape is None:
+            return self.barrier(node, "shapes were not propagated")
+        dim = lay.dim + len(out_shape) - len(in_shape)
+        if out_shape[dim] != in_shape[lay.dim]:
+            return self.barrier(node, "expands the channel dim")
+        self.layouts[node.name] = Layout(dim, lay.units)
+        return None
+
+    def visit_index(self, node: fx.Node, lay: Layout, index: Any) -> None:
+        """Basic indexing that leaves the channel dim whole (``x[:, 0]``, the class token's row)."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in items):
+            return self.barrier(node, "indexes into a tensor with channels")
+        rank = len(ir.tensor_shape(node.args[0]) or ())
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
+            items[at:at + 1] = [slice(None)] * (rank - consumed)
+        in_dim = out_dim = 0
+        new_dim: int | None = None
+        for item in items:
+            if item is None:
+                out_dim += 1
+                continue
+            if in_dim == lay.dim:
+                if item != slice(None):
+                    return self.barrier(node, "indexes into the channel dim")
+                new_dim = out_dim
+            in_dim += 1
+            out_dim += 0 if isinstance(item, int) else 1
+        if new_dim is None:
+            new_dim = out_dim + lay.dim - in_dim
+        out_shape = ir.tensor_shape(node)
+        if out_shape is None or new_dim >= len(out_shape) or out_shape[new_dim] != len(lay.units):
+            return self.barrier(node, "indexes into a tensor with channels")
+        self.layouts[node.name] = Layout(new_dim, lay.units)
+        return None
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _tied_modules(gm: fx.GraphModule) -> dict[str, str]:
@@ -602,14 +714,19 @@ class UnitGroupAnalysis(Analysis[UnitGraph]):
     """Find the removable units of a traced, shape-propagated GraphModule and group them.
 
     ``leaf_modules`` are kept opaque: units feeding them are pinned and their outputs are not
-    removable.
+    removable.  ``prune_embed`` makes a transformer's residual stream one prunable group: the
+    columns of ``nn.Embedding`` layers and the parameters added or concatenated to the stream
+    (class token, positional embedding) are cut with it, and indexing a token (``x[:, 0]``) or
+    expanding over the batch keeps the channels.  Without it, the stream is kept (see
+    :func:`_pin_streams`).
     """
 
     name: ClassVar[str] = "unit-groups"
     leaf_modules: tuple[str, ...] = ()
+    prune_embed: bool = False
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> UnitGraph:
-        walker = _Walker(gm, frozenset(self.leaf_modules))
+        walker = _Walker(gm, frozenset(self.leaf_modules), self.prune_embed)
         walker.run()
         graph = _resolve(walker)
         log.info("unit groups: %d units in %d groups (%d prunable), %d barriers", graph.n_units,
@@ -622,10 +739,11 @@ def _resolve(w: _Walker) -> UnitGraph:
     uf = w.uf
     n_src = len(uf.parent)
     roots = np.array([uf.find(s) for s in range(n_src)], dtype=np.int64)
-    # Units are numbered by their smallest source id: deterministic, graph order.
-    uniq_roots = sorted(set(roots.tolist()))
+    # Units are numbered by their smallest source id: deterministic, graph order.  A set of passive
+    # sources joined to no layer's output (an embedding nothing adds to) is not a unit.
+    uniq_roots = sorted({int(roots[s]) for s in range(n_src) if s not in w.passive})
     unit_of_root = {r: i for i, r in enumerate(uniq_roots)}
-    src_unit = np.array([unit_of_root[r] for r in roots.tolist()], dtype=np.int64)
+    src_unit = np.array([unit_of_root.get(r, -1) for r in roots.tolist()], dtype=np.int64)
     n_units = len(uniq_roots)
 
     def to_units(ids: np.ndarray) -> np.ndarray:
@@ -636,7 +754,8 @@ def _resolve(w: _Walker) -> UnitGraph:
 
     members: dict[int, list[tuple[str, int]]] = {u: [] for u in range(n_units)}
     for s, (target, ch) in sorted(w.producers.items()):
-        members[int(src_unit[s])].append((target, ch))
+        if s not in w.passive:
+            members[int(src_unit[s])].append((target, ch))
 
     # Groups: producers linked through a shared unit.
     prod_parent: dict[str, str] = {}
@@ -655,7 +774,7 @@ def _resolve(w: _Walker) -> UnitGraph:
     order: list[str] = []
     for s in range(n_src):
         t = w.producers[s][0]
-        if t not in order:
+        if s not in w.passive and t not in order:
             order.append(t)
     group_units: dict[str, list[int]] = {}
     group_producers: dict[str, list[str]] = {}
@@ -676,7 +795,10 @@ def _resolve(w: _Walker) -> UnitGraph:
         groups.append(g)
     for s, reason in sorted(uf.pin_reason.items()):
         u = int(src_unit[s])
-        groups[unit_group[u]].pinned.setdefault(u, reason)
+        if u >= 0:
+            groups[unit_group[u]].pinned.setdefault(u, reason)
+    if not w.prune_embed:
+        _pin_streams(groups, unit_group, members, [to_units(r) for r in w.norm_reads])
 
     for blocks_src, why in w.blocks:
         blocks = [to_units(b) for b in blocks_src]
@@ -708,15 +830,36 @@ def _resolve(w: _Walker) -> UnitGraph:
             layouts[name] = SplitLayout(tuple(Layout(p.dim, to_units(p.units)) if p is not None else None
                                               for p in lay.pieces))
     layers = [_layer_cost(w.gm, node, kind, to_units(i), to_units(o)) for node, kind, i, o in w.layers]
-    floors = [np.unique(to_units(f)) for f in w.floors]
+    floors = [u for u in (_tracked(to_units(f)) for f in w.floors) if len(u)]
     # A cat input that is one whole group (an Inception branch) needs no floor: the group's own
     # minimum width keeps it, and a floor would fix which unit stays.
     for f in w.cat_floors:
-        units = np.unique(to_units(f))
+        units = _tracked(to_units(f))
+        if not len(units):
+            continue
         gids = {int(unit_group[u]) for u in units.tolist()}
         if len(gids) > 1 or len(units) < groups[gids.pop()].size:
             floors.append(units)
     return UnitGraph(n_units, groups, unit_group, layouts, layers, w.barriers, members, floors)
+
+
+def _tracked(units: np.ndarray) -> np.ndarray:
+    return np.unique(units[units >= 0])
+
+
+def _pin_streams(groups: list[UnitGroup], unit_group: np.ndarray, members: dict[int, list[tuple[str, int]]],
+                 norm_reads: list[np.ndarray]) -> None:
+    """Keep the residual stream unless asked: a group that a LayerNorm normalises and that several
+    layers write into the same channels (residual adds).  Removing its channels touches every block,
+    and a LayerNorm computes its statistics over fewer channels afterwards (not an exact removal)."""
+    done: set[int] = set()
+    for units in norm_reads:
+        for gid in sorted({int(unit_group[u]) for u in units.tolist() if u >= 0} - done):
+            done.add(gid)
+            g = groups[gid]
+            if any(len({t for t, _ in members[u]}) > 1 for u in g.units):
+                for u in g.units:
+                    g.pinned.setdefault(u, STREAM_REASON)
 
 
 def _refines(fine: list[list[int]], coarse: list[list[int]]) -> bool:
@@ -754,4 +897,4 @@ def _layer_cost(gm: fx.GraphModule, node: fx.Node, kind: str, in_units: np.ndarr
                      0.0, positions * k * per_out_in, 0.0, k * per_out_in + bias)
 
 
-__all__ = ["UnitGroupAnalysis", "OUTPUT_REASON"]
+__all__ = ["OUTPUT_REASON", "STREAM_REASON", "UnitGroupAnalysis"]
