@@ -74,6 +74,20 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _attention(layer: nn.TransformerEncoderLayer, t: torch.Tensor, idx: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    att = layer.self_attn
+    w, b = att.in_proj_weight, att.in_proj_bias
+    q, k, v = (_heads(F.linear(t, w[i * E:(i + 1) * E][:, idx], b[i * E:(i + 1) * E]), H) for i in range(3))
+    y = _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    return F.linear(y, att.out_proj.weight[idx], att.out_proj.bias[idx])
+
+
+def _ffn(layer: nn.TransformerEncoderLayer, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    hidden = F.relu(F.linear(t, layer.linear1.weight[:, idx], layer.linear1.bias))
+    return F.linear(hidden, layer.linear2.weight[idx], layer.linear2.bias[idx])
+
+
 def encoder_by_hand(m: EncoderCls, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``EncoderCls`` in eval mode with only the stream channels ``idx`` (by hand)."""
     h = m.embed.weight[x][..., idx] if m.tokens else F.linear(x, m.embed.weight[idx], m.embed.bias[idx])
@@ -84,24 +98,12 @@ def encoder_by_hand(m: EncoderCls, x: torch.Tensor, idx: torch.Tensor) -> torch.
     elif m.mask == "padding":
         mask = torch.zeros(m.padding(x).shape).masked_fill(m.padding(x), float("-inf"))[:, None, None, :]
     for layer in m.encoder.layers:
-        att = layer.self_attn
-        w, b = att.in_proj_weight, att.in_proj_bias
-
-        def attention(t: torch.Tensor) -> torch.Tensor:
-            q, k, v = (_heads(F.linear(t, w[i * E:(i + 1) * E][:, idx], b[i * E:(i + 1) * E]), H) for i in range(3))
-            y = _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-            return F.linear(y, att.out_proj.weight[idx], att.out_proj.bias[idx])
-
-        def ffn(t: torch.Tensor) -> torch.Tensor:
-            hidden = F.relu(F.linear(t, layer.linear1.weight[:, idx], layer.linear1.bias))
-            return F.linear(hidden, layer.linear2.weight[idx], layer.linear2.bias[idx])
-
         if m.norm_first:
-            h = h + attention(_ln(layer.norm1, h, idx))
-            h = h + ffn(_ln(layer.norm2, h, idx))
+            h = h + _attention(layer, _ln(layer.norm1, h, idx), idx, mask)
+            h = h + _ffn(layer, _ln(layer.norm2, h, idx), idx)
         else:
-            h = _ln(layer.norm1, h + attention(h), idx)
-            h = _ln(layer.norm2, h + ffn(h), idx)
+            h = _ln(layer.norm1, h + _attention(layer, h, idx, mask), idx)
+            h = _ln(layer.norm2, h + _ffn(layer, h, idx), idx)
     h = _ln(m.encoder.norm, h, idx)
     return F.linear(h[:, 0], m.head.weight[:, idx], m.head.bias)
 
