@@ -250,3 +250,25 @@ def test_default_importance_is_mip_with_data_and_l1_without(tmp_path: Path) -> N
                           "--report", str(report))
     assert code == 0, stderr
     assert json.loads(report.read_text())["settings"]["importance"] == "l1"
+
+
+def test_prune_embed_flag_on_inspect_and_compile(tmp_path: Path) -> None:
+    """The shipped ViT: inspect shows the stream group kept without --prune-embed and prunable with
+    it; compile --prune-embed narrows the stream (class token, positional embedding included) and
+    writes a verified file."""
+    vit = str(EXAMPLES / "fashion_vit.pt")
+
+    def stream(*flags: str) -> dict:
+        code, stdout, stderr = run("inspect", vit, "--input-shape", "1,1,28,28", "--json", *flags)
+        assert code == 0, stderr
+        return next(g for g in json.loads(stdout)["units"]["groups"] if "patch_embed" in g["producers"])
+
+    kept, free = stream(), stream("--prune-embed")
+    assert not kept["prunable"] and free["prunable"] and free["pinned"] == 0 and free["units"] == 64
+    assert len(free["producers"]) == 9  # the patch embedding and every block's two output layers
+    out, pt2 = tmp_path / "vit.onnx", tmp_path / "vit.pt2"
+    code, _, stderr = run("compile", vit, "--input-shape", "1,1,28,28", "--importance", "l1", "--prune-ratio", "0.25",
+                          "--prune-embed", "--no-bench", "-o", str(out), "--save-pt", str(pt2))
+    assert code == 0, stderr
+    pruned = torch.export.load(str(pt2)).module()
+    assert pruned.pos_embed.shape == (1, 17, 48) and pruned.cls_token.shape == (1, 1, 48)
