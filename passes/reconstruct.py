@@ -56,10 +56,10 @@ How, and why:
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
   the graph); models with several inputs (the data holds one) are refused with an error.
   Only Linear and Conv layers are refit: with ``prune_embed`` (a transformer's residual stream
-  narrowed), every layer after the stream's first writer is refit to the dense outputs of its kept
-  channels, which absorbs part of what the narrower LayerNorm statistics changed; the LayerNorms,
-  embeddings, class token and positional embedding keep their sliced values
-  (``tests/test_prune_embed.py``).
+  narrowed), the layers whose outputs changed (those after the stream's first writer) are refit
+  to the dense outputs of their kept channels, which absorbs part of what the narrower LayerNorm
+  statistics changed; the LayerNorms, embeddings, class token and positional embedding keep their
+  sliced values (``tests/test_prune_embed.py``).
 
 The outcome (:class:`ReconstructOutcome`) lists every layer with its relative output error
 before and after (on the fitting rows), the network output's relative error against the dense
