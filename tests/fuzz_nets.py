@@ -943,7 +943,8 @@ def _seq_body(d: _Draw, max_ops: int) -> tuple[Shape, list[OpSpec], list[Shape]]
             ops.append(op)
             shapes.extend(_out_shapes(op, [shapes[j] for j in op.inputs]))
     last = len(shapes) - 1
-    ops.append(_op("pool_tokens", [last], how=d.pick(["mean", "mean", "amax", "sum", "first", "flatten"])))
+    how = d.pick(["mean", "mean", "amax", "sum", "first", "flatten", "flatten_view"])
+    ops.append(_op("pool_tokens", [last], how=how, size=d.pick(["shape", "const"]), width=math.prod(shapes[last])))
     shapes.extend(_out_shapes(ops[-1], [shapes[last]]))
     return input_shape, ops, shapes
 
@@ -1055,8 +1056,9 @@ def plans(draw: Callable[[st.SearchStrategy[Any]], Any], graph: UnitGraph) -> np
 #   (``is_causal`` / a ``-inf`` triangle) or key padding.  Every mask lets each query see token 0,
 #   so no row is masked whole.
 # * ``cat_last``: ``cat`` along the width; ``pool_tokens``: mean, amax, sum over the tokens, the
-#   first token (a class-token readout) or a flatten of every token; the last two are barriers
-#   of the unit analysis (the width reaching them is kept).
+#   first token (a class-token readout: indexing a tensor with channels is a barrier) or a
+#   flatten of every token (``flatten(1)``, or ``reshape`` to a constant ``T * width``: the channels
+#   repeated ``T`` times).
 #
 # A head of an attention block is one unit: its q, k and v rows and its slice of the output
 # projection's input, so :func:`zeroed_oracle` zeroes the head's q, k and v rows (in the packed
@@ -1124,6 +1126,10 @@ def _run_seq(net: FuzzNet, i: int, op: OpSpec, args: list[torch.Tensor]) -> torc
             return torch.sum(x, 1)
         if how == "first":
             return x[:, 0]
+        if how == "flatten_view":
+            if op.get("size") == "shape":
+                return x.reshape(x.size(0), x.shape[1] * x.shape[2])
+            return x.reshape(-1, op.get("width"))  # the flattened width baked into the graph
         return x.flatten(1)
     if op.kind == "mha":
         return _run_mha(net, name, op, args)
@@ -1197,7 +1203,7 @@ def _seq_out_shapes(op: OpSpec, ins: list[Shape]) -> list[Shape]:
     if op.kind == "cat_last":
         return [(*s[:-1], sum(i[-1] for i in ins))]
     if op.kind == "pool_tokens":
-        return [(math.prod(s),)] if op.get("how") == "flatten" else [(s[-1],)]
+        return [(math.prod(s),)] if op.get("how").startswith("flatten") else [(s[-1],)]
     if op.kind == "attn":
         return [(*s[:-1], op.get("fout"))]
     return [s]  # ln, mha
@@ -1214,12 +1220,10 @@ def _expect_seq_op(e: ExpectedUnits, op: OpSpec, target: str, ins: list[np.ndarr
         return [np.concatenate(ins)]
     if kind == "pool_tokens":
         how = op.get("how")
-        if how in ("first", "flatten"):
-            # Indexing a tensor with channels, and merging the tokens into the channel dim, are
-            # barriers of the unit analysis: the width reaching them is kept.
+        if how == "first":  # indexing a tensor with channels: a barrier, the width reaching it is kept
             e.pin(x)
-            return [np.full(len(x) * (tokens if how == "flatten" else 1), -1, dtype=np.int64)]
-        return [x]
+            return [np.full(len(x), -1, dtype=np.int64)]
+        return [np.tile(x, tokens)] if how.startswith("flatten") else [x]
     heads, bias = op.get("heads"), op.get("bias")
     if kind == "mha":
         width = len(x)
@@ -1237,10 +1241,11 @@ def _expect_seq_op(e: ExpectedUnits, op: OpSpec, target: str, ins: list[np.ndarr
         e.modules[name] = {"kind": "linear", "in": inp, "out": out, "positions": tokens, "kernel": 1, "bias": bias}
         projections.append(out)
     manual = op.get("fn") == "manual" if kind == "attn" else op.get("need_weights")  # softmax(QK^T)V
-    if heads == 1 and (d > 1 or dv > 1):
+    if heads == 1 and (d > 1 or dv > 1 or (masked and manual)):
         # One head of several channels: the reshape to heads leaves the channels on the head dim,
         # which QK^T contracts (and attention @ V mixes over tokens): a barrier keeps q, k and v.
-        # softmax(QK^T)V with one channel per q/k head matches q with k before V's barrier.
+        # softmax(QK^T)V with one channel per q/k head matches q with k before V's barrier (or,
+        # one channel each, before the mask keeps that head and V meets scores of a kept channel).
         if manual and d == 1:
             e.union(int(projections[0][0]), int(projections[1][0]))
         for proj in projections:
