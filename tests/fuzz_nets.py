@@ -21,11 +21,20 @@ indexing); a Linear head, sometimes with a second, intermediate output.  Every a
 to 0 and sigmoid appears only inside a gate that multiplies, so a unit whose producers output
 exactly 0 contributes nothing downstream: that is the exact oracle of pruning (see :func:`zeroed_oracle`).
 
+Sequence networks (``NetSpec.tokens``, rank ``"seq"``, drawn by :func:`seq_net_specs`) keep
+(tokens, width) values with the channels last: token-wise Linear, activations, LayerNorm,
+residual ops, ``nn.MultiheadAttention`` (packed or separate q/k/v weights, ``batch_first`` both
+ways, ``need_weights`` both ways, masks), hand-written attention (SDPA or ``softmax(QK^T)V``, masks),
+pre-/post-norm attention blocks, GELU FFN blocks, width concats and concat-into-residual blocks,
+then a pooling over the tokens (see the section "Sequence networks" below).  An attention head is
+one unit; the oracle zeroes its q, k and v rows and normalises LayerNorms over the kept channels.
+
 :func:`expected_units` is an independent model of the unit analysis on this vocabulary (written
 from the spec, not from the graph): which producer channels are coupled, which must be kept, and
-the width of every layer under a plan.  Strategies: :func:`net_specs` (networks) and
-:func:`plans` (random keep masks of a unit graph that respect pinned units, equal-count blocks,
-split and cat floors and min-keep 1).
+the width of every layer under a plan.  Strategies: :func:`net_specs` (networks; the default
+ranks draw exactly the networks drawn before sequence networks existed), :func:`seq_net_specs`
+(sequence networks) and :func:`plans` (random keep masks of a unit graph that respect pinned
+units, equal-count blocks, split and cat floors and min-keep 1).
 """
 
 from __future__ import annotations
