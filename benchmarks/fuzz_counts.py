@@ -9,11 +9,12 @@ of their own: this script runs exactly::
 with ``OAMIPC_FUZZ_EXAMPLES`` and ``OAMIPC_FUZZ_SEED`` set from ``--examples`` and ``--seed``, and
 collects from its output:
 
-* per property of ``tests/test_fuzz.py`` (``analysis``, ``identity``, ``plan``, ``onnx``, ``data``):
-  the distinct examples and the distinct networks (or data files) that ran, as the test prints
-  them, and for ``onnx`` how many networks the TorchScript exporter refused (since the default
-  exporter falls back to dynamo, these were written by dynamo and verified, or refused by both
-  exporters with one line);
+* per property of ``tests/test_fuzz.py`` (``analysis``, ``identity``, ``plan``, ``onnx``, ``data``,
+  and the same four on sequence networks: ``seq_analysis``, ``seq_identity``, ``seq_plan``,
+  ``seq_onnx``): the distinct examples and the distinct networks (or data files) that ran, as the
+  test prints them, and for ``onnx``/``seq_onnx`` how many networks the TorchScript exporter
+  refused (since the default exporter falls back to dynamo, these were written by dynamo and
+  verified, or refused by both exporters with one line);
 * per test of ``tests/test_loading_fuzz.py``: hypothesis's count of passing, failing and invalid
   examples (``--hypothesis-show-statistics``);
 * pytest's summary (passed / failed / skipped), its exit code and the wall time.
@@ -48,7 +49,7 @@ COMMAND = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
 
 # pytest's progress dots can precede a printed line, so the lines are matched after any dots.
 _PROPERTY = re.compile(r"^\.*(\w+): (\d+) distinct examples, (\d+) distinct (networks|inputs)$", re.M)
-_REFUSED = re.compile(r"^\.*onnx: (\d+) refused by the torchscript exporter$", re.M)
+_REFUSED = re.compile(r"^\.*(\w*onnx): (\d+) refused by the torchscript exporter$", re.M)
 _STATS_HEAD = re.compile(r"^(tests/\S+::\w+):\s*$", re.M)
 # "30 passing, 0 failing, and 1 invalid test cases" (older hypothesis: "30 passing examples, ...").
 _STATS_LINE = re.compile(r"(\d+) passing(?: examples?)?, (\d+) failing(?: examples?)?,(?: and)? (\d+) invalid")
@@ -66,9 +67,9 @@ def parse(output: str) -> dict[str, Any]:
     """The counts in the output of :data:`COMMAND`."""
     properties = {m.group(1): {"distinct_examples": int(m.group(2)), f"distinct_{m.group(4)}": int(m.group(3))}
                   for m in _PROPERTY.finditer(output)}
-    refused = _REFUSED.search(output)
-    if refused and "onnx" in properties:
-        properties["onnx"]["refused_by_exporter"] = int(refused.group(1))
+    for refused in _REFUSED.finditer(output):
+        if refused.group(1) in properties:
+            properties[refused.group(1)]["refused_by_exporter"] = int(refused.group(2))
     loader: dict[str, dict[str, int]] = {}
     heads = list(_STATS_HEAD.finditer(output))
     for i, head in enumerate(heads):

@@ -2,7 +2,9 @@
 
     python examples/train_examples.py [--out examples/] [--fashion] [--only NAME ...]
 
-Digits (always, a few seconds each): ``digits_mlp`` (DigitsMLP) and ``digits_cnn`` (DigitsCNN).
+Digits (always, seconds each, about 80 s for the sequence model): ``digits_mlp`` (DigitsMLP),
+``digits_cnn`` (DigitsCNN) and ``digits_seq`` (DigitsSeq: the rows as 8 tokens, a small
+``nn.TransformerEncoder``).
 With ``--fashion`` also Fashion-MNIST (about a minute each on 2 cores): ``fashion_mlp``
 (PaperMLP in the paper's FC-4 shape 784-200-100-100-10) and ``fashion_lenet5`` (LeNet5), and
 ``fashion_vit`` (a small ViT, one epoch: about 12 minutes on 2 shared cores).
@@ -51,6 +53,8 @@ RECIPES = [
            epochs=60, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, input_noise=0.1),
     Recipe("digits_cnn", "oamipc.models:DigitsCNN", {}, "digits",
            epochs=30, batch_size=32, lr=2e-3, weight_decay=0.05, label_smoothing=0.1, input_noise=0.1),
+    Recipe("digits_seq", "oamipc.models:DigitsSeq", {}, "digits",
+           epochs=24, batch_size=64, lr=3e-3, weight_decay=0.05, label_smoothing=0.1, input_noise=0.1),
     # FC-4 rather than the paper's FC-3 (784-300-100-10): FC-3 weighs 1.07 MB, over the 1 MB
     # budget for shipped files.
     Recipe("fashion_mlp", "oamipc.models:PaperMLP", {"hidden": [200, 100, 100], "in_features": 784},

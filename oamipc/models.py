@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "BasicBlock", "DigitsCNN", "DigitsMLP", "InvertedResidual", "LeNet5", "MobileNetV2", "PaperMLP", "ResNet18",
-    "SelfAttention", "SmallCNN", "SmallResNet", "SmallVGG", "TransformerBlock", "ViT",
+    "BasicBlock", "DigitsCNN", "DigitsMLP", "DigitsSeq", "InvertedResidual", "LeNet5", "MobileNetV2", "PaperMLP",
+    "ResNet18", "SelfAttention", "SmallCNN", "SmallResNet", "SmallVGG", "TransformerBlock", "ViT",
 ]
 
 
@@ -610,3 +610,33 @@ class ViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0])
+
+
+class DigitsSeq(nn.Module):
+    """A small sequence model: each row of an 8x8 digit is one token of 8 pixels.
+
+    ``(N, 1, rows, cols) -> num_classes``: the rows as ``rows`` tokens, a Linear embedding of each
+    to ``dim``, learned positional embeddings, torch's own ``nn.TransformerEncoder`` (batch-first,
+    pre-norm layers of ``heads`` heads and a GELU FFN of ``ffn`` units, a final LayerNorm), a mean
+    over the tokens and a Linear classifier.  It uses ``nn.MultiheadAttention`` (packed ``in_proj``),
+    so pruning reaches its heads through the traced stand-ins of :mod:`oamipc.attention`.  The
+    default is ``examples/digits_seq.pt``.
+    """
+
+    def __init__(self, rows: int = 8, cols: int = 8, dim: int = 32, depth: int = 2, heads: int = 4,
+                 ffn: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not a multiple of the head count {heads}")
+        self.rows, self.cols = int(rows), int(cols)
+        self.embed = nn.Linear(cols, dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, rows, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, ffn, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.rows, self.cols)  # (N, 1, 8, 8) -> (N, 8 tokens, 8 pixels)
+        x = self.encoder(self.embed(x) + self.pos_embed)
+        return self.head(x.mean(1))

@@ -139,7 +139,15 @@ def _written_in_place(gm: fx.GraphModule, placeholders: list[fx.Node]) -> set[fx
 
 
 class _Tracer(fx.Tracer):
-    """An fx tracer that keeps chosen modules opaque and remembers where tracing broke."""
+    """An fx tracer that keeps chosen modules opaque and remembers where tracing broke.
+
+    Buffers read in a forward are graph values (``get_attr``), not constants: a causal-mask
+    buffer sliced to the sequence length (``self.mask[:, :, :t, :t]`` with ``t = x.size(1)``) or a
+    padding buffer expanded to the batch (``self.pad.expand(x.size(0), -1)``) mixes a buffer with
+    a size only known at run time, which fails on a plain tensor.
+    """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_names: frozenset[str]) -> None:
         super().__init__()

@@ -6,7 +6,8 @@ How it works (one forward walk over the graph, then a union-find):
    unit* with a fresh id.  Each tensor gets a layout: the source id behind each index of its
    channel dimension (see :mod:`oamipc.units`).
 2. Ops move layouts forward: element-wise ops and pooling keep them; flatten/view expand a
-   channel into its ``H*W`` block of features; ``cat`` concatenates them (``cat([x, x])`` simply
+   channel into its ``H*W`` block of features (and a flatten of tokens ``(B, T, C) -> (B, T*C)``
+   repeats the channel layout ``T`` times); ``cat`` concatenates them (``cat([x, x])`` simply
    repeats the units); ``split``/``chunk`` slice them (every piece of a split, and every input of a
    ``cat``, keeps at least one unit: see :attr:`oamipc.units.UnitGraph.floors`); a depthwise conv
    maps output ``o`` to input channel ``o // multiplier``; ``transpose``/``permute`` move the
@@ -394,7 +395,29 @@ class _Walker:
             blocks = out_shape[d]
             if 1 < blocks < c and c % blocks == 0 and ir.prod(out_shape[d + 1:]) == c // blocks * suffix:
                 return self.split_channels(node, lay, d, out_shape[d])
+        merged = self.merged_layout(in_shape, out_shape, lay)
+        if merged is not None:
+            self.layouts[node.name] = merged
+            return None
         return self.barrier(node, f"reshape {in_shape} -> {out_shape} splits or mixes the channel dim")
+
+    @staticmethod
+    def merged_layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], lay: Layout) -> Layout | None:
+        """A reshape that merges dims before the channel dim into it, e.g. every token's channels
+        into one feature vector: ``(B, T, C) -> (B, T * C)``.
+
+        The merged dim holds the channels once per position of the dims merged in front of them
+        (``T`` copies of the layout, each channel as its block of trailing positions), so every
+        copy follows the kept channels.  The batch dim is never merged.  None: not such a reshape.
+        """
+        suffix = ir.prod(in_shape[lay.dim + 1:])
+        for k in range(1, lay.dim):
+            for d in range(1, len(out_shape)):
+                if (len(out_shape) == d + 1 and ir.prod(out_shape[:d]) == ir.prod(in_shape[:k])
+                        and out_shape[d] == ir.prod(in_shape[k:])):
+                    copies = ir.prod(in_shape[k:lay.dim])
+                    return Layout(d, np.tile(np.repeat(lay.units, suffix), copies))
+        return None
 
     def split_channels(self, node: fx.Node, lay: Layout, dim: int, blocks: int) -> None:
         """A reshape that cuts the channel dim into ``blocks`` contiguous blocks on ``dim`` (heads).

@@ -21,11 +21,20 @@ indexing); a Linear head, sometimes with a second, intermediate output.  Every a
 to 0 and sigmoid appears only inside a gate that multiplies, so a unit whose producers output
 exactly 0 contributes nothing downstream: that is the exact oracle of pruning (see :func:`zeroed_oracle`).
 
+Sequence networks (``NetSpec.tokens``, rank ``"seq"``, drawn by :func:`seq_net_specs`) keep
+(tokens, width) values with the channels last: token-wise Linear, activations, LayerNorm,
+residual ops, ``nn.MultiheadAttention`` (packed or separate q/k/v weights, ``batch_first`` both
+ways, ``need_weights`` both ways, masks), hand-written attention (SDPA or ``softmax(QK^T)V``, masks),
+pre-/post-norm attention blocks, GELU FFN blocks, width concats and concat-into-residual blocks,
+then a pooling over the tokens (see the section "Sequence networks" below).  An attention head is
+one unit; the oracle zeroes its q, k and v rows and normalises LayerNorms over the kept channels.
+
 :func:`expected_units` is an independent model of the unit analysis on this vocabulary (written
 from the spec, not from the graph): which producer channels are coupled, which must be kept, and
-the width of every layer under a plan.  Strategies: :func:`net_specs` (networks) and
-:func:`plans` (random keep masks of a unit graph that respect pinned units, equal-count blocks,
-split and cat floors and min-keep 1).
+the width of every layer under a plan.  Strategies: :func:`net_specs` (networks; the default
+ranks draw exactly the networks drawn before sequence networks existed), :func:`seq_net_specs`
+(sequence networks) and :func:`plans` (random keep masks of a unit graph that respect pinned
+units, equal-count blocks, split and cat floors and min-keep 1).
 """
 
 from __future__ import annotations
@@ -45,8 +54,8 @@ from torch import nn
 
 from oamipc.units import UnitGraph
 
-__all__ = ["ExpectedUnits", "FuzzNet", "NetSpec", "OpSpec", "build", "expected_units", "inputs_for",
-           "net_specs", "plans", "zeroed_oracle"]
+__all__ = ["ExpectedUnits", "FuzzNet", "KeptLayerNorm", "NetSpec", "OpSpec", "build", "expected_units",
+           "inputs_for", "net_specs", "plans", "seq_net_specs", "zeroed_oracle"]
 
 Shape = tuple[int, ...]  # per-sample shape: (C,), (C, L) or (C, H, W)
 
@@ -97,13 +106,22 @@ class NetSpec:
     ops: tuple[OpSpec, ...]
     outputs: tuple[int, ...]
     seed: int = 0
+    tokens: bool = False  # a sequence network: values are (tokens, width), channels last
 
     @property
-    def rank(self) -> int:
-        return len(self.input_shape) - 1  # spatial dims of the input (0: feature vectors)
+    def rank(self) -> int | str:
+        """Spatial dims of the input (0: feature vectors), or ``"seq"`` for a sequence network."""
+        return "seq" if self.tokens else len(self.input_shape) - 1
+
+    def width_changed(self, extra: int = 1) -> Shape:
+        """The per-sample input shape with ``extra`` more channels (a wrong input)."""
+        if self.tokens:
+            return (*self.input_shape[:-1], self.input_shape[-1] + extra)
+        return (self.input_shape[0] + extra, *self.input_shape[1:])
 
     def __repr__(self) -> str:
-        lines = [f"NetSpec(input {self.input_shape}, seed {self.seed})"]
+        where = "tokens x width " if self.tokens else ""
+        lines = [f"NetSpec(input {where}{self.input_shape}, seed {self.seed})"]
         value = 1
         for i, op in enumerate(self.ops):
             n = op_value_count(op)
@@ -155,8 +173,8 @@ class FuzzNet(nn.Module):
                 c, op.get("cout"), op.get("k"), stride=op.get("stride"), padding=op.get("padding"),
                 dilation=op.get("dilation"), groups=op.get("groups"), bias=op.get("bias"),
                 padding_mode=op.get("padding_mode"))
-        elif op.kind == "linear":
-            self.layers[name] = nn.Linear(c, op.get("fout"), bias=op.get("bias"))
+        elif op.kind == "linear":  # over the last dim: features, or the width of every token
+            self.layers[name] = nn.Linear(in_shapes[0][-1], op.get("fout"), bias=op.get("bias"))
         elif op.kind == "bn":
             self.layers[name] = _bn_cls(rank)(c, eps=op.get("eps"), affine=op.get("affine"))
         elif op.kind == "gn":  # one group per channel: channels stay independent
@@ -174,6 +192,8 @@ class FuzzNet(nn.Module):
             self.layers[name + "_fc2"] = nn.Linear(op.get("hidden"), c)
         elif op.kind == "head":
             self.layers[name] = nn.Linear(c, op.get("fout"))
+        elif op.kind in _SEQ_KINDS:
+            _make_seq_modules(self, i, op, in_shapes)
 
     def forward(self, x: torch.Tensor) -> Any:
         values = [x]
@@ -224,6 +244,8 @@ class FuzzNet(nn.Module):
             return _gate(self, name, op, x, dim)
         if kind == "barrier":
             return _barrier(op, x)
+        if kind in _SEQ_KINDS:
+            return _run_seq(self, i, op, args)
         raise AssertionError(f"unknown op kind {kind}")
 
 
@@ -309,7 +331,9 @@ def _out_shapes(op: OpSpec, ins: list[Shape]) -> list[Shape]:
         return [(op.get("cout"), *(_conv_out(d, op.get("k"), op.get("stride"), op.get("padding"),
                                              op.get("dilation")) for d in s[1:]))]
     if kind in ("linear", "head"):
-        return [(op.get("fout"),)]
+        return [(*s[:-1], op.get("fout"))]
+    if kind in _SEQ_KINDS:
+        return _seq_out_shapes(op, ins)
     if kind == "pool":
         if op.get("how") in ("max", "avg"):
             return [(s[0], *(_conv_out(d, op.get("k"), op.get("stride"), op.get("padding"), 1) for d in s[1:]))]
@@ -443,6 +467,9 @@ class ExpectedUnits:
             if m["kind"] in ("bn", "gn"):
                 params += 2 * w["out"] if m["affine"] else 0
                 continue
+            if m["kind"] == "ln":
+                params += w["out"] * (int(m["affine"]) + int(m["affine"] and m["bias"]))
+                continue
             per_out = (w["in"] // w["groups"]) * m["kernel"]
             macs += m["positions"] * w["out"] * per_out
             params += w["out"] * per_out + (w["out"] if m["bias"] else 0)
@@ -453,7 +480,7 @@ def expected_units(spec: NetSpec) -> ExpectedUnits:
     """Walk the spec and predict the unit analysis's result (see :class:`ExpectedUnits`)."""
     e = ExpectedUnits()
     shapes = value_shapes(spec)
-    e.provenance.append(np.full(spec.input_shape[0], -1, dtype=np.int64))
+    e.provenance.append(np.full(spec.input_shape[-1 if spec.tokens else 0], -1, dtype=np.int64))
     value = 1
     for i, op in enumerate(spec.ops):
         target = f"layers.op{i}"
@@ -473,9 +500,11 @@ def _expect_op(e: ExpectedUnits, op: OpSpec, target: str, ins: list[np.ndarray],
     positions = math.prod(out_shape[1:])
     if kind in ("linear", "head"):
         out = e.new(target, op.get("fout"))
-        e.modules[target] = {"kind": "linear", "in": x, "out": out, "positions": 1, "kernel": 1, "bias":
-                             op.get("bias", True)}
+        e.modules[target] = {"kind": "linear", "in": x, "out": out, "positions": math.prod(out_shape[:-1]),
+                             "kernel": 1, "bias": op.get("bias", True)}
         return [out]
+    if kind in _SEQ_KINDS:
+        return _expect_seq_op(e, op, target, ins, in_shape, out_shape)
     if kind == "conv":
         cin, cout, groups = in_shape[0], op.get("cout"), op.get("groups")
         kernel = op.get("k") ** (len(in_shape) - 1)
@@ -552,25 +581,68 @@ def _expect_binary(e: ExpectedUnits, ins: list[np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+class KeptLayerNorm(nn.Module):
+    """A LayerNorm whose statistics run over the ``kept`` channels only; the others output 0.
+
+    That is what a LayerNorm computes once the removed channels are gone, written on the full
+    width so that it can stand in the oracle's copy of the network.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, kept: np.ndarray) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("index", torch.as_tensor(np.flatnonzero(kept), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.index
+        w = None if self.norm.weight is None else self.norm.weight[idx]
+        b = None if self.norm.bias is None else self.norm.bias[idx]
+        out = torch.zeros_like(x)
+        out[..., idx] = F.layer_norm(x[..., idx], (len(idx),), w, b, self.norm.eps)
+        return out
+
+
+def _zero_rows(ref: nn.Module, target: str, rows: list[int]) -> None:
+    """Zero output rows ``rows`` of the layer ``target`` (a projection inside ``nn.MultiheadAttention`` too)."""
+    parent_name, _, leaf = target.rpartition(".")
+    parent = ref.get_submodule(parent_name) if parent_name else ref
+    if isinstance(parent, nn.MultiheadAttention) and leaf in ("q_proj", "k_proj", "v_proj"):
+        which = ("q_proj", "k_proj", "v_proj").index(leaf)
+        offset = which * parent.embed_dim
+        weight = parent.in_proj_weight if parent._qkv_same_embed_dim else getattr(parent, f"{leaf}_weight")
+        weight[[offset + r for r in rows] if parent._qkv_same_embed_dim else rows] = 0.0
+        if parent.in_proj_bias is not None:
+            parent.in_proj_bias[[offset + r for r in rows]] = 0.0
+        return
+    mod = ref.get_submodule(target)
+    for p in (getattr(mod, "weight", None), getattr(mod, "bias", None), getattr(mod, "running_mean", None)):
+        if p is not None:
+            p[rows] = 0.0
+
+
 def zeroed_oracle(net: nn.Module, expected: ExpectedUnits, kept_sources: np.ndarray) -> nn.Module:
     """A copy of ``net`` where every removed unit outputs exactly 0 wherever it appears.
 
     Zeroes, per layer, the weight rows and bias entries of output channels whose source is
-    removed (for BatchNorm also the running mean, so that it outputs ``0`` there).  Every other
-    op of the vocabulary maps zeros to zeros (activations with f(0) = 0, pooling, adds of coupled
-    zeros, products with a zero), so removed units contribute nothing downstream: removing them
-    physically must give the same outputs.
+    removed (for BatchNorm also the running mean, so that it outputs ``0`` there; for the q, k and
+    v projections of ``nn.MultiheadAttention`` the rows of ``in_proj_weight``/``in_proj_bias``).
+    Every other op of the vocabulary maps zeros to zeros (activations with f(0) = 0, pooling, adds
+    of coupled zeros, products with a zero; an attention head whose q, k and v are 0 outputs 0),
+    so removed units contribute nothing downstream: removing them physically must give the same
+    outputs.  A LayerNorm fed removed channels is replaced by :class:`KeptLayerNorm`: its
+    statistics change with the width, and the pruned one normalises over the kept channels.
     """
     ref = copy.deepcopy(net)
     with torch.no_grad():
         for target, m in expected.modules.items():
-            mod = ref.get_submodule(target)
-            rows = [o for o, s in enumerate(m["out"].tolist()) if s >= 0 and not kept_sources[s]]
-            if not rows:
+            if m["kind"] == "ln":
+                kept = np.array([s < 0 or bool(kept_sources[s]) for s in m["in"].tolist()])
+                if not kept.all():
+                    ref.set_submodule(target, KeptLayerNorm(ref.get_submodule(target), kept))
                 continue
-            for p in (getattr(mod, "weight", None), getattr(mod, "bias", None), getattr(mod, "running_mean", None)):
-                if p is not None:
-                    p[rows] = 0.0
+            rows = [o for o, s in enumerate(m["out"].tolist()) if s >= 0 and not kept_sources[s]]
+            if rows:
+                _zero_rows(ref, target, rows)
     return ref
 
 
@@ -766,12 +838,145 @@ _FLAT_OPS: dict[str, tuple[int, Callable[..., OpSpec | list[OpSpec] | None]]] = 
 }
 
 
+def _seq_partners(shapes: list[Shape], s: Shape) -> list[int]:
+    return [j for j, t in enumerate(shapes) if len(t) == 2 and t[0] == s[0]]
+
+
+def _seq_ln(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
+    affine = d.flag(0.8)
+    return _op("ln", [cur], eps=d.pick([1e-5, 1e-3]), affine=affine, bias=affine and d.flag(0.8))
+
+
+def _seq_mha(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
+    """``nn.MultiheadAttention`` on ``cur``: self-attention, or key/value from other values (other
+    widths: the separate-weights form)."""
+    width = s[-1]
+    partners = _seq_partners(shapes, s)
+    key = cur if d.flag(0.6) else d.pick(partners)
+    value = key if d.flag(0.7) else d.pick(partners)
+    return _op("mha", [cur, key, value], heads=d.pick(_divisors(width)), bias=d.flag(0.7),
+               batch_first=d.flag(), need_weights=d.flag(), mask=d.pick(_MASKS_MHA))
+
+
+def _seq_attn(d: _Draw, cur: int, s: Shape, shapes: list[Shape], fout: int | None = None) -> OpSpec:
+    """Hand-written attention on ``cur`` (key/value from ``cur`` or other values)."""
+    partners = _seq_partners(shapes, s)
+    key = cur if d.flag(0.6) else d.pick(partners)
+    value = key if d.flag(0.7) else d.pick(partners)
+    heads, head_dim = d.int(1, 4), d.int(1, 3)
+    dv = head_dim if d.flag(0.7) else d.int(1, 3)
+    return _op("attn", [cur, key, value], heads=heads, d=head_dim, dv=dv,
+               fout=fout if fout is not None else d.int(1, _MAX_C), bias=d.flag(0.7), fn=d.pick(["sdpa", "manual"]),
+               mask=d.pick(_MASKS_ATTN), causal_flag=d.flag(), split=d.pick(["const", "neg_heads", "neg_dim"]),
+               perm=d.pick(["transpose", "permute"]), merge=d.pick(["const", "neg", "flatten"]),
+               batch=d.pick(["size", "shape"]))
+
+
+def _seq_attn_block(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> list[OpSpec]:
+    """A residual attention block: ``cur + attention(norm(cur))`` (pre-norm) or ``norm(cur + attention(cur))``."""
+    n, pre = len(shapes), d.flag()
+    ops = [_seq_ln(d, cur, s, shapes)] if pre else []
+    src = n if pre else cur
+    grown = [*shapes, s] if pre else shapes
+    attn = (_seq_mha(d, src, s, grown) if d.flag() else _seq_attn(d, src, s, grown, fout=s[-1]))
+    ops.append(attn)
+    out = n + len(ops) - 1
+    ops.append(_op("binary", [cur, out], op="add"))
+    if not pre:
+        ops.append(_seq_ln(d, out + 1, s, [*grown, s, s]))
+    return ops
+
+
+def _seq_ffn(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> list[OpSpec]:
+    """A transformer FFN block: ``cur + fc2(act(fc1(norm(cur))))``, GELU most of the time."""
+    n = len(shapes)
+    ops = [_seq_ln(d, cur, s, shapes),
+           _op("linear", [n], fout=d.int(1, 2 * _MAX_C), bias=d.flag(0.8)),
+           _op("act", [n + 1], fn="gelu" if d.flag(0.75) else d.pick(["relu", "silu"]), spelling=d.pick(
+               ["module", "function"]), inplace=False),
+           _op("linear", [n + 2], fout=s[-1], bias=d.flag(0.8))]
+    return [*ops, _op("binary", [cur, n + 3] if d.flag() else [n + 3, cur], op=d.pick(["add", "torch.add"]))]
+
+
+def _seq_cat(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec | None:
+    partners = _seq_partners(shapes, s)
+    inputs = [cur, *(d.pick(partners) for _ in range(d.int(1, 2)))]
+    if sum(shapes[j][-1] for j in inputs) > 3 * _MAX_C:
+        return None
+    return _op("cat_last", d.draw(st.permutations(inputs)), dim=d.pick([2, -1]), fn=d.pick(["cat", "concat"]))
+
+
+def _seq_cat_residual(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> list[OpSpec]:
+    """Two token-wise Linear branches concatenated along the width and added to a third (see
+    :func:`_cat_residual`)."""
+    widths = [d.int(1, 4), d.int(1, 4)]
+    n = len(shapes)
+    layers = [_op("linear", [cur], fout=w, bias=d.flag(0.7)) for w in (*widths, sum(widths))]
+    add = _op("binary", [n + 3, n + 2] if d.flag() else [n + 2, n + 3], op=d.pick(["add", "sub", "torch.add"]))
+    return [*layers, _op("cat_last", [n, n + 1], dim=-1, fn="cat"), add]
+
+
+def _seq_linear(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
+    return _op("linear", [cur], fout=d.int(1, _MAX_C), bias=d.flag(0.7))
+
+
+def _seq_act(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
+    op = _act(d, cur, s, shapes)
+    return op if op.get("fn") != "dropout" else _op("act", [cur], fn="gelu", spelling="module", inplace=False)
+
+
+def _seq_binary(d: _Draw, cur: int, s: Shape, shapes: list[Shape]) -> OpSpec:
+    other = d.pick([j for j, t in enumerate(shapes) if t == s])
+    return _op("binary", [cur, other] if d.flag() else [other, cur], op=d.pick(["add", "sub", "mul", "torch.add"]))
+
+
+_SEQ_OPS: dict[str, tuple[int, Callable[..., OpSpec | list[OpSpec] | None]]] = {
+    "linear": (4, _seq_linear), "act": (3, _seq_act), "ln": (3, _seq_ln), "binary": (2, _seq_binary),
+    "scale": (1, _scale), "mha": (3, _seq_mha), "attn": (3, _seq_attn), "attn_block": (3, _seq_attn_block),
+    "ffn": (2, _seq_ffn), "cat": (2, _seq_cat), "cat_residual": (1, _seq_cat_residual),
+}
+
+
+def _seq_body(d: _Draw, max_ops: int) -> tuple[Shape, list[OpSpec], list[Shape]]:
+    """The input shape (T, W), the body's ops (every value (T, width)) and the shapes of all values."""
+    input_shape: Shape = (d.int(2, 6), d.int(1, 8))
+    shapes: list[Shape] = [input_shape]
+    ops: list[OpSpec] = []
+    kinds = [k for k, (w, _) in _SEQ_OPS.items() for _ in range(w)]
+    for _ in range(d.int(1, max_ops)):
+        cur = len(shapes) - 1 if d.flag(0.75) else d.int(0, len(shapes) - 1)
+        drawn = _SEQ_OPS[d.pick(kinds)][1](d, cur, shapes[cur], shapes)
+        if drawn is None:
+            continue
+        for op in drawn if isinstance(drawn, list) else [drawn]:
+            ops.append(op)
+            shapes.extend(_out_shapes(op, [shapes[j] for j in op.inputs]))
+    last = len(shapes) - 1
+    how = d.pick(["mean", "mean", "amax", "sum", "first", "flatten", "flatten_view"])
+    ops.append(_op("pool_tokens", [last], how=how, size=d.pick(["shape", "const"]), width=math.prod(shapes[last])))
+    shapes.extend(_out_shapes(ops[-1], [shapes[last]]))
+    return input_shape, ops, shapes
+
+
 @st.composite
 def net_specs(draw: Callable[[st.SearchStrategy[Any]], Any], max_ops: int = 8,
-              ranks: Sequence[int] = (0, 1, 2, 2)) -> NetSpec:
-    """A random :class:`NetSpec` of at most ``max_ops`` body ops plus its head (see the module docstring)."""
+              ranks: Sequence[int | str] = (0, 1, 2, 2)) -> NetSpec:
+    """A random :class:`NetSpec` of at most ``max_ops`` body ops plus its head (see the module docstring).
+
+    ``ranks``: the input ranks to draw from, 0 to 2 spatial dims or ``"seq"`` for a sequence
+    network (:func:`seq_net_specs`).  The default draws no sequence network, so that it generates
+    the same networks as before they existed.
+    """
     d = _Draw(draw)
     rank = d.pick(ranks)
+    if rank == "seq":
+        input_shape, ops, shapes = _seq_body(d, max_ops)
+        ops.append(_op("head", [len(shapes) - 1], fout=d.int(1, 5)))
+        shapes.append((ops[-1].get("fout"),))
+        outputs = (len(shapes) - 1,)
+        if d.flag(0.15):
+            outputs = (*outputs, d.int(1, len(shapes) - 2))
+        return NetSpec(input_shape, tuple(ops), outputs, seed=d.int(0, 2**16), tokens=True)
     c = d.int(1, 4)
     input_shape: Shape = (c,) if rank == 0 else (c, *(d.int(1, 9 if rank == 2 else 16) for _ in range(rank)))
     shapes: list[Shape] = [input_shape]
@@ -802,6 +1007,11 @@ def net_specs(draw: Callable[[st.SearchStrategy[Any]], Any], max_ops: int = 8,
     return NetSpec(input_shape, tuple(ops), outputs, seed=d.int(0, 2**16))
 
 
+def seq_net_specs(max_ops: int = 6) -> st.SearchStrategy[NetSpec]:
+    """Random sequence networks: attention, LayerNorm/GELU and concat blocks on (tokens, width) values."""
+    return net_specs(max_ops=max_ops, ranks=("seq",))
+
+
 @st.composite
 def plans(draw: Callable[[st.SearchStrategy[Any]], Any], graph: UnitGraph) -> np.ndarray:
     """A random keep mask over ``graph``'s units that a plan may hold.
@@ -830,3 +1040,236 @@ def plans(draw: Callable[[st.SearchStrategy[Any]], Any], graph: UnitGraph) -> np
         if units and not kept[units].any():  # an emptied split or cat piece: keep its whole group
             kept[graph.groups[int(graph.unit_group[units[0]])].units] = True
     return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence networks: values (batch, tokens, width), channels last
+# --------------------------------------------------------------------------------------------
+#
+# A spec with ``tokens=True`` reads an input of per-sample shape (T, W) and keeps T tokens
+# throughout; every value of its body is (T, width) and its channels are the width (the last dim).
+# ``linear``, ``act``, ``binary`` and ``scale`` work on it as they are; the kinds below are only
+# drawn there.  ``pool_tokens`` ends the body with a (width,) vector for the head.
+#
+# * ``ln``: ``nn.LayerNorm(width)``.  Its statistics run over the kept channels once some are
+#   removed, so the oracle replaces it by a LayerNorm over the kept channels (:class:`KeptLayerNorm`).
+# * ``mha``: ``nn.MultiheadAttention`` reading query, key and value values (the same one for
+#   self-attention; other widths give the separate ``q/k/v_proj_weight`` form), ``batch_first``
+#   either way (the value is transposed around it when False), ``need_weights`` either way (the
+#   weights are dropped), masks: none, a bool or float ``attn_mask``, causal (``attn_mask`` and
+#   ``is_causal``), a key padding mask, or a bool ``attn_mask`` and a key padding mask.
+# * ``attn``: attention written by hand: Linear q/k/v (``op<i>_q``/``_k``/``_v``), a reshape to
+#   heads in three spellings (constants, ``-1`` heads, ``-1`` head dim), ``transpose`` or
+#   ``permute``, ``scaled_dot_product_attention`` or ``softmax(QK^T / sqrt(d))V``, the merge back
+#   in three spellings and an output Linear (``op<i>_o``); masks: none, bool, float, causal
+#   (``is_causal`` / a ``-inf`` triangle) or key padding.  Every mask lets each query see token 0,
+#   so no row is masked whole.
+# * ``cat_last``: ``cat`` along the width; ``pool_tokens``: mean, amax, sum over the tokens, the
+#   first token (a class-token readout: indexing a tensor with channels is a barrier) or a
+#   flatten of every token (``flatten(1)``, or ``reshape`` to a constant ``T * width``: the channels
+#   repeated ``T`` times).
+#
+# A head of an attention block is one unit: its q, k and v rows and its slice of the output
+# projection's input, so :func:`zeroed_oracle` zeroes the head's q, k and v rows (in the packed
+# ``in_proj_weight`` for ``nn.MultiheadAttention``) and the head outputs exactly 0.
+
+_SEQ_KINDS = frozenset({"ln", "mha", "attn", "cat_last", "pool_tokens"})
+_MASKS_MHA = ("none", "none", "bool", "float", "causal", "padding", "bool_padding")
+_MASKS_ATTN = ("none", "none", "bool", "float", "causal", "padding")
+
+
+def _mask_buffers(net: FuzzNet, name: str, op: OpSpec, tokens: int, heads: int) -> None:
+    """The constant masks of an attention op, as buffers (drawn from the module's seed)."""
+    mask = op.get("mask")
+    if mask in ("bool", "bool_padding"):  # True: may not attend (torch's MHA convention)
+        blocked = torch.rand(tokens, tokens) < 0.4
+        blocked[:, 0] = False
+        net.register_buffer(name + "_mask", blocked)
+    elif mask == "float":
+        additive = -2.0 * torch.rand(tokens, tokens)
+        net.register_buffer(name + "_mask", additive)
+    elif mask == "causal":
+        net.register_buffer(name + "_mask", torch.ones(tokens, tokens, dtype=torch.bool).triu(1))
+    if mask in ("padding", "bool_padding"):
+        pad = torch.zeros(1, tokens, dtype=torch.bool)
+        pad[0, 1:] = torch.rand(tokens - 1) < 0.4
+        net.register_buffer(name + "_pad", pad)
+        if op.kind == "attn":  # the same as an additive mask over the keys, for SDPA
+            net.register_buffer(name + "_padf", torch.zeros(1, 1, 1, tokens).masked_fill(pad.view(1, 1, 1, -1),
+                                                                                          float("-inf")))
+
+
+def _make_seq_modules(net: FuzzNet, i: int, op: OpSpec, in_shapes: list[Shape]) -> None:
+    name, width = f"op{i}", in_shapes[0][-1]
+    tokens = in_shapes[0][0] if len(in_shapes[0]) == 2 else 1
+    if op.kind == "ln":
+        net.layers[name] = nn.LayerNorm(width, eps=op.get("eps"), elementwise_affine=op.get("affine"),
+                                        bias=op.get("bias"))
+    elif op.kind == "mha":
+        kdim, vdim = in_shapes[1][-1], in_shapes[2][-1]
+        net.layers[name] = nn.MultiheadAttention(width, op.get("heads"), bias=op.get("bias"), kdim=kdim, vdim=vdim,
+                                                 batch_first=op.get("batch_first"))
+        _mask_buffers(net, name, op, tokens, op.get("heads"))
+    elif op.kind == "attn":
+        heads, d, dv = op.get("heads"), op.get("d"), op.get("dv")
+        net.layers[name + "_q"] = nn.Linear(width, heads * d, bias=op.get("bias"))
+        net.layers[name + "_k"] = nn.Linear(in_shapes[1][-1], heads * d, bias=op.get("bias"))
+        net.layers[name + "_v"] = nn.Linear(in_shapes[2][-1], heads * dv, bias=op.get("bias"))
+        net.layers[name + "_o"] = nn.Linear(heads * dv, op.get("fout"), bias=op.get("bias"))
+        _mask_buffers(net, name, op, tokens, heads)
+
+
+def _run_seq(net: FuzzNet, i: int, op: OpSpec, args: list[torch.Tensor]) -> torch.Tensor:
+    name, x = f"op{i}", args[0]
+    if op.kind == "ln":
+        return net.layers[name](x)
+    if op.kind == "cat_last":
+        return (torch.cat if op.get("fn") == "cat" else torch.concat)(args, dim=op.get("dim"))
+    if op.kind == "pool_tokens":
+        how = op.get("how")
+        if how == "mean":
+            return x.mean(1)
+        if how == "amax":
+            return x.amax(dim=1)
+        if how == "sum":
+            return torch.sum(x, 1)
+        if how == "first":
+            return x[:, 0]
+        if how == "flatten_view":
+            if op.get("size") == "shape":
+                return x.reshape(x.size(0), x.shape[1] * x.shape[2])
+            return x.reshape(-1, op.get("width"))  # the flattened width baked into the graph
+        return x.flatten(1)
+    if op.kind == "mha":
+        return _run_mha(net, name, op, args)
+    return _run_attn(net, name, op, args)
+
+
+def _run_mha(net: FuzzNet, name: str, op: OpSpec, args: list[torch.Tensor]) -> torch.Tensor:
+    q, k, v = args
+    if not op.get("batch_first"):
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    mask = op.get("mask")
+    attn_mask = getattr(net, name + "_mask") if mask in ("bool", "float", "causal", "bool_padding") else None
+    padding = getattr(net, name + "_pad").expand(args[0].size(0), -1) if "padding" in mask else None
+    out, _ = net.layers[name](q, k, v, key_padding_mask=padding, need_weights=op.get("need_weights"),
+                              attn_mask=attn_mask, is_causal=mask == "causal")
+    return out if op.get("batch_first") else out.transpose(0, 1)
+
+
+def _to_heads(op: OpSpec, x: torch.Tensor, batch: Any, head_dim: int) -> torch.Tensor:
+    tokens, heads, spelling = x.shape[1], op.get("heads"), op.get("split")
+    if spelling == "const":
+        x = x.view(batch, tokens, heads, head_dim)
+    elif spelling == "neg_heads":
+        x = x.view(batch, tokens, -1, head_dim)
+    else:
+        x = x.reshape(batch, tokens, heads, -1)
+    return x.transpose(1, 2) if op.get("perm") == "transpose" else x.permute(0, 2, 1, 3)
+
+
+def _run_attn(net: FuzzNet, name: str, op: OpSpec, args: list[torch.Tensor]) -> torch.Tensor:
+    x = args[0]
+    batch = x.size(0) if op.get("batch") == "size" else x.shape[0]
+    d, dv, mask = op.get("d"), op.get("dv"), op.get("mask")
+    q = _to_heads(op, net.layers[name + "_q"](x), batch, d)
+    k = _to_heads(op, net.layers[name + "_k"](args[1]), batch, d)
+    v = _to_heads(op, net.layers[name + "_v"](args[2]), batch, dv)
+    buf = getattr(net, name + "_mask") if mask in ("bool", "float", "causal") else None
+    pad = getattr(net, name + "_pad") if mask == "padding" else None
+    if op.get("fn") == "sdpa":
+        attn_mask: torch.Tensor | None = None
+        if mask in ("bool", "causal") and not (mask == "causal" and op.get("causal_flag")):
+            attn_mask = ~buf  # SDPA's bool masks say where attention is allowed
+        elif mask == "float":
+            attn_mask = buf
+        elif mask == "padding":
+            attn_mask = getattr(net, name + "_padf")
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=mask == "causal" and bool(op.get("causal_flag")))
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+        if mask in ("bool", "causal"):
+            scores = scores.masked_fill(buf, float("-inf"))
+        elif mask == "float":
+            scores = scores + buf
+        elif mask == "padding":
+            scores = scores.masked_fill(pad.view(1, 1, 1, -1), float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v
+    o = o.transpose(1, 2) if op.get("perm") == "transpose" else o.permute(0, 2, 1, 3)
+    merge = op.get("merge")
+    if merge == "const":
+        o = o.reshape(batch, x.shape[1], op.get("heads") * dv)
+    elif merge == "neg":
+        o = o.reshape(batch, x.shape[1], -1)
+    else:
+        o = o.flatten(2)
+    return net.layers[name + "_o"](o)
+
+
+def _seq_out_shapes(op: OpSpec, ins: list[Shape]) -> list[Shape]:
+    s = ins[0]
+    if op.kind == "cat_last":
+        return [(*s[:-1], sum(i[-1] for i in ins))]
+    if op.kind == "pool_tokens":
+        return [(math.prod(s),)] if op.get("how").startswith("flatten") else [(s[-1],)]
+    if op.kind == "attn":
+        return [(*s[:-1], op.get("fout"))]
+    return [s]  # ln, mha
+
+
+def _expect_seq_op(e: ExpectedUnits, op: OpSpec, target: str, ins: list[np.ndarray], in_shape: Shape,
+                   out_shape: Shape) -> list[np.ndarray]:
+    x, kind = ins[0], op.kind
+    tokens = in_shape[0] if len(in_shape) == 2 else 1
+    if kind == "ln":
+        e.modules[target] = {"kind": "ln", "in": x, "out": x, "affine": op.get("affine"), "bias": op.get("bias")}
+        return [x]
+    if kind == "cat_last":
+        return [np.concatenate(ins)]
+    if kind == "pool_tokens":
+        how = op.get("how")
+        if how == "first":  # indexing a tensor with channels: a barrier, the width reaching it is kept
+            e.pin(x)
+            return [np.full(len(x), -1, dtype=np.int64)]
+        return [np.tile(x, tokens)] if how.startswith("flatten") else [x]
+    heads, bias = op.get("heads"), op.get("bias")
+    if kind == "mha":
+        width = len(x)
+        d = dv = width // heads
+        names = [f"{target}.{p}_proj" for p in ("q", "k", "v")] + [f"{target}.out_proj"]
+        masked = op.get("mask") != "none"
+    else:
+        d, dv = op.get("d"), op.get("dv")
+        names = [f"{target}_{p}" for p in ("q", "k", "v", "o")]
+        masked = op.get("mask") != "none" and not (op.get("fn") == "sdpa" and op.get("mask") == "causal"
+                                                    and op.get("causal_flag"))
+    projections = []
+    for name, inp, per_head in zip(names[:3], ins, (d, d, dv)):
+        out = e.new(name, heads * per_head)
+        e.modules[name] = {"kind": "linear", "in": inp, "out": out, "positions": tokens, "kernel": 1, "bias": bias}
+        projections.append(out)
+    manual = op.get("fn") == "manual" if kind == "attn" else op.get("need_weights")  # softmax(QK^T)V
+    if heads == 1 and (d > 1 or dv > 1 or (masked and manual)):
+        # One head of several channels: the reshape to heads leaves the channels on the head dim,
+        # which QK^T contracts (and attention @ V mixes over tokens): a barrier keeps q, k and v.
+        # softmax(QK^T)V with one channel per q/k head matches q with k before V's barrier (or,
+        # one channel each, before the mask keeps that head and V meets scores of a kept channel).
+        if manual and d == 1:
+            e.union(int(projections[0][0]), int(projections[1][0]))
+        for proj in projections:
+            e.pin(proj)
+    else:
+        for h in range(heads):  # a head: its q, k and v rows are one unit
+            members = [*projections[0][h * d:(h + 1) * d], *projections[1][h * d:(h + 1) * d],
+                       *projections[2][h * dv:(h + 1) * dv]]
+            for m in members[1:]:
+                e.union(int(members[0]), int(m))
+    if heads == 1 and masked:
+        # One head next to a mask tensor: the mask's size-1 head dim reads as a fixed channel
+        # (as a network input's channel would), so the lone head is kept.
+        e.pin(projections[0])
+    out = e.new(names[3], len(x) if kind == "mha" else op.get("fout"))
+    e.modules[names[3]] = {"kind": "linear", "in": projections[2], "out": out, "positions": tokens, "kernel": 1,
+                           "bias": bias}
+    return [out]

@@ -460,3 +460,56 @@ def test_mip_prunes_whole_heads(tmp_path) -> None:
     path = tmp_path / "mip.onnx"
     export_onnx(res.module, (x[:2],), path)
     verify_onnx(path, res.module, x)
+
+
+# ------------------------------------------------------------------------------------------
+# Mask buffers sized at run time
+# ------------------------------------------------------------------------------------------
+
+
+class CausalBufferAttention(nn.Module):
+    """Causal self-attention in the common GPT style: one packed qkv Linear cut by ``split``, and a
+    causal-mask buffer built for ``max_len`` tokens, sliced to the input's length at run time."""
+
+    def __init__(self, max_len: int = 8, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+        self.dim, self.heads = dim, heads
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.size(0), x.size(1)
+        q, k, v = self.qkv(x).split(self.dim, dim=2)
+        q, k, v = (z.view(b, t, self.heads, self.dim // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.dim // self.heads))
+        att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(b, t, self.dim)
+        return self.head(self.proj(y).mean(1))
+
+
+def test_a_causal_mask_buffer_sliced_at_run_time_traces_and_loses_whole_heads(tmp_path) -> None:
+    """``self.bias[:, :, :t, :t]`` with ``t = x.size(1)`` failed to trace (the buffer was a plain
+    tensor, sliced by a traced size); now it is a graph value.  Removing head 1 gives the original
+    with that head's q, k and v rows of the packed Linear zeroed, and onnxruntime agrees."""
+    torch.manual_seed(0)
+    model = CausalBufferAttention().eval()
+    x = torch.randn(3, 6, 8)
+    gm = trace(model, (x,))
+    graph = UnitGroupAnalysis().run(gm, oamipc.passmanager.AnalysisManager(oamipc.passmanager.CompileContext((x,))))
+    head1 = next(u for u in range(graph.n_units) if ("qkv", 4) in graph.members[u])
+    assert set(graph.members[head1]) == {("qkv", c) for c in (4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23)}
+    kept = graph.all_kept()
+    kept[head1] = False
+    result = oamipc.compile(model, (x,), plan=oamipc.Plan.from_mask(graph, kept, "test"))
+    assert result.module.get_submodule("qkv").out_features == 12
+    assert result.module.get_submodule("proj").in_features == 4
+    ref = CausalBufferAttention().eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        rows = [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
+        ref.qkv.weight[rows] = 0.0
+        ref.qkv.bias[rows] = 0.0
+    torch.testing.assert_close(_run(result.module, x), _run(ref, x))
+    path = tmp_path / "causal.onnx"
+    export_onnx(result.module, (x,), path)
+    assert verify_onnx(path, result.module, (x,)).passed

@@ -28,6 +28,7 @@ MAX_BYTES = 1_000_000
 DOCUMENTED = {
     "digits_mlp": ("digits", "DigitsMLP", 98.70),
     "digits_cnn": ("digits", "DigitsCNN", 99.07),
+    "digits_seq": ("digits", "DigitsSeq", 97.77),
     "fashion_mlp": ("fashion-mnist", "PaperMLP", 88.96),
     "fashion_lenet5": ("fashion-mnist", "LeNet5", 89.24),
     "fashion_vit": ("fashion-mnist", "ViT", 81.40),

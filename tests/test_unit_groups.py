@@ -505,3 +505,54 @@ def test_layers_sharing_a_parameter_are_barriers() -> None:
     pruned = prune(gm, graph, x, [u for u in range(graph.n_units) if not kept[u]])
     assert pruned.get_submodule("a").weight is pruned.get_submodule("b").weight
     assert pruned.get_submodule("mid").out_features == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens flattened into one feature vector
+# --------------------------------------------------------------------------------------------
+
+
+class TokenFlatten(nn.Module):
+    """Token-wise Linear on (B, 5, 4) -> (B, 5, 6), then every token's channels flattened into one vector."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.fc1, self.act, self.head = nn.Linear(4, 6), nn.ReLU(), nn.Linear(30, 3)
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        if self.spelling == "flatten":
+            h = h.flatten(1)
+        elif self.spelling == "view_const":  # the width 5 * 6 baked into the graph
+            h = h.view(-1, 30)
+        else:
+            h = h.reshape(h.size(0), -1)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("spelling", ["flatten", "view_const", "reshape_neg"])
+def test_flattened_tokens_keep_their_channels_prunable(spelling: str) -> None:
+    """(B, T, C) -> (B, T * C) repeats the channel layout T times: fc1's units stay removable (this
+    was a barrier that kept all of them), and the pruned network is the original with those
+    units' rows zeroed, the head losing the matching column of every token."""
+    torch.manual_seed(0)
+    model = TokenFlatten(spelling).eval()
+    x = torch.randn(3, 5, 4)
+    gm, graph = analyse(model, x)
+    group = group_of(graph, "fc1")
+    assert not group.pinned and not graph.barriers
+    flat = next(n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+                and ir_name(n) in ("flatten", "view", "reshape"))
+    assert graph.layouts[flat.name].units.tolist() == np.tile(np.arange(6), 5).tolist()
+    removed = [group.units[1], group.units[4]]
+    pruned = prune(gm, graph, x, removed)
+    assert pruned.get_submodule("head").in_features == 20
+    ref = copy.deepcopy(model)
+    zero_rows(ref.fc1, [1, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x))
+
+
+def ir_name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
