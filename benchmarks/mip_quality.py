@@ -356,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--round-to", default="auto", help="the compile's round_to (auto, the default, or an integer)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="leave the pruned layers as they are (no refit): the plans alone are compared")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="compile nothing: merge the --also files (an earlier file wins) into --out and summarise")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
@@ -397,8 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
-    rows = run(networks, budgets, criteria, opts, args.seed, done=lambda rows: _write_json(out, result(rows, False)),
-               round_to=round_to, reconstruct=False if args.no_reconstruct else "auto")
+    rows = [] if args.merge_only else run(networks, budgets, criteria, opts, args.seed,
+                                          done=lambda rows: _write_json(out, result(rows, False)), round_to=round_to,
+                                          reconstruct=False if args.no_reconstruct else "auto")
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:
