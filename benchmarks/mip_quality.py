@@ -63,6 +63,10 @@ DATA = {"digits": "digits", "fashion": "fashion-mnist"}
 # Criteria names that run importance "mip" with these options on top of the command line's.
 MIP_VARIANTS: dict[str, dict[str, Any]] = {"mip": {}, "mip_mr": {"mean_replacement": True},
                                            "mip_nospend": {"spend_budget": False},
+                                           # acceptance variants (passes/mip/evidence.py): the older hinge rule,
+                                           # and the paired rule refusing only a loss of accuracy beyond noise
+                                           "mip_hinge": {"accept": "hinge"},
+                                           "mip_lossz": {"accept_loss_z": 1.645},
                                            "mip_paper": {"formulation": "paper"},
                                            "mip_paper_lp": {"formulation": "paper", "relax": True}}
 SHIPPED_CRITERIA = "mip,mip_mr,mip_paper,mip_paper_lp,l1,l2,taylor,activation,random"
@@ -150,7 +154,9 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                                                "solve_seconds": c["solve"].get("seconds")} for c in mip["classes"]]}
                 elif criterion in MIP_VARIANTS:
                     mip = rep["mip"]
-                    row["mip"] = {"warm_start": mip["warm_start"]["chosen"], "holdout_loss": mip["holdout_loss"],
+                    row["mip"] = {"warm_start": mip["warm_start"]["chosen"],
+                                  "warm_candidates": mip["warm_start"]["candidates"],
+                                  "holdout_loss": mip["holdout_loss"],
                                   "seconds": mip["seconds"], "reproducible": mip["reproducible"],
                                   "selection": mip.get("selection"),
                                   "mean_replacement": mip["mean_replacement"],
@@ -159,19 +165,26 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                                                      "solve_seconds": s["solve"].get("seconds"),
                                                      "binaries": s["solve"].get("n_binaries"),
                                                      "constraints": s["solve"].get("n_constraints")}
-                                                  for s in mip["subproblems"]],
+                                                  | _evidence(s) for s in mip["subproblems"]],
                                   "joint_rounds": [{k: r[k] for k in ("radius", "flips", "outcome", "holdout_before",
                                                                       "holdout_after")}
                                                    | {"status": r["solve"].get("status"), "gap": r["solve"].get("gap"),
                                                       "solve_seconds": r["solve"].get("seconds"),
                                                       "time_limited": r["time_limited"], "candidates": r["candidates"]}
-                                                   for r in mip["joint_rounds"]]}
+                                                   | _evidence(r) for r in mip["joint_rounds"]]}
                 rows.append(row)
                 print(f"  {name} budget {budget:.2f} {criterion:10s} acc {row['accuracy_after']:.4f} "
                       f"macs {row['macs_kept']:.3f} ({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
         if done is not None:
             done(rows)
     return rows
+
+
+def _evidence(record: dict[str, Any]) -> dict[str, Any]:
+    """The held-out verdict of one move, in short (empty when the move was not judged)."""
+    ev = record.get("evidence") or {}
+    return {k: ev[k] for k in ("gained", "lost", "z_accuracy", "z_hinge", "accuracy_before", "accuracy_after")
+            if k in ev}
 
 
 def _versions() -> dict[str, str]:
@@ -343,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--round-to", default="auto", help="the compile's round_to (auto, the default, or an integer)")
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="leave the pruned layers as they are (no refit): the plans alone are compared")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="compile nothing: merge the --also files (an earlier file wins) into --out and summarise")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
@@ -384,8 +399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
-    rows = run(networks, budgets, criteria, opts, args.seed, done=lambda rows: _write_json(out, result(rows, False)),
-               round_to=round_to, reconstruct=False if args.no_reconstruct else "auto")
+    rows = [] if args.merge_only else run(networks, budgets, criteria, opts, args.seed,
+                                          done=lambda rows: _write_json(out, result(rows, False)), round_to=round_to,
+                                          reconstruct=False if args.no_reconstruct else "auto")
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:

@@ -105,7 +105,8 @@ class PlanMipAnalysis(PlannerAnalysis):
         """The default formulation: warm start, layer sub-problems, joint stage, final checks."""
         opts = self.options
         calib = Calibration.build(gm, am, opts, macs_per_sample=graph.macs())
-        heldout = HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold, rule=opts.accept, z=opts.accept_z)
+        heldout = HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold, rule=opts.accept, z=opts.accept_z,
+                          loss_z=opts.accept_loss_z)
         record: dict[str, Any] = {
             "formulation": opts.formulation, "solver": opts.solver, "bounds": opts.bounds,
             "spend_budget": opts.spend_budget, "samples": len(calib.x), "holdout_samples": len(calib.x_hold),
@@ -170,6 +171,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         moves = [r.outcome for r in solver.records] + [r.outcome for r in solver.joint_rounds]
         section: dict[str, Any] = {
             "rule": opts.accept, "z": opts.accept_z if opts.accept == "paired" else None,
+            "loss_z": opts.accept_loss_z if opts.accept == "paired" else None,
             "holdout_samples": len(free.correct), "holdout_source": solver.calib.holdout_source,
             "moves_accepted": moves.count("improved"), "moves_rejected": moves.count("rejected"),
             "mip": mine.summary(), "best_solver_free": {"criterion": free_name, **free.summary()}}

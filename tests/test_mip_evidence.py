@@ -71,6 +71,33 @@ def test_paired_rule_statistics_match_their_closed_forms() -> None:
     assert lower.accepted and (lower.gained, lower.lost) == (0, 0) and lower.z_hinge > 10
 
 
+def test_loss_gate_refuses_any_loss_at_zero_and_only_a_significant_loss_above() -> None:
+    """``loss_z`` sets how much lost accuracy refuses a move whose hinge is far lower.  4 lost / 1
+    gained: McNemar's z is -3/sqrt(5) = -1.34, within noise; 12 lost / 2 gained: -10/sqrt(14) = -2.67."""
+    n = 400
+    hinge = np.linspace(0.5, 2.0, n)
+    before = Measure(np.arange(n) < 300, hinge)
+
+    def moved(lost: int, gained: int) -> Measure:
+        correct = np.arange(n) < 300
+        correct[:lost], correct[300:300 + gained] = False, True
+        return Measure(correct, hinge - 0.3)  # the hinge drops on every sample: z_hinge is infinite
+
+    small = moved(4, 1)
+    v0 = compare(before, small, "paired", z=1.645, loss_z=0.0)
+    assert (v0.gained, v0.lost) == (1, 4) and v0.z_accuracy == pytest.approx(-3 / math.sqrt(5))
+    assert not v0.accepted and "accuracy lower" in v0.reason
+    v1 = compare(before, small, "paired", z=1.645, loss_z=1.645)
+    assert v1.accepted and "hinge lower" in v1.reason
+    large = moved(12, 2)
+    v2 = compare(before, large, "paired", z=1.645, loss_z=1.645)
+    assert v2.z_accuracy == pytest.approx(-10 / math.sqrt(14)) and not v2.accepted
+    # No loss at all: the gate is the same for every loss_z.
+    assert compare(before, moved(0, 0), "paired", loss_z=0.0).accepted
+    with pytest.raises(UsageError, match="accept_loss_z"):
+        MipOptions(accept_loss_z=-1.0)
+
+
 def test_never_worse_check_orders_by_accuracy_then_hinge() -> None:
     ref = _measure([True, True, False], [0.0, 0.5, 2.0])
     assert no_worse(_measure([True, True, True], [5.0, 5.0, 5.0]), ref)  # more accurate, hinge irrelevant
@@ -173,8 +200,11 @@ def test_every_accepted_move_has_evidence_and_the_plan_is_deterministic(digits_r
     for r in moves:
         ev = r["evidence"]
         assert ev["accepted"] == (r["outcome"] == "improved")
-        if ev["accepted"]:  # never fewer right answers, and a gain beyond noise
-            assert ev["gained"] >= ev["lost"]
+        if ev["accepted"]:  # no loss of accuracy beyond the gate, and a gain beyond noise
+            loss_z = mip["selection"]["loss_z"]
+            assert ev["z_accuracy"] >= -loss_z
+            if loss_z == 0:
+                assert ev["gained"] >= ev["lost"]
             assert max(ev["z_accuracy"], ev["z_hinge"]) >= 1.645
 
 
@@ -184,3 +214,5 @@ def test_pipeline_names_the_acceptance_options() -> None:
     plan = parse_pipeline("plan-mip{flops-budget=0.5,accept=hinge,accept-z=2.5,holdout=100},prune-units")[0]
     assert (plan.options.accept, plan.options.accept_z, plan.options.holdout) == ("hinge", 2.5, 100)
     assert MipOptions().accept == "paired" and MipOptions().holdout is None
+    gated = parse_pipeline("plan-mip{flops-budget=0.5,accept-loss-z=1.0},prune-units")[0]
+    assert gated.options.accept_loss_z == 1.0

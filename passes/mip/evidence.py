@@ -13,10 +13,16 @@ the test set).  Two things make the judgement hold better:
 * **A noise-aware rule** (:func:`compare`, ``accept="paired"``, the default).  Both plans run on
   the same samples, so the comparison is paired.  With ``gained``/``lost`` the samples that the
   candidate classifies right/wrong where the current plan does not, and ``d_k`` the per-sample
-  drop of the hinge, a candidate is accepted when its accuracy is not lower (``gained >= lost``)
-  and either accuracy is better beyond noise (McNemar's statistic ``(gained - lost) /
-  sqrt(gained + lost) >= z``) or the hinge is lower beyond noise (the paired statistic
-  ``mean(d) / (std(d) / sqrt(N)) >= z``).  ``z`` is ``MipOptions.accept_z`` (1.645: one-sided 5%).
+  drop of the hinge, a candidate is accepted when its accuracy is not lower beyond noise
+  (McNemar's statistic ``z_acc = (gained - lost) / sqrt(gained + lost) >= -loss_z``) and either
+  accuracy is better beyond noise (``z_acc >= z``) or the hinge is lower beyond noise (the paired
+  statistic ``mean(d) / (std(d) / sqrt(N)) >= z``).  ``z`` is ``MipOptions.accept_z`` (1.645:
+  one-sided 5%); ``loss_z`` is ``MipOptions.accept_loss_z``.  With ``loss_z = 0`` any loss of
+  accuracy refuses a move (``gained >= lost`` is required); with ``loss_z = z`` the test is
+  symmetric: only a loss beyond noise refuses, so a move that lowers the hinge beyond noise is
+  not held back by a handful of samples that tip the other way (far from a good plan, the moves
+  that lower the hinge most can first lose a few).  Either way the final plan is checked against
+  the best solver-free plan (:func:`no_worse`), so accepted small losses cannot end below it.
   No randomness: the same plans and samples always give the same verdict.
 
 The older rules stay selectable for comparison: ``hinge`` (any lower mean hinge) and
@@ -134,8 +140,11 @@ def _z_paired(d: np.ndarray) -> float:
     return mean / (sd / math.sqrt(len(d)))
 
 
-def compare(before: Measure, after: Measure, rule: str = "paired", z: float = 1.645) -> Verdict:
-    """The verdict of ``rule`` on moving from ``before`` to ``after`` (same samples, same order)."""
+def compare(before: Measure, after: Measure, rule: str = "paired", z: float = 1.645, loss_z: float = 0.0) -> Verdict:
+    """The verdict of ``rule`` on moving from ``before`` to ``after`` (same samples, same order).
+
+    ``paired``: refused when accuracy is lower beyond ``loss_z`` (``z_acc < -loss_z``; 0: any loss),
+    accepted when accuracy or the hinge is better beyond ``z``."""
     gained = int((after.correct & ~before.correct).sum())
     lost = int((before.correct & ~after.correct).sum())
     z_acc = (gained - lost) / math.sqrt(gained + lost) if gained + lost else 0.0
@@ -148,8 +157,8 @@ def compare(before: Measure, after: Measure, rule: str = "paired", z: float = 1.
         ok = gained > lost or (gained == lost and h1 < h0 - 1e-12)
         reason = "fewer errors" if gained > lost else ("as many errors, lower hinge" if ok else "not better")
     elif rule == "paired":
-        if gained < lost:
-            ok, reason = False, f"accuracy lower ({gained} gained, {lost} lost)"
+        if z_acc < -loss_z:
+            ok, reason = False, f"accuracy lower ({gained} gained, {lost} lost, z {z_acc:.2f} < {-loss_z:g})"
         elif z_acc >= z:
             ok, reason = True, f"accuracy higher beyond noise (z {z_acc:.2f} >= {z:g})"
         elif z_h >= z:
@@ -177,12 +186,13 @@ class HeldOut:
     """
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                 *, rule: str = "paired", z: float = 1.645, means: dict[str, torch.Tensor] | None = None) -> None:
+                 *, rule: str = "paired", z: float = 1.645, loss_z: float = 0.0,
+                 means: dict[str, torch.Tensor] | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"unknown acceptance rule {rule!r}; known: {', '.join(RULES)}")
         self.gm, self.graph = gm, graph
         self.x, self.y, self.target = x.float(), y, target.double()
-        self.rule, self.z = rule, z
+        self.rule, self.z, self.loss_z = rule, z, loss_z
         self.means = means or {}
         self._cache: OrderedDict[tuple[bytes, bool], Measure] = OrderedDict()
 
@@ -191,7 +201,8 @@ class HeldOut:
 
     def with_means(self, means: dict[str, torch.Tensor] | None) -> HeldOut:
         """The same samples and rule, judging plans with (or without) mean replacement."""
-        return HeldOut(self.gm, self.graph, self.x, self.y, self.target, rule=self.rule, z=self.z, means=means)
+        return HeldOut(self.gm, self.graph, self.x, self.y, self.target, rule=self.rule, z=self.z,
+                       loss_z=self.loss_z, means=means)
 
     def network(self, kept: np.ndarray) -> torch.nn.Module:
         pruned = copy.deepcopy(self.gm)
@@ -226,4 +237,4 @@ class HeldOut:
         return self.measure(kept).mean_hinge
 
     def judge(self, candidate: np.ndarray, current: np.ndarray) -> Verdict:
-        return compare(self.measure(current), self.measure(candidate), self.rule, self.z)
+        return compare(self.measure(current), self.measure(candidate), self.rule, self.z, self.loss_z)

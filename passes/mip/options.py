@@ -65,6 +65,7 @@ class MipOptions:
     # beyond noise) | hinge (any lower mean hinge) | accuracy (fewer errors, hinge breaks ties).
     accept: str = "paired"
     accept_z: float = 1.645  # paired: one-sided z a gain must reach (1.645: 5%)
+    accept_loss_z: float = 0.0  # paired: a move whose accuracy z is below -this is refused (0: any loss)
     # Budget target: no MILP may lower the MACs of the plan it starts from (it swaps or adds units,
     # never only drops them), so the plan keeps the capacity a later fine-tune needs.
     spend_budget: bool = True
@@ -93,6 +94,8 @@ class MipOptions:
             raise UsageError(f"MIP acceptance {opts.accept!r}: use one of {', '.join(RULES)}")
         if not opts.accept_z >= 0:
             raise UsageError(f"MIP accept_z must be >= 0, got {opts.accept_z}")
+        if not opts.accept_loss_z >= 0:
+            raise UsageError(f"MIP accept_loss_z must be >= 0, got {opts.accept_loss_z}")
         if opts.holdout is not None and opts.holdout < 1:
             raise UsageError(f"MIP holdout must be >= 1 sample, got {opts.holdout}")
         if not 0.0 < opts.margin_cap <= 1.0:
