@@ -49,6 +49,11 @@ both with a MILP that is linear in the keep variables by construction:
   in forked workers (:mod:`.workers`) and the rounds then consume them in order, exactly as
   one worker would have: the plan does not depend on ``jobs``; only solves a jump past them
   makes useless are wasted.  Flip effects are measured once per plan.
+* **On Ray** (``--executor ray``, :mod:`.remote`): the radii are Ray tasks, and so are the exact
+  flip effects when the network runs on the CPU: the layers where flips start are cut into
+  ``jobs`` runs of about equal cost, and each task measures its run's flips in the very batches
+  one call of :meth:`.masked.MaskedNetwork.each_flip` would, so the effects, hence the plan, are
+  those of one local worker.  The stage (network, samples) goes to the object store once.
 """
 
 from __future__ import annotations
