@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     return result
 
 
