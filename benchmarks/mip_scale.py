@@ -22,6 +22,15 @@ Run::
     python benchmarks/mip_scale.py --nets resnet18 --size 64 --samples 32   # a quick look
     python benchmarks/mip_scale.py --device cuda                    # the analysis on a GPU
     python benchmarks/mip_scale.py --no-reconstruct                 # without layer reconstruction
+    python benchmarks/mip_scale.py --executor ray --jobs 1,2,4 --total-time-limit 3600   # Ray workers
+
+With ``--jobs`` listing several counts, each net is compiled once per count (``--executor ray``:
+the MIP's flip effects, layer sub-problems and joint radii as Ray tasks on an embedded local Ray
+with that many CPUs) and the table adds each row's speed-up over the first count's row, for the
+whole compile and for the MIP analysis, and whether the plan is the first row's.  Give a
+``--total-time-limit`` the analysis does not reach: under the default wall-clock limit more
+workers do more work in the same time instead of the same work faster.  Peak memory is the
+compiling process's; Ray workers are separate processes and not counted in it.
 
 It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_scale.json``).
 """
@@ -29,6 +38,7 @@ It prints a Markdown table and writes JSON (default ``benchmarks/results/mip_sca
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -72,7 +82,10 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
     seconds = time.perf_counter() - start
     mip = res.report["mip"]
     effects = mip.get("joint_effects", [])
-    return {"net": net, "reconstruct": reconstruct, "size": size, "samples": samples, "budget": budget,
+    plan = json.dumps(res.plan.to_dict() if res.plan else None, sort_keys=True)
+    return {"net": net, "reconstruct": reconstruct, "executor": opts.get("executor", "local"),
+            "jobs": opts.get("jobs", 1), "plan_sha256": hashlib.sha256(plan.encode()).hexdigest(),
+            "size": size, "samples": samples, "budget": budget,
             "seconds": seconds,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "cpu_seconds": _cpu_seconds(start_cpu), "load_average": os.getloadavg()[0],
@@ -102,19 +115,25 @@ def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| net | input | samples | device | compile s | CPU s | peak GiB | mip s | "
+    lines = ["| net | input | samples | device | executor x workers | compile s | CPU s | peak GiB | mip s | "
+             "speed-up compile / mip | same plan | "
              "joint rounds (improved / all) | exact effects per plan / free units | screen Spearman (median) | "
              "held-out hinge (warm -> final) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    first: dict[str, dict[str, Any]] = {}
     for r in rows:
+        base = first.setdefault(r["net"], r)
         eff = r["joint_effects"]
         exact = "/".join(str(e["exact"]) for e in eff[:3]) + ("/..." if len(eff) > 3 else "")
         rhos = sorted(e["spearman"] for e in eff if e["spearman"] is not None)
         rho = f"{rhos[len(rhos) // 2]:.2f}" if rhos else "-"
         improved = sum(j["outcome"] == "improved" for j in r["joint_rounds"])
         h = r["holdout_loss"]
-        lines.append(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['device']} | {r['seconds']:.0f} | "
+        lines.append(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['device']} | "
+                     f"{r.get('executor', 'local')} x {r.get('jobs', 1)} | {r['seconds']:.0f} | "
                      f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['mip_seconds']:.0f} | "
+                     f"{base['seconds'] / r['seconds']:.2f} / {base['mip_seconds'] / r['mip_seconds']:.2f} | "
+                     f"{'yes' if r.get('plan_sha256') == base.get('plan_sha256') else 'no'} | "
                      f"{improved} / {len(r['joint_rounds'])} | "
                      f"{exact or '-'} of {eff[0]['free'] if eff else '-'} | {rho} | "
                      f"{h['warm_start']:.3f} -> {h['final']:.3f} |")
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--total-time-limit", type=float, default=None)
     parser.add_argument("--no-reconstruct", dest="reconstruct", action="store_false",
                         help="compile without layer reconstruction (the MIP analysis's share alone)")
+    parser.add_argument("--executor", default="local", help="where the MIP's tasks run: local | ray")
+    parser.add_argument("--jobs", default="1", help="worker counts, comma-separated (one compile each)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mip_scale.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -142,12 +163,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {"device": args.device}
     if args.total_time_limit is not None:
         opts["total_time_limit"] = args.total_time_limit
+    if args.executor != "local":
+        opts["executor"] = args.executor
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for net in args.nets.split(","):
         if net not in NETS:
             parser.error(f"unknown net {net!r}; known: {', '.join(NETS)}")
-        rows.append(_child(net, args, opts))
-        print(f"  {net}: {rows[-1]['seconds']:.0f} s, {rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+        for jobs in (int(j) for j in args.jobs.split(",")):
+            rows.append(_child(net, args, opts | {"jobs": jobs}))
+            print(f"  {net} ({args.executor} x {jobs}): {rows[-1]['seconds']:.0f} s, "
+                  f"{rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+            with atomic_output(args.out.with_suffix(".partial.json")) as tmp:  # what finished, should a later row not
+                tmp.write_text(json.dumps({"rows": rows}, indent=1))
     result = {"setting": {"reconstruct": args.reconstruct, "size": args.size, "samples": args.samples,
                           "budget": args.budget, "mip_options": opts,
                           "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
@@ -158,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     return result
 
 

@@ -451,7 +451,7 @@ def bench_cmd(
 
 
 @app.command("pareto")
-@with_groups(lambda: _errors(), source_group(), mip_group())
+@with_groups(lambda: _errors(), source_group(), mip_group(executor=False))
 def pareto_cmd(
     source: ModelSource,
     mip: MipOptions,

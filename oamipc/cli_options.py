@@ -177,8 +177,11 @@ def target_group() -> OptionGroup:
 _MIP = "MIP planner (--importance mip)"
 
 
-def mip_group() -> OptionGroup:
-    """The MIP planner's options (--formulation, --solver, --time-limit, ...); builds MipOptions."""
+def mip_group(executor: bool = True) -> OptionGroup:
+    """The MIP planner's options (--formulation, --solver, --time-limit, ...); builds MipOptions.
+
+    ``executor``: with --executor/--ray-address (where the MIP's tasks run); a command whose own
+    --executor means something else (pareto: where whole compiles run) leaves them out."""
     def opt(flag: str, annotation: Any, help_text: str) -> Any:
         return Annotated[annotation, typer.Option(flag, help=help_text, rich_help_panel=_MIP)]
 
@@ -192,7 +195,8 @@ def mip_group() -> OptionGroup:
                "capacity fine-tuning needs."), True),
         _param("bounds", opt("--bounds", str, "MILP bounds: crown (sound, default) | interval | sample (the "
                "thesis's per-sample phases)."), "crown"),
-        _param("jobs", opt("--jobs", int, "Worker processes for independent MILPs (paper: one per class)."), 1),
+        _param("jobs", opt("--jobs", int, "Workers for the MIP's independent tasks (class problems, layer "
+               "sub-problems, joint radii; with --executor ray also flip effects): forked processes, or Ray CPUs."), 1),
         _param("device", opt("--device", str, "Where the MIP analysis's forward passes run: auto (CUDA when torch "
                "can use it) | cpu | cuda[:N]."), "auto"),
         _param("solver", opt("--solver", str, "MILP solver: highs | cbc | scip."), "highs"),
@@ -204,6 +208,15 @@ def mip_group() -> OptionGroup:
         _param("samples", opt("--mip-samples", int | None, "Calibration samples inside the MILP (budget: 64, "
                "the rest held out; paper: one per class)."), None),
     )
+
+    if executor:
+        params += (
+            _param("executor", opt("--executor", str, "Where the MIP's tasks run: local (forked worker processes) | "
+                   "ray (Ray tasks on an embedded local Ray with --jobs CPUs; needs pip install 'oamipc[ray]'). "
+                   "The plan is the same."), "local"),
+            _param("ray_address", opt("--ray-address", str | None, "With --executor ray: join this running cluster "
+                   "(e.g. auto, or host:6379) instead of starting an embedded Ray."), None),
+        )
 
     def build(**v: Any) -> Any:
         from oamipc.passes import MipOptions

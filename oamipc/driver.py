@@ -112,7 +112,8 @@ def compile(  # noqa: A001 - the product's verb
     ``importance="auto"`` (the default) is ``mip`` when ``data`` is given (the MILP needs
     calibration samples) and ``l1`` otherwise; the report says which one ran.
     ``mip_options`` configures ``importance="mip"``: an ``oamipc.passes.MipOptions`` or a mapping
-    of its field names (formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...).
+    of its field names (formulation, solver, time_limit, total_time_limit, gap, threads, samples, ...;
+    ``{"executor": "ray", "jobs": 4}`` runs the MIP's independent tasks as Ray tasks, same plan).
     ``lossless`` removes the units that are provably dead on the data's box (per input feature, or
     per channel with ``lossless_box="channel"``) before the criterion runs, for free (see
     :mod:`oamipc.passes.lossless`); ``None`` (the default) turns it on when ``data`` is given and

@@ -125,7 +125,8 @@ class RayExecutor:
             raise
 
 
-def _import_ray() -> Any:
+def require_ray() -> Any:
+    """The ``ray`` module; a usage error that says how to install it when it is missing."""
     try:
         import ray
     except ImportError:
@@ -145,7 +146,7 @@ def executor(kind: str = "local", workers: int = 1, address: str | None = None) 
     if kind == "local":
         yield LocalExecutor(workers)
         return
-    ray = _import_ray()
+    ray = require_ray()
     started = False
     if not ray.is_initialized():
         if address is None:

@@ -40,6 +40,7 @@ from .mip.evidence import HeldOut, Measure, no_worse
 from .mip.masked import margins
 from .mip.options import MipOptions
 from .mip.paper import LAMBDA, paper_scores, pick_samples
+from .mip.remote import Dispatch, dispatch
 from .mip.rows import plan_violations
 from .plan_greedy import PlanGreedyAnalysis, floor_units, select
 from .planner_base import PlannerAnalysis, register_planner
@@ -62,11 +63,14 @@ class PlanMipAnalysis(PlannerAnalysis):
         graph = am.get(self.unit_analysis(), gm)
         target = self.target.require()
         start = time.perf_counter()
-        if self.options.formulation == "paper":
-            kept, scores, record = self._paper(gm, graph, am, target)
-            bias_shift: dict[str, list[float]] = {}
-        else:
-            kept, scores, record, bias_shift = self._budget(gm, graph, am, target)
+        opts = self.options
+        with dispatch(opts.executor, opts.jobs, opts.ray_address) as where:
+            if opts.formulation == "paper":
+                kept, scores, record = self._paper(gm, graph, am, target, where)
+                bias_shift: dict[str, list[float]] = {}
+            else:
+                kept, scores, record, bias_shift = self._budget(gm, graph, am, target, where)
+        record["executor"] = {"kind": opts.executor, "workers": opts.jobs, "ray_address": opts.ray_address}
         record["seconds"] = time.perf_counter() - start
         plan = Plan.from_mask(graph, kept, "mip", self.settings(am), bias_shift)
         model = self.latency_model(gm, am)
@@ -100,7 +104,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         warm = min(names, key=lambda n: plans[n][1].mean_hinge) if opts.accept == "hinge" else best_free
         return plans, warm, best_free
 
-    def _budget(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target
+    def _budget(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target, where: Dispatch
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, list[float]]]:
         """The default formulation: warm start, layer sub-problems, joint stage, final checks."""
         opts = self.options
@@ -126,7 +130,7 @@ class PlanMipAnalysis(PlannerAnalysis):
                                              "rounds": predicted.get("calibration", [])}
         forced = floor_units(graph, am.get(get_criterion(warm_name, self.leaf_modules, self.prune_embed), gm))
         kept, solver = plan_budget(gm, graph, am, warm=warm, opts=opts, calib=calib, target=target, forced=forced,
-                                   heldout=heldout)
+                                   heldout=heldout, where=where)
         record["subproblems"] = [r.__dict__ for r in solver.records]
         record["joint_rounds"] = [r.__dict__ for r in solver.joint_rounds]
         record["stages"] = _stages(solver.records, solver.joint_rounds)
@@ -189,7 +193,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         solver.bias_shift = {}
         return section, free_kept.copy()
 
-    def _paper(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target
+    def _paper(self, gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, target: Target, where: Dispatch
                ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """The thesis's formulation: averaged class-problem scores, ranked to the target."""
         opts = self.options
@@ -208,7 +212,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         time_limit = min(opts.time_limit, opts.total_time_limit * opts.jobs / max(len(problems), 1))
         scores, records = paper_scores(gm, graph, free, problems, solver=opts.solver, time_limit=time_limit,
                                        threads=opts.threads, relax=opts.relax, jobs=opts.jobs, bounds=opts.bounds,
-                                       gap=opts.gap, progress=ctx.tick)
+                                       gap=opts.gap, progress=ctx.tick, where=where)
         # The scores are comparable across layers already (the objective normalises by layer size).
         calibration = None
         if target.kind == "latency":

@@ -12,6 +12,8 @@
   rule that accepts a candidate plan only when they say it is better.
 * :mod:`.means`: mean replacement (removed units read as their mean at Linear readers).
 * :mod:`.workers`: forked worker processes for independent solves.
+* :mod:`.remote`: where independent tasks run (those forked workers, or Ray tasks with the
+  network sent once as picklable data); :mod:`.subproblems`: layer sub-problems solved ahead as tasks.
 
 The pass that uses them is :class:`oamipc.passes.plan_mip.PlanMipAnalysis`; nothing here
 registers a pass.

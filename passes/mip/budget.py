@@ -78,7 +78,9 @@ from .joint import JointStage
 from .masked import CHUNK_ELEMENTS, MaskedNetwork, margins
 from .means import bias_shift, reading_means
 from .options import DEFAULT_SAMPLES, MipOptions
+from .remote import Dispatch, LocalDispatch
 from .rows import as_keep, group_rows, mac_expression, plan_violations
+from .subproblems import SubProblemsAhead
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,8 @@ class BudgetSolver:
     """Runs the layer-decomposed budgeted MILP from a warm-start plan (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, calib: Calibration, opts: MipOptions, target: Target, *,
-                 forced: set[int], progress: Any = None, heldout: HeldOut | None = None) -> None:
+                 forced: set[int], progress: Any = None, heldout: HeldOut | None = None,
+                 where: Dispatch | None = None) -> None:
         self.gm = gm
         self.graph = graph
         self.calib = calib
@@ -252,6 +255,8 @@ class BudgetSolver:
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}
         self.deadline_reached = False
         self.solver_error: str | None = None  # the first solver failure; the MILP stages stop there
+        self.where = where or LocalDispatch(opts.jobs)  # where sub-problems (and the joint stage's tasks) run
+        self.ahead = SubProblemsAhead(self)
 
     def reproducible(self) -> bool:
         """True when no solve and no stage was cut short by a clock: the plan is the same every run."""
@@ -295,7 +300,7 @@ class BudgetSolver:
                                               "left to the joint stage"}
                     continue
                 try:
-                    candidate = self.solve_group(group, free, current, min(self.opts.time_limit, left), record)
+                    candidate = self.ahead.solve(group, free, current, min(self.opts.time_limit, left), record, order)
                 except UnsupportedGraphError as exc:  # an op the exact encoding does not cover
                     record.outcome = "no-encoding"
                     record.note = str(exc).split("; use a solver-free")[0]
@@ -341,7 +346,7 @@ class BudgetSolver:
                            time_limit=self.opts.time_limit, threads=self.opts.threads, tie_reward=TIE_REWARD,
                            gap=self.opts.gap, node_limit=self.opts.joint_nodes, competitors=self.opts.joint_rivals,
                            spend=self.opts.spend_budget and self.target.kind == "macs",
-                           exact_macs=self.opts.joint_exact_macs)
+                           exact_macs=self.opts.joint_exact_macs, where=self.where)
         radius = self.opts.joint_radius or max(4, len(free) // 10)
         out = stage.run(current, self.heldout, radius=radius, max_rounds=self.opts.joint_rounds,
                         deadline=deadline, jobs=self.opts.jobs)
@@ -444,9 +449,10 @@ def _encoding_summary(stats: EncodingStats) -> dict[str, Any]:
 
 
 def plan_budget(gm: fx.GraphModule, graph: UnitGraph, am: AnalysisManager, *, warm: np.ndarray, opts: MipOptions,
-                calib: Calibration, target: Target, forced: set[int], heldout: HeldOut | None = None
-                ) -> tuple[np.ndarray, BudgetSolver]:
+                calib: Calibration, target: Target, forced: set[int], heldout: HeldOut | None = None,
+                where: Dispatch | None = None) -> tuple[np.ndarray, BudgetSolver]:
     """Improve the plan ``warm`` with the budgeted sub-problems; return it and the records."""
-    solver = BudgetSolver(gm, graph, calib, opts, target, forced=forced, progress=am.context.tick, heldout=heldout)
+    solver = BudgetSolver(gm, graph, calib, opts, target, forced=forced, progress=am.context.tick, heldout=heldout,
+                          where=where)
     kept = solver.run(warm)
     return kept, solver

@@ -49,12 +49,19 @@ both with a MILP that is linear in the keep variables by construction:
   in forked workers (:mod:`.workers`) and the rounds then consume them in order, exactly as
   one worker would have: the plan does not depend on ``jobs``; only solves a jump past them
   makes useless are wasted.  Flip effects are measured once per plan.
+* **On Ray** (``--executor ray``, :mod:`.remote`): the radii are Ray tasks, and so are the exact
+  flip effects when the network runs on the CPU: the layers where flips start are cut into
+  ``jobs`` runs of about equal cost, and each task measures its run's flips in the very batches
+  one call of :meth:`.masked.MaskedNetwork.each_flip` would, so the effects, hence the plan, are
+  those of one local worker.  The stage (network, samples) goes to the object store once.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +77,8 @@ from oamipc.units import UnitGraph
 
 from .evidence import HeldOut
 from .masked import MaskedNetwork
+from .remote import Dispatch, LocalDispatch, resolve, solver_threads
 from .rows import Keep, group_rows, mac_expression, plan_violations, single_flip_macs
-from .workers import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ class JointStage:
                  time_limit: float, threads: int | None, tie_reward: float, gap: float | None = None,
                  node_limit: int | None = None, competitors: int = 2,
                  screen_min: int = 48, screen_per_flip: int = 8, screen_max: int = 128, spend: bool = False,
-                 exact_macs: float = 2e12) -> None:
+                 exact_macs: float = 2e12, where: Dispatch | None = None) -> None:
         self.net = net
         self.graph = graph
         self.x, self.y, self.margin = x, y, margin
@@ -143,6 +150,25 @@ class JointStage:
         self.exact_macs = exact_macs  # MACs per plan for exact flip effects; beyond, the screen chooses
         self.rounds: list[JointRound] = []
         self.measurements: list[dict[str, Any]] = []  # one per plan whose effects were measured
+        self.where = where or LocalDispatch()  # remote: flip effects and radii as tasks (:mod:`.remote`)
+        self.stored: Any = None  # this stage's worker copy in the object store (:meth:`worker_state`)
+
+    def worker_state(self) -> Any:
+        """A handle to this stage for remote tasks, put in the object store once.  Its MILPs solve
+        with one thread unless ``threads`` says otherwise; its network is sent only when it runs on
+        the CPU (a GPU's flip effects are measured here)."""
+        if self.stored is None:
+            shell = copy.copy(self)
+            shell.threads = solver_threads(self.threads, self.where)
+            shell.rounds, shell.measurements, shell.where, shell.stored = [], [], None, None
+            if not self.remote_flips():
+                shell.net = None  # type: ignore[assignment]
+            self.stored = self.where.put(shell)
+        return self.stored
+
+    def remote_flips(self) -> bool:
+        """Whether flip effects are measured by remote tasks (a remote dispatch, the network on the CPU)."""
+        return self.where.remote and self.net.device.type == "cpu"
 
     def columns(self, z0: np.ndarray) -> np.ndarray:
         """Per sample: its label, then its ``competitors`` strongest other classes at ``z0`` (the
@@ -179,19 +205,22 @@ class JointStage:
             pool = sorted(order[:max(1, int(np.searchsorted(spent, self.exact_macs, side="right")))])
         z0 = self.net.logits(self.x, current[None, :])[0].numpy()
         cols = self.columns(z0)
-        rows = np.arange(len(z0))[:, None]
         base_hinge = self._mean_hinge(z0)
         d = np.zeros((len(pool), *cols.shape))
         loss = np.zeros(len(pool))
         got = np.zeros(len(pool), dtype=bool)
 
-        def take(block: torch.Tensor, slots: list[int]) -> None:
-            z = block.numpy()
-            loss[slots] = self._mean_hinge(z) - base_hinge
-            d[slots] = z[:, rows, cols] - z0[rows, cols]
+        def store(slots: list[int], losses: np.ndarray, changes: np.ndarray) -> None:
+            loss[slots], d[slots] = losses, changes
             got[slots] = True
 
-        self.net.each_flip(self.x, current, pool, take, stop=lambda: time.perf_counter() > deadline)
+        def take(block: torch.Tensor, slots: list[int]) -> None:
+            store(slots, *self.flip_rows(block, cols, z0, base_hinge))
+
+        if self.remote_flips():
+            self._remote_flips(current, pool, costs, (cols, z0, base_hinge), store, deadline)
+        else:
+            self.net.each_flip(self.x, current, pool, take, stop=lambda: time.perf_counter() > deadline)
         pool = [u for u, ok in zip(pool, got) if ok]
         out = Effects(z0, pool, cols, d[got], loss[got])
         exact_change = out.loss
@@ -204,6 +233,40 @@ class JointStage:
             "exact_seconds": time.perf_counter() - t1, "spearman": _spearman(predicted, exact_change),
             "top_overlap": _top_overlap(predicted, exact_change, max(1, min(self.screen_max, len(pool)) // 4))})
         return out
+
+    def flip_rows(self, block: torch.Tensor, cols: np.ndarray, z0: np.ndarray, base_hinge: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """A batch of flipped logits (flips, samples, classes) -> each flip's change of the mean
+        hinge and of the logits at the rows' classes ``cols`` (see :class:`Effects`)."""
+        z = block.numpy()
+        rows = np.arange(len(z0))[:, None]
+        return self._mean_hinge(z) - base_hinge, z[:, rows, cols] - z0[rows, cols]
+
+    def _remote_flips(self, current: np.ndarray, pool: list[int], costs: np.ndarray,
+                      at: tuple[np.ndarray, np.ndarray, float],
+                      store: Callable[[list[int], np.ndarray, np.ndarray], None], deadline: float) -> None:
+        """The flips of ``pool`` as remote tasks, one per run of consecutive first-reading layers.
+
+        The layers where flips start are cut into ``workers`` runs of about equal flip cost; a task
+        runs the pass at ``current`` up to the end of its run and the flips starting there, in the
+        batches :meth:`.masked.MaskedNetwork.each_flip` makes of them in one call, so the logits
+        are the same as measured here.  Units no layer reads change nothing: they are handed over
+        here with the current logits.  Past ``deadline`` the tasks measure nothing more.
+        """
+        cols, z0, base_hinge = at
+        starts = self.net.first_reader[pool]
+        unread = [i for i, s in enumerate(starts) if s >= len(self.net.run_gm.graph.nodes)]
+        if unread:
+            z = torch.from_numpy(z0)
+            store(unread, *self.flip_rows(z.expand(len(unread), *z.shape), cols, z0, base_hinge))
+        read = np.array(sorted(set(range(len(pool))) - set(unread)), dtype=np.int64)
+        units = np.asarray(pool, dtype=np.int64)[read]
+        tasks = [units[part].tolist() for part in _start_runs(starts[read], costs[units], self.where.workers)]
+        slot = {u: i for i, u in enumerate(pool)}
+        wall_deadline = time.time() + (deadline - time.perf_counter())
+        shared = (self.worker_state(), current, tasks, at, wall_deadline)
+        for measured, losses, changes in self.where.map(_flip_task, shared, len(tasks)):
+            store([slot[u] for u in measured], losses, changes)
 
     def estimated_loss_change(self, current: np.ndarray) -> np.ndarray:
         """First-order estimate of each free unit's single-flip change of the mean hinge.
@@ -257,9 +320,12 @@ class JointStage:
                 radii = [r]
                 while len(radii) < jobs and radii[-1] > 1:
                     radii.append(radii[-1] // 2)  # the radius a rejection usually falls back to
-                shared = (self, current, effects, radii, min(self.time_limit, left))
-                ahead = dict(zip(radii, fork_map(_round_task, shared, len(radii), jobs)))
+                where = self.where if self.where.remote else LocalDispatch(jobs)
+                stage = self.worker_state() if where.remote else self
+                shared = (stage, current, effects, radii, min(self.time_limit, left))
+                ahead = dict(zip(radii, where.map(_round_task, shared, len(radii))))
             candidate, rec = ahead.pop(r)
+            candidate = None if candidate is None else np.array(candidate)  # writable (a Ray task's is not)
             rec.holdout_before = best
             self.rounds.append(rec)
             if candidate is None or np.array_equal(candidate, current):
@@ -404,10 +470,53 @@ class JointStage:
 def _round_task(shared: tuple[JointStage, np.ndarray, Effects, list[int], float],
                 index: int) -> tuple[np.ndarray | None, JointRound]:
     """Solve the round of radius ``radii[index]`` (a worker task of :func:`.workers.fork_map`)."""
-    stage, current, effects, radii, time_limit = shared
+    stored, current, effects, radii, time_limit = shared
+    stage = resolve(stored)
+    current = np.array(current)
     rec = JointRound(radius=radii[index])
     candidate = stage.solve_round(current, effects, radii[index], time_limit, rec)
     return candidate, rec
+
+
+def _flip_task(shared: tuple[Any, np.ndarray, list[list[int]], tuple[np.ndarray, np.ndarray, float], float],
+               index: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Measure the flips of ``tasks[index]`` in a worker (:meth:`JointStage._remote_flips`): the
+    units it measured (in order; fewer past the deadline), their hinge and logit changes."""
+    stored, current, tasks, (cols, z0, base_hinge), wall_deadline = shared
+    stage = resolve(stored)
+    current = np.array(current)  # writable (an array from the object store is not)
+    units = tasks[index]
+    measured: list[int] = []
+    losses: list[np.ndarray] = []
+    changes: list[np.ndarray] = []
+
+    def take(block: torch.Tensor, slots: list[int]) -> None:
+        loss, d = stage.flip_rows(block, cols, z0, base_hinge)
+        measured.extend(units[s] for s in slots)
+        losses.append(loss)
+        changes.append(d)
+
+    stage.net.each_flip(stage.x, current, units, take, stop=lambda: time.time() > wall_deadline, prefix_only=True)
+    if not measured:
+        return [], np.zeros(0), np.zeros((0, *cols.shape))
+    return measured, np.concatenate(losses), np.concatenate(changes)
+
+
+def _start_runs(starts: np.ndarray, costs: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Positions of ``starts`` cut into at most ``parts`` runs of consecutive start layers with about
+    equal total ``costs`` (each run's positions in their given order); the cuts fall between layers."""
+    layers = np.unique(starts)
+    if len(layers) == 0:
+        return []
+    weight = np.array([costs[starts == s].sum() for s in layers])
+    share = np.cumsum(weight) / max(float(weight.sum()), 1e-300)
+    run = np.minimum((share * parts - 1e-9).astype(np.int64), parts - 1)  # which run each layer falls in
+    run = np.maximum.accumulate(run)
+    out = []
+    for k in np.unique(run):
+        mine = set(layers[run == k].tolist())
+        out.append(np.array([i for i, s in enumerate(starts.tolist()) if s in mine], dtype=np.int64))
+    return out
 
 
 def _ranked(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs: np.ndarray) -> list[int]:

@@ -130,6 +130,15 @@ class _Masked(fx.Interpreter):
         raise AssertionError("the graph has no output node")
 
 
+def _batched_nodes(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose values carry the sample dimension first (they depend on the input)."""
+    batched: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in batched for a in node.all_input_nodes):
+            batched.add(node)
+    return batched
+
+
 def _first_output(y: Any) -> torch.Tensor:
     while isinstance(y, (tuple, list)):
         y = y[0]
@@ -176,11 +185,17 @@ class MaskedNetwork:
             if lay is not None:
                 u = lay.units[lay.units >= 0]
                 self.first_reader[u] = np.minimum(self.first_reader[u], i)
-        # nodes whose values carry the sample dimension first (they depend on the input)
-        self.batched: set[fx.Node] = set()
-        for node in nodes:
-            if node.op == "placeholder" or any(a in self.batched for a in node.all_input_nodes):
-                self.batched.add(node)
+        self.batched = _batched_nodes(self.run_gm)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the graph's nodes (a Ray worker rebuilds them from the GraphModule)."""
+        state = self.__dict__.copy()
+        del state["batched"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.batched = _batched_nodes(self.run_gm)
 
     def flip_costs(self, current: np.ndarray) -> np.ndarray:
         """Each unit's cost in :meth:`flip_logits`: the MACs (at ``current``) of the Linear/Conv
@@ -273,12 +288,13 @@ class MaskedNetwork:
                 out[slot] = block[j]
 
         z0 = self.each_flip(x, current, units, keep)
+        assert z0 is not None
         d = torch.stack([z0 if o is None else o for o in out]) - z0 if units else z0.new_zeros(0, *z0.shape)
         return z0, d
 
     def each_flip(self, x: torch.Tensor, current: np.ndarray, units: list[int],
-                  take: Callable[[torch.Tensor, list[int]], None], stop: Callable[[], bool] | None = None
-                  ) -> torch.Tensor:
+                  take: Callable[[torch.Tensor, list[int]], None], stop: Callable[[], bool] | None = None,
+                  prefix_only: bool = False) -> torch.Tensor | None:
         """Run the network with each of ``units`` flipped alone; return the logits at ``current``.
 
         ``take(block, slots)`` receives the logits of a batch of flips, (len(slots), samples,
@@ -289,7 +305,9 @@ class MaskedNetwork:
         pass at ``current`` is run once and kept at each such layer, and every flip runs only the
         rest of the network from there (many flips in one batch).  Where a value held across
         that point does not carry the samples first (a shape read off the input, say), those
-        flips run the whole network.
+        flips run the whole network.  With ``prefix_only`` the pass at ``current`` stops after the
+        last layer a flip starts at, and nothing is returned (a Ray task measuring a share of the
+        flips, :mod:`.joint`): the flips' batches are the same as in a whole call, so are their logits.
         """
         n = x.shape[0]
         base = torch.from_numpy(current).to(self.device, self.dtype)
@@ -298,6 +316,7 @@ class MaskedNetwork:
         by_start: dict[int, list[int]] = {}
         for i, u in enumerate(units):
             by_start.setdefault(int(self.first_reader[u]), []).append(i)
+        last = max(by_start, default=-1)
         z0: torch.Tensor | None = None
         with self._evaluating(), torch.no_grad():
             interp = _Masked(self.run_gm, self.reading, base.expand(n, -1), self.run_means, self.norms)
@@ -306,6 +325,8 @@ class MaskedNetwork:
                 if i in by_start:
                     self._flips_from(i, interp.env, xd, base, [units[j] for j in by_start[i]], by_start[i], take,
                                      stop)
+                if prefix_only and i >= last:
+                    return None
                 interp.env[node] = interp.run_node(node)
                 for dead in interp.user_to_last_uses.get(node, []):
                     del interp.env[dead]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from oamipc.errors import UsageError
+from oamipc.executor import EXECUTORS, require_ray
 from oamipc.solver import require_solver
 
 from .bounds import BOUNDS
@@ -38,7 +39,11 @@ class MipOptions:
     gap: float | None = None
     threads: int | None = None
     samples: int | None = None  # MILP samples: budget 64 (stratified); paper one per class
-    jobs: int = 1  # worker processes for independent sub-problems (paper: the class problems)
+    jobs: int = 1  # workers for independent tasks (class problems, sub-problems, radii, flip effects)
+    # Where those tasks run (:mod:`.remote`): local (forked processes) | ray (Ray tasks: an embedded
+    # local Ray with ``jobs`` CPUs, or the running cluster at ``ray_address``).  Never changes the plan.
+    executor: str = "local"
+    ray_address: str | None = None
     relax: bool = False  # paper: solve the LP relaxation
     mean_replacement: bool = False  # model removed units as their mean at Linear readers; kept if held-out says so
     bounds: str = "crown"  # crown | interval | sample (the thesis's per-sample phases; not sound)
@@ -85,6 +90,12 @@ class MipOptions:
         analysis_device(opts.device)  # an unknown or unusable device fails here, before any work
         if opts.jobs < 1:
             raise UsageError(f"MIP jobs must be >= 1, got {opts.jobs}")
+        if opts.executor not in EXECUTORS:
+            raise UsageError(f"MIP executor {opts.executor!r}: use one of {', '.join(EXECUTORS)}")
+        if opts.ray_address is not None and opts.executor != "ray":
+            raise UsageError("--ray-address needs --executor ray")
+        if opts.executor == "ray":
+            require_ray()  # a missing Ray fails here, with how to install it
         if opts.samples is not None and opts.samples < 1:
             raise UsageError(f"MIP samples must be >= 1, got {opts.samples}")
         if opts.time_limit <= 0 or opts.total_time_limit <= 0:

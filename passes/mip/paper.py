@@ -14,7 +14,8 @@ What the OAMIP thesis does (method notes, section 2), with a linear loss so that
   samples are taken per class in the calibration set's seeded, stratified order), one MILP per
   class (the thesis's scale trick) with the scores averaged over the classes.  The per-class
   problems are independent: ``--jobs N`` solves them in N forked worker processes (where the
-  platform has fork; elsewhere one after another);
+  platform has fork; elsewhere one after another), or as Ray tasks with ``--executor ray``
+  (:mod:`.remote`);
 * bounds: ``--bounds crown`` (default, sound for every score) or ``--bounds sample``, the
   thesis's per-sample box: every downstream ReLU keeps the phase it has in the unpruned network on
   that sample (no binaries; not valid once units are removed, exactly as in the thesis);
@@ -45,7 +46,7 @@ from oamipc.solver import complete_solution, solve
 from oamipc.units import UnitGraph
 
 from .encoder import Encoder, margin_hinge
-from .workers import fork_map
+from .remote import Dispatch, LocalDispatch, resolve, solver_threads
 
 log = logging.getLogger(__name__)
 
@@ -132,21 +133,28 @@ def solve_class(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problem: 
 
 
 def _class_task(shared: tuple[Any, ...], index: int) -> ClassRecord:
-    gm, graph, free, problems, kwargs = shared
+    state, kwargs = shared
+    gm, graph, free, problems = resolve(state)
     return solve_class(gm, graph, free, problems[index], **kwargs)
 
 
 def paper_scores(gm: fx.GraphModule, graph: UnitGraph, free: list[int], problems: list[ClassProblem], *,
                  solver: str, time_limit: float, threads: int | None, relax: bool, jobs: int, bounds: str = "crown",
-                 gap: float | None = None, progress: Any = None) -> tuple[np.ndarray, list[ClassRecord]]:
-    """Average the class problems' scores (units outside ``free`` score 1)."""
-    kwargs = {"solver": solver, "time_limit": time_limit, "threads": threads, "relax": relax, "bounds": bounds,
-              "gap": gap}
+                 gap: float | None = None, progress: Any = None, where: Dispatch | None = None
+                 ) -> tuple[np.ndarray, list[ClassRecord]]:
+    """Average the class problems' scores (units outside ``free`` score 1).
+
+    The class problems run where ``where`` says (default: ``jobs`` forked workers); on Ray the
+    network, unit graph and samples go to the object store once and every class problem is a task.
+    """
+    where = where or LocalDispatch(jobs)
+    kwargs = {"solver": solver, "time_limit": time_limit, "threads": solver_threads(threads, where),
+              "relax": relax, "bounds": bounds, "gap": gap}
     records: list[ClassRecord] = []
     if progress:
         progress("MILP classes", 0, len(problems))
-    shared = (gm, graph, free, problems, kwargs)
-    for rec in fork_map(_class_task, shared, len(problems), jobs):
+    shared = (where.put((gm, graph, free, problems)), kwargs)
+    for rec in where.map(_class_task, shared, len(problems)):
         records.append(rec)
         if progress:
             progress("MILP classes", len(records), len(problems))
