@@ -110,7 +110,7 @@ class PlanMipAnalysis(PlannerAnalysis):
         opts = self.options
         calib = Calibration.build(gm, am, opts, macs_per_sample=graph.macs())
         heldout = HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold, rule=opts.accept, z=opts.accept_z,
-                          loss_z=opts.accept_loss_z)
+                          loss_z=opts.accept_loss_z, device=opts.torch_device())
         record: dict[str, Any] = {
             "formulation": opts.formulation, "solver": opts.solver, "bounds": opts.bounds,
             "spend_budget": opts.spend_budget, "samples": len(calib.x), "holdout_samples": len(calib.x_hold),

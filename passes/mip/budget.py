@@ -249,7 +249,8 @@ class BudgetSolver:
             if opts.mean_replacement else {}
         self.net = MaskedNetwork(gm, graph, self.means, device=device) if self.means else self.plain_net
         self.plain_heldout = heldout or HeldOut(gm, graph, calib.x_hold, calib.y_hold, calib.margin_hold,
-                                                rule=opts.accept, z=opts.accept_z, loss_z=opts.accept_loss_z)
+                                                rule=opts.accept, z=opts.accept_z, loss_z=opts.accept_loss_z,
+                                                device=device)
         self.heldout = self.plain_heldout.with_means(self.means) if self.means else self.plain_heldout
         self.bias_shift: dict[str, list[float]] = {}
         self.mean_replacement: dict[str, Any] = {"requested": opts.mean_replacement, "readers": sorted(self.means)}

@@ -187,13 +187,14 @@ class HeldOut:
 
     def __init__(self, gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                  *, rule: str = "paired", z: float = 1.645, loss_z: float = 0.0,
-                 means: dict[str, torch.Tensor] | None = None) -> None:
+                 means: dict[str, torch.Tensor] | None = None, device: torch.device | None = None) -> None:
         if rule not in RULES:
             raise ValueError(f"unknown acceptance rule {rule!r}; known: {', '.join(RULES)}")
         self.gm, self.graph = gm, graph
         self.x, self.y, self.target = x.float(), y, target.double()
         self.rule, self.z, self.loss_z = rule, z, loss_z
         self.means = means or {}
+        self.device = device or torch.device("cpu")  # the analysis's device; margins come back to the CPU
         self._cache: OrderedDict[tuple[bytes, bool], Measure] = OrderedDict()
 
     def __len__(self) -> int:
@@ -202,7 +203,7 @@ class HeldOut:
     def with_means(self, means: dict[str, torch.Tensor] | None) -> HeldOut:
         """The same samples and rule, judging plans with (or without) mean replacement."""
         return HeldOut(self.gm, self.graph, self.x, self.y, self.target, rule=self.rule, z=self.z,
-                       loss_z=self.loss_z, means=means)
+                       loss_z=self.loss_z, means=means, device=self.device)
 
     def network(self, kept: np.ndarray) -> torch.nn.Module:
         pruned = copy.deepcopy(self.gm)
@@ -218,14 +219,14 @@ class HeldOut:
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        net = self.network(kept)
+        net = self.network(kept).to(self.device)
         got = []
         with torch.no_grad():
             for start in range(0, len(self.x), _BATCH):
-                out = net(self.x[start:start + _BATCH])
+                out = net(self.x[start:start + _BATCH].to(self.device))
                 while isinstance(out, (tuple, list)):
                     out = out[0]
-                got.append(margins(out.double(), self.y[start:start + _BATCH]))
+                got.append(margins(out.double().cpu(), self.y[start:start + _BATCH]))
         m = torch.cat(got) if got else torch.zeros(0, dtype=torch.float64)
         result = Measure((m > 0).numpy(), (self.target - m).clamp(min=0).numpy())
         self._cache[key] = result
