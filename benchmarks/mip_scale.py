@@ -110,7 +110,10 @@ def _cpu_seconds(since: float) -> float:
 def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts,
                        "reconstruct": args.reconstruct})
-    done = subprocess.run([sys.executable, __file__, "--one", spec], check=True, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
+    if done.returncode != 0:  # show why: the child's own error, not only its exit status
+        tail = "\n".join(done.stderr.strip().splitlines()[-30:])
+        raise SystemExit(f"{net}: the compile exited with status {done.returncode}; its last output:\n{tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
