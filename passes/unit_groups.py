@@ -385,6 +385,10 @@ class _Walker:
         for d in range(len(out_shape)):
             if ir.prod(out_shape[:d]) != prefix:
                 continue
+            if (out_shape[d] in (c, c * suffix) or 1 < out_shape[d] < c) and self.foreign_width(node, d, lay):
+                return self.barrier(node, f"the size of dim {d} is read at run time from another tensor's width "
+                                          "(e.g. x.size(2)) and cannot follow these units; write it as a constant "
+                                          "(e.g. self.heads * self.head_dim) to let them go")
             if out_shape[d] == c and ir.prod(out_shape[d + 1:]) == suffix:
                 self.layouts[node.name] = Layout(d, lay.units)
                 return None
@@ -400,6 +404,22 @@ class _Walker:
             self.layouts[node.name] = merged
             return None
         return self.barrier(node, f"reshape {in_shape} -> {out_shape} splits or mixes the channel dim")
+
+    def foreign_width(self, node: fx.Node, dim: int, lay: Layout) -> bool:
+        """Whether output dim ``dim`` of a view/reshape gets a size computed at run time that is not
+        the width of these very channels (``view(b, t, c)`` with ``c = x.size(2)`` of another
+        tensor).  That size follows the other tensor's units, not ``lay``'s, so both keep theirs
+        (the other tensor's units are pinned here; ``lay``'s by the caller's barrier)."""
+        size = _runtime_size(node, dim)
+        if size is None:
+            return False
+        read = self.widths_read.get(size.name)
+        own = {int(u) for u in lay.units.tolist() if u >= 0}
+        if read is not None and {int(u) for u in read.tolist() if u >= 0} == own:
+            return False  # the width of these same channels: it follows the pruned width by itself
+        if read is not None:
+            self.uf.pin(read[read >= 0], f"its width sizes a reshape at {ir.where(node)}")
+        return True
 
     @staticmethod
     def merged_layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], lay: Layout) -> Layout | None:
@@ -921,3 +941,18 @@ def _layer_cost(gm: fx.GraphModule, node: fx.Node, kind: str, in_units: np.ndarr
 
 
 __all__ = ["OUTPUT_REASON", "STREAM_REASON", "UnitGroupAnalysis"]
+
+
+def _runtime_size(node: fx.Node, dim: int) -> fx.Node | None:
+    """The value a view/reshape/expand gives output dim ``dim`` when it is computed at run time (an
+    fx value such as ``x.size(2)``; the surgery cannot rewrite it), else None."""
+    args = list(node.args)
+    if node.op == "call_module":
+        return None  # nn.Flatten and the like: no sizes
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        sizes = list(args[1])
+    elif "shape" in node.kwargs or "size" in node.kwargs:
+        sizes = list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+    else:
+        sizes = args[1:]
+    return sizes[dim] if dim < len(sizes) and isinstance(sizes[dim], fx.Node) else None

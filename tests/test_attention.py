@@ -513,3 +513,52 @@ def test_a_causal_mask_buffer_sliced_at_run_time_traces_and_loses_whole_heads(tm
     path = tmp_path / "causal.onnx"
     export_onnx(result.module, (x,), path)
     assert verify_onnx(path, result.module, (x,)).passed
+
+
+class _RuntimeWidthAttention(nn.Module):
+    """nanoGPT's spelling: one packed q/k/v Linear, and the merge back to (B, T, C) with ``C`` read
+    from the input's size at run time, a size the surgery cannot shrink."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.size()
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class _RuntimeWidthNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attn = nn.Linear(8, 32), _RuntimeWidthAttention()
+        self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attn(h)
+        h = h + self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean(1))
+
+
+def test_a_width_read_at_run_time_keeps_the_heads_and_the_rest_still_prunes(tmp_path) -> None:
+    """Before: the plan removed heads and shape propagation then failed at the ``view(b, t, c)``.
+    Now that view is a barrier with a reason that says how to write it, the heads stay, the FFN
+    units still go, and the file matches PyTorch."""
+    torch.manual_seed(0)
+    model = _RuntimeWidthNet().eval()
+    x = torch.randn(16, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm, graph = _units(model, x[:2])
+    reasons = [b.reason for b in graph.barriers]
+    assert any("read at run time" in r for r in reasons), reasons
+    res = oamipc.compile(model, x[:2], importance="l1", prune_ratio=0.5)
+    assert res.module.get_submodule("attn.qkv").out_features == 96
+    assert res.module.get_submodule("fc1").out_features == 32
+    path = tmp_path / "runtime_width.onnx"
+    export_onnx(res.module, (x[:2],), path)
+    verify_onnx(path, res.module, x)
