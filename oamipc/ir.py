@@ -159,6 +159,20 @@ def prod(values: Any) -> int:
     return int(math.prod(int(v) for v in values))
 
 
+def size_args(node: fx.Node) -> tuple[list[Any], str | None]:
+    """The size arguments of a view/reshape/expand node, and where they sit: ``"list"`` (one list or
+    tuple after the tensor), ``"shape"``/``"size"`` (a keyword) or None (one positional argument
+    each).  Both the unit analysis (which sizes are computed at run time) and the surgery (which
+    constant sizes to rewrite) read them here."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        return list(args[1]), "list"
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            return list(node.kwargs[key]), key
+    return args[1:], None
+
+
 def where(node: fx.Node) -> str:
     """How to name a node in a message: the module path for call_module, else the node name."""
     if node.op == "call_module":

@@ -205,17 +205,15 @@ class _Rewriter:
         if new_width == len(lay.units):
             return
         args = list(node.args)
-        if len(args) == 2 and isinstance(args[1], (list, tuple)):
-            sizes, rebuild = list(args[1]), lambda s: [args[0], type(args[1])(s)]
-        elif "shape" in node.kwargs or "size" in node.kwargs:
-            key = "shape" if "shape" in node.kwargs else "size"
-            sizes = list(node.kwargs[key])
+        sizes, where = ir.size_args(node)
 
-            def rebuild(s: list[Any]) -> list[Any]:
-                node.kwargs = {**node.kwargs, key: tuple(s)}
+        def rebuild(s: list[Any]) -> list[Any]:
+            if where == "list":
+                return [args[0], type(args[1])(s)]
+            if where is not None:  # a keyword: rewritten in place, the positional args stay
+                node.kwargs = {**node.kwargs, where: tuple(s)}
                 return args
-        else:
-            sizes, rebuild = args[1:], lambda s: [args[0], *s]
+            return [args[0], *s]
         if lay.dim >= len(sizes):
             raise UnsupportedGraphError(f"cannot rewrite the sizes of {ir.where(node)}")
         old = sizes[lay.dim]

@@ -946,13 +946,7 @@ __all__ = ["OUTPUT_REASON", "STREAM_REASON", "UnitGroupAnalysis"]
 def _runtime_size(node: fx.Node, dim: int) -> fx.Node | None:
     """The value a view/reshape/expand gives output dim ``dim`` when it is computed at run time (an
     fx value such as ``x.size(2)``; the surgery cannot rewrite it), else None."""
-    args = list(node.args)
     if node.op == "call_module":
         return None  # nn.Flatten and the like: no sizes
-    if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        sizes = list(args[1])
-    elif "shape" in node.kwargs or "size" in node.kwargs:
-        sizes = list(node.kwargs.get("shape", node.kwargs.get("size", ())))
-    else:
-        sizes = args[1:]
+    sizes, _ = ir.size_args(node)
     return sizes[dim] if dim < len(sizes) and isinstance(sizes[dim], fx.Node) else None
