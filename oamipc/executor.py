@@ -10,7 +10,8 @@ on how many workers ran it or in which order they finished.
   spawned worker processes (fork and a torch that has started threads do not mix), one torch
   thread each.  The shared argument is pickled once per task.
 * ``ray``: tasks are Ray tasks of one CPU each.  Without an address an embedded local Ray is
-  started with ``workers`` CPUs and shut down afterwards; with one (``ray://...`` or
+  started with ``workers`` CPUs and shut down afterwards (always a new one: a cluster that
+  ``ray start`` runs on this machine, or ``RAY_ADDRESS``, is not joined unless asked for); with one (``ray://...`` or
   ``host:port`` of a running cluster, or ``auto``) the tasks join that cluster, which is left
   running.  The shared argument goes to the object store once (``ray.put``) and every task reads
   it from there.  The embedded Ray's workers import this very ``oamipc`` (its directory is put on
@@ -187,8 +188,10 @@ def _embedded_ray(ray: Any, workers: int) -> Iterator[None]:
     os.environ[OWNER_ENV] = token  # inherited by the processes ray.init starts, and by theirs
     try:
         try:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            # address="local": a Ray of our own even where `ray start` left a cluster (or RAY_ADDRESS)
+            # that a plain ray.init() would join, with num_cpus refused
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
         finally:
             if saved is None:
                 os.environ.pop(OWNER_ENV, None)
