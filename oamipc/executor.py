@@ -11,9 +11,9 @@ on how many workers ran it or in which order they finished.
   thread each.  The shared argument is pickled once per task.
 * ``ray``: tasks are Ray tasks of one CPU each.  Without an address an embedded local Ray is
   started with ``workers`` CPUs and shut down afterwards (always a new one: a cluster that
-  ``ray start`` runs on this machine, or ``RAY_ADDRESS``, is not joined unless asked for); with one (``ray://...`` or
-  ``host:port`` of a running cluster, or ``auto``) the tasks join that cluster, which is left
-  running.  The shared argument goes to the object store once (``ray.put``) and every task reads
+  ``ray start`` runs on this machine, or ``RAY_ADDRESS``, is joined only when named); with an
+  address (``ray://...`` or ``host:port`` of a running cluster, or ``auto``) the tasks join that
+  cluster, which is left running.  The shared argument goes to the object store once (``ray.put``) and every task reads
   it from there.  The embedded Ray's workers import this very ``oamipc`` (its directory is put on
   their ``PYTHONPATH``); a cluster's nodes need oamipc installed.
 
