@@ -10,10 +10,12 @@ should, deterministically:
   raylet has started its agents, then raises ``KeyboardInterrupt`` in the driver (what Python
   does on a Ctrl-C at that moment).
 
-What the user must get (the oracle for every case): exit code 130, the one line ``interrupted (no
+The pareto and cluster cases are ``slow`` (about 30 s each here; ``-m slow``).  What the user
+must get (the oracle for every case): exit code 130, the one line ``interrupted (no
 output was written)``, an empty output directory, and -- with an embedded Ray -- no process left
 in the command's session (the embedded Ray's processes all live there).  With ``--ray-address``
-the task's worker process on the cluster is gone, and the cluster still runs a task afterwards.
+the task's worker process on the cluster is gone, and the cluster still runs a task afterwards;
+under a Ray that the calling program started itself, the task's worker is gone and that Ray is up.
 
 The launcher's wrappers are defined in ``__main__``, so Ray pickles them by value: the workers
 run them without importing anything that is not oamipc's.
@@ -246,6 +248,7 @@ def test_ctrl_c_cancels_the_tasks_on_a_ray_the_program_runs_itself(tmp_path: Pat
     assert (cli.marks / "after").read_text() == "True True", "after the interrupt: Ray still up, the task's worker gone"
 
 
+@pytest.mark.slow  # about 30 s here; the same executor path as a compile's, which the default run checks
 def test_ctrl_c_stops_pareto_on_ray(tmp_path: Path) -> None:
     """``oamipc pareto``: its compiles are the Ray tasks; Ctrl-C from a terminal reaches the whole group."""
     out = tmp_path / "front"
@@ -328,6 +331,7 @@ def _runs_a_task(address: str, env: dict[str, str], probe: bool = False) -> bool
     return done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == ["42"]
 
 
+@pytest.mark.slow  # starts a cluster of its own: about 35 s here
 def test_ctrl_c_cancels_the_tasks_on_a_cluster_and_leaves_it_running(tmp_path: Path, out: Path,
                                                                       cluster: tuple[str, dict[str, str]]) -> None:
     address, env = cluster
