@@ -9,10 +9,11 @@ objective's constant restored, and the gap.  The statuses are described in :mod:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -231,6 +232,39 @@ def _gap(objective: float | None, bound: float | None) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def variables_listed_once(prob: pulp.LpProblem) -> Iterator[None]:
+    """Within the block, ``prob.variables()`` is listed again only when the problem grew.
+
+    PuLP rebuilds the list at every call from every constraint's terms (and sorts it), and one
+    solve asks for it about eight times (its size, the warm start and its check, the backend's
+    model building and read-back, ...): on a LeNet-5 compile those listings were a tenth of the
+    CPU time.  A solve does not change which variables a problem has, except that PuLP adds a
+    ``__dummy`` variable to an objective without any; so the list is kept while the objective (its
+    identity and length) and the number of constraints stay as they were, and PuLP's own method
+    makes it otherwise, so the result is always the list PuLP would give.  Nested blocks share
+    the outermost one's list.
+    """
+    if "variables" in vars(prob):  # already inside a block for this problem
+        yield
+        return
+    listing = prob.variables  # PuLP's bound method
+    cached: dict[str, Any] = {}
+
+    def variables() -> list[pulp.LpVariable]:
+        objective = prob.objective
+        key = (id(objective), len(objective) if objective is not None else -1, len(prob.constraints))
+        if cached.get("key") != key:
+            cached["key"], cached["list"] = key, listing()
+        return cached["list"]  # type: ignore[no-any-return]
+
+    prob.variables = variables  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del prob.variables
+
+
 def _check_options(
     solver: str,
     time_limit: float | None,
@@ -282,7 +316,13 @@ def solve(
     if not isinstance(prob, pulp.LpProblem):
         raise UsageError(f"solve() needs a pulp.LpProblem, got {type(prob).__name__}")
     require_solver(solver)
+    with variables_listed_once(prob):
+        return _solve(prob, solver, time_limit, gap, threads, warm_start, msg, node_limit)
 
+
+def _solve(prob: pulp.LpProblem, solver: str, time_limit: float | None, gap: float | None, threads: int | None,
+           warm_start: Mapping[pulp.LpVariable, float] | None, msg: bool, node_limit: int | None) -> SolveResult:
+    """:func:`solve` after its checks (inside :func:`variables_listed_once`)."""
     size = problem_size(prob)
     # Taken before solving: PuLP adds a "__dummy" variable to a problem without objective.
     variables = list(prob.variables())  # a copy: PuLP returns its own list
@@ -398,12 +438,13 @@ def complete_solution(
     saved = {v: (v.lowBound, v.upBound) for v in fixed}
     for v, value in fixed.items():
         v.lowBound = v.upBound = float(value)
-    try:
-        result = solve(prob, solver=solver, time_limit=time_limit, threads=threads)
-    finally:
-        for v, (lo, hi) in saved.items():
-            v.lowBound, v.upBound = lo, hi
-    if not result.has_solution():
-        return None
-    values = {v: float(v.varValue) for v in prob.variables() if v.varValue is not None}
+    with variables_listed_once(prob):
+        try:
+            result = solve(prob, solver=solver, time_limit=time_limit, threads=threads)
+        finally:
+            for v, (lo, hi) in saved.items():
+                v.lowBound, v.upBound = lo, hi
+        if not result.has_solution():
+            return None
+        values = {v: float(v.varValue) for v in prob.variables() if v.varValue is not None}
     return values, float(result.objective) if result.objective is not None else float("nan")
