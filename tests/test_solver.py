@@ -549,3 +549,14 @@ def test_solve_inside_variables_listed_once_sees_the_dummy_of_an_empty_objective
         res = solve(prob, warm_start={x: 2})
     assert res.status == "optimal" and res.values is not None and set(res.values) == {"x"}
     assert res.values["x"] in (pytest.approx(2), pytest.approx(3))
+
+
+def test_problem_size_counts_only_nonzero_coefficients() -> None:
+    from oamipc.solver.core import problem_size
+
+    prob = pulp.LpProblem("zeros", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(4)]
+    prob += pulp.lpSum(x)
+    prob += pulp.LpAffineExpression([(x[0], 0.0), (x[1], -0.0), (x[2], 1e-300), (x[3], 2.0)]) >= 1
+    prob += pulp.LpAffineExpression([(x[0], 0), (x[1], 3.0)]) <= 1
+    assert problem_size(prob) == (4, 4, 2, 3)

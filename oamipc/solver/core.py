@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -125,9 +126,9 @@ def problem_size(prob: pulp.LpProblem) -> ProblemSize:
         for v in variables
         if v.cat == lpc.LpInteger and v.lowBound == 0 and v.upBound == 1
     )
-    n_nz = sum(
-        1 for c in prob.constraints.values() for coef in c.values() if coef != 0
-    )
+    # len minus the zero coefficients (counted in C): the same count as testing ``coef != 0`` term by
+    # term, at a fraction of the cost on the joint stage's dense rows.
+    n_nz = sum(len(c) - operator.countOf(c.values(), 0) for c in prob.constraints.values())
     return ProblemSize(len(variables), n_bin, len(prob.constraints), n_nz)
 
 
