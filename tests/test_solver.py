@@ -552,11 +552,11 @@ def test_solve_inside_variables_listed_once_sees_the_dummy_of_an_empty_objective
 
 
 def test_problem_size_counts_only_nonzero_coefficients() -> None:
-    from oamipc.solver.core import problem_size
+    from oamipc.solver.core import ProblemSize, problem_size
 
     prob = pulp.LpProblem("zeros", pulp.LpMinimize)
     x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(4)]
     prob += pulp.lpSum(x)
     prob += pulp.LpAffineExpression([(x[0], 0.0), (x[1], -0.0), (x[2], 1e-300), (x[3], 2.0)]) >= 1
     prob += pulp.LpAffineExpression([(x[0], 0), (x[1], 3.0)]) <= 1
-    assert problem_size(prob) == (4, 4, 2, 3)
+    assert problem_size(prob) == ProblemSize(n_variables=4, n_binaries=4, n_constraints=2, n_nonzeros=3)
