@@ -16,7 +16,9 @@ How, and why:
 * **Order.** Layers are refit in graph (topological) order.  The input ``X`` of a layer comes
   from the pruned network whose earlier layers are already refit; the target ``Y`` is the dense
   network's output of that layer, its kept channels only, on the same samples.  So each fit also
-  corrects the error that earlier layers left.
+  corrects the error that earlier layers left.  The targets of all layers come from one pass of
+  the dense network (the one that measures the output error first), kept while they fit in
+  ``_TARGET_ELEMENTS`` values; a layer beyond that has its targets recomputed per batch.
 * **Pre-activation targets.** ``Y`` is the layer's own output (before BatchNorm, activation,
   pooling).  Folding a BatchNorm that follows would change nothing: it is an affine map per
   channel, every output channel is fit independently, and scaling a target channel scales its
