@@ -271,7 +271,10 @@ class _NodeShapeProp(ShapeProp):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                # Without the memory format, which nothing here reads: finding it goes through
+                # torch._check, whose first call imports torch's symbolic-shape machinery (sympy),
+                # about a second of the first compile in a process.
+                return _extract_tensor_metadata(obj, include_contiguity=False)
             return obj
 
         meta = map_aggregate(result, extract)

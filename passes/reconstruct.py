@@ -16,7 +16,9 @@ How, and why:
 * **Order.** Layers are refit in graph (topological) order.  The input ``X`` of a layer comes
   from the pruned network whose earlier layers are already refit; the target ``Y`` is the dense
   network's output of that layer, its kept channels only, on the same samples.  So each fit also
-  corrects the error that earlier layers left.
+  corrects the error that earlier layers left.  The targets of all layers come from one pass of
+  the dense network (the one that measures the output error first), kept while they fit in
+  ``_TARGET_ELEMENTS`` values; a layer beyond that has its targets recomputed per batch.
 * **Pre-activation targets.** ``Y`` is the layer's own output (before BatchNorm, activation,
   pooling).  Folding a BatchNorm that follows would change nothing: it is an affine map per
   channel, every output channel is fit independently, and scaling a target channel scales its
@@ -68,6 +70,7 @@ one before and after, the samples and the seconds: the report's ``reconstruct`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -100,6 +103,8 @@ AUTO_WORK_MACS = 2**37
 AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
+#: Dense layer outputs kept from one dense pass for the refits, in values (float32: 128 MiB).
+_TARGET_ELEMENTS = 1 << 25
 _LAYER_CHOICES = ("all", "readers")
 #: The layers this pass refits.
 Fittable = nn.Linear | nn.Conv1d | nn.Conv2d
@@ -228,13 +233,17 @@ class ReconstructPass(Pass):
         fits: list[LayerFit] = list(skipped)
         with torch.no_grad():
             reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
-            out_before = _output_error(gm, dense, x, self.batch_size, reference)
+            wanted_layers = [layer for layer in layers
+                             if self.layers != "readers" or _in_width(layer.module) != _in_width(layer.dense)]
+            targets = _DenseTargets(dense, wanted_layers, len(x))
+            out_before = _output_error(gm, dense, x, self.batch_size, reference, targets)
             for i, layer in enumerate(layers):
                 if ctx.progress is not None:
                     ctx.tick("reconstruct", i, len(layers))
                 if self.layers == "readers" and _in_width(layer.module) == _in_width(layer.dense):
                     continue
-                fits.append(self._refit(gm, dense, layer, x, ctx.seed + i))
+                batches = -(-len(x) // self.batch_size)
+                fits.append(self._refit(gm, dense, layer, x, ctx.seed + i, targets.pop(layer.target, batches)))
             if ctx.progress is not None:
                 ctx.tick("reconstruct", len(layers), len(layers))
             refit = any(f.refit for f in fits)
@@ -246,11 +255,11 @@ class ReconstructPass(Pass):
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
 
     def _refit(self, gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor,
-               seed: int) -> LayerFit:
+               seed: int, targets: list[torch.Tensor] | None = None) -> LayerFit:
         mod = layer.module
         kind = type(mod).__name__
         intercept = getattr(mod, "bias", None) is not None or layer.bias_sink is not None
-        stats = _accumulate(gm, dense, layer, x, self.batch_size, self.max_rows, intercept, seed)
+        stats = _accumulate(gm, dense, layer, x, self.batch_size, self.max_rows, intercept, seed, targets)
         w_old = _weights(mod, intercept)
         err_before = _rel_error(stats, w_old)
         def fit(after: float, refit: bool, note: str = "") -> LayerFit:
@@ -417,17 +426,77 @@ def _leaves(value: Any) -> list[torch.Tensor]:
     return []
 
 
+class _DenseTargets:
+    """The dense network's outputs of the layers to refit (their kept channels), per batch.
+
+    Each refit needs its layer's dense output on every batch of samples; recomputing it runs the
+    dense network up to that layer, once per layer, and :func:`_output_error` runs all of it once
+    anyway.  So that pass keeps them (forward hooks), for the layers whose outputs fit within
+    ``limit`` values in all (sizes from the traced shapes; deepest first: theirs cost the longest
+    prefix to recompute); the others are recomputed per batch as before.  The same batches, so
+    the very same values.
+    """
+
+    def __init__(self, dense: fx.GraphModule, layers: list[_Layer], samples: int,
+                 limit: int = _TARGET_ELEMENTS) -> None:
+        nodes = _calls(dense)
+        self.layers: list[_Layer] = []
+        room = limit
+        for layer in reversed(layers):
+            shape = ir.tensor_shape(nodes[layer.target][0]) if layer.target in nodes else None
+            if not shape or len(shape) < 2:
+                continue
+            need = ir.prod(shape[1:]) // max(1, _out_width(layer.dense)) * len(layer.kept_out) * samples
+            if need <= room:
+                room -= need
+                self.layers.insert(0, layer)
+        self.batches: dict[str, list[torch.Tensor]] = {layer.target: [] for layer in self.layers}
+
+    @contextlib.contextmanager
+    def recording(self, dense: nn.Module) -> Iterator[None]:
+        """While the block runs ``dense`` on the next batch, keep the layers' outputs."""
+        handles = []
+        for layer in self.layers:
+            def hook(_m: nn.Module, _args: Any, output: Any, layer: _Layer = layer) -> None:
+                if layer.target in self.batches:
+                    self.batches[layer.target].append(_kept_channels(output, layer))
+            handles.append(dense.get_submodule(layer.target).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def pop(self, target: str, batches: int) -> list[torch.Tensor] | None:
+        """The kept outputs of ``target`` for all ``batches`` (then dropped), or None: recompute them."""
+        got = self.batches.pop(target, None)
+        return got if got is not None and len(got) == batches else None
+
+
+def _kept_channels(y: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    """The dense layer's output ``y`` at the channels the pruned layer kept."""
+    kept = torch.as_tensor(layer.kept_out, dtype=torch.long)
+    return y.index_select(1 if not isinstance(layer.module, nn.Linear) else -1, kept)
+
+
 def _output_error(gm: nn.Module, dense: nn.Module, x: torch.Tensor, batch: int,
-                  reference: list[list[torch.Tensor]]) -> float:
+                  reference: list[list[torch.Tensor]], targets: _DenseTargets | None = None) -> float:
     """Relative Frobenius error of the pruned network's outputs against the dense network's.
 
     ``reference`` caches the dense outputs per batch: filled on the first call (when they are
-    small: logits, not images), read on the next.
+    small: logits, not images), read on the next.  ``targets``, given on the first call, keeps
+    the dense layer outputs the refits need (:class:`_DenseTargets`).
     """
     num = den = 0.0
     cached, keep = bool(reference), False
     for i, sl in enumerate(_batches(len(x), batch)):
-        want = reference[i] if cached else _leaves(dense(x[sl]))
+        if cached:
+            want = reference[i]
+        elif targets is not None:
+            with targets.recording(dense):
+                want = _leaves(dense(x[sl]))
+        else:
+            want = _leaves(dense(x[sl]))
         if not cached:
             if i == 0:  # keep them when all of them hold at most _CHUNK_ELEMENTS values
                 keep = sum(t.numel() for t in want) // (sl.stop - sl.start) * len(x) <= _CHUNK_ELEMENTS
@@ -524,16 +593,15 @@ def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) ->
 
 
 def _accumulate(gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor, batch: int,
-                max_rows: int, intercept: bool, seed: int) -> _Stats:
-    """Stream the samples through both networks and sum the layer's normal equations."""
+                max_rows: int, intercept: bool, seed: int, targets: list[torch.Tensor] | None = None) -> _Stats:
+    """Stream the samples through both networks and sum the layer's normal equations (the dense
+    layer's outputs per batch are ``targets`` when given, else computed here)."""
     gen = torch.Generator().manual_seed(seed)
     per_sample = max(1, max_rows // max(1, len(x)))
-    kept = torch.as_tensor(layer.kept_out, dtype=torch.long)
     stats: _Stats | None = None
-    for sl in _batches(len(x), batch):
+    for i, sl in enumerate(_batches(len(x), batch)):
         xin = _capture(gm, layer.target, x[sl], "input")
-        y = _capture(dense, layer.target, x[sl], "output").index_select(1 if not isinstance(layer.module, nn.Linear)
-                                                                          else -1, kept)
+        y = targets[i] if targets is not None else _kept_channels(_capture(dense, layer.target, x[sl], "output"), layer)
         xs, ys = _rows(layer.module, xin, y, per_sample, gen)
         xs, ys = xs.double(), ys.double()
         if intercept:
