@@ -43,7 +43,9 @@ def measure(model_name: str, data_name: str, budgets: list[float]) -> list[dict[
         rows.append({"model": model_name, "budget": budget, "wall_s": wall, "mip_s": mip["seconds"],
                      "timings_s": res.report["timings_s"], "accuracy": res.report["accuracy"]["after"],
                      "holdout_samples": mip.get("holdout_samples"), "selection": mip.get("selection"),
-                     "reproducible": mip["reproducible"]})
+                     "reproducible": mip["reproducible"],
+                     "refit_select": {k: v for k, v in res.report.get("refit_select", {}).items()
+                                      if k not in ("candidates", "planner_plan")}})
     return rows
 
 
@@ -58,11 +60,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "python": platform.python_version(),
                                     "threads": torch.get_num_threads()}, indent=1))
-    print("| model | MACs kept | compile s | mip s | test accuracy | held-out samples |")
-    print("|---|---|---|---|---|---|")
+    print("| model | MACs kept | compile s | mip s | test accuracy | held-out samples | refit selection |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        sel = r["refit_select"]
+        said = (sel.get("chosen") if sel.get("ran") else sel.get("reason") or sel.get("note", "")) or ""
         print(f"| {r['model']} | {r['budget']:.2f} | {r['wall_s']:.1f} | {r['mip_s']:.1f} | "
-              f"{100 * r['accuracy']:.2f}% | {r['holdout_samples']} |")
+              f"{100 * r['accuracy']:.2f}% | {r['holdout_samples']} | {said} |")
     return rows
 
 

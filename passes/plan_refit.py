@@ -11,30 +11,36 @@ the refit will run, this analysis compares a few candidate plans by what they ar
 
 How:
 
-* **Candidates.**  The inner planner's plan (``inner``: the MILP, or a criterion's greedy plan),
-  the solver-free greedy plans of :data:`WARM_CRITERIA` (the MILP's warm starts, from the
-  analysis cache), and, for a MAC budget, width splits of the best of those: every prunable group
-  keeps a fraction ``s * exp(-t * p)`` of its units, ``p`` the group's position in graph order
-  scaled to ``[-1, 1]`` (first group -1), ``t`` one of :data:`TILTS` (``t > 0`` front-heavy,
-  ``t = 0`` the same fraction everywhere, ``t < 0`` back-heavy), and ``s`` the largest scale
-  whose plan fits the budget (bisection), after which single rounding steps are given back while
-  they fit.  Inside a group the width split keeps the best plan's ranking: its kept units first,
-  then by the L2 norm of their incoming weights.  Counts respect ``min_keep``, ``round_to``,
-  pinned units, grouped-convolution blocks and split/cat floors (the greedy planner's rules).
-  One tilt family rather than a search over pairs of groups: it costs a handful of refits for
-  any number of groups, and the width experiment's best splits lie on it.
-* **The judgement.**  The train split (``CompileContext.train_x``) is split once, seeded, into a
-  judging part (a third, at most :data:`JUDGE_SAMPLES`) and a fitting part (the rest, at most
-  :data:`FIT_SAMPLES`).  Each candidate is pruned and refit with the compile's own
-  reconstruction options on the fitting part only, then measured on the judging part: the plan
-  with the most correct samples wins, the lower mean hinge (drop of the label margin below the
-  dense network's) breaks ties, then candidate order (the inner planner's plan first).  The
-  final network is refit afterwards as before, on the reconstruction's own samples.
-* **Cost.**  One candidate costs about ``dense MACs * (layers * fit + judge)`` of forward passes.
-  The selection runs only while ``MIN_CANDIDATES`` of them fit within :data:`WORK_MACS`, and
-  takes at most as many candidates as fit (never more than :data:`MAX_CANDIDATES`); otherwise
-  the inner plan is returned as it is and the record says why.  A count of MACs, not seconds,
-  so the decision is the same on every machine.
+* **Candidates.**  The inner planner's plan (``inner``: the MILP, or a criterion's greedy plan)
+  and the solver-free greedy plans of :data:`WARM_CRITERIA` (the MILP's warm starts; cached
+  analyses) come first.  For a MAC budget, width splits follow, built from the best plan so far:
+  first :data:`TILTS`, every prunable group keeping a fraction ``s * exp(-t * p)`` of its units
+  (``p`` the group's place in graph order scaled to ``[-1, 1]``, first group -1: ``t = 0`` the
+  same fraction everywhere, ``t > 0`` front-heavy); then, from the best after those, each group
+  in turn grown to :data:`GROW` times its fraction while the others shrink to fit (earliest
+  groups first).  ``s`` is the largest scale whose plan fits the budget (bisection), after
+  which single rounding steps are given back while they fit.  Inside a group a width split keeps
+  its source plan's ranking: that plan's kept units first, then by the L2 norm of their
+  incoming weights.  Counts respect ``min_keep``, ``round_to``, pinned units, grouped-convolution
+  blocks and split/cat floors (the greedy planner's rules).  A one-parameter tilt and one-group
+  moves rather than a search over pairs of groups: at most :data:`MAX_CANDIDATES` refits for any
+  number of groups, and the width experiment's best splits (a wider first layer, the rest about
+  equal) are one move from the uniform split.
+* **The judgement.**  A pool of the train split (``CompileContext.train_x``; at most
+  :data:`POOL_SAMPLES`, seeded) is dealt into :data:`FOLDS` folds.  For each fold, each
+  candidate is pruned and refit with the compile's own reconstruction options on the other
+  folds only, then measured on the fold: so every pool sample judges every candidate once, by a
+  refit that never saw it (on digits, a single third held out was too few samples to tell the
+  splits apart).  The plan with the most correct samples wins, the lower mean hinge (drop of
+  the label margin below the dense network's) breaks ties, then candidate order (the inner
+  planner's plan first).  The final network is refit afterwards as before, on the
+  reconstruction's own samples.  The pool is train data the network was trained on, so its
+  accuracies run higher than test accuracies; only their order is used.
+* **Cost.**  One candidate costs about ``dense MACs * (layers * fit + judge)`` of forward passes
+  per fold.  The selection runs only while :data:`MIN_CANDIDATES` of them fit within
+  :data:`WORK_MACS`, and takes at most as many candidates as fit (never more than
+  :data:`MAX_CANDIDATES`); otherwise the inner plan is returned as it is and the record says
+  why.  A count of MACs, not seconds, so the decision is the same on every machine.
 * **Targets.**  A MAC budget gets width splits; a ratio target (fixed counts per group) and a
   latency target (the measured model's plan) compare only the plans the pipeline already has.
 * **Bias shifts.**  The inner plan keeps its own (mean replacement, lossless removal); another
@@ -85,9 +91,12 @@ FOLDS = 3
 POOL_SAMPLES = 3072
 #: Fewer pool samples than this: no selection (the accuracies would be noise).
 MIN_POOL_SAMPLES = 300
-#: MACs of forward passes the whole selection may cost: ``candidates * dense MACs * (layers * fit + judge)``.
-WORK_MACS = 2**36
-MIN_CANDIDATES = 3
+#: MACs of forward passes the whole selection may cost: ``candidates * dense MACs * (layers * fit + judge)``
+#: summed over the folds.  2**34: every digits network of the family runs (0.2-1.0e9 per candidate),
+#: no Fashion-MNIST one (4-14e9 per candidate: LeNet-5's 12 refits took minutes on a loaded machine).
+WORK_MACS = 2**34
+#: Fewer candidates than this fit the work: no selection (the solver-free plans and one width split at least).
+MIN_CANDIDATES = 6
 MAX_CANDIDATES = 12
 _BATCH = 1024
 
