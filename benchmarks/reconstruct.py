@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--single-group", action="store_true", help="also the layers=readers vs all experiment")
     parser.add_argument("--refit-select", action="store_true",
                         help="compile with the refit selection too (before and after it, one MILP solve)")
+    parser.add_argument("--refit-work-macs", type=float, default=None,
+                        help="override the refit selection's cost limit (plan_refit.WORK_MACS): an experiment")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -259,11 +261,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     criteria = args.criteria.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     options = {k: v for k, v in (("samples", args.samples), ("ridge", args.ridge)) if v is not None}
+    if args.refit_work_macs is not None:
+        from oamipc.passes import plan_refit
+
+        plan_refit.WORK_MACS = args.refit_work_macs
     rows = run(networks(), budgets, criteria, options, args.seed, args.ablation, args.refit_select)
     result: dict[str, Any] = {
         "setting": {"models": models, "budgets": budgets, "criteria": criteria,
                     "reconstruct": dataclasses.asdict(ReconstructPass(**options)),
-                    "refit_select": args.refit_select,
+                    "refit_select": args.refit_select, "refit_work_macs": args.refit_work_macs,
                     "seed": args.seed, "torch": torch.__version__, "python": platform.python_version(),
                     "threads": torch.get_num_threads(), "cpu": cpu_model()},
         "rows": rows}
