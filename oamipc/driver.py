@@ -226,7 +226,7 @@ def compile(  # noqa: A001 - the product's verb
                                leaf_modules=leaf_modules, prune_embed=prune_embed, seed=seed,
                                calib_samples=calib_samples, lossless=lossless,
                                lossless_box=lossless_box, verify=verify, reconstruct=reconstruct,
-                               refit_select=refit_select)
+                               refit_select=False)  # the criteria's own plans are the candidates
             gm, report, chosen_plan = _select_for_finetune(importance, gm, report, chosen_plan, candidate, train,
                                                            finetune)
         pruned_acc = report["accuracy"]["after"]
