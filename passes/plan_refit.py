@@ -259,7 +259,6 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
 
     def plan(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         assert self.inner is not None, "plan-refit-select needs the planner it chooses after"
-        start = time.perf_counter()
         planned = am.get(self.inner, gm)
         start = time.perf_counter()  # the selection's own time, after the planner's
         ctx = am.context
