@@ -53,7 +53,9 @@ def measure(model_name: str, data_name: str, budgets: list[float], repeat: int =
                          "timings_s": res.report["timings_s"], "accuracy": res.report["accuracy"]["after"],
                          "holdout_samples": mip.get("holdout_samples"), "selection": mip.get("selection"),
                          "reproducible": mip["reproducible"], "joint_rounds": len(mip.get("joint_rounds", [])),
-                         "plan_sha256": hashlib.sha256(plan.encode()).hexdigest(), "threads": torch.get_num_threads()})
+                         "plan_sha256": hashlib.sha256(plan.encode()).hexdigest(), "threads": torch.get_num_threads(),
+                         "refit_select": {k: v for k, v in res.report.get("refit_select", {}).items()
+                                          if k not in ("candidates", "planner_plan")}})
     return rows
 
 
@@ -72,11 +74,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "python": platform.python_version(),
                                     "threads": torch.get_num_threads()}, indent=1))
-    print("| model | MACs kept | compile s | CPU s | mip s | test accuracy | held-out samples | plan |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | MACs kept | compile s | CPU s | mip s | test accuracy | held-out | plan | refit selection |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        sel = r["refit_select"]
+        said = (sel.get("chosen") if sel.get("ran") else sel.get("reason") or sel.get("note", "")) or ""
         print(f"| {r['model']} | {r['budget']:.2f} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['mip_s']:.1f} | "
-              f"{100 * r['accuracy']:.2f}% | {r['holdout_samples']} | {r['plan_sha256'][:12]} |")
+              f"{100 * r['accuracy']:.2f}% | {r['holdout_samples']} | {r['plan_sha256'][:12]} | {said} |")
     return rows
 
 

@@ -12,6 +12,11 @@ experiment that chose ``layers=all``: plans that prune one unit group only (the 
 choice in that group, every other group kept whole), reconstructed with ``layers=readers`` and
 with ``layers=all``.
 
+``--refit-select`` compiles every row once with reconstruction and the refit-aware selection
+(``refit_select=True``, :class:`oamipc.passes.PlanRefitSelectAnalysis`); the planner's own plan
+(from the selection's record) is replayed without and with reconstruction as before, so each row
+has the accuracy before and after the selection, from one MILP solve.
+
 ``--family digits-mlp2x128,...`` runs members of the trained-network family
 (``benchmarks/family.py``; architectures or ``<architecture>-s<seed>``, trained or read from its
 cache) instead of the shipped examples.
@@ -91,15 +96,41 @@ def family_members(names: list[str]) -> Iterator[Network]:
         yield member.name, model, family.splits(member.data), family.example_input(member)
 
 
+def _selected(model: torch.nn.Module, example: torch.Tensor, data: oamipc.DataSplits, criterion: str,
+              budget: float, options: dict[str, Any], seed: int) -> tuple[oamipc.CompileResult, dict[str, Any]]:
+    """Compile with reconstruction and the refit selection; the planner's own plan (plain, without
+    reconstruction) as the result, and the selection's outcome."""
+    start = time.perf_counter()
+    res = oamipc.compile(model, example, data=data, importance=criterion, flops_budget=budget, seed=seed,
+                         reconstruct=ReconstructPass(**options), refit_select=True)
+    seconds = time.perf_counter() - start
+    record = res.report["refit_select"]
+    own = oamipc.Plan.from_dict(record["planner_plan"]) if record.get("changed") else res.plan
+    assert own is not None
+    plain = oamipc.compile(model, example, data=data, plan=own, seed=seed, reconstruct=False)
+    plain.report.update({k: v for k, v in res.report.items() if k == "mip"})
+    widths = {g.name: len(g.kept) for g in res.plan.groups} if res.plan is not None else {}
+    outcome = {"accuracy": res.report["accuracy"]["after"], "compile_seconds": seconds, "ran": record.get("ran"),
+               "reason": record.get("reason"), "chosen": record.get("chosen"), "changed": record.get("changed"),
+               "seconds": record.get("seconds"), "widths": widths,
+               "candidates": [{k: c[k] for k in ("name", "origin", "widths", "macs_kept", "accuracy", "hinge")}
+                              for c in record.get("candidates", [])]}
+    return plain, outcome
+
+
 def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], options: dict[str, Any], seed: int,
-        ablation: bool) -> list[dict[str, Any]]:
+        ablation: bool, refit_select: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, model, data, example in networks:
         for budget in budgets:
             for criterion in criteria:
                 start = time.perf_counter()
-                res = oamipc.compile(model, example, data=data, importance=criterion, flops_budget=budget, seed=seed,
-                                     reconstruct=False)
+                selected = None
+                if refit_select:
+                    res, selected = _selected(model, example, data, criterion, budget, options, seed)
+                else:
+                    res = oamipc.compile(model, example, data=data, importance=criterion, flops_budget=budget,
+                                         seed=seed, reconstruct=False)
                 assert res.plan is not None
                 rep = res.report
                 row: dict[str, Any] = {
@@ -109,6 +140,8 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                     "compile_seconds": time.perf_counter() - start,
                     "plan": {g.name: g.kept for g in res.plan.groups},
                     "reconstructed": _rebuilt(model, example, data, res.plan, options, seed)}
+                if selected is not None:
+                    row["refit_select"] = selected
                 if "mip" in rep:  # whether a wall-clock safety net fired (then the plan depends on the load)
                     row["mip"] = {"seconds": rep["mip"].get("seconds"), "reproducible": rep["mip"].get("reproducible")}
                 if ablation:
@@ -116,9 +149,11 @@ def run(networks: Iterable[Network], budgets: list[float], criteria: list[str], 
                                        for label, extra in ABLATION.items()}
                 rows.append(row)
                 rec = row["reconstructed"]
+                picked = (f"; refit select {selected['accuracy']:.4f} ({selected['chosen']})"
+                          if selected is not None else "")
                 print(f"  {name} {budget:.2f} {criterion:5s} acc {row['accuracy_pruned']:.4f} -> {rec['accuracy']:.4f} "
                       f"(output error {rec['output_error_before']:.3f} -> {rec['output_error_after']:.3f}, "
-                      f"{rec['reconstruct_seconds']:.1f} s)", file=sys.stderr, flush=True)
+                      f"{rec['reconstruct_seconds']:.1f} s){picked}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -152,8 +187,11 @@ def single_group(networks: Iterable[Network], budgets: list[float], seed: int) -
 
 
 def table(rows: list[dict[str, Any]], criteria: list[str]) -> str:
-    head = " | ".join(f"{c} | {c} + reconstruct" for c in criteria)
-    lines = [f"| model | MACs kept (budget) | {head} |", "|---|---|" + "---|---|" * len(criteria)]
+    select = any("refit_select" in r for r in rows)
+    head = " | ".join(f"{c} | {c} + reconstruct" + (f" | {c} + reconstruct, refit selection | chosen" if select
+                                                      else "") for c in criteria)
+    per = 4 if select else 2
+    lines = [f"| model | MACs kept (budget) | {head} |", "|---|---|" + "---|" * per * len(criteria)]
     keys = sorted({(r["model"], r["budget"]) for r in rows}, key=lambda k: (k[0], -k[1]))
     for model, budget in keys:
         cells = []
@@ -162,8 +200,13 @@ def table(rows: list[dict[str, Any]], criteria: list[str]) -> str:
             if match:
                 cells += [f"{100 * match[0]['accuracy_pruned']:.2f}%",
                           f"**{100 * match[0]['reconstructed']['accuracy']:.2f}%**"]
+                if select:
+                    sel = match[0]["refit_select"]
+                    widths = "-".join(str(w) for w in sel["widths"].values())
+                    cells += [f"**{100 * sel['accuracy']:.2f}%**",
+                              f"{sel['chosen']} ({widths})" if sel["ran"] else f"not run: {sel['reason']}"]
             else:
-                cells += ["", ""]
+                cells += [""] * per
         dense = next(r["accuracy_dense"] for r in rows if r["model"] == model)
         lines.append(f"| {model} ({100 * dense:.2f}% dense) | {budget:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,6 +246,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ridge", type=float, default=None, help="reconstruct ridge (default: the pass's)")
     parser.add_argument("--ablation", action="store_true", help="also other pass options on every row")
     parser.add_argument("--single-group", action="store_true", help="also the layers=readers vs all experiment")
+    parser.add_argument("--refit-select", action="store_true",
+                        help="compile with the refit selection too (before and after it, one MILP solve)")
+    parser.add_argument("--refit-work-macs", type=float, default=None,
+                        help="override the refit selection's cost limit (plan_refit.WORK_MACS): an experiment")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -214,10 +261,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     criteria = args.criteria.split(",")
     budgets = [float(b) for b in args.budgets.split(",")]
     options = {k: v for k, v in (("samples", args.samples), ("ridge", args.ridge)) if v is not None}
-    rows = run(networks(), budgets, criteria, options, args.seed, args.ablation)
+    if args.refit_work_macs is not None:
+        from oamipc.passes import plan_refit
+
+        plan_refit.WORK_MACS = args.refit_work_macs
+    rows = run(networks(), budgets, criteria, options, args.seed, args.ablation, args.refit_select)
     result: dict[str, Any] = {
         "setting": {"models": models, "budgets": budgets, "criteria": criteria,
                     "reconstruct": dataclasses.asdict(ReconstructPass(**options)),
+                    "refit_select": args.refit_select, "refit_work_macs": args.refit_work_macs,
                     "seed": args.seed, "torch": torch.__version__, "python": platform.python_version(),
                     "threads": torch.get_num_threads(), "cpu": cpu_model()},
         "rows": rows}

@@ -222,6 +222,7 @@ def compile_cmd(
     exporter: Annotated[str, typer.Option("--exporter", help="auto (torchscript, then dynamo if torchscript fails) | torchscript (fast) | dynamo")] = "auto",
     reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="After pruning, refit every pruned Linear/Conv layer to the original network's layer outputs on samples of --data (closed-form ridge regression). Default: on when --data is given.")] = None,
     reconstruct_samples: Annotated[int | None, typer.Option("--reconstruct-samples", help="Samples of --data's train split the reconstruction fits on (0: all; default 4096, fewer for networks with expensive forward passes).")] = None,
+    refit_select: Annotated[bool | None, typer.Option("--refit-select/--no-refit-select", help="With reconstruction: compare the planner's plan, the solver-free plans and width splits of them by held-out train accuracy after a refit, and prune the best. Default: on when reconstruction runs and the refit is cheap enough to repeat.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tune the pruned net for this many epochs on --data's train split (0: off).")] = 0,
     finetune_select: Annotated[bool, typer.Option("--finetune-select/--no-finetune-select", help="With --finetune-epochs and --importance mip: also make the l1, taylor and activation plans, fine-tune each briefly, and fine-tune the one that does best on held-out train samples.")] = True,
     lr: Lr = 1e-3,
@@ -249,12 +250,20 @@ def compile_cmd(
         with _progress() as progress:
             result = compile_file(job, progress, importance=importance, target=target, pipeline=pipeline, seed=seed,
                                   calib_samples=calib_samples, mip_options=mip, finetune=finetune, lossless=lossless,
-                                  lossless_box=lossless_box, reconstruct=rebuild, prune_embed=prune_embed)
+                                  lossless_box=lossless_box, reconstruct=rebuild, refit_select=refit_select,
+                                  prune_embed=prune_embed)
     mip_table = _mip_table(result)
     if mip_table is not None:
         console.print(mip_table)
     if "finetune_select" in result:
         console.print(f"fine-tune selection: {escape(result['finetune_select']['reason'])}", highlight=False)
+    chosen = result.get("refit_select") or {}
+    if chosen.get("ran"):
+        first = chosen["candidates"][0]
+        won = next(c for c in chosen["candidates"] if c["name"] == chosen["chosen"])
+        console.print(f"refit selection: {escape(won['name'])} of {len(chosen['candidates'])} candidates, held-out "
+                      f"accuracy after the refit {won['accuracy']:.2%} (the planner's plan: {first['accuracy']:.2%})",
+                      highlight=False)
     console.print(_widths_table(result))
     console.print(_summary_table(result))
     _print_notices(result.get("notices", []))

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CALIB_SAMPLES = 512
 #: Whether ``reconstruct="auto"`` refits the pruned layers when data is given (benchmarks/RESULTS.md).
 RECONSTRUCT_BY_DEFAULT = True
+#: Whether ``refit_select=None`` compares candidate plans after the refit when the refit runs
+#: (:class:`oamipc.passes.PlanRefitSelectAnalysis`; benchmarks/RESULTS.md).
+REFIT_SELECT_BY_DEFAULT = True
 
 
 @dataclass
@@ -101,6 +104,7 @@ def compile(  # noqa: A001 - the product's verb
     verify: bool = True,
     finetune: FinetuneConfig | None = None,
     reconstruct: bool | str | passes.ReconstructPass = "auto",
+    refit_select: bool | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> CompileResult:
     """Trace ``model``, choose units with ``importance`` and remove them; return the result.
@@ -123,6 +127,10 @@ def compile(  # noqa: A001 - the product's verb
     pruning (:class:`oamipc.passes.ReconstructPass`; a pass instance sets its options): ``"auto"``
     does so when ``data`` is given and no ``pipeline`` is (a pipeline names ``reconstruct`` itself),
     ``True`` requires data; the report then has a ``reconstruct`` section.
+    ``refit_select`` compares the planner's plan with the solver-free plans and width splits of
+    them by held-out accuracy after a refit (:class:`oamipc.passes.PlanRefitSelectAnalysis`) and
+    prunes the best; ``None`` (the default) does so when the refit runs and the plan is chosen here,
+    when it is cheap enough (the analysis's cost rule); the report then has a ``refit_select`` section.
     ``finetune`` trains the pruned network afterwards on all of ``data``'s (labelled) train split
     and measures it on the test split (see :mod:`oamipc.finetune`); the report then has a
     ``finetune`` section and ``accuracy`` gains ``after_prune`` (``after`` is the fine-tuned net).
@@ -171,8 +179,9 @@ def compile(  # noqa: A001 - the product's verb
                          if lossless_on and train is not None else None,
                          train_x=train.x if train is not None else None,
                          train_y=train.y if train is not None else None, original=original)
+    select_on = _refit_select_choice(refit_select, refit, plan is not None, pipeline is not None)
     steps = _steps(pipeline, plan, importance, target, tuple(leaf_modules), mip, lossless_on, lossless_box,
-                   prune_embed) + ([refit] if refit else [])
+                   prune_embed, refit if select_on else None) + ([refit] if refit else [])
     am = AnalysisManager(ctx)
     units = am.get(passes.UnitGroupAnalysis(tuple(leaf_modules), prune_embed), gm)
     before = passes.count_costs(gm, leaf_modules)
@@ -188,7 +197,7 @@ def compile(  # noqa: A001 - the product's verb
         "settings": {"importance": importance, **target.to_dict(), "seed": seed, "reconstruct": rebuilt is not None,
                      "leaf_modules": list(leaf_modules), "prune_embed": prune_embed,
                      "calib_samples": len(calib.x) if calib else 0,
-                     "lossless": lossless_on, "lossless_box": lossless_box,
+                     "lossless": lossless_on, "lossless_box": lossless_box, "refit_select": select_on,
                      "mip": mip.to_dict() if mip is not None else {},
                      "pipeline": pipeline if isinstance(pipeline, str) else [s.name for s in steps]},
         "input_shape": list(example_inputs[0].shape),
@@ -201,6 +210,9 @@ def compile(  # noqa: A001 - the product's verb
     }
     if "lossless" not in report:
         report["lossless"] = {"enabled": False, "note": lossless_note or "the planner ran without it"}
+    if "refit_select" not in report and plan is None and pipeline is None:
+        report["refit_select"] = {"enabled": False, "note": "turned off (--no-refit-select)" if refit_select is False
+                                  else "no reconstruction: plans are judged as pruned"}
     report["widths"] = {name: {"before": layer["out"], "after": after.layers.get(name, {}).get("out", 0)}
                         for name, layer in before.layers.items()}
     if test is not None and test.y is not None:
@@ -213,7 +225,8 @@ def compile(  # noqa: A001 - the product's verb
                 return compile(model, example_inputs, data=splits, importance=criterion, target=target,
                                leaf_modules=leaf_modules, prune_embed=prune_embed, seed=seed,
                                calib_samples=calib_samples, lossless=lossless,
-                               lossless_box=lossless_box, verify=verify, reconstruct=reconstruct)
+                               lossless_box=lossless_box, verify=verify, reconstruct=reconstruct,
+                               refit_select=False)  # the criteria's own plans are the candidates
             gm, report, chosen_plan = _select_for_finetune(importance, gm, report, chosen_plan, candidate, train,
                                                            finetune)
         pruned_acc = report["accuracy"]["after"]
@@ -273,10 +286,28 @@ def _lossless_choice(asked: bool | None, has_data: bool, replay: bool, pipeline:
     return True, None
 
 
+def _refit_select_choice(asked: bool | None, refit: passes.ReconstructPass | None, replay: bool,
+                         pipeline: bool) -> bool:
+    """Whether the compile chooses its plan after the refit (see :func:`compile`)."""
+    if asked is None:
+        return REFIT_SELECT_BY_DEFAULT and refit is not None and not replay and not pipeline
+    if not asked:
+        return False
+    if replay or pipeline:
+        raise UsageError("the refit selection chooses among plans made here: a replayed plan or a pipeline has "
+                         "none to choose; drop --refit-select")
+    if refit is None:
+        raise UsageError("the refit selection judges plans after the refit: it needs reconstruction (data given, "
+                         "no --no-reconstruct); drop --refit-select")
+    return True
+
+
 def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | None, importance: str,
            target: Target, leaf_modules: tuple[str, ...], mip: passes.MipOptions | None, lossless: bool = False,
-           lossless_box: str = "feature", prune_embed: bool = False) -> list[Pass | Analysis[Any]]:
-    """The passes of one compile: a given pipeline, a plan replay, or the planner for ``importance`` + prune."""
+           lossless_box: str = "feature", prune_embed: bool = False,
+           select_after: passes.ReconstructPass | None = None) -> list[Pass | Analysis[Any]]:
+    """The passes of one compile: a given pipeline, a plan replay, or the planner for ``importance`` + prune
+    (wrapped in the refit selection when ``select_after`` is the refit that will follow)."""
     if pipeline is not None and prune_embed:
         raise UsageError("with a pipeline, give prune-embed=true to its passes instead of --prune-embed")
     if isinstance(pipeline, str):
@@ -289,9 +320,12 @@ def _steps(pipeline: str | Sequence[Pass | Analysis[Any]] | None, plan: Plan | N
         raise UsageError("say how much to remove: a prune ratio or a FLOPs budget (CLI: --prune-ratio, "
                          "--flops-budget), a saved plan, or a pipeline")
     extra = {"options": mip} if mip is not None else {}
-    return [passes.planner_for(importance, target, leaf_modules, lossless=lossless, lossless_box=lossless_box,
-                               prune_embed=prune_embed, **extra),
-            passes.PruneUnitsPass(leaf_modules=leaf_modules, prune_embed=prune_embed)]
+    planner: passes.PlannerAnalysis = passes.planner_for(importance, target, leaf_modules, lossless=lossless,
+                                                          lossless_box=lossless_box, prune_embed=prune_embed, **extra)
+    if select_after is not None:
+        planner = passes.PlanRefitSelectAnalysis(target=target, leaf_modules=leaf_modules, prune_embed=prune_embed,
+                                                 inner=planner, refit=select_after)
+    return [planner, passes.PruneUnitsPass(leaf_modules=leaf_modules, prune_embed=prune_embed)]
 
 
 def _reconstruct_step(reconstruct: bool | str | passes.ReconstructPass,
@@ -337,6 +371,8 @@ def _plan_sections(outcome: passes.PruneOutcome | None) -> dict[str, Any]:
         out[planned.section] = planned.record
     if planned is not None and planned.lossless is not None:
         out["lossless"] = planned.lossless
+    if planned is not None and planned.refit_select is not None:
+        out["refit_select"] = planned.refit_select
     if planned is not None:
         out["scores"] = planned.scores
         if planned.predicted_latency is not None:

@@ -150,3 +150,5 @@ class Planned:
     # A latency target's prediction: batch, dense and predicted milliseconds, the budget's limit.
     predicted_latency: dict[str, Any] | None = None
     lossless: dict[str, Any] | None = None
+    # The refit-aware selection's record (the report's ``refit_select`` section), when it ran.
+    refit_select: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ from .latency_model import LatencyModelAnalysis, plan_latency_model, plan_widths
 from .mip.options import MipOptions
 from .plan_greedy import PlanGreedyAnalysis, select
 from .plan_mip import PlanMipAnalysis
+from .plan_refit import PlanRefitSelectAnalysis
 from .planner_base import PlannerAnalysis, importance_names, planner_for
 from .prune_units import PruneOutcome, PruneUnitsPass
 from .reconstruct import ReconstructOutcome, ReconstructPass
@@ -29,7 +30,8 @@ __all__ = [
     "ActivationImportance", "CostAnalysis", "Costs", "DeadUnitAnalysis", "DeadUnits", "ImportanceAnalysis",
     "L1Importance", "L2Importance",
     "LatencyModelAnalysis",
-    "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PruneOutcome", "PruneUnitsPass",
+    "MipOptions", "PlanGreedyAnalysis", "PlanMipAnalysis", "PlannerAnalysis", "PlanRefitSelectAnalysis", "PruneOutcome",
+    "PruneUnitsPass",
     "RandomImportance", "ReconstructOutcome", "ReconstructPass", "TaylorImportance", "UnitGroupAnalysis",
     "apply_plan", "count_costs", "criteria", "get_criterion", "importance_names", "plan_latency_model", "plan_widths",
     "planner_for", "select",

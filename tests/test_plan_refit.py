@@ -1,0 +1,229 @@
+"""The refit-aware selection: candidate plans judged by held-out accuracy after a refit.
+
+Oracles: every candidate rebuilt from the report, pruned and refit through the public API on the
+fold's fitting samples, and measured with PyTorch's own argmax on the fold's judging samples; the
+MAC count of the unit graph and of the pruned network; the planner's plan without reconstruction.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import oamipc
+from oamipc.cli import app
+from oamipc.data import Dataset, DataSplits
+from oamipc.errors import UsageError
+from oamipc.passes import ReconstructPass, UnitGroupAnalysis, plan_refit
+from oamipc.passes.plan_refit import POOL_SAMPLES, group_positions, judge_split, tilt_weights, width_split
+from oamipc.passmanager import AnalysisManager, CompileContext
+from oamipc.plan import Plan
+from oamipc.target import Target
+from oamipc.tracing import trace
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET = 0.15
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.nn.Module, DataSplits, torch.Tensor]:
+    model = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    data = oamipc.load_data("digits")
+    return model, data, torch.zeros(1, *data.train.x.shape[1:])
+
+
+@pytest.fixture(scope="module")
+def selected(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor]) -> oamipc.CompileResult:
+    model, data, example = digits
+    return oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False,
+                          refit_select=True)
+
+
+def _plan(like: Plan, kept: dict[str, list[int]]) -> Plan:
+    out = copy.deepcopy(like)
+    for g in out.groups:
+        if g.name in kept:
+            g.kept = list(kept[g.name])
+    out.bias_shift = {}
+    return out
+
+
+def test_the_chosen_candidate_is_the_most_accurate_after_its_refit(
+        digits: tuple[torch.nn.Module, DataSplits, torch.Tensor], selected: oamipc.CompileResult) -> None:
+    model, data, example = digits
+    record = selected.report["refit_select"]
+    assert record["ran"] and len(record["candidates"]) >= 5
+    assert selected.plan is not None
+    x, y = data.train.x.float(), data.train.y
+    # The folds, as specified: a seeded order of the train split, its first POOL_SAMPLES, dealt into three.
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7919))[:POOL_SAMPLES]
+    parts = [order[i::3] for i in range(3)]
+    with torch.no_grad():
+        dense = model.eval()(x)
+    rows: list[tuple[int, float]] = []
+    for cand in record["candidates"]:
+        plan = _plan(selected.plan, cand["kept"])
+        correct, hinge, n = 0, 0.0, 0
+        for i, judge in enumerate(parts):
+            fit = torch.cat([parts[j] for j in range(3) if j != i]).sort().values
+            split = DataSplits(Dataset("fit", x[fit], y[fit]), Dataset("judge", x[judge], y[judge]))
+            net = oamipc.compile(model, example, data=split, plan=plan, reconstruct=ReconstructPass(samples=0)).module
+            with torch.no_grad():
+                logits = net(x[judge]).double()
+            correct += int((logits.argmax(1) == y[judge]).sum())
+            n += len(judge)
+
+            def margin(z: torch.Tensor, idx: torch.Tensor = judge) -> torch.Tensor:
+                true = z.gather(1, y[idx][:, None]).squeeze(1)
+                return true - z.scatter(1, y[idx][:, None], float("-inf")).amax(1)
+
+            hinge += float((margin(dense[judge].double()) - margin(logits)).clamp(min=0).sum())
+        assert correct == cand["correct"], cand["name"]
+        assert hinge / n == pytest.approx(cand["hinge"], rel=1e-6, abs=1e-9), cand["name"]
+        rows.append((-correct, hinge / n))
+    best = min(range(len(rows)), key=lambda i: rows[i])
+    assert record["chosen"] == record["candidates"][best]["name"]
+    chosen_kept = {g.name: g.kept for g in selected.plan.groups if g.name in record["candidates"][best]["kept"]}
+    assert chosen_kept == record["candidates"][best]["kept"]
+
+
+def test_every_candidate_and_the_result_keep_within_the_budget(selected: oamipc.CompileResult) -> None:
+    for cand in selected.report["refit_select"]["candidates"]:
+        assert cand["macs_kept"] <= BUDGET + 1e-9, cand["name"]
+    report = selected.report
+    assert report["after"]["macs"] <= BUDGET * report["before"]["macs"] * (1 + 1e-9)
+
+
+def test_the_off_switch_gives_the_planners_own_plan(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor],
+                                                    selected: oamipc.CompileResult) -> None:
+    model, data, example = digits
+    plain = oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False,
+                           reconstruct=False)
+    off = oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False,
+                         refit_select=False)
+    assert plain.plan is not None and off.plan is not None and selected.plan is not None
+    assert off.plan.groups == plain.plan.groups
+    assert off.report["refit_select"] == {"enabled": False, "note": "turned off (--no-refit-select)"}
+    assert "reconstruct" in off.report
+    record = selected.report["refit_select"]
+    first = record["candidates"][0]
+    assert first["origin"] == "planner"
+    assert first["kept"] == {g.name: g.kept for g in plain.plan.groups if g.name in first["kept"]}
+    if record["changed"]:
+        assert Plan.from_dict(record["planner_plan"]).groups == plain.plan.groups
+    else:
+        assert selected.plan.groups == plain.plan.groups
+
+
+def test_the_selection_is_deterministic(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor],
+                                       selected: oamipc.CompileResult) -> None:
+    model, data, example = digits
+    again = oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False,
+                           refit_select=True)
+    strip = ("seconds",)
+    assert ({k: v for k, v in again.report["refit_select"].items() if k not in strip}
+            == {k: v for k, v in selected.report["refit_select"].items() if k not in strip})
+    assert again.plan is not None and selected.plan is not None and again.plan.groups == selected.plan.groups
+
+
+def test_the_cost_rule_skips_an_expensive_refit(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data, example = digits
+    monkeypatch.setattr(plan_refit, "WORK_MACS", 1.0)
+    res = oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False)
+    record = res.report["refit_select"]
+    assert record["enabled"] and not record["ran"] and "too expensive" in record["reason"]
+    plain = oamipc.compile(model, example, data=data, importance="l1", flops_budget=BUDGET, lossless=False,
+                           reconstruct=False)
+    assert res.plan is not None and plain.plan is not None and res.plan.groups == plain.plan.groups
+
+
+def test_usage_errors(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor]) -> None:
+    model, data, example = digits
+    with pytest.raises(UsageError, match="needs reconstruction"):
+        oamipc.compile(model, example, data=data, importance="l1", flops_budget=0.5, reconstruct=False,
+                       refit_select=True)
+    plan = oamipc.compile(model, example, importance="l1", flops_budget=0.5).plan
+    with pytest.raises(UsageError, match="replayed plan"):
+        oamipc.compile(model, example, data=data, plan=plan, refit_select=True)
+
+
+def test_folds_are_disjoint_and_cover_the_pool() -> None:
+    folds = judge_split(1000, seed=3)
+    judged = torch.cat([j for j, _ in folds])
+    assert sorted(judged.tolist()) == sorted(set(judged.tolist())) and len(judged) == 1000
+    for judge, fit in folds:
+        assert not set(judge.tolist()) & set(fit.tolist())
+        assert len(judge) + len(fit) == 1000
+    big = judge_split(10 * POOL_SAMPLES, seed=3)
+    assert sum(len(j) for j, _ in big) == POOL_SAMPLES
+
+
+def _mlp_graph() -> tuple[Any, Any]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 40), torch.nn.ReLU(), torch.nn.Linear(40, 30), torch.nn.ReLU(),
+                              torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 5))
+    x = torch.randn(1, 20)
+    gm = trace(net, (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    return gm, graph
+
+
+@pytest.mark.parametrize("tilt", [0.0, 0.5, 1.0, -0.5])
+def test_width_splits_fit_the_budget_and_keep_the_ranking(tilt: float) -> None:
+    _, graph = _mlp_graph()
+    rng = np.random.default_rng(0)
+    ranking = rng.random(graph.n_units)
+    target = Target(flops_budget=0.3, round_to=1)
+    kept = width_split(graph, ranking, target, tilt_weights(graph, tilt))
+    assert kept is not None
+    # Closed-form MACs of the chain 20 -> a -> b -> c -> 5.
+    pos = group_positions(graph)
+    groups = sorted((g for g in graph.groups if g.prunable), key=lambda g: pos[g.id])
+    a, b, c = (int(kept[g.units].sum()) for g in groups)
+    macs = 20 * a + a * b + b * c + c * 5
+    assert macs == graph.macs(kept) and macs <= 0.3 * (20 * 40 + 40 * 30 + 30 * 20 + 20 * 5)
+    for g in groups:  # inside a group the best-ranked units stay
+        units = np.asarray(g.units)
+        n = int(kept[units].sum())
+        top = set(units[np.argsort(-ranking[units], kind="stable")[:n]].tolist())
+        assert set(units[kept[units]].tolist()) == top
+    widths = [a / 40, b / 30, c / 20]
+    if tilt > 0:
+        assert widths[0] >= widths[-1]
+    if tilt < 0:
+        assert widths[0] <= widths[-1]
+
+
+def test_a_tilt_is_within_one_step_of_a_full_budget() -> None:
+    _, graph = _mlp_graph()
+    ranking = np.arange(graph.n_units, dtype=np.float64)[::-1].copy()
+    target = Target(flops_budget=0.3, round_to=1)
+    kept = width_split(graph, ranking, target, tilt_weights(graph, 0.5))
+    assert kept is not None
+    limit = 0.3 * graph.macs()
+    for g in graph.groups:  # no single unit more fits anywhere: the budget is spent
+        if not g.prunable or kept[g.units].all():
+            continue
+        more = kept.copy()
+        more[next(u for u in g.units if not kept[u])] = True
+        assert graph.macs(more) > limit
+
+
+def test_cli_flag(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(app, ["compile", str(ROOT / "examples" / "digits_mlp.pt"), "--data", "digits",
+                                      "--importance", "l1", "--flops-budget", "0.3", "-o", str(out), "--no-bench",
+                                      "--refit-select"])
+    assert result.exit_code == 0, result.output
+    assert "refit selection:" in result.output
+    result = CliRunner().invoke(app, ["compile", str(ROOT / "examples" / "digits_mlp.pt"), "--data", "digits",
+                                      "--importance", "l1", "--flops-budget", "0.3", "-o", str(out), "--no-bench",
+                                      "--refit-select", "--no-reconstruct"])
+    assert result.exit_code == UsageError("").exit_code and "needs reconstruction" in result.output
