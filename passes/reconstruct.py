@@ -100,6 +100,12 @@ AUTO_WORK_MACS = 2**37
 AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
+#: At most this many elements in one activation of a forward batch (fewer samples per pass on big inputs).
+FORWARD_ELEMENTS = 1 << 25
+#: At most this many values in the regression rows of one step of the normal equations' sums.
+ROW_ELEMENTS = 1 << 25
+#: Bytes of paused forward passes kept from one layer to the next (beyond them a batch reruns from its input).
+CACHE_BYTES = 1 << 31
 _LAYER_CHOICES = ("all", "readers")
 #: The layers this pass refits.
 Fittable = nn.Linear | nn.Conv1d | nn.Conv2d
@@ -148,10 +154,6 @@ class ReconstructOutcome:
         return {"layers_refit": self.refit, "samples": self.samples, "source": self.source, **self.options,
                 "output_error_before": self.output_error_before, "output_error_after": self.output_error_after,
                 "seconds": self.seconds, "layers": [f.to_dict() for f in self.layers]}
-
-
-class _Stop(Exception):  # noqa: N818 - control flow, not an error: ends a forward pass early
-    """Raised by a capture hook once it has what it needs."""
 
 
 @dataclass
@@ -226,31 +228,33 @@ class ReconstructPass(Pass):
         wanted = self.samples if self.samples is not None else auto_samples(count_costs(dense).macs, len(layers))
         x, source = _inputs(wanted, ctx.train_x, ctx.calib_x, ctx.seed)
         fits: list[LayerFit] = list(skipped)
+        batch = forward_batch(dense, self.batch_size, int(ctx.example_inputs[0].shape[0]))
         with torch.no_grad():
             reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
-            out_before = _output_error(gm, dense, x, self.batch_size, reference)
+            out_before = _output_error(gm, dense, x, batch, reference)
+            streams = _Frontiers(gm, dense, x, batch, CACHE_BYTES)
             for i, layer in enumerate(layers):
                 if ctx.progress is not None:
                     ctx.tick("reconstruct", i, len(layers))
                 if self.layers == "readers" and _in_width(layer.module) == _in_width(layer.dense):
                     continue
-                fits.append(self._refit(gm, dense, layer, x, ctx.seed + i))
+                fits.append(self._refit(streams, layer, len(x), ctx.seed + i))
+            streams.close()
             if ctx.progress is not None:
                 ctx.tick("reconstruct", len(layers), len(layers))
             refit = any(f.refit for f in fits)
-            out_after = _output_error(gm, dense, x, self.batch_size, reference) if refit else out_before
+            out_after = _output_error(gm, dense, x, batch, reference) if refit else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
                                      time.perf_counter() - start)
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
                  outcome.refit, len(x), out_before, out_after, outcome.seconds)
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
 
-    def _refit(self, gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor,
-               seed: int) -> LayerFit:
+    def _refit(self, streams: _Frontiers, layer: _Layer, samples: int, seed: int) -> LayerFit:
         mod = layer.module
         kind = type(mod).__name__
         intercept = getattr(mod, "bias", None) is not None or layer.bias_sink is not None
-        stats = _accumulate(gm, dense, layer, x, self.batch_size, self.max_rows, intercept, seed)
+        stats = _accumulate(streams.pairs(layer.target), layer, samples, self.max_rows, intercept, seed)
         w_old = _weights(mod, intercept)
         err_before = _rel_error(stats, w_old)
         def fit(after: float, refit: bool, note: str = "") -> LayerFit:
@@ -377,28 +381,139 @@ def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: Fittable) -> _Norm | None
 
 
 # ----------------------------------------------------------------------------------------------
-# capturing activations
+# streaming the two networks batch by batch, layer by layer
 
 
-def _capture(net: nn.Module, target: str, x: torch.Tensor, what: str) -> torch.Tensor:
-    """The input (``what='input'``) or output of submodule ``target`` when ``net`` runs on ``x``;
-    the forward pass stops there."""
-    box: dict[str, torch.Tensor] = {}
+def forward_batch(dense: fx.GraphModule, batch_size: int, example_batch: int) -> int:
+    """Samples per forward pass: ``batch_size``, fewer when one sample's largest activation times
+    the batch would exceed ``FORWARD_ELEMENTS`` (read from the dense graph's shape metadata)."""
+    per_sample = 0
+    for node in dense.graph.nodes:
+        for meta in _metas(node.meta.get("tensor_meta")):
+            per_sample = max(per_sample, math.prod(int(s) for s in meta.shape) // max(1, example_batch))
+    return max(1, min(batch_size, FORWARD_ELEMENTS // per_sample)) if per_sample else batch_size
 
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        box["v"] = (args[0] if args else next(iter(kwargs.values()))) if what == "input" else output
-        raise _Stop
 
-    handle = net.get_submodule(target).register_forward_hook(hook, with_kwargs=True)
-    try:
-        net(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "v" not in box:
-        raise UsageError(f"reconstruct: layer {target} did not run on the sample inputs")
-    return box["v"]
+def _metas(meta: Any) -> list[Any]:
+    if meta is None:
+        return []
+    if hasattr(meta, "shape"):
+        return [meta]
+    if isinstance(meta, dict):
+        return [m for v in meta.values() for m in _metas(v)]
+    if isinstance(meta, (tuple, list)):
+        return [m for v in meta for m in _metas(v)]
+    return []
+
+
+class _Stepper:
+    """One batch's forward pass through a graph, run node by node and paused at a layer.
+
+    It keeps only the values that a node not yet run still reads (the frontier), so resuming it
+    for the next layer costs the nodes in between, not the whole prefix again.  A pass resumed
+    after a layer was refit runs that layer with its new weights: the values are those of a
+    whole forward pass of the network as it is now (the same operations on the same batch).
+    """
+
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, index: dict[fx.Node, int], dies: dict[int, list[fx.Node]]
+                 ) -> None:
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        self.interp.env = {}
+        self.interp.args_iter = iter(gm.graph.process_inputs(x))
+        self.nodes = list(gm.graph.nodes)
+        self.index, self.dies = index, dies
+        self.next = 0
+
+    def _run_to(self, stop: int) -> None:
+        env = self.interp.env
+        while self.next < stop:
+            for dead in self.dies.get(self.next - 1, ()):
+                env.pop(dead, None)
+            node = self.nodes[self.next]
+            env[node] = self.interp.run_node(node)
+            self.next += 1
+
+    def input_of(self, node: fx.Node) -> torch.Tensor:
+        """The first input of ``node`` (a module call), running the graph up to it (not through it)."""
+        self._run_to(self.index[node])
+        args, kwargs = self.interp.fetch_args_kwargs_from_env(node)
+        return args[0] if args else next(iter(kwargs.values()))
+
+    def output_of(self, node: fx.Node) -> torch.Tensor:
+        """The output of ``node``, running the graph up to and through it."""
+        self._run_to(self.index[node] + 1)
+        return self.interp.env[node]
+
+    def nbytes(self) -> int:
+        """Bytes of the activations it holds (each storage once; parameters not counted)."""
+        seen: dict[int, int] = {}
+        for node, value in self.interp.env.items():
+            if node.op == "get_attr":
+                continue
+            for t in _leaves(value):
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+def _schedule(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], dict[int, list[fx.Node]]]:
+    """Each node's position, and which values die after which position (their last reader's; a
+    value nobody reads dies right after it is made)."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    dies: dict[int, list[fx.Node]] = {}
+    for node, i in index.items():
+        last = max((index[u] for u in node.users), default=i)
+        dies.setdefault(last, []).append(node)
+    return index, dies
+
+
+class _Frontiers:
+    """Both networks' forward passes over the fitting samples, batch by batch, paused at a layer.
+
+    For layer ``L`` every batch yields the pruned network's input of ``L`` (its earlier layers
+    already refit) and the dense network's output of ``L``.  A batch's paused passes are kept
+    for the next layer while all kept passes hold at most ``budget`` bytes; a batch whose passes
+    were not kept is run again from the input.  Either way the values are the same, so the budget
+    decides the time, never the fit; the memory is the budget plus one batch's forward pass,
+    whatever the number of samples.
+    """
+
+    def __init__(self, gm: fx.GraphModule, dense: fx.GraphModule, x: torch.Tensor, batch: int, budget: int) -> None:
+        self.nets = (gm, dense)
+        self.schedules = (_schedule(gm), _schedule(dense))
+        self.calls = (_calls(gm), _calls(dense))
+        self.x, self.batch, self.budget = x, batch, budget
+        self.kept: dict[tuple[int, int], tuple[_Stepper, int]] = {}  # (net, batch) -> (paused pass, its bytes)
+        self.held = 0
+        self.restarts = 0
+
+    def _stepper(self, net: int, i: int, sl: slice, node: fx.Node) -> _Stepper:
+        old = self.kept.pop((net, i), None)
+        if old is not None:
+            self.held -= old[1]
+            if old[0].next <= old[0].index[node]:  # not past the node yet (graph order is layer order)
+                return old[0]
+        self.restarts += 1
+        return _Stepper(self.nets[net], self.x[sl], *self.schedules[net])
+
+    def _keep(self, net: int, i: int, stepper: _Stepper) -> None:
+        size = stepper.nbytes()
+        if self.held + size <= self.budget:
+            self.kept[(net, i)] = (stepper, size)
+            self.held += size
+
+    def pairs(self, target: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: (pruned input of ``target``, dense output of ``target``)."""
+        node, dense_node = self.calls[0][target][0], self.calls[1][target][0]
+        for i, sl in enumerate(_batches(len(self.x), self.batch)):
+            pruned, dense = self._stepper(0, i, sl, node), self._stepper(1, i, sl, dense_node)
+            yield pruned.input_of(node), dense.output_of(dense_node)
+            self._keep(0, i, pruned)
+            self._keep(1, i, dense)
+
+    def close(self) -> None:
+        self.kept.clear()
+        self.held = 0
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -523,32 +638,48 @@ def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) ->
             ys.gather(1, idx.unsqueeze(-1).expand(-1, -1, ys.shape[-1])))
 
 
-def _accumulate(gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor, batch: int,
-                max_rows: int, intercept: bool, seed: int) -> _Stats:
-    """Stream the samples through both networks and sum the layer's normal equations."""
+def _accumulate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], layer: _Layer, samples: int, max_rows: int,
+                intercept: bool, seed: int) -> _Stats:
+    """Sum the layer's normal equations over the batches of (pruned input, dense output) ``pairs``.
+
+    A batch whose rows would hold more than ``ROW_ELEMENTS`` values is taken in slices of
+    samples (the positions are drawn in the same order, so only the sums' grouping changes).
+    """
     gen = torch.Generator().manual_seed(seed)
-    per_sample = max(1, max_rows // max(1, len(x)))
+    per_sample = max(1, max_rows // max(1, samples))
     kept = torch.as_tensor(layer.kept_out, dtype=torch.long)
+    linear = isinstance(layer.module, nn.Linear)
     stats: _Stats | None = None
-    for sl in _batches(len(x), batch):
-        xin = _capture(gm, layer.target, x[sl], "input")
-        y = _capture(dense, layer.target, x[sl], "output").index_select(1 if not isinstance(layer.module, nn.Linear)
-                                                                          else -1, kept)
-        xs, ys = _rows(layer.module, xin, y, per_sample, gen)
-        xs, ys = xs.double(), ys.double()
-        if intercept:
-            xs = torch.cat([xs, torch.ones(*xs.shape[:2], 1, dtype=xs.dtype)], dim=2)
-        xg, yg = xs.transpose(0, 1), ys.transpose(0, 1)  # (groups, R, .)
-        xtx, xty, yy = xg.transpose(1, 2) @ xg, xg.transpose(1, 2) @ yg, yg.pow(2).sum(dim=(1, 2))
-        if stats is None:
-            stats = _Stats(xtx, xty, yy, xs.shape[0])
-        else:
-            stats.xtx += xtx
-            stats.xty += xty
-            stats.yy += yy
-            stats.rows += xs.shape[0]
+    for xin, y_all in pairs:
+        y = y_all.index_select(-1 if linear else 1, kept)
+        b = xin.shape[0]
+        step = max(1, ROW_ELEMENTS // max(1, _row_values(layer.module, xin, per_sample) // max(1, b)))
+        for sl in _batches(b, step) if step < b else (slice(0, b),):
+            xs, ys = _rows(layer.module, xin[sl], y[sl], per_sample, gen)
+            xs, ys = xs.double(), ys.double()
+            if intercept:
+                xs = torch.cat([xs, torch.ones(*xs.shape[:2], 1, dtype=xs.dtype)], dim=2)
+            xg, yg = xs.transpose(0, 1), ys.transpose(0, 1)  # (groups, R, .)
+            xtx, xty, yy = xg.transpose(1, 2) @ xg, xg.transpose(1, 2) @ yg, yg.pow(2).sum(dim=(1, 2))
+            if stats is None:
+                stats = _Stats(xtx, xty, yy, xs.shape[0])
+            else:
+                stats.xtx += xtx
+                stats.xty += xty
+                stats.yy += yy
+                stats.rows += xs.shape[0]
+            del xs, ys, xg, yg
     assert stats is not None
     return stats
+
+
+def _row_values(mod: Fittable, xin: torch.Tensor, per_sample: int) -> int:
+    """How many values the regression rows of the batch ``xin`` hold (inputs; an upper bound)."""
+    if isinstance(mod, nn.Linear):
+        positions = xin.numel() // max(1, xin.shape[0] * xin.shape[-1])
+        return xin.shape[0] * min(per_sample, positions) * (xin.shape[-1] + 1)
+    k = math.prod(int(v) for v in mod.kernel_size)
+    return xin.shape[0] * per_sample * (int(mod.in_channels) * k + int(mod.groups))
 
 
 # ----------------------------------------------------------------------------------------------
