@@ -144,6 +144,8 @@ class ReconstructOutcome:
     output_error_before: float
     output_error_after: float
     seconds: float
+    batch: int = 0  # samples per forward pass
+    forward_passes: int = 0  # forward passes started from the input, both networks, for the fits
 
     @property
     def refit(self) -> int:
@@ -153,7 +155,8 @@ class ReconstructOutcome:
         """The report's ``reconstruct`` section."""
         return {"layers_refit": self.refit, "samples": self.samples, "source": self.source, **self.options,
                 "output_error_before": self.output_error_before, "output_error_after": self.output_error_after,
-                "seconds": self.seconds, "layers": [f.to_dict() for f in self.layers]}
+                "seconds": self.seconds, "forward_batch": self.batch, "forward_passes": self.forward_passes,
+                "layers": [f.to_dict() for f in self.layers]}
 
 
 @dataclass
@@ -245,7 +248,7 @@ class ReconstructPass(Pass):
             refit = any(f.refit for f in fits)
             out_after = _output_error(gm, dense, x, batch, reference) if refit else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
-                                     time.perf_counter() - start)
+                                     time.perf_counter() - start, batch, streams.started)
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
                  outcome.refit, len(x), out_before, out_after, outcome.seconds)
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
@@ -485,7 +488,7 @@ class _Frontiers:
         self.x, self.batch, self.budget = x, batch, budget
         self.kept: dict[tuple[int, int], tuple[_Stepper, int]] = {}  # (net, batch) -> (paused pass, its bytes)
         self.held = 0
-        self.restarts = 0
+        self.started = 0
 
     def _stepper(self, net: int, i: int, sl: slice, node: fx.Node) -> _Stepper:
         old = self.kept.pop((net, i), None)
@@ -493,7 +496,7 @@ class _Frontiers:
             self.held -= old[1]
             if old[0].next <= old[0].index[node]:  # not past the node yet (graph order is layer order)
                 return old[0]
-        self.restarts += 1
+        self.started += 1
         return _Stepper(self.nets[net], self.x[sl], *self.schedules[net])
 
     def _keep(self, net: int, i: int, stepper: _Stepper) -> None:
