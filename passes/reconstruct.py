@@ -26,6 +26,22 @@ How, and why:
   unit reproduces the dense output already and is left as it is.  ``layers=readers`` refits only
   the layers whose input width shrank (the direct readers of removed units).  A refit is kept only
   when it lowers the layer's error on the fitting samples (ridge can lose to the old weights).
+* **Streaming.** Both networks run over the samples in batches, node by node
+  (:class:`_Frontiers`): for layer ``L`` each batch's pruned pass is paused just before ``L``
+  (its input) and its dense pass just after ``L`` (its target, read before any in-place
+  activation overwrites it); the batch's normal equations are summed and the batch's rows
+  dropped.  A paused pass holds only the values a later node still reads, and it is resumed for
+  the next layer, so each network runs about once over the samples, not once per layer (that
+  rerun of every prefix took 80% of the pass on MobileNetV2).  Paused passes are kept while they
+  hold at most ``CACHE_BYTES`` together; a batch beyond that reruns from its input for the next
+  layer (the same values, so the bound changes the time, never the fit).  A forward batch is
+  ``batch_size`` samples, fewer when one sample's largest activation times the batch would pass
+  ``FORWARD_ELEMENTS``, and a batch whose regression rows would hold more than ``ROW_ELEMENTS``
+  values is summed in slices of samples.  So the pass's memory is bounded whatever the sample
+  count and input size (about ``CACHE_BYTES`` plus one batch's forward pass and rows: MobileNetV2
+  at 224x224 with 256 samples held 12 GiB before, benchmarks/RESULTS.md).  The three bounds are
+  far above what the digits and Fashion-MNIST networks reach (LeNet-5 keeps its batches of 256,
+  one slice of rows), so their fits are those of the unbounded computation, bit for bit.
 * **The fit.** Ridge regression with an intercept, solved in float64 from accumulated
   ``X^T X`` and ``X^T Y`` (batches are streamed, never stacked):
   ``W = (X^T X + lambda D)^-1 X^T Y`` with ``lambda = ridge * mean(diag(X^T X))`` over the weight
@@ -48,10 +64,12 @@ How, and why:
   came from (``CompileContext.train_x``), or the calibration samples when that is all there is;
   ``samples=0`` takes all of them.  The default (``None``) is 4096 (more helped little and cost
   in proportion, fewer lost up to 2.5 points: benchmarks/RESULTS.md), lowered for networks whose
-  forward passes are expensive, since the pass runs about one forward pass of the samples per
-  layer: to ``2**37 / (dense MACs per sample * layers)``, but never below 512 (SmallVGG at
-  28x28: 2,317 samples; benchmarks/reconstruct_samples.py measures fewer and more).  The rule
-  counts MACs, not seconds, so it gives the same samples on every machine.
+  forward passes are expensive: to ``2**37 / (dense MACs per sample * layers)``, but never below
+  512 (SmallVGG at 28x28: 2,317 samples; benchmarks/reconstruct_samples.py measures fewer and
+  more).  The rule counts MACs, not seconds, so it gives the same samples on every machine.  It
+  was made when the pass reran each network's prefix for every layer; streaming made the pass
+  cheaper than the rule assumes, but the rule is kept as it was, so that no network's sample
+  count (and fit) changed with streaming.
 * **Not refit.** A module called more than once, or whose weight another module shares (pruning
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
   the graph); models with several inputs (the data holds one) are refused with an error.
@@ -628,7 +646,8 @@ def _rows(mod: Fittable, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
         # Column order of the weight's flattening: channel (within its group), then kernel row, column.
         xs_all.append(patches.permute(0, 1, 4, 2, 3).reshape(-1, groups, width_d))
     ys = y.reshape(b, o, positions).gather(2, pos[:, None, :].expand(b, o, per))  # (b, o, per)
-    return torch.cat(xs_all), ys.permute(0, 2, 1).reshape(-1, groups, o // groups)
+    xs = xs_all[0] if len(xs_all) == 1 else torch.cat(xs_all)
+    return xs, ys.permute(0, 2, 1).reshape(-1, groups, o // groups)
 
 
 def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -658,10 +677,13 @@ def _accumulate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], layer: _Laye
         b = xin.shape[0]
         step = max(1, ROW_ELEMENTS // max(1, _row_values(layer.module, xin, per_sample) // max(1, b)))
         for sl in _batches(b, step) if step < b else (slice(0, b),):
-            xs, ys = _rows(layer.module, xin[sl], y[sl], per_sample, gen)
-            xs, ys = xs.double(), ys.double()
+            rows, targets = _rows(layer.module, xin[sl], y[sl], per_sample, gen)
+            xs = torch.empty(*rows.shape[:2], rows.shape[2] + intercept, dtype=torch.float64)
+            xs[:, :, :rows.shape[2]] = rows  # float64, with the intercept's column of ones
             if intercept:
-                xs = torch.cat([xs, torch.ones(*xs.shape[:2], 1, dtype=xs.dtype)], dim=2)
+                xs[:, :, -1] = 1.0
+            ys = targets.double()
+            del rows, targets
             xg, yg = xs.transpose(0, 1), ys.transpose(0, 1)  # (groups, R, .)
             xtx, xty, yy = xg.transpose(1, 2) @ xg, xg.transpose(1, 2) @ yg, yg.pow(2).sum(dim=(1, 2))
             if stats is None:
