@@ -107,8 +107,8 @@ def _reconstruct_summary(section: dict[str, Any] | None) -> dict[str, Any] | Non
     """The layer reconstruction's own figures from the report (None when it did not run)."""
     if section is None:
         return None
-    keys = ("seconds", "samples", "layers_refit", "forward_batch", "forward_passes", "output_error_before",
-            "output_error_after")
+    keys = ("seconds", "cpu_seconds", "samples", "layers_refit", "forward_batch", "forward_passes",
+            "output_error_before", "output_error_after")
     return {k: section.get(k) for k in keys}
 
 

@@ -164,6 +164,7 @@ class ReconstructOutcome:
     seconds: float
     batch: int = 0  # samples per forward pass
     forward_passes: int = 0  # forward passes started from the input, both networks, for the fits
+    cpu_seconds: float = 0.0  # the process's CPU time (all threads) in the pass: wall time is the machine's load
 
     @property
     def refit(self) -> int:
@@ -174,6 +175,7 @@ class ReconstructOutcome:
         return {"layers_refit": self.refit, "samples": self.samples, "source": self.source, **self.options,
                 "output_error_before": self.output_error_before, "output_error_after": self.output_error_after,
                 "seconds": self.seconds, "forward_batch": self.batch, "forward_passes": self.forward_passes,
+                "cpu_seconds": self.cpu_seconds,
                 "layers": [f.to_dict() for f in self.layers]}
 
 
@@ -235,7 +237,7 @@ class ReconstructPass(Pass):
                 "samples_option": "auto" if self.samples is None else self.samples}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         ctx = am.context
         dense = ctx.original
         if dense is None:
@@ -266,7 +268,8 @@ class ReconstructPass(Pass):
             refit = any(f.refit for f in fits)
             out_after = _output_error(gm, dense, x, batch, reference) if refit else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
-                                     time.perf_counter() - start, batch, streams.started)
+                                     time.perf_counter() - start, batch, streams.started,
+                                     time.process_time() - start_cpu)
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
                  outcome.refit, len(x), out_before, out_after, outcome.seconds)
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
