@@ -41,6 +41,7 @@ from oamipc.cli_options import (
     with_groups,
 )
 from oamipc.errors import OamipcError, UsageError
+from oamipc.launch import EXIT_INTERRUPTED
 from oamipc.summary import SummaryTable
 from oamipc.summary import fmt_int as _fmt_int
 
@@ -56,7 +57,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=False, soft_wrap=True)
 err_console = Console(stderr=True)
 
-EXIT_INTERRUPTED = 130
 
 
 def _fail(exc: OamipcError) -> None:

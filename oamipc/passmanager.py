@@ -236,4 +236,4 @@ class PassManager:
 
         gm.graph.lint()
         gm.recompile()
-        propagate_shapes(gm, am.context.example_inputs)
+        propagate_shapes(gm, am.context.example_inputs, transformed=True)

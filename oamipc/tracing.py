@@ -271,7 +271,10 @@ class _NodeShapeProp(ShapeProp):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                # Without the memory format, which nothing here reads: finding it goes through
+                # torch._check, whose first call imports torch's symbolic-shape machinery (sympy),
+                # about a second of the first compile in a process.
+                return _extract_tensor_metadata(obj, include_contiguity=False)
             return obj
 
         meta = map_aggregate(result, extract)
@@ -283,11 +286,16 @@ class _NodeShapeProp(ShapeProp):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+def propagate_shapes(
+    gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], *, transformed: bool = False
+) -> Any:
     """Run ``gm`` on ``example_inputs`` without gradients, recording ``node.meta["tensor_meta"]``.
 
     Returns the model's output on the inputs.  A failure raises a :class:`TraceError` naming
     the node (and module) that failed, the input shape given, and which shape to pass instead.
+    ``transformed=True`` says the same inputs ran through the graph before a transform changed
+    it: then the input shape is not the cause, and the error says so and names the way out
+    (keeping the failing module whole) instead of suggesting another ``--input-shape``.
     """
     inputs = tuple(example_inputs)
     _check_input_count(gm, inputs)
@@ -295,6 +303,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...
         with torch.no_grad():
             return _NodeShapeProp(gm).propagate(*inputs)
     except _ShapeFailure as failure:
+        if transformed:
+            raise _transform_error(gm, failure.node, failure.cause, inputs) from failure.cause
         raise _shape_error(gm, failure.node, failure.cause, inputs) from failure.cause
 
 
@@ -311,16 +321,46 @@ def _check_input_count(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> 
         )
 
 
-def _shape_error(
-    gm: fx.GraphModule, node: fx.Node, cause: BaseException, inputs: tuple[torch.Tensor, ...]
-) -> TraceError:
-    """The one-line error for a failed propagation: node, module, input shape, fix."""
+def _where(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``node 'name' (op target: Type)``: where in the graph a propagation failed."""
     where = f"node '{node.name}' ({node.op}"
     if node.op == "call_module":
         where += f" {node.target}: {type(gm.get_submodule(str(node.target))).__name__}"
     elif node.op == "call_function":
         where += f" {getattr(node.target, '__name__', node.target)}"
-    where += ")"
+    return where + ")"
+
+
+def _transform_error(
+    gm: fx.GraphModule, node: fx.Node, cause: BaseException, inputs: tuple[torch.Tensor, ...]
+) -> TraceError:
+    """The one-line error when a transformed graph no longer runs on inputs the original ran on."""
+    module = _enclosing_module(node)
+    fix = (f"keep '{module}' whole with --leaf-module {module}" if module
+           else "move that code into a module and keep it whole with --leaf-module")
+    return TraceError(
+        f"the changed network no longer runs at {_where(gm, node)} on input shape {_shapes(inputs)}, which the "
+        f"original ran on: {first_line(cause, limit=_LINE)}; the code there depends on a width that was "
+        f"changed; {fix}"
+    )
+
+
+def _enclosing_module(node: fx.Node) -> str | None:
+    """The qualified name of the innermost module whose forward holds the node (rather than the node's
+    own module: a layer that fails on its input needs the code around it kept whole), else the
+    node's own module (kept opaque, it keeps the units it reads), else None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [str(path) for path, _ in stack.values()] if isinstance(stack, dict) else []
+    own = str(node.target) if node.op == "call_module" else None
+    around = [p for p in paths if p and p != own]
+    return around[-1] if around else own
+
+
+def _shape_error(
+    gm: fx.GraphModule, node: fx.Node, cause: BaseException, inputs: tuple[torch.Tensor, ...]
+) -> TraceError:
+    """The one-line error for a failed propagation: node, module, input shape, fix."""
+    where = _where(gm, node)
     # The message's first line; an exception without a message is named by its type.
     reason = first_line(cause, limit=_LINE)
     if isinstance(cause, AssertionError):

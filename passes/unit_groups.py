@@ -286,6 +286,8 @@ class _Walker:
             self.follow_widths(node, kind)
             self.layouts[node.name] = None
             return None
+        if kind in (ir.ELEMENTWISE, ir.BINARY):
+            self.pin_widths_as_numbers(node)
         if kind == ir.ELEMENTWISE:
             self.layouts[node.name] = lay
             return None
@@ -530,9 +532,11 @@ class _Walker:
         return None
 
     def visit_cat(self, node: fx.Node) -> None:
-        tensors = list(ir.arg_or_kwarg(node, 0, "tensors", ()))
+        given = ir.arg_or_kwarg(node, 0, "tensors", ())
+        # A tuple that the graph computes (``torch.cat(x.chunk(2, 1)[::-1])``) is one node, not a list.
+        tensors = list(given) if isinstance(given, (list, tuple)) else []
         out_shape = ir.tensor_shape(node)
-        if out_shape is None or not all(isinstance(t, fx.Node) for t in tensors):
+        if out_shape is None or not tensors or not all(isinstance(t, fx.Node) for t in tensors):
             return self.barrier(node, "cat of values that are not graph tensors")
         rank = len(out_shape)
         dim = int(ir.arg_or_kwarg(node, 1, "dim", 0)) % rank
@@ -589,6 +593,24 @@ class _Walker:
             start += s[dim]
         self.layouts[node.name] = SplitLayout(tuple(pieces))
         return None
+
+    def pin_widths_as_numbers(self, node: fx.Node) -> None:
+        """Keep the units whose width an arithmetic op uses as a number (``h / h.size(1)``).
+
+        Removing a unit would change that number, and with it the values of every channel, so
+        the pruned network would no longer compute what the dense one does with the unit zeroed.
+        Arithmetic on sizes alone (``x.shape[1] * x.shape[2]``, a Python value) is left to the
+        reshape that reads it.
+        """
+        if ir.tensor_shape(node) is None:
+            return
+        for arg in ir.iter_nodes((node.args, node.kwargs)):
+            read = self.widths_read.get(arg.name)
+            if read is None:
+                continue
+            pinned = self.uf.pin(read[read >= 0], f"its width is used as a number at {ir.where(node)}")
+            if pinned:
+                self.barriers.append(Barrier(node.name, ir.op_name(node), "uses a channel width as a number", pinned))
 
     def follow_widths(self, node: fx.Node, kind: str | None) -> None:
         """Follow channel widths read as Python values; keep the units whose width ``torch._assert`` checks.

@@ -240,6 +240,7 @@ def test_mip_compile_time_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert json.loads(out.read_text())["rows"][0]["budget"] == 0.3
     assert rows[0]["holdout_samples"] == 1258 - 64  # the train split less the MILP samples
     assert rows[0]["selection"]["chosen"] in ("mip", "solver-free") and rows[0]["wall_s"] >= rows[0]["mip_s"]
+    assert rows[0]["cpu_s"] > 0 and len(rows[0]["plan_sha256"]) == 64
     assert "| digits_mlp | 0.30 |" in capsys.readouterr().out
 
 

@@ -19,6 +19,9 @@ Refused means a one-line ``OamipcError`` that names the node or group and the wa
 | buffers                            | handled; a per-channel buffer keeps its units, a scalar does not |
 | layers of width 1                  | handled; never emptied                                           |
 | every unit would be pruned         | keeps --min-keep; an unreachable budget or empty plan: PlanError |
+| a width used as a number (h / C)   | handled; those units are kept ("used as a number")               |
+| cat of a tuple the graph computes  | handled; the indexed channels are kept                           |
+| a pass that breaks the graph       | TraceError naming the node and a --leaf-module, not the shape    |
 """
 
 from __future__ import annotations
@@ -440,3 +443,65 @@ def test_unreachable_budget_and_empty_plan_are_plan_errors() -> None:
     with pytest.raises(PlanError, match=r"plan keeps no unit of group 'trunk'.*--min-keep") as err:
         _compile(TwoHeads(), (x,), plan=plan)
     assert isinstance(err.value, OamipcError) and "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Widths read at run time, tuples the graph computes, a transform that breaks the graph
+# --------------------------------------------------------------------------------------------
+
+
+class WidthUse(nn.Module):
+    """``fc1``'s output goes through ``mix`` (a function of the tensor) before ``fc2``; ``out`` is free."""
+
+    def __init__(self, mix: Any) -> None:
+        super().__init__()
+        self.mix = mix
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.out(torch.relu(self.fc2(self.mix(h))))
+
+
+def _divide_by_width(h: torch.Tensor) -> torch.Tensor:
+    return h / h.size(1)
+
+
+def _swap_halves(h: torch.Tensor) -> torch.Tensor:
+    return torch.cat(h.chunk(2, dim=1)[::-1], dim=1)
+
+
+@pytest.mark.parametrize(("mix", "reason"), [
+    (_divide_by_width, "its width is used as a number at truediv (truediv)"),
+    (_swap_halves, "feeds getitem (getitem): indexes into a tensor with channels"),
+], ids=["width-as-number", "cat-of-computed-tuple"])
+def test_width_dependent_code_keeps_its_units(mix: Any, reason: str, tmp_path: Path) -> None:
+    """``h / h.size(1)`` would change every value once ``h`` lost a unit, and ``cat`` of a tuple the
+    graph computes cannot be followed: both keep ``fc1``'s units, the rest is still pruned."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6)
+    res = _compile(WidthUse(mix), (x[:2],))
+    assert _pinned_reasons(res, "fc1") == [reason]
+    assert res.module.get_submodule("fc1").out_features == 8
+    assert res.module.get_submodule("fc2").out_features < 8
+    _check(res, (x,), tmp_path)
+
+
+def test_a_graph_broken_by_a_transform_is_not_blamed_on_the_input_shape() -> None:
+    """Shapes that ran before a pass changed the graph: the error names the node and the module to
+    keep whole, and does not suggest another --input-shape."""
+    from oamipc.tracing import propagate_shapes
+
+    gm = fx.symbolic_trace(WidthUse(_divide_by_width))
+    x = torch.randn(2, 6)
+    propagate_shapes(gm, (x,))
+    gm.fc2 = nn.Linear(5, 8)  # as if a unit analysis had missed that fc2 reads fc1's 8 channels
+    with pytest.raises(TraceError) as err:
+        propagate_shapes(gm, (x,), transformed=True)
+    text = str(err.value)
+    assert "no longer runs at node 'fc2'" in text and "--leaf-module fc2" in text
+    assert "--input-shape" not in text and "\n" not in text
+    with pytest.raises(TraceError, match="pass --input-shape matching the model"):
+        propagate_shapes(gm, (x,))

@@ -362,6 +362,40 @@ def test_ctrl_c_while_moving_outputs_into_place(model: Path, out: Path, private_
     _assert_interrupted(run, out, private_tmp)
 
 
+def test_ctrl_c_while_the_command_line_is_imported(tmp_path: Path) -> None:
+    """A Ctrl-C in the seconds the ``oamipc`` command spends importing torch: the same exit status
+    and one line as during a command, no traceback (the real entry point, in its own process)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / "importing"
+    # Holds the import of oamipc.cli until the signal comes, so the Ctrl-C lands inside it.
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import importlib.abc, sys, time\n"
+        "class Hold(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'oamipc.cli':\n"
+        f"            open({str(marker)!r}, 'w').close()\n"
+        "            time.sleep(60)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Hold())\n"
+        "sys.argv = ['oamipc', '--help']\n"
+        "from oamipc.launch import main\n"
+        "main()\n")
+    proc = subprocess.Popen([sys.executable, str(launcher)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the launcher never reached the import of oamipc.cli"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert stderr.strip() == "interrupted" and "Traceback" not in stderr
+
+
 # ---- a full disk ----------------------------------------------------------------------------------
 
 

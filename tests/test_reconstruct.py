@@ -388,6 +388,31 @@ def test_deterministic_and_replayed_plans_give_the_same_network(tmp_path: Path) 
     assert any(not torch.equal(a[k], v) for k, v in _weights(other.module).items())  # the seed draws the samples
 
 
+@pytest.mark.parametrize("name", ["lenet5", "vgg_bn", "resnet", "inception", "conv1d"])
+def test_paused_passes_kept_or_rerun_give_the_same_network(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each batch's forward passes are paused at a layer and resumed for the next one while they fit in
+    # CACHE_BYTES; rerun from the input (no room) they must give the same values, so the same weights and report.
+    from oamipc.passes import reconstruct as rc
+
+    entry = ZOO[name]
+    x = example_input(name, 96)
+    y = torch.arange(96) % entry.num_classes
+    options = ReconstructPass(samples=0, max_rows=3000, batch_size=40)  # three batches, the last short
+
+    def run() -> oamipc.CompileResult:
+        return oamipc.compile(entry.factory(), x[:1], data=(x, y), importance="l1", prune_ratio=0.5,
+                              reconstruct=options)
+
+    kept = run()
+    monkeypatch.setattr(rc, "CACHE_BYTES", 0)
+    rerun = run()
+    a, b = _weights(kept.module), _weights(rerun.module)
+    assert kept.report["reconstruct"]["layers_refit"] > 0
+    assert kept.report["reconstruct"]["forward_passes"] == 2 * 3 < rerun.report["reconstruct"]["forward_passes"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert kept.report["reconstruct"]["layers"] == rerun.report["reconstruct"]["layers"]
+
+
 # --------------------------------------------------------------------------------------------
 # (f) bad options and missing data
 # --------------------------------------------------------------------------------------------

@@ -508,3 +508,55 @@ def test_forked_worker_can_solve_after_the_parent_did() -> None:
         assert pool.apply_async(_solve_in_child, (True,)).get(timeout=60) == "optimal"
     finally:
         pool.terminate()
+
+
+def test_variables_listed_once_gives_pulps_list_and_lists_again_when_the_problem_grows() -> None:
+    from oamipc.solver.core import variables_listed_once
+
+    prob = pulp.LpProblem("grows", pulp.LpMinimize)
+    x, y, z = (pulp.LpVariable(n, 0, 1) for n in "xyz")
+    prob += x + y
+    prob += x + y >= 1
+    calls = []
+    listing = pulp.LpProblem.variables
+
+    def counted(self: pulp.LpProblem) -> list[pulp.LpVariable]:
+        calls.append(1)
+        return listing(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pulp.LpProblem, "variables", counted)
+        with variables_listed_once(prob):
+            first = [v.name for v in prob.variables()]
+            assert [v.name for v in prob.variables()] == first == ["x", "y"]
+            assert len(calls) == 1  # the second call was served from the list
+            prob += x + z <= 1  # a new constraint with a new variable
+            assert [v.name for v in prob.variables()] == ["x", "y", "z"]
+            assert len(calls) == 2
+        assert "variables" not in vars(prob)  # PuLP's own method again after the block
+        assert [v.name for v in prob.variables()] == ["x", "y", "z"]
+
+
+def test_solve_inside_variables_listed_once_sees_the_dummy_of_an_empty_objective() -> None:
+    # PuLP adds "__dummy" to the objective while solving a problem without one: the listing must
+    # follow, or HiGHS would get no column for it.  Same answer as outside any block.
+    from oamipc.solver.core import variables_listed_once
+
+    prob = pulp.LpProblem("no_objective_in_block", pulp.LpMinimize)
+    x = pulp.LpVariable("x", 0, 3, cat="Integer")
+    prob += x >= 1.5
+    with variables_listed_once(prob):
+        res = solve(prob, warm_start={x: 2})
+    assert res.status == "optimal" and res.values is not None and set(res.values) == {"x"}
+    assert res.values["x"] in (pytest.approx(2), pytest.approx(3))
+
+
+def test_problem_size_counts_only_nonzero_coefficients() -> None:
+    from oamipc.solver.core import ProblemSize, problem_size
+
+    prob = pulp.LpProblem("zeros", pulp.LpMinimize)
+    x = [pulp.LpVariable(f"x{i}", cat="Binary") for i in range(4)]
+    prob += pulp.lpSum(x)
+    prob += pulp.LpAffineExpression([(x[0], 0.0), (x[1], -0.0), (x[2], 1e-300), (x[3], 2.0)]) >= 1
+    prob += pulp.LpAffineExpression([(x[0], 0), (x[1], 3.0)]) <= 1
+    assert problem_size(prob) == ProblemSize(n_variables=4, n_binaries=4, n_constraints=2, n_nonzeros=3)

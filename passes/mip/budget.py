@@ -75,7 +75,7 @@ from oamipc.units import UnitGraph, UnitGroup
 from .encoder import Encoder, EncodingStats, margin_hinge
 from .evidence import HeldOut, holdout_order, holdout_size
 from .joint import JointStage
-from .masked import CHUNK_ELEMENTS, MaskedNetwork, margins
+from .masked import CHUNK_ELEMENTS, CPU_BATCH, MaskedNetwork, margins
 from .means import bias_shift, reading_means
 from .options import DEFAULT_SAMPLES, MipOptions
 from .remote import Dispatch, LocalDispatch
@@ -139,10 +139,14 @@ class Calibration:
 def network_logits(gm: torch.nn.Module, x: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """The network's first output on ``x``, float64 on the CPU; run on ``device`` (a copy of the
     network when that is not the CPU), in chunks of at most ``CHUNK_ELEMENTS`` input values so
-    that large inputs (224x224 images) do not hold every sample's activations at once."""
-    if device is not None and device.type != "cpu":
+    that large inputs (224x224 images) do not hold every sample's activations at once, and on the
+    CPU of at most ``CPU_BATCH`` samples (cache-sized batches run faster there)."""
+    on_cpu = device is None or device.type == "cpu"
+    if not on_cpu:
         gm = copy.deepcopy(gm).to(device)
     per = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    if on_cpu:
+        per = min(per, CPU_BATCH)
     parts = []
     for lo in range(0, len(x), per):
         out = gm(x[lo:lo + per].to(device or x.device))

@@ -47,7 +47,7 @@ from torch import fx
 from oamipc.surgery import apply_plan, fold_bias_shift
 from oamipc.units import UnitGraph
 
-from .masked import margins
+from .masked import CPU_BATCH, margins
 from .means import bias_shift
 
 RULES = ("paired", "hinge", "accuracy")
@@ -56,7 +56,7 @@ RULES = ("paired", "hinge", "accuracy")
 HOLDOUT_WORK_MACS = 2_000_000_000
 HOLDOUT_MIN = 448
 HOLDOUT_MAX = 8192
-_BATCH = 4096
+_BATCH = 4096  # samples per forward call off the CPU (on the CPU: .masked.CPU_BATCH)
 _CACHE = 8  # measured plans kept (the current plan and the last candidates)
 
 
@@ -221,12 +221,13 @@ class HeldOut:
             return hit
         net = self.network(kept).to(self.device)
         got = []
+        step = CPU_BATCH if self.device.type == "cpu" else _BATCH
         with torch.no_grad():
-            for start in range(0, len(self.x), _BATCH):
-                out = net(self.x[start:start + _BATCH].to(self.device))
+            for start in range(0, len(self.x), step):
+                out = net(self.x[start:start + step].to(self.device))
                 while isinstance(out, (tuple, list)):
                     out = out[0]
-                got.append(margins(out.double().cpu(), self.y[start:start + _BATCH]))
+                got.append(margins(out.double().cpu(), self.y[start:start + step]))
         m = torch.cat(got) if got else torch.zeros(0, dtype=torch.float64)
         result = Measure((m > 0).numpy(), (self.target - m).clamp(min=0).numpy())
         self._cache[key] = result

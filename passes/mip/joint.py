@@ -78,7 +78,7 @@ from oamipc.units import UnitGraph
 from .evidence import HeldOut
 from .masked import MaskedNetwork
 from .remote import Dispatch, LocalDispatch, resolve, solver_threads
-from .rows import Keep, group_rows, mac_expression, plan_violations, single_flip_macs
+from .rows import Keep, flip_macs, group_rows, mac_expression, plan_violations, single_flip_macs
 
 log = logging.getLogger(__name__)
 
@@ -362,12 +362,7 @@ class JointStage:
         if len(units) <= size:
             return list(units)
         d_loss = effects.loss
-        base = self.graph.macs(current)
-        d_macs = np.empty(len(units))
-        for i, u in enumerate(units):
-            flipped = current.copy()
-            flipped[u] = not current[u]
-            d_macs[i] = abs(self.graph.macs(flipped) - base)
+        d_macs = flip_macs(self.graph, current, units)
         keep = np.array([bool(current[u]) for u in units])
         chosen: set[int] = set()
         quarter = max(1, size // 4)

@@ -33,6 +33,11 @@ from oamipc.errors import UnsupportedGraphError
 from oamipc.units import Layout, UnitGraph
 
 CHUNK_ELEMENTS = 1 << 24  # input elements per forward call (bounds memory on big batches)
+#: Samples per call where a pass on the CPU runs the network over many samples (held-out judgements,
+#: the analysis's logits): a batch this small keeps its activations near the caches, and LeNet-5's
+#: 4,800 held-out samples ran about twice as fast in batches of 512 as in one of 4,096.  The outputs
+#: were bitwise the same either way on the shipped examples (benchmarks/RESULTS.md, issue 15).
+CPU_BATCH = 512
 _CROSS_CHANNEL_MODULES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
                           torch.nn.LocalResponseNorm, torch.nn.Softmax, torch.nn.LogSoftmax)
 _CROSS_CHANNEL_OPS = {"group_norm", "layer_norm", "instance_norm", "local_response_norm", "softmax", "log_softmax",

@@ -194,3 +194,32 @@ def single_flip_macs(graph: UnitGraph, kept: np.ndarray) -> np.ndarray:
         new_in, new_out = n_in + sign * a, n_out + sign * b
         total += layer.c_io * (new_in * new_out - n_in * n_out) + layer.c_o * (new_out - n_out)
     return np.abs(total)
+
+
+def flip_macs(graph: UnitGraph, kept: np.ndarray, units: list[int]) -> np.ndarray:
+    """``|graph.macs(kept with u flipped) - graph.macs(kept)|`` for each of ``units``, (len(units),).
+
+    The very floats of evaluating :meth:`UnitGraph.macs` on every flipped plan (the same products
+    of the same integer widths, summed over the layers in the same order), without recounting
+    every layer's widths per unit: a flip moves only the widths of the layers that read or write
+    its unit, by its count there.  :func:`single_flip_macs` sums per-layer changes instead, which
+    can differ in the last bits when the layers' coefficients are not integers.
+    """
+    kept = np.asarray(kept, dtype=bool)
+    widths = [layer.widths(kept) for layer in graph.layers]
+    terms = [layer.c_io * n_in * n_out + layer.c_o * n_out for layer, (n_in, n_out) in zip(graph.layers, widths)]
+    base = float(sum(terms))
+    counts = []  # per layer: each unit's count among its input and output positions
+    for layer in graph.layers:
+        counts.append((np.bincount(layer.in_units[layer.in_units >= 0], minlength=graph.n_units),
+                       np.bincount(layer.out_units[layer.out_units >= 0], minlength=graph.n_units)))
+    out = np.empty(len(units))
+    for i, u in enumerate(units):
+        sign = -1 if kept[u] else 1
+        flipped = list(terms)
+        for j, (layer, (n_in, n_out), (a, b)) in enumerate(zip(graph.layers, widths, counts)):
+            if a[u] or b[u]:
+                new_in, new_out = n_in + sign * int(a[u]), n_out + sign * int(b[u])
+                flipped[j] = layer.c_io * new_in * new_out + layer.c_o * new_out
+        out[i] = abs(float(sum(flipped)) - base)
+    return out
