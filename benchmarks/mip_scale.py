@@ -9,7 +9,8 @@ compile runs in its own process, so its peak resident memory (``ru_maxrss``) is 
 
 Per row: the compile's wall time, CPU time (user + system, all threads: on a shared machine the
 wall time says more about the other jobs than about this one; the load average is recorded) and
-peak memory, the MIP analysis's own seconds, the joint
+peak memory, the MIP analysis's own seconds, the layer reconstruction's own seconds (its report figures are in
+the JSON row's `reconstruct_summary`: samples, samples per forward pass, forward passes started), the joint
 stage's rounds, and its flip effects: how many were measured exactly per plan out of how many
 free units, and how well the first-order screen ranked them (Spearman correlation of predicted
 and exact single-flip hinge changes over the measured units; the share of the exact best
@@ -98,7 +99,22 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
                              "solve_seconds": s["solve"].get("seconds")} for s in mip["subproblems"]],
             "joint_rounds": [{k: r[k] for k in ("radius", "flips", "outcome", "candidates", "time_limited")}
                              | {"solve_seconds": r["solve"].get("seconds")} for r in mip["joint_rounds"]],
-            "joint_effects": effects, "timings_s": res.report["timings_s"]}
+            "joint_effects": effects, "timings_s": res.report["timings_s"],
+            "reconstruct_summary": _reconstruct_summary(res.report.get("reconstruct"))}
+
+
+def _reconstruct_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The layer reconstruction's own figures from the report (None when it did not run)."""
+    if section is None:
+        return None
+    keys = ("seconds", "cpu_seconds", "samples", "layers_refit", "forward_batch", "forward_passes",
+            "output_error_before", "output_error_after")
+    return {k: section.get(k) for k in keys}
+
+
+def _reconstruct_seconds(row: dict[str, Any]) -> str:
+    seconds = (row.get("reconstruct_summary") or {}).get("seconds", row["timings_s"].get("reconstruct"))
+    return f"{seconds:.0f}" if seconds is not None else "-"
 
 
 def _cpu_seconds(since: float) -> float:
@@ -119,10 +135,11 @@ def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| net | input | samples | device | executor x workers | compile s | CPU s | peak GiB | mip s | "
+             "reconstruct s | load average | "
              "speed-up compile / mip | same plan | "
              "joint rounds (improved / all) | exact effects per plan / free units | screen Spearman (median) | "
              "held-out hinge (warm -> final) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first: dict[str, dict[str, Any]] = {}
     for r in rows:
         base = first.setdefault(r["net"], r)
@@ -135,6 +152,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['device']} | "
                      f"{r.get('executor', 'local')} x {r.get('jobs', 1)} | {r['seconds']:.0f} | "
                      f"{r['cpu_seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['mip_seconds']:.0f} | "
+                     f"{_reconstruct_seconds(r)} | {r['load_average']:.1f} | "
                      f"{base['seconds'] / r['seconds']:.2f} / {base['mip_seconds'] / r['mip_seconds']:.2f} | "
                      f"{'yes' if r.get('plan_sha256') == base.get('plan_sha256') else 'no'} | "
                      f"{improved} / {len(r['joint_rounds'])} | "

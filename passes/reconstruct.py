@@ -16,9 +16,7 @@ How, and why:
 * **Order.** Layers are refit in graph (topological) order.  The input ``X`` of a layer comes
   from the pruned network whose earlier layers are already refit; the target ``Y`` is the dense
   network's output of that layer, its kept channels only, on the same samples.  So each fit also
-  corrects the error that earlier layers left.  The targets of all layers come from one pass of
-  the dense network (the one that measures the output error first), kept while they fit in
-  ``_TARGET_ELEMENTS`` values; a layer beyond that has its targets recomputed per batch.
+  corrects the error that earlier layers left.
 * **Pre-activation targets.** ``Y`` is the layer's own output (before BatchNorm, activation,
   pooling).  Folding a BatchNorm that follows would change nothing: it is an affine map per
   channel, every output channel is fit independently, and scaling a target channel scales its
@@ -28,6 +26,22 @@ How, and why:
   unit reproduces the dense output already and is left as it is.  ``layers=readers`` refits only
   the layers whose input width shrank (the direct readers of removed units).  A refit is kept only
   when it lowers the layer's error on the fitting samples (ridge can lose to the old weights).
+* **Streaming.** Both networks run over the samples in batches, node by node
+  (:class:`_Frontiers`): for layer ``L`` each batch's pruned pass is paused just before ``L``
+  (its input) and its dense pass just after ``L`` (its target, read before any in-place
+  activation overwrites it); the batch's normal equations are summed and the batch's rows
+  dropped.  A paused pass holds only the values a later node still reads, and it is resumed for
+  the next layer, so each network runs about once over the samples, not once per layer (that
+  rerun of every prefix took 80% of the pass on MobileNetV2).  Paused passes are kept while they
+  hold at most ``CACHE_BYTES`` together; a batch beyond that reruns from its input for the next
+  layer (the same values, so the bound changes the time, never the fit).  A forward batch is
+  ``batch_size`` samples, fewer when one sample's largest activation times the batch would pass
+  ``FORWARD_ELEMENTS``, and a batch whose regression rows would hold more than ``ROW_ELEMENTS``
+  values is summed in slices of samples.  So the pass's memory is bounded whatever the sample
+  count and input size (about ``CACHE_BYTES`` plus one batch's forward pass and rows: MobileNetV2
+  at 224x224 with 256 samples held 12 GiB before, benchmarks/RESULTS.md).  The three bounds are
+  far above what the digits and Fashion-MNIST networks reach (LeNet-5 keeps its batches of 256,
+  one slice of rows), so their fits are those of the unbounded computation, bit for bit.
 * **The fit.** Ridge regression with an intercept, solved in float64 from accumulated
   ``X^T X`` and ``X^T Y`` (batches are streamed, never stacked):
   ``W = (X^T X + lambda D)^-1 X^T Y`` with ``lambda = ridge * mean(diag(X^T X))`` over the weight
@@ -50,10 +64,12 @@ How, and why:
   came from (``CompileContext.train_x``), or the calibration samples when that is all there is;
   ``samples=0`` takes all of them.  The default (``None``) is 4096 (more helped little and cost
   in proportion, fewer lost up to 2.5 points: benchmarks/RESULTS.md), lowered for networks whose
-  forward passes are expensive, since the pass runs about one forward pass of the samples per
-  layer: to ``2**37 / (dense MACs per sample * layers)``, but never below 512 (SmallVGG at
-  28x28: 2,317 samples; benchmarks/reconstruct_samples.py measures fewer and more).  The rule
-  counts MACs, not seconds, so it gives the same samples on every machine.
+  forward passes are expensive: to ``2**37 / (dense MACs per sample * layers)``, but never below
+  512 (SmallVGG at 28x28: 2,317 samples; benchmarks/reconstruct_samples.py measures fewer and
+  more).  The rule counts MACs, not seconds, so it gives the same samples on every machine.  It
+  was made when the pass reran each network's prefix for every layer; streaming made the pass
+  cheaper than the rule assumes, but the rule is kept as it was, so that no network's sample
+  count (and fit) changed with streaming.
 * **Not refit.** A module called more than once, or whose weight another module shares (pruning
   keeps their units, and one fit cannot serve two inputs); layers inside leaf modules (opaque to
   the graph); models with several inputs (the data holds one) are refused with an error.
@@ -70,7 +86,6 @@ one before and after, the samples and the seconds: the report's ``reconstruct`` 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -103,8 +118,12 @@ AUTO_WORK_MACS = 2**37
 AUTO_MIN_SAMPLES = 512
 #: Elements of one chunk of gathered conv windows (bounds the memory of a conv's regression rows).
 _CHUNK_ELEMENTS = 1 << 24
-#: Dense layer outputs kept from one dense pass for the refits, in values (float32: 128 MiB).
-_TARGET_ELEMENTS = 1 << 25
+#: At most this many elements in one activation of a forward batch (fewer samples per pass on big inputs).
+FORWARD_ELEMENTS = 1 << 25
+#: At most this many values in the regression rows of one step of the normal equations' sums.
+ROW_ELEMENTS = 1 << 25
+#: Bytes of paused forward passes kept from one layer to the next (beyond them a batch reruns from its input).
+CACHE_BYTES = 1 << 31
 _LAYER_CHOICES = ("all", "readers")
 #: The layers this pass refits.
 Fittable = nn.Linear | nn.Conv1d | nn.Conv2d
@@ -143,6 +162,9 @@ class ReconstructOutcome:
     output_error_before: float
     output_error_after: float
     seconds: float
+    batch: int = 0  # samples per forward pass
+    forward_passes: int = 0  # forward passes started from the input, both networks, for the fits
+    cpu_seconds: float = 0.0  # the process's CPU time (all threads) in the pass: wall time is the machine's load
 
     @property
     def refit(self) -> int:
@@ -152,11 +174,9 @@ class ReconstructOutcome:
         """The report's ``reconstruct`` section."""
         return {"layers_refit": self.refit, "samples": self.samples, "source": self.source, **self.options,
                 "output_error_before": self.output_error_before, "output_error_after": self.output_error_after,
-                "seconds": self.seconds, "layers": [f.to_dict() for f in self.layers]}
-
-
-class _Stop(Exception):  # noqa: N818 - control flow, not an error: ends a forward pass early
-    """Raised by a capture hook once it has what it needs."""
+                "seconds": self.seconds, "forward_batch": self.batch, "forward_passes": self.forward_passes,
+                "cpu_seconds": self.cpu_seconds,
+                "layers": [f.to_dict() for f in self.layers]}
 
 
 @dataclass
@@ -217,7 +237,7 @@ class ReconstructPass(Pass):
                 "samples_option": "auto" if self.samples is None else self.samples}
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> PassResult:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         ctx = am.context
         dense = ctx.original
         if dense is None:
@@ -231,35 +251,34 @@ class ReconstructPass(Pass):
         wanted = self.samples if self.samples is not None else auto_samples(count_costs(dense).macs, len(layers))
         x, source = _inputs(wanted, ctx.train_x, ctx.calib_x, ctx.seed)
         fits: list[LayerFit] = list(skipped)
+        batch = forward_batch(dense, self.batch_size, int(ctx.example_inputs[0].shape[0]))
         with torch.no_grad():
             reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
-            wanted_layers = [layer for layer in layers
-                             if self.layers != "readers" or _in_width(layer.module) != _in_width(layer.dense)]
-            targets = _DenseTargets(dense, wanted_layers, len(x))
-            out_before = _output_error(gm, dense, x, self.batch_size, reference, targets)
+            out_before = _output_error(gm, dense, x, batch, reference)
+            streams = _Frontiers(gm, dense, x, batch, CACHE_BYTES)
             for i, layer in enumerate(layers):
                 if ctx.progress is not None:
                     ctx.tick("reconstruct", i, len(layers))
                 if self.layers == "readers" and _in_width(layer.module) == _in_width(layer.dense):
                     continue
-                batches = -(-len(x) // self.batch_size)
-                fits.append(self._refit(gm, dense, layer, x, ctx.seed + i, targets.pop(layer.target, batches)))
+                fits.append(self._refit(streams, layer, len(x), ctx.seed + i))
+            streams.close()
             if ctx.progress is not None:
                 ctx.tick("reconstruct", len(layers), len(layers))
             refit = any(f.refit for f in fits)
-            out_after = _output_error(gm, dense, x, self.batch_size, reference) if refit else out_before
+            out_after = _output_error(gm, dense, x, batch, reference) if refit else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
-                                     time.perf_counter() - start)
+                                     time.perf_counter() - start, batch, streams.started,
+                                     time.process_time() - start_cpu)
         log.info("reconstruct: refit %d layers on %d samples; network output error %.4g -> %.4g in %.2f s",
                  outcome.refit, len(x), out_before, out_after, outcome.seconds)
         return PassResult(gm, modified=outcome.refit > 0, outcome=outcome)
 
-    def _refit(self, gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor,
-               seed: int, targets: list[torch.Tensor] | None = None) -> LayerFit:
+    def _refit(self, streams: _Frontiers, layer: _Layer, samples: int, seed: int) -> LayerFit:
         mod = layer.module
         kind = type(mod).__name__
         intercept = getattr(mod, "bias", None) is not None or layer.bias_sink is not None
-        stats = _accumulate(gm, dense, layer, x, self.batch_size, self.max_rows, intercept, seed, targets)
+        stats = _accumulate(streams.pairs(layer.target), layer, samples, self.max_rows, intercept, seed)
         w_old = _weights(mod, intercept)
         err_before = _rel_error(stats, w_old)
         def fit(after: float, refit: bool, note: str = "") -> LayerFit:
@@ -386,28 +405,139 @@ def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: Fittable) -> _Norm | None
 
 
 # ----------------------------------------------------------------------------------------------
-# capturing activations
+# streaming the two networks batch by batch, layer by layer
 
 
-def _capture(net: nn.Module, target: str, x: torch.Tensor, what: str) -> torch.Tensor:
-    """The input (``what='input'``) or output of submodule ``target`` when ``net`` runs on ``x``;
-    the forward pass stops there."""
-    box: dict[str, torch.Tensor] = {}
+def forward_batch(dense: fx.GraphModule, batch_size: int, example_batch: int) -> int:
+    """Samples per forward pass: ``batch_size``, fewer when one sample's largest activation times
+    the batch would exceed ``FORWARD_ELEMENTS`` (read from the dense graph's shape metadata)."""
+    per_sample = 0
+    for node in dense.graph.nodes:
+        for meta in _metas(node.meta.get("tensor_meta")):
+            per_sample = max(per_sample, math.prod(int(s) for s in meta.shape) // max(1, example_batch))
+    return max(1, min(batch_size, FORWARD_ELEMENTS // per_sample)) if per_sample else batch_size
 
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        box["v"] = (args[0] if args else next(iter(kwargs.values()))) if what == "input" else output
-        raise _Stop
 
-    handle = net.get_submodule(target).register_forward_hook(hook, with_kwargs=True)
-    try:
-        net(x)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "v" not in box:
-        raise UsageError(f"reconstruct: layer {target} did not run on the sample inputs")
-    return box["v"]
+def _metas(meta: Any) -> list[Any]:
+    if meta is None:
+        return []
+    if hasattr(meta, "shape"):
+        return [meta]
+    if isinstance(meta, dict):
+        return [m for v in meta.values() for m in _metas(v)]
+    if isinstance(meta, (tuple, list)):
+        return [m for v in meta for m in _metas(v)]
+    return []
+
+
+class _Stepper:
+    """One batch's forward pass through a graph, run node by node and paused at a layer.
+
+    It keeps only the values that a node not yet run still reads (the frontier), so resuming it
+    for the next layer costs the nodes in between, not the whole prefix again.  A pass resumed
+    after a layer was refit runs that layer with its new weights: the values are those of a
+    whole forward pass of the network as it is now (the same operations on the same batch).
+    """
+
+    def __init__(self, gm: fx.GraphModule, x: torch.Tensor, index: dict[fx.Node, int], dies: dict[int, list[fx.Node]]
+                 ) -> None:
+        self.interp = fx.Interpreter(gm, garbage_collect_values=False)
+        self.interp.env = {}
+        self.interp.args_iter = iter(gm.graph.process_inputs(x))
+        self.nodes = list(gm.graph.nodes)
+        self.index, self.dies = index, dies
+        self.next = 0
+
+    def _run_to(self, stop: int) -> None:
+        env = self.interp.env
+        while self.next < stop:
+            for dead in self.dies.get(self.next - 1, ()):
+                env.pop(dead, None)
+            node = self.nodes[self.next]
+            env[node] = self.interp.run_node(node)
+            self.next += 1
+
+    def input_of(self, node: fx.Node) -> torch.Tensor:
+        """The first input of ``node`` (a module call), running the graph up to it (not through it)."""
+        self._run_to(self.index[node])
+        args, kwargs = self.interp.fetch_args_kwargs_from_env(node)
+        return args[0] if args else next(iter(kwargs.values()))
+
+    def output_of(self, node: fx.Node) -> torch.Tensor:
+        """The output of ``node``, running the graph up to and through it."""
+        self._run_to(self.index[node] + 1)
+        return self.interp.env[node]
+
+    def nbytes(self) -> int:
+        """Bytes of the activations it holds (each storage once; parameters not counted)."""
+        seen: dict[int, int] = {}
+        for node, value in self.interp.env.items():
+            if node.op == "get_attr":
+                continue
+            for t in _leaves(value):
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+def _schedule(gm: fx.GraphModule) -> tuple[dict[fx.Node, int], dict[int, list[fx.Node]]]:
+    """Each node's position, and which values die after which position (their last reader's; a
+    value nobody reads dies right after it is made)."""
+    index = {node: i for i, node in enumerate(gm.graph.nodes)}
+    dies: dict[int, list[fx.Node]] = {}
+    for node, i in index.items():
+        last = max((index[u] for u in node.users), default=i)
+        dies.setdefault(last, []).append(node)
+    return index, dies
+
+
+class _Frontiers:
+    """Both networks' forward passes over the fitting samples, batch by batch, paused at a layer.
+
+    For layer ``L`` every batch yields the pruned network's input of ``L`` (its earlier layers
+    already refit) and the dense network's output of ``L``.  A batch's paused passes are kept
+    for the next layer while all kept passes hold at most ``budget`` bytes; a batch whose passes
+    were not kept is run again from the input.  Either way the values are the same, so the budget
+    decides the time, never the fit; the memory is the budget plus one batch's forward pass,
+    whatever the number of samples.
+    """
+
+    def __init__(self, gm: fx.GraphModule, dense: fx.GraphModule, x: torch.Tensor, batch: int, budget: int) -> None:
+        self.nets = (gm, dense)
+        self.schedules = (_schedule(gm), _schedule(dense))
+        self.calls = (_calls(gm), _calls(dense))
+        self.x, self.batch, self.budget = x, batch, budget
+        self.kept: dict[tuple[int, int], tuple[_Stepper, int]] = {}  # (net, batch) -> (paused pass, its bytes)
+        self.held = 0
+        self.started = 0
+
+    def _stepper(self, net: int, i: int, sl: slice, node: fx.Node) -> _Stepper:
+        old = self.kept.pop((net, i), None)
+        if old is not None:
+            self.held -= old[1]
+            if old[0].next <= old[0].index[node]:  # not past the node yet (graph order is layer order)
+                return old[0]
+        self.started += 1
+        return _Stepper(self.nets[net], self.x[sl], *self.schedules[net])
+
+    def _keep(self, net: int, i: int, stepper: _Stepper) -> None:
+        size = stepper.nbytes()
+        if self.held + size <= self.budget:
+            self.kept[(net, i)] = (stepper, size)
+            self.held += size
+
+    def pairs(self, target: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per batch: (pruned input of ``target``, dense output of ``target``)."""
+        node, dense_node = self.calls[0][target][0], self.calls[1][target][0]
+        for i, sl in enumerate(_batches(len(self.x), self.batch)):
+            pruned, dense = self._stepper(0, i, sl, node), self._stepper(1, i, sl, dense_node)
+            yield pruned.input_of(node), dense.output_of(dense_node)
+            self._keep(0, i, pruned)
+            self._keep(1, i, dense)
+
+    def close(self) -> None:
+        self.kept.clear()
+        self.held = 0
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:
@@ -426,77 +556,17 @@ def _leaves(value: Any) -> list[torch.Tensor]:
     return []
 
 
-class _DenseTargets:
-    """The dense network's outputs of the layers to refit (their kept channels), per batch.
-
-    Each refit needs its layer's dense output on every batch of samples; recomputing it runs the
-    dense network up to that layer, once per layer, and :func:`_output_error` runs all of it once
-    anyway.  So that pass keeps them (forward hooks), for the layers whose outputs fit within
-    ``limit`` values in all (sizes from the traced shapes; deepest first: theirs cost the longest
-    prefix to recompute); the others are recomputed per batch as before.  The same batches, so
-    the very same values.
-    """
-
-    def __init__(self, dense: fx.GraphModule, layers: list[_Layer], samples: int,
-                 limit: int = _TARGET_ELEMENTS) -> None:
-        nodes = _calls(dense)
-        self.layers: list[_Layer] = []
-        room = limit
-        for layer in reversed(layers):
-            shape = ir.tensor_shape(nodes[layer.target][0]) if layer.target in nodes else None
-            if not shape or len(shape) < 2:
-                continue
-            need = ir.prod(shape[1:]) // max(1, _out_width(layer.dense)) * len(layer.kept_out) * samples
-            if need <= room:
-                room -= need
-                self.layers.insert(0, layer)
-        self.batches: dict[str, list[torch.Tensor]] = {layer.target: [] for layer in self.layers}
-
-    @contextlib.contextmanager
-    def recording(self, dense: nn.Module) -> Iterator[None]:
-        """While the block runs ``dense`` on the next batch, keep the layers' outputs."""
-        handles = []
-        for layer in self.layers:
-            def hook(_m: nn.Module, _args: Any, output: Any, layer: _Layer = layer) -> None:
-                if layer.target in self.batches:
-                    self.batches[layer.target].append(_kept_channels(output, layer))
-            handles.append(dense.get_submodule(layer.target).register_forward_hook(hook))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def pop(self, target: str, batches: int) -> list[torch.Tensor] | None:
-        """The kept outputs of ``target`` for all ``batches`` (then dropped), or None: recompute them."""
-        got = self.batches.pop(target, None)
-        return got if got is not None and len(got) == batches else None
-
-
-def _kept_channels(y: torch.Tensor, layer: _Layer) -> torch.Tensor:
-    """The dense layer's output ``y`` at the channels the pruned layer kept."""
-    kept = torch.as_tensor(layer.kept_out, dtype=torch.long)
-    return y.index_select(1 if not isinstance(layer.module, nn.Linear) else -1, kept)
-
-
 def _output_error(gm: nn.Module, dense: nn.Module, x: torch.Tensor, batch: int,
-                  reference: list[list[torch.Tensor]], targets: _DenseTargets | None = None) -> float:
+                  reference: list[list[torch.Tensor]]) -> float:
     """Relative Frobenius error of the pruned network's outputs against the dense network's.
 
     ``reference`` caches the dense outputs per batch: filled on the first call (when they are
-    small: logits, not images), read on the next.  ``targets``, given on the first call, keeps
-    the dense layer outputs the refits need (:class:`_DenseTargets`).
+    small: logits, not images), read on the next.
     """
     num = den = 0.0
     cached, keep = bool(reference), False
     for i, sl in enumerate(_batches(len(x), batch)):
-        if cached:
-            want = reference[i]
-        elif targets is not None:
-            with targets.recording(dense):
-                want = _leaves(dense(x[sl]))
-        else:
-            want = _leaves(dense(x[sl]))
+        want = reference[i] if cached else _leaves(dense(x[sl]))
         if not cached:
             if i == 0:  # keep them when all of them hold at most _CHUNK_ELEMENTS values
                 keep = sum(t.numel() for t in want) // (sl.stop - sl.start) * len(x) <= _CHUNK_ELEMENTS
@@ -579,7 +649,8 @@ def _rows(mod: Fittable, xin: torch.Tensor, y: torch.Tensor, per_sample: int,
         # Column order of the weight's flattening: channel (within its group), then kernel row, column.
         xs_all.append(patches.permute(0, 1, 4, 2, 3).reshape(-1, groups, width_d))
     ys = y.reshape(b, o, positions).gather(2, pos[:, None, :].expand(b, o, per))  # (b, o, per)
-    return torch.cat(xs_all), ys.permute(0, 2, 1).reshape(-1, groups, o // groups)
+    xs = xs_all[0] if len(xs_all) == 1 else torch.cat(xs_all)
+    return xs, ys.permute(0, 2, 1).reshape(-1, groups, o // groups)
 
 
 def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -592,31 +663,51 @@ def _pick(xs: torch.Tensor, ys: torch.Tensor, per: int, gen: torch.Generator) ->
             ys.gather(1, idx.unsqueeze(-1).expand(-1, -1, ys.shape[-1])))
 
 
-def _accumulate(gm: fx.GraphModule, dense: fx.GraphModule, layer: _Layer, x: torch.Tensor, batch: int,
-                max_rows: int, intercept: bool, seed: int, targets: list[torch.Tensor] | None = None) -> _Stats:
-    """Stream the samples through both networks and sum the layer's normal equations (the dense
-    layer's outputs per batch are ``targets`` when given, else computed here)."""
+def _accumulate(pairs: Iterator[tuple[torch.Tensor, torch.Tensor]], layer: _Layer, samples: int, max_rows: int,
+                intercept: bool, seed: int) -> _Stats:
+    """Sum the layer's normal equations over the batches of (pruned input, dense output) ``pairs``.
+
+    A batch whose rows would hold more than ``ROW_ELEMENTS`` values is taken in slices of
+    samples (the positions are drawn in the same order, so only the sums' grouping changes).
+    """
     gen = torch.Generator().manual_seed(seed)
-    per_sample = max(1, max_rows // max(1, len(x)))
+    per_sample = max(1, max_rows // max(1, samples))
+    kept = torch.as_tensor(layer.kept_out, dtype=torch.long)
+    linear = isinstance(layer.module, nn.Linear)
     stats: _Stats | None = None
-    for i, sl in enumerate(_batches(len(x), batch)):
-        xin = _capture(gm, layer.target, x[sl], "input")
-        y = targets[i] if targets is not None else _kept_channels(_capture(dense, layer.target, x[sl], "output"), layer)
-        xs, ys = _rows(layer.module, xin, y, per_sample, gen)
-        xs, ys = xs.double(), ys.double()
-        if intercept:
-            xs = torch.cat([xs, torch.ones(*xs.shape[:2], 1, dtype=xs.dtype)], dim=2)
-        xg, yg = xs.transpose(0, 1), ys.transpose(0, 1)  # (groups, R, .)
-        xtx, xty, yy = xg.transpose(1, 2) @ xg, xg.transpose(1, 2) @ yg, yg.pow(2).sum(dim=(1, 2))
-        if stats is None:
-            stats = _Stats(xtx, xty, yy, xs.shape[0])
-        else:
-            stats.xtx += xtx
-            stats.xty += xty
-            stats.yy += yy
-            stats.rows += xs.shape[0]
+    for xin, y_all in pairs:
+        y = y_all.index_select(-1 if linear else 1, kept)
+        b = xin.shape[0]
+        step = max(1, ROW_ELEMENTS // max(1, _row_values(layer.module, xin, per_sample) // max(1, b)))
+        for sl in _batches(b, step) if step < b else (slice(0, b),):
+            rows, targets = _rows(layer.module, xin[sl], y[sl], per_sample, gen)
+            xs = torch.empty(*rows.shape[:2], rows.shape[2] + intercept, dtype=torch.float64)
+            xs[:, :, :rows.shape[2]] = rows  # float64, with the intercept's column of ones
+            if intercept:
+                xs[:, :, -1] = 1.0
+            ys = targets.double()
+            del rows, targets
+            xg, yg = xs.transpose(0, 1), ys.transpose(0, 1)  # (groups, R, .)
+            xtx, xty, yy = xg.transpose(1, 2) @ xg, xg.transpose(1, 2) @ yg, yg.pow(2).sum(dim=(1, 2))
+            if stats is None:
+                stats = _Stats(xtx, xty, yy, xs.shape[0])
+            else:
+                stats.xtx += xtx
+                stats.xty += xty
+                stats.yy += yy
+                stats.rows += xs.shape[0]
+            del xs, ys, xg, yg
     assert stats is not None
     return stats
+
+
+def _row_values(mod: Fittable, xin: torch.Tensor, per_sample: int) -> int:
+    """How many values the regression rows of the batch ``xin`` hold (inputs; an upper bound)."""
+    if isinstance(mod, nn.Linear):
+        positions = xin.numel() // max(1, xin.shape[0] * xin.shape[-1])
+        return xin.shape[0] * min(per_sample, positions) * (xin.shape[-1] + 1)
+    k = math.prod(int(v) for v in mod.kernel_size)
+    return xin.shape[0] * per_sample * (int(mod.in_channels) * k + int(mod.groups))
 
 
 # ----------------------------------------------------------------------------------------------

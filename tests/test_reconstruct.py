@@ -389,10 +389,9 @@ def test_deterministic_and_replayed_plans_give_the_same_network(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("name", ["lenet5", "vgg_bn", "resnet", "inception", "conv1d"])
-def test_dense_outputs_kept_from_one_pass_give_the_network_of_recomputing_them(
-        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The refits' targets come from the dense pass that measures the output error; recomputed per
-    # layer (no room to keep them) they must be the same values, so the same weights and report.
+def test_paused_passes_kept_or_rerun_give_the_same_network(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each batch's forward passes are paused at a layer and resumed for the next one while they fit in
+    # CACHE_BYTES; rerun from the input (no room) they must give the same values, so the same weights and report.
     from oamipc.passes import reconstruct as rc
 
     entry = ZOO[name]
@@ -405,26 +404,13 @@ def test_dense_outputs_kept_from_one_pass_give_the_network_of_recomputing_them(
                               reconstruct=options)
 
     kept = run()
-    monkeypatch.setattr(rc, "_TARGET_ELEMENTS", 0)
-    recomputed = run()
-    a, b = _weights(kept.module), _weights(recomputed.module)
+    monkeypatch.setattr(rc, "CACHE_BYTES", 0)
+    rerun = run()
+    a, b = _weights(kept.module), _weights(rerun.module)
     assert kept.report["reconstruct"]["layers_refit"] > 0
+    assert kept.report["reconstruct"]["forward_passes"] == 2 * 3 < rerun.report["reconstruct"]["forward_passes"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert kept.report["reconstruct"]["layers"] == recomputed.report["reconstruct"]["layers"]
-
-
-def test_dense_outputs_are_kept_only_within_their_room() -> None:
-    from oamipc.passes import reconstruct as rc
-
-    model = oamipc.load_model(ROOT / "examples" / "fashion_lenet5.pt")
-    gm = oamipc.tracing.trace(model.eval(), (torch.zeros(1, 1, 28, 28),))
-    layers, _ = rc._layers(gm, gm, {})
-    per_sample = {"conv1": 6 * 28 * 28, "conv2": 16 * 10 * 10, "fc1": 120, "fc2": 84, "fc3": 10}
-    assert [layer.target for layer in rc._DenseTargets(gm, layers, 100).layers] == list(per_sample)
-    # Deepest first, each one that still fits: the fc layers take 214 of the room, conv2's 1,600 no longer fit.
-    room = 100 * (per_sample["fc3"] + per_sample["fc2"] + per_sample["conv2"])
-    assert [layer.target for layer in rc._DenseTargets(gm, layers, 100, limit=room).layers] == ["fc1", "fc2", "fc3"]
-    assert rc._DenseTargets(gm, layers, 100, limit=0).layers == []
+    assert kept.report["reconstruct"]["layers"] == rerun.report["reconstruct"]["layers"]
 
 
 # --------------------------------------------------------------------------------------------
