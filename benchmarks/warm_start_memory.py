@@ -3,7 +3,9 @@
 The default ``mip`` compile scores the solver-free criteria (``WARM_CRITERIA``: l2, l1, taylor,
 activation) on all calibration samples before its MILP.  This runs each of them alone on a seeded
 network of :mod:`oamipc.models` (seeded weights and batch-norm statistics) with ``samples`` seeded
-random ``size`` x ``size`` images labelled by the network, each in its own process so that its
+random ``size`` x ``size`` images labelled by the network (as ``mip_scale.py`` does; ``--labels
+random``: seeded random labels, since a seeded network's softmax is saturated on its own labels,
+which makes every Taylor score 0), each criterion in its own process so that its
 peak resident memory (``VmHWM`` of ``/proc/self/status``) is its own; the peak before scoring
 (model, images, tracing) is reported beside it.  A SHA-256 of the scores lets two code versions
 be compared.
@@ -45,7 +47,7 @@ def _peak_gib() -> float:
     return float("nan")
 
 
-def one(net: str, size: int, samples: int, criterion: str) -> dict[str, Any]:
+def one(net: str, size: int, samples: int, criterion: str, labels: str = "network") -> dict[str, Any]:
     """Score ``criterion`` once in this process; the row with this process's peaks."""
     from oamipc.passes import UnitGroupAnalysis, get_criterion
     from oamipc.passmanager import AnalysisManager, CompileContext
@@ -55,13 +57,16 @@ def one(net: str, size: int, samples: int, criterion: str) -> dict[str, Any]:
     x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
+    if labels == "random":
+        y = torch.randint(0, int(model(x[:1]).shape[1]), (samples,), generator=torch.Generator().manual_seed(2))
     gm = trace(model, (x[:1],))
     am = AnalysisManager(CompileContext((x[:1],), x, y, seed=0))
     am.get(UnitGroupAnalysis(), gm)
     before = _peak_gib()
     start, cpu = time.perf_counter(), time.process_time()
     scores = am.get(get_criterion(criterion), gm)
-    return {"net": net, "size": size, "samples": samples, "criterion": criterion,
+    return {"net": net, "size": size, "samples": samples, "criterion": criterion, "labels": labels,
+            "nonzero_scores": int((scores != 0).sum()), "units": int(scores.size),
             "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
             "peak_before_gib": before, "peak_gib": _peak_gib(),
             "scores_sha256": hashlib.sha256(scores.tobytes()).hexdigest()[:16],
@@ -73,28 +78,29 @@ def main() -> None:
     ap.add_argument("--net", default="resnet50", choices=sorted(NETS))
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--labels", default="network", choices=("network", "random"))
     ap.add_argument("--criteria", default=",".join(CRITERIA))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/warm_start_memory.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.net, args.size, args.samples, args.one)))
+        print(json.dumps(one(args.net, args.size, args.samples, args.one, args.labels)))
         return
     rows = []
     for criterion in args.criteria.split(","):
         cmd = [sys.executable, __file__, "--net", args.net, "--size", str(args.size), "--samples",
-               str(args.samples), "--one", criterion]
+               str(args.samples), "--labels", args.labels, "--one", criterion]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print("| net | input | samples | criterion | peak GiB before scoring | peak GiB | seconds (wall) | CPU s "
-          "| scores sha256 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| nonzero scores | scores sha256 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['criterion']} "
               f"| {r['peak_before_gib']:.2f} | {r['peak_gib']:.2f} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
-              f"| {r['scores_sha256']} |")
+              f"| {r['nonzero_scores']}/{r['units']} | {r['scores_sha256']} |")
     with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "torch": torch.__version__}, indent=1))
+        tmp.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "command": sys.argv}, indent=1))
 
 
 if __name__ == "__main__":
