@@ -17,8 +17,10 @@ from torch import fx
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.units import UnitGraph
 
-from .importance_base import ImportanceAnalysis, register_criterion
+from .importance_base import ImportanceAnalysis, register_criterion, samples_per_pass
 
+#: Samples per forward pass, fewer where one activation of the pass would exceed
+#: :data:`.importance_base.FORWARD_ELEMENTS` values (:func:`.importance_base.samples_per_pass`).
 BATCH = 256
 
 
@@ -41,12 +43,14 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def channel_means(gm: fx.GraphModule, x: torch.Tensor, watch: dict[str, int]) -> dict[str, np.ndarray]:
-    """Mean |value| per channel of the watched nodes over all samples of ``x``."""
+def channel_means(gm: fx.GraphModule, x: torch.Tensor, watch: dict[str, int], batch: int = BATCH
+                  ) -> dict[str, np.ndarray]:
+    """Mean |value| per channel of the watched nodes over all samples of ``x``, run ``batch`` samples
+    at a time (the per-batch sums are float64; the batch changes only their summation order)."""
     rec = _Recorder(gm, watch)
     with torch.no_grad():
-        for start in range(0, len(x), BATCH):
-            rec.run(x[start:start + BATCH])
+        for start in range(0, len(x), batch):
+            rec.run(x[start:start + batch])
     return {k: (v / len(x)).numpy() for k, v in rec.sums.items()}
 
 
@@ -74,7 +78,8 @@ class ActivationImportance(ImportanceAnalysis):
                     watch[src.name] = lay.dim  # type: ignore[union-attr]
                     readers.append((src.name, layer.in_units))
             watch[layer.node] = graph.layouts[layer.node].dim if layer.node in graph.layouts else 1  # type: ignore[union-attr]
-        means = channel_means(gm, x, watch)
+        batch = samples_per_pass(gm, int(am.context.example_inputs[0].shape[0]), BATCH, backward=False)
+        means = channel_means(gm, x, watch, batch)
         total = np.zeros(graph.n_units)
         count = np.zeros(graph.n_units)
         for name, units in readers:

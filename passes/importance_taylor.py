@@ -1,7 +1,7 @@
 """First-order Taylor importance (Molchanov et al. 2019): the loss change a unit's removal causes.
 
 For each unit, ``(sum over its weights and bias of w * dL/dw)^2`` on a calibration batch, summed
-over batches; ``L`` is the cross-entropy on the labels.  Coupled producers add their terms
+over batches of ``BATCH`` samples; ``L`` is the cross-entropy on the labels.  Coupled producers add their terms
 before squaring (they are removed together).
 """
 
@@ -17,8 +17,10 @@ from torch import fx
 from oamipc.passmanager import AnalysisManager, register
 from oamipc.units import UnitGraph
 
-from .importance_base import ImportanceAnalysis, register_criterion
+from .importance_base import ImportanceAnalysis, register_criterion, samples_per_pass
 
+#: Samples whose gradient sums are squared together (the score's definition).  Each group runs in
+#: passes of at most :func:`.importance_base.samples_per_pass` samples whose gradients are added.
 BATCH = 128
 
 
@@ -43,27 +45,29 @@ class TaylorImportance(ImportanceAnalysis):
         was_training = gm.training
         gm.eval()
         total = np.zeros(graph.n_units)
+        step = samples_per_pass(gm, int(am.context.example_inputs[0].shape[0]), BATCH, backward=True)
         try:
             for start in range(0, len(x), BATCH):
-                out = gm(x[start:start + BATCH])
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-                loss = torch.nn.functional.cross_entropy(logits, y[start:start + BATCH], reduction="sum")
-                grads = torch.autograd.grad(loss, flat, allow_unused=True)
-                gmap = {id(p): g for p, g in zip(flat, grads)}
+                contrib: dict[str, torch.Tensor] = {}
+                for part in range(start, min(start + BATCH, len(x)), step):
+                    end = min(part + step, start + BATCH)
+                    out = gm(x[part:end])
+                    logits = out[0] if isinstance(out, (tuple, list)) else out
+                    loss = torch.nn.functional.cross_entropy(logits, y[part:end], reduction="sum")
+                    grads = torch.autograd.grad(loss, flat, allow_unused=True)
+                    gmap = {id(p): g for p, g in zip(flat, grads)}
+                    del out, logits, loss, grads
+                    for t in targets:
+                        for p in params[t]:
+                            g = gmap.get(id(p))
+                            if g is None:
+                                continue
+                            term = (p.detach() * g).double().reshape(p.shape[0], -1).sum(dim=1)
+                            contrib[t] = term if t not in contrib else contrib[t] + term
                 per_unit = np.zeros(graph.n_units)
-                contrib: dict[str, np.ndarray] = {}
-                for t in targets:
-                    terms = None
-                    for p in params[t]:
-                        g = gmap.get(id(p))
-                        if g is None:
-                            continue
-                        term = (p.detach() * g).double().reshape(p.shape[0], -1).sum(dim=1)
-                        terms = term if terms is None else terms + term
-                    if terms is not None:
-                        contrib[t] = terms.numpy()
+                sums = {t: c.numpy() for t, c in contrib.items()}
                 for unit, members in graph.members.items():
-                    per_unit[unit] = sum(float(contrib[t][c]) for t, c in members if t in contrib)
+                    per_unit[unit] = sum(float(sums[t][c]) for t, c in members if t in sums)
                 total += per_unit**2
         finally:
             gm.train(was_training)
