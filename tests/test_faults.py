@@ -374,7 +374,10 @@ def test_ctrl_c_while_the_command_line_is_imported(tmp_path: Path) -> None:
     # Holds the import of oamipc.cli until the signal comes, so the Ctrl-C lands inside it.
     launcher = tmp_path / "launch.py"
     launcher.write_text(
-        "import importlib.abc, sys, time\n"
+        "import importlib.abc, signal, sys, time\n"
+        # A test run started in the background inherits SIGINT ignored: take it back, as a
+        # terminal's foreground job has it.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "class Hold(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
         "        if name == 'oamipc.cli':\n"

@@ -58,9 +58,14 @@ LAUNCHER = textwrap.dedent('''
     """Runs ``oamipc`` with a test's slow-down (tests/test_ray_interrupt.py); argv as for oamipc."""
     import functools
     import os
+    import signal
     import sys
     import time
     from pathlib import Path
+
+    # A test run started in the background inherits SIGINT ignored, and Python then leaves it so:
+    # take it back, as a terminal's foreground job has it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     MARKS = os.environ["TEST_MARKS"]
 
