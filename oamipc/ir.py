@@ -133,6 +133,26 @@ def tuple_shapes(node: fx.Node) -> list[tuple[int, ...]] | None:
     return None
 
 
+def activation_sizes(gm: fx.GraphModule, example_batch: int) -> list[int]:
+    """Values per sample of every tensor the graph computes (nested outputs included), from the
+    ``tensor_meta`` of a shape propagation with ``example_batch`` samples: what bounds a pass's
+    batch by memory.  Empty without that metadata."""
+    return [math.prod(int(s) for s in meta.shape) // max(1, example_batch)
+            for node in gm.graph.nodes for meta in _tensor_metas(node.meta.get("tensor_meta"))]
+
+
+def _tensor_metas(meta: Any) -> list[Any]:
+    if meta is None:
+        return []
+    if hasattr(meta, "shape"):
+        return [meta]
+    if isinstance(meta, dict):
+        meta = list(meta.values())
+    if isinstance(meta, (list, tuple)):
+        return [m for item in meta for m in _tensor_metas(item)]
+    return []
+
+
 def iter_nodes(arg: Any) -> Iterator[fx.Node]:
     """Every fx.Node inside a (possibly nested) argument structure."""
     if isinstance(arg, fx.Node):

@@ -15,7 +15,6 @@ scores change at most by the order of float summation.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from oamipc import ir
 from oamipc.errors import UsageError
 from oamipc.passmanager import Analysis, AnalysisManager
 from oamipc.units import UnitGraph
@@ -97,24 +97,11 @@ def samples_per_pass(gm: fx.GraphModule, example_batch: int, batch: int, *, back
     ``BACKWARD_ELEMENTS`` values in all activations together (``backward``) or ``FORWARD_ELEMENTS``
     in its largest one (read from the graph's ``tensor_meta``, traced with ``example_batch``
     samples; without that metadata, ``batch``)."""
-    sizes = [math.prod(int(s) for s in meta.shape) // max(1, example_batch)
-             for node in gm.graph.nodes for meta in _tensor_metas(node.meta.get("tensor_meta"))]
+    sizes = ir.activation_sizes(gm, example_batch)
     per_sample = sum(sizes) if backward else max(sizes, default=0)
     if per_sample <= 0:
         return batch
     return max(1, min(batch, (BACKWARD_ELEMENTS if backward else FORWARD_ELEMENTS) // per_sample))
-
-
-def _tensor_metas(meta: Any) -> list[Any]:
-    if meta is None:
-        return []
-    if hasattr(meta, "shape"):
-        return [meta]
-    if isinstance(meta, dict):
-        meta = list(meta.values())
-    if isinstance(meta, (list, tuple)):
-        return [m for item in meta for m in _tensor_metas(item)]
-    return []
 
 
 _CRITERIA: dict[str, type[ImportanceAnalysis]] = {}

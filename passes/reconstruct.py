@@ -411,23 +411,8 @@ def _bias_sink(gm: fx.GraphModule, node: fx.Node, mod: Fittable) -> _Norm | None
 def forward_batch(dense: fx.GraphModule, batch_size: int, example_batch: int) -> int:
     """Samples per forward pass: ``batch_size``, fewer when one sample's largest activation times
     the batch would exceed ``FORWARD_ELEMENTS`` (read from the dense graph's shape metadata)."""
-    per_sample = 0
-    for node in dense.graph.nodes:
-        for meta in _metas(node.meta.get("tensor_meta")):
-            per_sample = max(per_sample, math.prod(int(s) for s in meta.shape) // max(1, example_batch))
+    per_sample = max(ir.activation_sizes(dense, example_batch), default=0)
     return max(1, min(batch_size, FORWARD_ELEMENTS // per_sample)) if per_sample else batch_size
-
-
-def _metas(meta: Any) -> list[Any]:
-    if meta is None:
-        return []
-    if hasattr(meta, "shape"):
-        return [meta]
-    if isinstance(meta, dict):
-        return [m for v in meta.values() for m in _metas(v)]
-    if isinstance(meta, (tuple, list)):
-        return [m for v in meta for m in _metas(v)]
-    return []
 
 
 class _Stepper:
