@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -32,12 +31,11 @@ from typing import Any
 import torch
 
 import oamipc
-from oamipc.atomic import atomic_output
-from oamipc.data import Dataset, DataSplits
-from oamipc.models import MobileNetV2, ResNet18, ResNet50
 
-ROOT = Path(__file__).resolve().parent.parent
-NETS = {"resnet18": ResNet18, "resnet50": ResNet50, "mobilenetv2": MobileNetV2}
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the scale benchmarks' shared parts live beside them
+    sys.path.insert(0, str(HERE))
+import imagenet_common as common  # noqa: E402
 
 
 def _rss() -> int:
@@ -47,16 +45,14 @@ def _rss() -> int:
 
 def one(net: str, size: int, samples: int) -> dict[str, Any]:
     """Plan with ``l1``, then replay the plan with reconstruction while sampling the memory."""
-    model = NETS[net](seed=0).eval()
-    x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
-    data = DataSplits(train=Dataset("random images", x, y), test=Dataset("random images", x[:16], y[:16]))
+    model = common.NETS[net]().eval()
+    x, y = common.labelled_images(model, samples, size)
+    data = common.random_image_splits(x, y)
     planned = oamipc.compile(model, x[:1], data=data, importance="l1", flops_budget=0.5, reconstruct=False,
                              lossless=False)
     peak, done = [_rss()], threading.Event()
 
-    def sample() -> None:
+    def sample() -> None:  # the replay's own peak: the planner's high-water mark is not the pass's
         while not done.wait(0.05):
             peak[0] = max(peak[0], _rss())
 
@@ -71,36 +67,30 @@ def one(net: str, size: int, samples: int) -> dict[str, Any]:
             "fit_samples": rec["samples"], "forward_batch": rec.get("forward_batch"),
             "forward_passes": rec.get("forward_passes"), "layers_refit": rec["layers_refit"],
             "output_error_before": rec["output_error_before"], "output_error_after": rec["output_error_after"],
-            "load_average": os.getloadavg()[0]}
+            "load_average": common.load_average()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--net", default="mobilenetv2", choices=sorted(NETS))
+    parser.add_argument("--net", default="mobilenetv2", choices=sorted(common.NETS))
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstruct_scale.json")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "reconstruct_scale.json")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # the child: its row as the last line
         print(json.dumps(one(args.net, args.size, args.samples)))
         return
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--one", "--net", args.net, "--size", str(args.size),
-                           "--samples", str(args.samples)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the run exited with status {done.returncode}:\n{done.stderr[-3000:]}")
-    row = json.loads(done.stdout.strip().splitlines()[-1]) | {"process_seconds": time.perf_counter() - start}
+    child = ["--one", "--net", args.net, "--size", str(args.size), "--samples", str(args.samples)]
+    row = common.run_child(__file__, child, args.net) | {"process_seconds": time.perf_counter() - start}
     print("| net | input | samples | reconstruct s | CPU s | peak GiB | per forward pass | passes started | "
           "output error before -> after | load average |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {row['net']} | {row['size']}x{row['size']} | {row['fit_samples']} | {row['seconds']:.0f} | "
           f"{row['cpu_seconds']:.0f} | {row['peak_rss_gib']:.2f} | {row['forward_batch']} | {row['forward_passes']} | "
-          f"{row['output_error_before']:.4f} -> {row['output_error_after']:.4f} | {row['load_average']:.1f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps({"rows": [row], "torch": torch.__version__, "threads": torch.get_num_threads()},
-                                  indent=1))
+          f"{row['output_error_before']:.4f} -> {row['output_error_after']:.4f} | {row['common.load_average']:.1f} |")
+    common.write_json(args.out, {"rows": [row], "torch": torch.__version__, "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

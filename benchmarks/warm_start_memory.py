@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,19 +30,12 @@ from typing import Any
 
 import torch
 
-from oamipc.atomic import atomic_output
-from oamipc.models import MobileNetV2, ResNet18, ResNet50
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the scale benchmarks' shared parts live beside them
+    sys.path.insert(0, str(HERE))
+import imagenet_common as common  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-NETS = {"resnet18": ResNet18, "resnet50": ResNet50, "mobilenetv2": MobileNetV2}
 CRITERIA = ("l2", "l1", "taylor", "activation")
-
-
-def _peak_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def one(net: str, size: int, samples: int, criterion: str, labels: str = "network") -> dict[str, Any]:
@@ -53,45 +44,40 @@ def one(net: str, size: int, samples: int, criterion: str, labels: str = "networ
     from oamipc.passmanager import AnalysisManager, CompileContext
     from oamipc.tracing import trace
 
-    model = NETS[net](seed=0).eval()
-    x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
+    model = common.NETS[net]().eval()
+    x, y = common.labelled_images(model, samples, size)
     if labels == "random":
         y = torch.randint(0, int(model(x[:1]).shape[1]), (samples,), generator=torch.Generator().manual_seed(2))
     gm = trace(model, (x[:1],))
     am = AnalysisManager(CompileContext((x[:1],), x, y, seed=0))
     am.get(UnitGroupAnalysis(), gm)
-    before = _peak_gib()
+    before = common.peak_rss_gib()
     start, cpu = time.perf_counter(), time.process_time()
     scores = am.get(get_criterion(criterion), gm)
     return {"net": net, "size": size, "samples": samples, "criterion": criterion, "labels": labels,
             "nonzero_scores": int((scores != 0).sum()), "units": int(scores.size),
             "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-            "peak_before_gib": before, "peak_gib": _peak_gib(),
+            "peak_before_gib": before, "peak_gib": common.peak_rss_gib(),
             "scores_sha256": hashlib.sha256(scores.tobytes()).hexdigest()[:16],
-            "load_average": os.getloadavg()[0]}
+            "load_average": common.load_average()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--net", default="resnet50", choices=sorted(NETS))
+    ap.add_argument("--net", default="resnet50", choices=sorted(common.NETS))
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--labels", default="network", choices=("network", "random"))
     ap.add_argument("--criteria", default=",".join(CRITERIA))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/warm_start_memory.json")
+    ap.add_argument("--out", type=Path, default=common.RESULTS / "warm_start_memory.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.net, args.size, args.samples, args.one, args.labels)))
         return
-    rows = []
-    for criterion in args.criteria.split(","):
-        cmd = [sys.executable, __file__, "--net", args.net, "--size", str(args.size), "--samples",
-               str(args.samples), "--labels", args.labels, "--one", criterion]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = [common.run_child(__file__, ["--net", args.net, "--size", str(args.size), "--samples", str(args.samples),
+                                 "--labels", args.labels, "--one", criterion], f"{args.net} {criterion}")
+            for criterion in args.criteria.split(",")]
     print("| net | input | samples | criterion | peak GiB before scoring | peak GiB | seconds (wall) | CPU s "
           "| nonzero scores | scores sha256 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -99,8 +85,7 @@ def main() -> None:
         print(f"| {r['net']} | {r['size']}x{r['size']} | {r['samples']} | {r['criterion']} "
               f"| {r['peak_before_gib']:.2f} | {r['peak_gib']:.2f} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} "
               f"| {r['nonzero_scores']}/{r['units']} | {r['scores_sha256']} |")
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "command": sys.argv}, indent=1))
+    common.write_json(args.out, {"rows": rows, "torch": torch.__version__, "command": sys.argv})
 
 
 if __name__ == "__main__":

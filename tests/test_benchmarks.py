@@ -256,3 +256,14 @@ def test_mip_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     for e in row["joint_effects"]:
         assert 0 < e["exact"] <= e["free"]
     assert "| resnet18 | 32x32 | 24 | cpu |" in capsys.readouterr().out
+
+
+def test_scale_child_failure_shows_its_error(tmp_path: Path) -> None:
+    """A failing measured run says why (its own error), not only its exit status."""
+    common = _load("imagenet_common")
+    script = tmp_path / "child.py"
+    script.write_text("import sys\nprint('{\"ok\": 1}')\nif sys.argv[1] == 'fail':\n"
+                      "    raise RuntimeError('out of patience at layer 7')\n")
+    assert common.run_child(str(script), ["pass"], "net") == {"ok": 1}
+    with pytest.raises(SystemExit, match=r"(?s)net: the run exited with status 1.*out of patience at layer 7"):
+        common.run_child(str(script), ["fail"], "net")
