@@ -47,6 +47,7 @@ POINTS = 8  # measured widths per curve (the full width always among them)
 MIN_RUNS = 15
 MIN_SECONDS = 0.02
 CACHE_FILE = "latency-v1.json"
+CONTEXT_VERSION = 1  # of the in-context profile's method: a change to it must not read older entries
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,15 @@ def cache_key(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup, p
     return _key({"sig": asdict(sig), "c_in": c_in, "c_out": c_out}, setup, provider)
 
 
+def context_key(dense: bytes, layers: list[str], widths: list[list[list[int]]], sample_shape: tuple[int, ...],
+                setup: MeasureSetup) -> str:
+    """The cache key of one in-context profile (:mod:`oamipc.latency_context`): the dense file's
+    bytes, the layers and their widths in every variant, the input shape, plus where it ran."""
+    what = {"dense": hashlib.sha256(dense).hexdigest(), "layers": layers, "widths": widths,
+            "shape": list(sample_shape), "version": CONTEXT_VERSION}
+    return "ctx-" + _key(what, setup, CPU)
+
+
 def cache_path() -> Path:
     root = os.environ.get("OAMIPC_CACHE_DIR") or str(Path.home() / ".cache" / "oamipc")
     return Path(root) / CACHE_FILE
@@ -107,15 +117,16 @@ class _Cache:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.data: dict[str, float] = json.loads(path.read_text())
+            self.data: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.data = {}
         self.dirty = False
 
-    def get(self, key: str) -> float | None:
+    def get(self, key: str) -> Any:
+        """The stored value (a float, or the in-context profile's table), or None."""
         return self.data.get(key)
 
-    def put(self, key: str, value: float) -> None:
+    def put(self, key: str, value: Any) -> None:
         self.data[key] = value
         self.dirty = True
 
@@ -241,6 +252,7 @@ class LatencyModel:
     measured: int = 0  # measurements taken (the rest came from the cache)
     cached: int = 0
     scale: float = 1.0  # calibration: how much of the layers' measured savings the whole network shows
+    method: str = "alone"  # how the layers were timed: "alone" (one-node graphs) or "context" (profiles)
 
     def predict(self, widths: Mapping[str, tuple[int, int]]) -> float:
         """Predicted milliseconds of the network with ``widths`` (layer name -> (in, out)); others full."""
@@ -257,7 +269,7 @@ class LatencyModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": self.setup.batch, "threads": self.setup.threads, "provider": self.provider,
-                "dense_ms": self.dense_ms, "measured": self.measured, "cached": self.cached,
+                "method": self.method, "dense_ms": self.dense_ms, "measured": self.measured, "cached": self.cached,
                 "layers": [{"name": c.name, "kind": c.signature.kind, "full": [c.full_in, c.full_out],
                             "out_widths": c.out_widths, "out_ms": c.out_ms, "in_widths": c.in_widths,
                             "in_ms": c.in_ms} for c in self.layers]}
