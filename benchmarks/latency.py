@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_to": list(ROUND_TO), "networks": list(names),
         "descriptions": {n: NETWORKS[n].description for n in names},
         "cpu": cpu_model(), "channel_block": cpu_channel_block(),
-        "onnxruntime": rows[0]["onnxruntime"] if rows else None, "provider": "CPUExecutionProvider",
+        "onnxruntime": next((r["onnxruntime"] for r in rows if "onnxruntime" in r), None),
+        "provider": "CPUExecutionProvider",
         "intra_op_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
         "seed": args.seed, "seconds": seconds, "rows": rows, "latency_methods": list(methods),
     }

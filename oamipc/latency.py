@@ -1,8 +1,11 @@
 """A measured latency model: what each layer costs at each width, on this machine's onnxruntime.
 
 Latency is a staircase in width, not a line in MACs (onnxruntime's fast convolutions work on
-blocks of channels), so a latency target needs measurements, not a formula.  For every Linear
-and Conv layer of a network this module times the layer alone, as a one-node ONNX graph built
+blocks of channels), so a latency target needs measurements, not a formula.  By default the
+curves come from whole-network profiles (the layers timed in context,
+:mod:`oamipc.latency_context`, planned by :mod:`oamipc.passes.latency_model`).  This module
+holds the model, the disk cache and the older way, still the fallback and ``method="alone"``:
+for every Linear and Conv layer of a network it times the layer alone, as a one-node ONNX graph built
 directly with ``onnx.helper`` (no exporter in the loop), under the execution provider, batch
 size and thread count of the target:
 
@@ -16,10 +19,12 @@ A layer at widths ``(i, o)`` is predicted as ``T_out(o) * T_in(i) / T_out(full)`
 and a plan's latency as the dense network's *measured* latency plus the sum of its layers'
 changes: per-call overheads cancel in the differences.  Layers timed alone also pay layout
 conversions that the whole network does not (MobileNetV2's layers alone sum to 1.3x the whole
-network), so a latency planner checks its plan on the whole network (:func:`measure_pair`) and
-scales the layers' changes by what the whole network showed (``LatencyModel.scale``).  Measurements are cached on disk
-(``$OAMIPC_CACHE_DIR`` or ``~/.cache/oamipc``), keyed by everything that makes them valid: CPU
-model (or GPU name), provider, onnxruntime version, layer signature, widths, batch and threads.
+network; the in-context curves do not), and either way a latency planner checks its plan on
+the whole network (:func:`measure_pair`) and scales the layers' changes by what the whole
+network showed (``LatencyModel.scale``).  Measurements are cached on disk (``$OAMIPC_CACHE_DIR``
+or ``~/.cache/oamipc``), keyed by everything that makes them valid: CPU model (or GPU name),
+provider, onnxruntime version, layer signature (or the whole network's bytes), widths, batch
+and threads.
 """
 
 from __future__ import annotations

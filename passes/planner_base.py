@@ -157,6 +157,8 @@ class PlannerAnalysis(Analysis[Planned]):
                 if last is None:
                     raise
                 break  # the calibrated model says the budget is out of reach: keep what was measured
+            if last is not None and np.array_equal(kept, last[0]):
+                break  # the same plan again: its measurement, and so the next scale, would repeat
             last = (kept, model)
             widths = {layer.target: layer.widths(kept) for layer in graph.layers}
             layer_saving = base.dense_ms - base.predict(widths)  # what the layers alone say, unscaled
