@@ -46,7 +46,7 @@ REST = ""  # the owner of kernels that no layer produces or reads (e.g. nothing 
 KERNEL_SUFFIX = "_kernel_time"
 MIN_ROUNDS = 7
 MAX_ROUNDS = 60
-TARGET_SECONDS = 2.0  # profiled rounds continue until the rotation has run this long (MIN/MAX_ROUNDS bound it)
+TARGET_SECONDS = 4.0  # profiled rounds continue until the rotation has run this long (MIN/MAX_ROUNDS bound it)
 
 
 @dataclass(frozen=True)

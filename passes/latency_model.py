@@ -15,6 +15,10 @@ layer's kernel time in each variant becomes a point of its curves:
 * a layer no variant separates splits what it showed with both narrowed evenly between the two
   curves (the separable model then predicts exactly what was measured on that diagonal).
 
+Each layer's time is the median over the rounds, scaled so that the dense network's layers sum
+to its whole-network median: a layer's change is then its share of the measured dense latency,
+also on a busy machine whose stalls the per-layer medians leave out.
+
 The dense network is timed whole in the same interleaved rotation; a plan is predicted as that
 latency plus each layer's in-context change.  The measurements are cached on disk by the dense
 file's bytes, the variants' widths and the setup (:func:`oamipc.latency.context_key`), so the
@@ -330,7 +334,14 @@ class LatencyModelAnalysis(Analysis[LatencyModel]):
                     return None
                 hit = {"dense_ms": profiled[0], "times": profiled[1]}
                 cache.put(key, hit)
-        dense_ms, times = float(hit["dense_ms"]), hit["times"]
+        dense_ms = float(hit["dense_ms"])
+        # Each layer's time is a median over rounds, and a busy machine's stalls land on a few
+        # layers of a run: the medians' sum leaves them out and the whole run's median does not
+        # (MobileNetV2 under load: 65 ms of medians against 125 ms whole).  So the layers' times
+        # are put in the whole network's units: a layer's change is its share of the dense time.
+        profiled = sum(float(v) for v in hit["times"][0].values())
+        unit = dense_ms / profiled if profiled > 0 else 1.0
+        times = [{k: float(v) * unit for k, v in t.items()} for t in hit["times"]]
         curves = []
         for i, layer in enumerate(layers):
             sig = signature(gm, layer) or LayerSignature(layer.kind, ())
