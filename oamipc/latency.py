@@ -52,6 +52,7 @@ POINTS = 8  # measured widths per curve (the full width always among them)
 MIN_RUNS = 15
 MIN_SECONDS = 0.02
 CACHE_FILE = "latency-v1.json"
+PAIR_SECONDS = 3.0  # the least time a whole-network check (dense against pruned) is timed for
 CONTEXT_VERSION = 1  # of the in-context profile's method: a change to it must not read older entries
 
 
@@ -317,9 +318,11 @@ def measure_curve(name: str, sig: LayerSignature, full_in: int, full_out: int, o
 
 
 def measure_pair(dense: str | Path, pruned: str | Path, sample_shape: tuple[int, ...], setup: MeasureSetup,
-                 cache: _Cache | None = None, rounds: int = 30) -> float:
+                 cache: _Cache | None = None, rounds: int = 30, min_seconds: float = PAIR_SECONDS) -> float:
     """Pruned over dense latency, timed interleaved (A, B, A, B, ...) at ``setup.batch``: the median of
-    the per-round ratios, which a busy machine disturbs far less than two separate medians.
+    the per-round ratios, which a busy machine disturbs far less than two separate medians.  At
+    least ``rounds`` rounds and ``min_seconds`` of them: 30 rounds of a small network take half a
+    second, and on a busy machine plans predicted alike then measured anywhere from 0.24 to 0.65.
 
     Cached by both files' bytes and the setup, so a plan made again on the same machine sees the
     same number (and is the same plan)."""
@@ -327,14 +330,14 @@ def measure_pair(dense: str | Path, pruned: str | Path, sample_shape: tuple[int,
 
     a, b = Path(dense).read_bytes(), Path(pruned).read_bytes()
     what = {"dense": hashlib.sha256(a).hexdigest(), "pruned": hashlib.sha256(b).hexdigest(),
-            "shape": list(sample_shape), "rounds": rounds}
+            "shape": list(sample_shape), "rounds": rounds, **({"seconds": min_seconds} if min_seconds else {})}
     key = "pair-" + _key(what, setup, CPU if setup.device == "cpu" else str(setup.device))
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
     result = benchmark([dense, pruned], batch_sizes=(setup.batch,), warmup=max(3, rounds // 10), runs=rounds,
-                       device=setup.device, intra_op_threads=setup.threads)
+                       min_time_s=min_seconds or None, device=setup.device, intra_op_threads=setup.threads)
     ratio = result.batches[0].pairwise_ratio
     if ratio is None:
         raise RuntimeError("the interleaved timing gave no ratio")
