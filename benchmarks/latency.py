@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -63,6 +64,7 @@ from oamipc.errors import PlanError
 from oamipc.export import export_onnx
 from oamipc.hardware import cpu_channel_block, unaligned_widths
 from oamipc.models import MobileNetV2, ResNet18
+from oamipc.passes import latency_model
 from oamipc.target import Target
 
 HERE = Path(__file__).resolve().parent
@@ -105,18 +107,25 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def variants(budget: float, latency_budget: float | None, latency_batch: int) -> list[tuple[int | str, Target]]:
-    """The plans measured per network: the MAC budget with each ``round_to``, and with
-    ``--latency-budget`` a latency target (auto rounding) at the largest batch measured."""
-    out: list[tuple[int | str, Target]] = [(r, Target(flops_budget=budget, round_to=r)) for r in ROUND_TO]
+def variants(budget: float, latency_budget: float | None, latency_batch: int, methods: Sequence[str] = ("context",),
+             flops_rows: bool = True) -> list[tuple[int | str, Target, str]]:
+    """The plans measured per network: the MAC budget with each ``round_to`` (unless not
+    ``flops_rows``), and with ``--latency-budget`` a latency target (auto rounding) at the largest
+    batch measured, once per latency-model method (the layers timed in context or alone)."""
+    out: list[tuple[int | str, Target, str]] = []
+    if flops_rows:
+        out += [(r, Target(flops_budget=budget, round_to=r), "") for r in ROUND_TO]
     if latency_budget is not None:
-        out.append((f"latency {latency_budget:g}",
-                    Target(latency_budget=latency_budget, latency_batch=latency_batch, round_to="auto")))
+        for method in methods:
+            label = f"latency {latency_budget:g}" + (f" ({method})" if len(methods) > 1 else "")
+            out.append((label, Target(latency_budget=latency_budget, latency_batch=latency_batch, round_to="auto"),
+                        method))
     return out
 
 
 def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: int, warmup: int, seed: int,
-                    scratch: Path, latency_budget: float | None = None) -> list[dict[str, Any]]:
+                    scratch: Path, latency_budget: float | None = None, methods: Sequence[str] = ("context",),
+                    flops_rows: bool = True) -> list[dict[str, Any]]:
     """Compile ``name`` for each variant (a ``round_to`` at the MAC ``budget``, or a latency target)
     and time dense vs pruned: one row per variant."""
     spec = NETWORKS[name]
@@ -125,8 +134,10 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
     dense = scratch / f"{name}_dense.onnx"
     export_onnx(net, example, dense)
     rows: list[dict[str, Any]] = []
-    for round_to, target in variants(budget, latency_budget, max(batches)):
+    for round_to, target, method in variants(budget, latency_budget, max(batches), methods, flops_rows):
         start = time.perf_counter()
+        load_before = os.getloadavg()[0]
+        latency_model.DEFAULT_METHOD = method or "context"
         try:
             result = oamipc.compile(net, example, importance="l1", target=target, seed=seed)
         except PlanError as exc:  # e.g. round_to="auto" on a net too narrow to reach the budget
@@ -169,14 +180,21 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
             "provider": bench.provider, "cpu": bench.cpu, "onnxruntime": bench.onnxruntime_version,
             "runs": runs, "warmup": warmup,
             "seconds": {"compile": compile_s, "bench": bench_s}, "error": None,
+            "latency_method": method or None, "load_average": [load_before, os.getloadavg()[0]],
         }
         predicted = rep.get("latency_prediction")
         if predicted:  # the latency model's prediction against the measured pruned latency, same batch
             measured = per_batch.get(str(predicted["batch"]), {}).get("b_median_ms")
+            pairwise = per_batch.get(str(predicted["batch"]), {}).get("pairwise_ratio")
+            ratio = predicted["predicted_ms"] / predicted["dense_ms"]
             row["latency_model"] = {**predicted, "measured_ms": measured,
-                                    "error": predicted["predicted_ms"] / measured - 1 if measured else None}
+                                    "error": predicted["predicted_ms"] / measured - 1 if measured else None,
+                                    "predicted_ratio": ratio, "measured_ratio": pairwise,
+                                    "ratio_error": ratio / pairwise - 1 if pairwise else None}
         rows.append(row)
         ratios = ", ".join(f"b{b} x{m['pairwise_ratio']:.2f}" for b, m in per_batch.items())
+        if "latency_model" in row:
+            ratios += f", predicted x{row['latency_model']['predicted_ratio']:.3f}"
         _log(f"[{name}] round_to {round_to}: MACs kept {row['macs_kept']:.3f}, {ratios} "
              f"(compile {compile_s:.1f} s, timing {bench_s:.1f} s)")
     return rows
@@ -199,6 +217,26 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                          f"{m['latency_ratio']:.2f} | {m['pairwise_ratio']:.2f} | "
                          f"{'**SLOWER**' if m['slower'] else 'no'} | {len(r['unaligned'])} |")
     return "\n".join(lines)
+
+
+def latency_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The latency plans' Markdown table: the model's predicted ratio against the measured one."""
+    lines = ["| network | plan | MACs kept | target batch | predicted ratio | measured ratio (pairwise) | "
+             "ratio error | "
+             "predicted ms | measured ms | error | rounds (predicted, measured) | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r.get("latency_model")
+        if not m or m.get("budget_ms") is None:
+            continue
+        rounds = ", ".join(f"({c['predicted_ratio']:.3f}, {c['measured_ratio']:.3f})" for c in m.get("calibration", []))
+        err = "-" if m["ratio_error"] is None else f"{100 * m['ratio_error']:+.1f}%"
+        abs_err = "-" if m["error"] is None else f"{100 * m['error']:+.1f}%"
+        load = r.get("load_average") or [float("nan")] * 2
+        lines.append(f"| {r['network']} | {r['round_to']} | {100 * r['macs_kept']:.1f}% | {m['batch']} | "
+                     f"{m['predicted_ratio']:.3f} | {m['measured_ratio']:.3f} | {err} | {m['predicted_ms']:.3f} | "
+                     f"{m['measured_ms']:.3f} | {abs_err} | {rounds} | {load[0]:.1f}-{load[1]:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -238,6 +276,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latency-budget", type=float, default=None,
                         help="also plan each network for this fraction of its dense latency at the largest "
                              "batch (a measured latency model, round_to auto)")
+    parser.add_argument("--latency-methods", default="context",
+                        help="with --latency-budget: comma list of the latency model's methods, each its own row, "
+                             "in turn per network: context (layers timed in whole-network profiles, the default) "
+                             "and alone (each layer timed as a one-node graph, the model before)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="with --latency-budget: leave out the MAC-budget rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
@@ -258,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.runs < 1 or args.runs_large < 1:
         raise SystemExit("--runs and --runs-large must be at least 1")
     names = _names(args.networks)
+    methods = tuple(m.strip() for m in args.latency_methods.split(",") if m.strip())
+    if not methods or any(m not in ("context", "alone") for m in methods):
+        raise SystemExit(f"--latency-methods must be a comma list of context and alone, got {args.latency_methods!r}")
     batches, large_batches = _batches(args.batches), _batches(args.large_batches)
 
     start = time.perf_counter()
@@ -269,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
             rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
                                     runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
-                                    latency_budget=args.latency_budget)
+                                    latency_budget=args.latency_budget, methods=methods,
+                                    flops_rows=not (args.latency_only and args.latency_budget is not None))
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -277,9 +325,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "round_to": list(ROUND_TO), "networks": list(names),
         "descriptions": {n: NETWORKS[n].description for n in names},
         "cpu": cpu_model(), "channel_block": cpu_channel_block(),
-        "onnxruntime": rows[0]["onnxruntime"] if rows else None, "provider": "CPUExecutionProvider",
+        "onnxruntime": next((r["onnxruntime"] for r in rows if "onnxruntime" in r), None),
+        "provider": "CPUExecutionProvider",
         "intra_op_threads": 1, "torch": torch.__version__, "python": platform.python_version(),
-        "seed": args.seed, "seconds": seconds, "rows": rows,
+        "seed": args.seed, "seconds": seconds, "rows": rows, "latency_methods": list(methods),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as tmp_path:
@@ -287,6 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"l1 at --budget {args.budget:g}; {cpu_model()} (channel block {cpu_channel_block()}), onnxruntime "
           f"{result['onnxruntime']}, CPU provider, 1 intra-op thread; B/A = pruned / dense latency")
     print(table(rows))
+    latency_rows = latency_table(rows)
+    if latency_rows:
+        print()
+        print(latency_rows)
     _log(f"done in {seconds:.0f} s; wrote {args.out}")
     return result
 

@@ -344,7 +344,8 @@ def profile_cmd(
     plot: Annotated[Path | None, typer.Option("--plot", help="Also write an SVG of latency against width per layer.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the latency model as JSON.")] = False,
 ) -> None:
-    """Measure MODEL's latency model: each prunable layer's onnxruntime latency at candidate widths."""
+    """Measure MODEL's latency model: each prunable layer's onnxruntime latency at candidate widths, timed
+    inside the whole network (profiles of a few narrowed variants)."""
     from oamipc.driver import profile_file
 
     with _errors(), _progress() as progress:
@@ -354,7 +355,8 @@ def profile_cmd(
         console.print_json(json.dumps(data))
         return
     table = Table(title=f"latency model of {escape(source.model)} at batch {data['batch']} ({data['provider']}, "
-                        f"{data['threads']} thread(s)); dense network {data['dense_ms']:.4f} ms", title_justify="left")
+                        f"{data['threads']} thread(s), layers timed {'in context' if data.get('method') == 'context' else 'alone'}); "
+                        f"dense network {data['dense_ms']:.4f} ms", title_justify="left")
     for col in ("layer", "kind", "width", "ms at widths (output; input)"):
         table.add_column(col, justify="left")
     for layer in data["layers"]:

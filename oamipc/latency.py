@@ -1,8 +1,11 @@
 """A measured latency model: what each layer costs at each width, on this machine's onnxruntime.
 
 Latency is a staircase in width, not a line in MACs (onnxruntime's fast convolutions work on
-blocks of channels), so a latency target needs measurements, not a formula.  For every Linear
-and Conv layer of a network this module times the layer alone, as a one-node ONNX graph built
+blocks of channels), so a latency target needs measurements, not a formula.  By default the
+curves come from whole-network profiles (the layers timed in context,
+:mod:`oamipc.latency_context`, planned by :mod:`oamipc.passes.latency_model`).  This module
+holds the model, the disk cache and the older way, still the fallback and ``method="alone"``:
+for every Linear and Conv layer of a network it times the layer alone, as a one-node ONNX graph built
 directly with ``onnx.helper`` (no exporter in the loop), under the execution provider, batch
 size and thread count of the target:
 
@@ -16,10 +19,12 @@ A layer at widths ``(i, o)`` is predicted as ``T_out(o) * T_in(i) / T_out(full)`
 and a plan's latency as the dense network's *measured* latency plus the sum of its layers'
 changes: per-call overheads cancel in the differences.  Layers timed alone also pay layout
 conversions that the whole network does not (MobileNetV2's layers alone sum to 1.3x the whole
-network), so a latency planner checks its plan on the whole network (:func:`measure_pair`) and
-scales the layers' changes by what the whole network showed (``LatencyModel.scale``).  Measurements are cached on disk
-(``$OAMIPC_CACHE_DIR`` or ``~/.cache/oamipc``), keyed by everything that makes them valid: CPU
-model (or GPU name), provider, onnxruntime version, layer signature, widths, batch and threads.
+network; the in-context curves do not), and either way a latency planner checks its plan on
+the whole network (:func:`measure_pair`) and scales the layers' changes by what the whole
+network showed (``LatencyModel.scale``).  Measurements are cached on disk (``$OAMIPC_CACHE_DIR``
+or ``~/.cache/oamipc``), keyed by everything that makes them valid: CPU model (or GPU name),
+provider, onnxruntime version, layer signature (or the whole network's bytes), widths, batch
+and threads.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ POINTS = 8  # measured widths per curve (the full width always among them)
 MIN_RUNS = 15
 MIN_SECONDS = 0.02
 CACHE_FILE = "latency-v1.json"
+PAIR_SECONDS = 3.0  # the least time a whole-network check (dense against pruned) is timed for
+CONTEXT_VERSION = 1  # of the in-context profile's method: a change to it must not read older entries
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,15 @@ def cache_key(sig: LayerSignature, c_in: int, c_out: int, setup: MeasureSetup, p
     return _key({"sig": asdict(sig), "c_in": c_in, "c_out": c_out}, setup, provider)
 
 
+def context_key(dense: bytes, layers: list[str], widths: list[list[list[int]]], sample_shape: tuple[int, ...],
+                setup: MeasureSetup) -> str:
+    """The cache key of one in-context profile (:mod:`oamipc.latency_context`): the dense file's
+    bytes, the layers and their widths in every variant, the input shape, plus where it ran."""
+    what = {"dense": hashlib.sha256(dense).hexdigest(), "layers": layers, "widths": widths,
+            "shape": list(sample_shape), "version": CONTEXT_VERSION}
+    return "ctx-" + _key(what, setup, CPU)
+
+
 def cache_path() -> Path:
     root = os.environ.get("OAMIPC_CACHE_DIR") or str(Path.home() / ".cache" / "oamipc")
     return Path(root) / CACHE_FILE
@@ -107,15 +123,16 @@ class _Cache:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self.data: dict[str, float] = json.loads(path.read_text())
+            self.data: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             self.data = {}
         self.dirty = False
 
-    def get(self, key: str) -> float | None:
+    def get(self, key: str) -> Any:
+        """The stored value (a float, or the in-context profile's table), or None."""
         return self.data.get(key)
 
-    def put(self, key: str, value: float) -> None:
+    def put(self, key: str, value: Any) -> None:
         self.data[key] = value
         self.dirty = True
 
@@ -241,6 +258,7 @@ class LatencyModel:
     measured: int = 0  # measurements taken (the rest came from the cache)
     cached: int = 0
     scale: float = 1.0  # calibration: how much of the layers' measured savings the whole network shows
+    method: str = "alone"  # how the layers were timed: "alone" (one-node graphs) or "context" (profiles)
 
     def predict(self, widths: Mapping[str, tuple[int, int]]) -> float:
         """Predicted milliseconds of the network with ``widths`` (layer name -> (in, out)); others full."""
@@ -257,7 +275,7 @@ class LatencyModel:
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch": self.setup.batch, "threads": self.setup.threads, "provider": self.provider,
-                "dense_ms": self.dense_ms, "measured": self.measured, "cached": self.cached,
+                "method": self.method, "dense_ms": self.dense_ms, "measured": self.measured, "cached": self.cached,
                 "layers": [{"name": c.name, "kind": c.signature.kind, "full": [c.full_in, c.full_out],
                             "out_widths": c.out_widths, "out_ms": c.out_ms, "in_widths": c.in_widths,
                             "in_ms": c.in_ms} for c in self.layers]}
@@ -300,9 +318,11 @@ def measure_curve(name: str, sig: LayerSignature, full_in: int, full_out: int, o
 
 
 def measure_pair(dense: str | Path, pruned: str | Path, sample_shape: tuple[int, ...], setup: MeasureSetup,
-                 cache: _Cache | None = None, rounds: int = 30) -> float:
+                 cache: _Cache | None = None, rounds: int = 30, min_seconds: float = PAIR_SECONDS) -> float:
     """Pruned over dense latency, timed interleaved (A, B, A, B, ...) at ``setup.batch``: the median of
-    the per-round ratios, which a busy machine disturbs far less than two separate medians.
+    the per-round ratios, which a busy machine disturbs far less than two separate medians.  At
+    least ``rounds`` rounds and ``min_seconds`` of them: 30 rounds of a small network take half a
+    second, and on a busy machine plans predicted alike then measured anywhere from 0.24 to 0.65.
 
     Cached by both files' bytes and the setup, so a plan made again on the same machine sees the
     same number (and is the same plan)."""
@@ -310,14 +330,14 @@ def measure_pair(dense: str | Path, pruned: str | Path, sample_shape: tuple[int,
 
     a, b = Path(dense).read_bytes(), Path(pruned).read_bytes()
     what = {"dense": hashlib.sha256(a).hexdigest(), "pruned": hashlib.sha256(b).hexdigest(),
-            "shape": list(sample_shape), "rounds": rounds}
+            "shape": list(sample_shape), "rounds": rounds, **({"seconds": min_seconds} if min_seconds else {})}
     key = "pair-" + _key(what, setup, CPU if setup.device == "cpu" else str(setup.device))
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
     result = benchmark([dense, pruned], batch_sizes=(setup.batch,), warmup=max(3, rounds // 10), runs=rounds,
-                       device=setup.device, intra_op_threads=setup.threads)
+                       min_time_s=min_seconds or None, device=setup.device, intra_op_threads=setup.threads)
     ratio = result.batches[0].pairwise_ratio
     if ratio is None:
         raise RuntimeError("the interleaved timing gave no ratio")

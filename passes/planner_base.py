@@ -109,11 +109,11 @@ class PlannerAnalysis(Analysis[Planned]):
         shares one set of measurements."""
         if self.target.kind != "latency":
             return None
-        from .latency_model import LatencyModelAnalysis
+        from . import latency_model
 
-        return am.get(LatencyModelAnalysis(batch=self.target.latency_batch, round_to=self.target.round_to,
-                                           channel_block=self.target.channel_block,
-                                           leaf_modules=self.leaf_modules, prune_embed=self.prune_embed), gm)
+        return am.get(latency_model.LatencyModelAnalysis(
+            batch=self.target.latency_batch, round_to=self.target.round_to, channel_block=self.target.channel_block,
+            leaf_modules=self.leaf_modules, prune_embed=self.prune_embed, method=latency_model.DEFAULT_METHOD), gm)
 
     def predicted_latency(self, graph: UnitGraph, kept: np.ndarray, model: LatencyModel | None,
                           calibration: list[dict[str, float]] | None = None) -> dict[str, Any] | None:
@@ -124,7 +124,7 @@ class PlannerAnalysis(Analysis[Planned]):
         out = {"batch": model.setup.batch, "provider": model.provider, "dense_ms": model.dense_ms,
                "budget_ms": self.target.latency_budget * model.dense_ms, "predicted_ms": model.predict(widths),
                "uncalibrated_ms": model.scaled(1.0).predict(widths), "scale": model.scale,
-               "measurements": model.measured, "from_cache": model.cached}
+               "measurements": model.measured, "from_cache": model.cached, "method": model.method}
         if calibration is not None:
             out["calibration"] = calibration
         return out
@@ -157,6 +157,8 @@ class PlannerAnalysis(Analysis[Planned]):
                 if last is None:
                     raise
                 break  # the calibrated model says the budget is out of reach: keep what was measured
+            if last is not None and np.array_equal(kept, last[0]):
+                break  # the same plan again: its measurement, and so the next scale, would repeat
             last = (kept, model)
             widths = {layer.target: layer.widths(kept) for layer in graph.layers}
             layer_saving = base.dense_ms - base.predict(widths)  # what the layers alone say, unscaled
