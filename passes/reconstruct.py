@@ -224,6 +224,9 @@ class ReconstructPass(Pass):
     layers: str = "all"
     max_rows: int = 200_000
     batch_size: int = 256
+    #: Measure the network output's error before and after (the report's row); off for refits whose
+    #: network is only judged (the refit selection's candidates): two passes of both networks fewer.
+    measure: bool = True
 
     def __post_init__(self) -> None:
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
@@ -259,7 +262,7 @@ class ReconstructPass(Pass):
         batch = forward_batch(dense, self.batch_size, int(ctx.example_inputs[0].shape[0]))
         with torch.no_grad():
             reference: list[list[torch.Tensor]] = []  # the dense outputs, kept for the second measurement
-            out_before = _output_error(gm, dense, x, batch, reference)
+            out_before = _output_error(gm, dense, x, batch, reference) if self.measure else math.nan
             streams = _Frontiers(gm, dense, x, batch, CACHE_BYTES)
             for i, layer in enumerate(layers):
                 if ctx.progress is not None:
@@ -275,7 +278,7 @@ class ReconstructPass(Pass):
             if ctx.progress is not None:
                 ctx.tick("reconstruct", len(layers), len(layers))
             refit = any(f.refit for f in fits)
-            out_after = _output_error(gm, dense, x, batch, reference) if refit else out_before
+            out_after = _output_error(gm, dense, x, batch, reference) if refit and self.measure else out_before
         outcome = ReconstructOutcome(fits, len(x), source, self.options(), out_before, out_after,
                                      time.perf_counter() - start, batch, streams.started,
                                      time.process_time() - start_cpu)
