@@ -380,26 +380,29 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
         lead = best(judged).candidate
         ranking = lead.kept.astype(np.float64) * 2.0 + magnitude
         tilted = []
-        for tilt in self.tilts:
+        for tilt in self.tilts:  # only as many as there is room for (each is a bisection over the budget)
+            if len(tilted) >= room:
+                break
             kept = width_split(graph, ranking, target, tilt_weights(graph, tilt))
             if kept is not None:
                 tilted.append(Candidate(f"{lead.name}, tilt {tilt:+g}", "width split", kept))
-        out += _dedup_judge(tilted[:max(0, room)], judge, seen)
+        out += _dedup_judge(tilted, judge, seen)
         room -= len(out)
+        if room <= 0:
+            return out
         seen += [j.candidate.kept for j in out]
         lead = best(judged + out).candidate
         ranking = lead.kept.astype(np.float64) * 2.0 + magnitude
         pos = group_positions(graph)
-        grown = []
-        for gid in sorted(pos, key=lambda g: (pos[g], g)):
-            kept = width_split(graph, ranking, target, grow_weights(graph, lead.kept, gid, self.grow))
-            if kept is not None:
-                name = next(g.name for g in graph.groups if g.id == gid)
-                grown.append(Candidate(f"{lead.name}, {name} x{self.grow:g}", "width split", kept))
         more = []
-        for c in grown:
+        for gid in sorted(pos, key=lambda g: (pos[g], g)):
             if room <= 0:
                 break
+            kept = width_split(graph, ranking, target, grow_weights(graph, lead.kept, gid, self.grow))
+            if kept is None:
+                continue
+            name = next(g.name for g in graph.groups if g.id == gid)
+            c = Candidate(f"{lead.name}, {name} x{self.grow:g}", "width split", kept)
             got = _dedup_judge([c], judge, seen)
             if got:
                 seen.append(c.kept)
