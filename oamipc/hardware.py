@@ -20,12 +20,14 @@ the pruned network is slower at any measured batch, and which kept widths are li
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import platform
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -144,23 +146,79 @@ def _first_aligned(fast: Any, block: int) -> int:
     return block
 
 
+#: The file under the cache directory that keeps the probe's answers (:func:`conv_paths`).
+PROBE_FILE = "conv_paths.json"
+
+
+def probe_key() -> str:
+    """What the probe's answer depends on: the CPU (model, architecture, feature flags) and the
+    installed onnxruntime builds' versions (read from the package metadata, without importing them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    builds = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            builds[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    return json.dumps({"cpu": cpu_model(), "machine": platform.machine(), "flags": flags, "builds": builds},
+                      sort_keys=True)
+
+
+def _probe_cache() -> Path:
+    return Path(os.environ.get("OAMIPC_CACHE_DIR") or Path.home() / ".cache" / "oamipc") / PROBE_FILE
+
+
 @lru_cache(maxsize=1)
 def conv_paths() -> ConvPaths | None:
     """Probe onnxruntime's CPU convolution paths on this machine (None where it has no blocked kernels
-    or the probe fails; callers then fall back to :func:`flags_channel_block`)."""
+    or the probe fails; callers then fall back to :func:`flags_channel_block`).
+
+    A finished probe's answer is kept on disk (``$OAMIPC_CACHE_DIR/conv_paths.json``, keyed by
+    :func:`probe_key`): the probe imports onnx and onnxruntime and optimises a dozen graphs, about
+    1 s of every compile started in a fresh process; read back, the answer costs milliseconds.
+    A failed probe is not kept."""
+    key, path = probe_key(), _probe_cache()
+    try:
+        stored = json.loads(path.read_text())
+        if not isinstance(stored, dict):
+            stored = {}
+    except (OSError, ValueError):
+        stored = {}
+    if key in stored:
+        try:
+            return None if stored[key] is None else ConvPaths(**stored[key])
+        except TypeError:
+            pass  # an entry of another shape: probe again
+    found, paths = probe_conv_paths()
+    if found:
+        stored[key] = None if paths is None else asdict(paths)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+                f.write(json.dumps(stored, indent=1, sort_keys=True))
+            os.replace(f.name, path)
+        except OSError as exc:  # an unwritable cache only costs the probe again next time
+            log.info("cannot keep the convolution probe's answer in %s (%s)", path, exc)
+    return paths
+
+
+def probe_conv_paths() -> tuple[bool, ConvPaths | None]:
+    """The probe itself, uncached: (whether it ran to the end, its answer)."""
     try:
         with tempfile.TemporaryDirectory(prefix="oamipc-probe-") as tmp:
             block = _blocked_out(1, 1, 1, tmp)
             if block is None or block < 2:
-                return None
+                return True, None
             in_align = _first_aligned(lambda w: _blocked_out(w, block, 1, tmp) is not None, block)
             dw_align = _first_aligned(lambda w: _blocked_out(w, w, w, tmp) is not None, block)
             paths = ConvPaths(block, in_align, dw_align)
     except Exception as exc:  # noqa: BLE001 - a failed probe only loses precision: the CPU flags remain
         log.info("could not probe onnxruntime's convolution kernels (%s); using the CPU flags", exc)
-        return None
+        return False, None
     log.info("onnxruntime CPU convolutions here: %s", paths)
-    return paths
+    return True, paths
 
 
 def unaligned_widths(widths: Mapping[str, Mapping[str, Any]], block: int) -> dict[str, tuple[int, int]]:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import TensorProto, helper
 
 from oamipc.runtime import CPU, Device, import_onnxruntime, make_session
 
@@ -152,6 +151,9 @@ class _Cache:
 
 def layer_onnx(sig: LayerSignature, c_in: int, c_out: int) -> bytes:
     """A one-node ONNX model of the layer at these widths, with a dynamic batch dimension."""
+    # Imported here, not with the module: onnx takes 0.3-1.3 s to import, and a MAC plan needs none.
+    from onnx import TensorProto, helper
+
     rng = np.random.default_rng(0)
     spatial = list(sig.spatial)
     x_shape: list[str | int]

@@ -36,11 +36,21 @@ How:
   planner's plan first).  The final network is refit afterwards as before, on the
   reconstruction's own samples.  The pool is train data the network was trained on, so its
   accuracies run higher than test accuracies; only their order is used.
+* **The cheap judgement** (``mode: "split"``), where the folds cost too much (Fashion-MNIST's
+  networks: the three folds of 2,048 fitting samples took minutes for LeNet-5) and the train split
+  is big: one seeded split, :data:`SPLIT_FIT_SAMPLES` samples to fit on and, disjoint from them,
+  :data:`SPLIT_JUDGE_SAMPLES` to judge on (the first samples of the folds' seeded order).  A
+  big train split makes a judged set of thousands cheap, and the fits of the plans' narrow layers
+  need hundreds of samples, not thousands; the candidates and the rule are the folds'.
 * **Cost.**  One candidate costs about ``dense MACs * (layers * fit + judge)`` of forward passes
-  per fold.  The selection runs only while :data:`MIN_CANDIDATES` of them fit within
-  :data:`WORK_MACS`, and takes at most as many candidates as fit (never more than
+  per fold.  The folds run while :data:`MIN_CANDIDATES` of them fit within :data:`WORK_MACS`
+  (the digits networks); else the one split runs while :data:`SPLIT_MIN_CANDIDATES` of its
+  candidates fit within :data:`SPLIT_WORK_MACS` and the train split holds its samples
+  (:func:`choose_mode`).  Either takes as many candidates as fit (never more than
   :data:`MAX_CANDIDATES`); otherwise the inner plan is returned as it is and the record says
-  why.  A count of MACs, not seconds, so the decision is the same on every machine.
+  why.  A count of MACs, not seconds, so the decision is the same on every machine.  The
+  candidates' refits skip the reconstruction's output-error measurement (only their judgement
+  is read).
 * **Targets.**  A MAC budget gets width splits; a ratio target (fixed counts per group) and a
   latency target (the measured model's plan) compare only the plans the pipeline already has.
 * **Bias shifts.**  The inner plan keeps its own (mean replacement, lossless removal); another
@@ -98,6 +108,17 @@ WORK_MACS = 2**34
 #: Fewer candidates than this fit the work: no selection (the solver-free plans and one width split at least).
 MIN_CANDIDATES = 6
 MAX_CANDIDATES = 12
+#: The cheap judgement, where the folds cost too much and the train split is big (module docstring):
+#: one seeded split into this many fitting samples and, disjoint from them, this many judged samples,
+SPLIT_FIT_SAMPLES = 512
+SPLIT_JUDGE_SAMPLES = 2048
+#: at most this many MACs of forward passes in all: LeNet-5 6 candidates (1.9e9 each), the Fashion CNNs 8,
+#: the Fashion MLPs all 12.  Chosen on the family's tune half (benchmarks/RESULTS.md, "The refit selection's
+#: cheap judgement"): 6 candidates gained 0.54 points on average over 12 rows, the worst row -0.14; the
+#: seventh (the front-heavy tilt) lost 0.73 on one LeNet-5; LeNet-5 is also the compile that must stay fast.
+SPLIT_WORK_MACS = 1.2e10
+#: and only when this many candidates fit (the planner's plan, the solver-free plans, one width split).
+SPLIT_MIN_CANDIDATES = 6
 _BATCH = 1024
 
 
@@ -142,6 +163,29 @@ def judge_split(n: int, seed: int, folds: int = FOLDS) -> list[tuple[torch.Tenso
     order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7919))[:min(n, POOL_SAMPLES)]
     parts = [order[i::folds] for i in range(folds)]
     return [(parts[i], torch.cat([parts[j] for j in range(folds) if j != i]).sort().values) for i in range(folds)]
+
+
+def one_split(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cheap judgement's one split of a train split of ``n``: :data:`SPLIT_JUDGE_SAMPLES` judged
+    samples and :data:`SPLIT_FIT_SAMPLES` others to fit on, in the seeded order of :func:`judge_split`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7919))
+    judge = order[:SPLIT_JUDGE_SAMPLES].sort().values
+    return [(judge, order[SPLIT_JUDGE_SAMPLES:SPLIT_JUDGE_SAMPLES + SPLIT_FIT_SAMPLES].sort().values)]
+
+
+def choose_mode(n: int, per_folds: float, per_split: float, work_macs: float, split_work_macs: float
+                ) -> tuple[str, int]:
+    """The cost rule: ``("folds", k)`` when :data:`MIN_CANDIDATES` candidates judged by the folds fit
+    ``work_macs``, else ``("split", k)`` when the train split holds the cheap judgement's samples and
+    :data:`SPLIT_MIN_CANDIDATES` of its candidates fit ``split_work_macs``, else ``("none", 0)``;
+    ``k`` the candidates that fit (at most :data:`MAX_CANDIDATES`).  ``per_*`` is one candidate's work."""
+    folds = min(MAX_CANDIDATES, int(work_macs // max(per_folds, 1.0)))
+    if folds >= MIN_CANDIDATES:
+        return "folds", folds
+    split = min(MAX_CANDIDATES, int(split_work_macs // max(per_split, 1.0)))
+    if n >= SPLIT_FIT_SAMPLES + SPLIT_JUDGE_SAMPLES and split >= SPLIT_MIN_CANDIDATES:
+        return "split", split
+    return "none", 0
 
 
 def candidate_work(macs_per_sample: float, layers: int, fit: int, judge: int) -> float:
@@ -251,6 +295,7 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
     inner: PlannerAnalysis | None = None
     refit: ReconstructPass = field(default_factory=ReconstructPass)
     work_macs: float | None = None  # None: WORK_MACS
+    split_work_macs: float | None = None  # None: SPLIT_WORK_MACS
     tilts: tuple[float, ...] = TILTS
     grow: float = GROW
 
@@ -273,17 +318,26 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
             return unchanged("no labelled train split to judge on")
         if len(ctx.train_x) < MIN_POOL_SAMPLES:
             return unchanged(f"the train split has {len(ctx.train_x)} samples, fewer than {MIN_POOL_SAMPLES}")
-        folds = judge_split(len(ctx.train_x), ctx.seed)
-        pool = sum(len(j) for j, _ in folds)
-        per = sum(candidate_work(count_costs(gm).macs, fittable_layers(gm), len(f), len(j)) for j, f in folds)
+        n = len(ctx.train_x)
+        macs, layers = count_costs(gm).macs, fittable_layers(gm)
+        by_mode = {"folds": judge_split(n, ctx.seed), "split": one_split(n, ctx.seed)}
+        per_mode = {k: sum(candidate_work(macs, layers, len(f), len(j)) for j, f in v) for k, v in by_mode.items()}
         limit = WORK_MACS if self.work_macs is None else self.work_macs
-        budget = min(MAX_CANDIDATES, int(limit // max(per, 1.0)))
-        record.update(folds=len(folds), judge_samples=pool, fit_samples=[len(f) for _, f in folds],
-                      work_macs_per_candidate=per,
-                      work_macs_limit=limit, max_candidates=budget)
-        if budget < MIN_CANDIDATES:
+        split_limit = SPLIT_WORK_MACS if self.split_work_macs is None else self.split_work_macs
+        mode, budget = choose_mode(n, per_mode["folds"], per_mode["split"], limit, split_limit)
+        folds = by_mode["split" if mode == "split" else "folds"]
+        per = per_mode["split" if mode == "split" else "folds"]
+        record.update(mode=mode, folds=len(folds), judge_samples=sum(len(j) for j, _ in folds),
+                      fit_samples=[len(f) for _, f in folds], work_macs_per_candidate=per,
+                      work_macs_limit=split_limit if mode == "split" else limit, max_candidates=budget)
+        if mode == "none":
             return unchanged(f"the refit is too expensive to repeat: {MIN_CANDIDATES} candidates would cost "
-                             f"{MIN_CANDIDATES * per:.3g} MACs of forward passes, over {limit:.3g}")
+                             f"{MIN_CANDIDATES * per_mode['folds']:.3g} MACs of forward passes, over {limit:.3g}, "
+                             f"and {SPLIT_MIN_CANDIDATES} on one split of {SPLIT_FIT_SAMPLES} + {SPLIT_JUDGE_SAMPLES} "
+                             f"samples {SPLIT_MIN_CANDIDATES * per_mode['split']:.3g}, over {split_limit:.3g}"
+                             + ("" if n >= SPLIT_FIT_SAMPLES + SPLIT_JUDGE_SAMPLES else
+                                f" (or the train split has fewer than {SPLIT_FIT_SAMPLES + SPLIT_JUDGE_SAMPLES} "
+                                f"samples)"))
         graph = am.get(self.unit_analysis(), gm)
         judge = _Judge(gm, graph, self, ctx, folds)
         own = Candidate(planned.plan.criterion or "planner", "planner", planned.plan.kept_mask(graph),
@@ -326,26 +380,29 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
         lead = best(judged).candidate
         ranking = lead.kept.astype(np.float64) * 2.0 + magnitude
         tilted = []
-        for tilt in self.tilts:
+        for tilt in self.tilts:  # only as many as there is room for (each is a bisection over the budget)
+            if len(tilted) >= room:
+                break
             kept = width_split(graph, ranking, target, tilt_weights(graph, tilt))
             if kept is not None:
                 tilted.append(Candidate(f"{lead.name}, tilt {tilt:+g}", "width split", kept))
-        out += _dedup_judge(tilted[:max(0, room)], judge, seen)
+        out += _dedup_judge(tilted, judge, seen)
         room -= len(out)
+        if room <= 0:
+            return out
         seen += [j.candidate.kept for j in out]
         lead = best(judged + out).candidate
         ranking = lead.kept.astype(np.float64) * 2.0 + magnitude
         pos = group_positions(graph)
-        grown = []
-        for gid in sorted(pos, key=lambda g: (pos[g], g)):
-            kept = width_split(graph, ranking, target, grow_weights(graph, lead.kept, gid, self.grow))
-            if kept is not None:
-                name = next(g.name for g in graph.groups if g.id == gid)
-                grown.append(Candidate(f"{lead.name}, {name} x{self.grow:g}", "width split", kept))
         more = []
-        for c in grown:
+        for gid in sorted(pos, key=lambda g: (pos[g], g)):
             if room <= 0:
                 break
+            kept = width_split(graph, ranking, target, grow_weights(graph, lead.kept, gid, self.grow))
+            if kept is None:
+                continue
+            name = next(g.name for g in graph.groups if g.id == gid)
+            c = Candidate(f"{lead.name}, {name} x{self.grow:g}", "width split", kept)
             got = _dedup_judge([c], judge, seen)
             if got:
                 seen.append(c.kept)
@@ -409,7 +466,7 @@ class _Judge:
         ctx = CompileContext(self.ctx.example_inputs, self.ctx.calib_x, self.ctx.calib_y, seed=self.ctx.seed,
                              train_x=fit_x, original=self.gm)
         steps = [PruneUnitsPass(leaf_modules=inner.leaf_modules, plan=plan, prune_embed=inner.prune_embed),
-                 dataclasses.replace(self.owner.refit, samples=0)]
+                 dataclasses.replace(self.owner.refit, samples=0, measure=False)]
         return PassManager(steps, verify=True).run(copy.deepcopy(self.gm), AnalysisManager(ctx))
 
     def __call__(self, cand: Candidate) -> Judged:

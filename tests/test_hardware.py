@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,38 @@ def test_channel_block_falls_back_to_the_cpu_flags_when_the_probe_cannot_run(mon
 
     monkeypatch.setattr(hw, "conv_paths", lambda: None)
     assert hw.cpu_channel_block() == hw.flags_channel_block(hw.cpu_flags())
+
+
+def test_the_probes_answer_is_kept_on_disk_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import oamipc.hardware as hw
+
+    monkeypatch.setenv("OAMIPC_CACHE_DIR", str(tmp_path))
+    fresh = hw.probe_conv_paths()  # the oracle: onnxruntime asked now
+    calls = []
+
+    def probe() -> tuple[bool, hw.ConvPaths | None]:
+        calls.append(1)
+        return fresh
+
+    monkeypatch.setattr(hw, "probe_conv_paths", probe)
+    hw.conv_paths.cache_clear()
+    try:
+        assert hw.conv_paths() == fresh[1] and len(calls) == 1
+        stored = json.loads((tmp_path / hw.PROBE_FILE).read_text())
+        assert list(stored) == [hw.probe_key()]
+        hw.conv_paths.cache_clear()
+        assert hw.conv_paths() == fresh[1] and len(calls) == 1  # read back, no probe
+        (tmp_path / hw.PROBE_FILE).write_text(json.dumps({"another machine": {"block": 8, "in_align": 8,
+                                                                               "depthwise_align": 8}}))
+        hw.conv_paths.cache_clear()
+        assert hw.conv_paths() == fresh[1] and len(calls) == 2  # another key: probed, and both kept
+        assert set(json.loads((tmp_path / hw.PROBE_FILE).read_text())) == {"another machine", hw.probe_key()}
+        (tmp_path / hw.PROBE_FILE).write_text("{not json")
+        hw.conv_paths.cache_clear()
+        assert hw.conv_paths() == fresh[1] and len(calls) == 3  # unreadable: probed again
+        monkeypatch.setattr(hw, "probe_conv_paths", lambda: (False, None))  # a failed probe is not kept
+        (tmp_path / hw.PROBE_FILE).unlink()
+        hw.conv_paths.cache_clear()
+        assert hw.conv_paths() is None and not (tmp_path / hw.PROBE_FILE).exists()
+    finally:
+        hw.conv_paths.cache_clear()

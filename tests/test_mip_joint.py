@@ -176,3 +176,15 @@ def test_joint_stage_never_accepts_a_worse_plan_and_is_deterministic_for_any_job
     np.testing.assert_array_equal(a[0], c[0])
     assert a[1] == b[1] == c[1]
     assert any(outcome != "improved" for _, outcome, _ in a[1]), "no round fell back to a smaller radius"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_average_ranks_are_scipys(seed: int) -> None:
+    from scipy.stats import rankdata  # the oracle (the library itself does not import scipy.stats)
+
+    from oamipc.passes.mip.joint import average_ranks
+
+    rng = np.random.default_rng(seed)
+    for v in (rng.integers(0, 5, 40).astype(float), rng.normal(size=17), np.array([3.0]), np.zeros(6),
+              np.array([-0.0, 0.0, 1.0, -1.0, 1.0])):
+        np.testing.assert_array_equal(average_ranks(v), rankdata(v))

@@ -227,3 +227,83 @@ def test_cli_flag(tmp_path: Path) -> None:
                                       "--importance", "l1", "--flops-budget", "0.3", "-o", str(out), "--no-bench",
                                       "--refit-select", "--no-reconstruct"])
     assert result.exit_code == UsageError("").exit_code and "needs reconstruction" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# the cheap judgement: one fit/judge split where the folds cost too much and the train split is big
+
+
+def _work(model: torch.nn.Module, shape: tuple[int, ...], n: int) -> tuple[float, float]:
+    """One candidate's work under the folds and under the one split, for a train split of ``n``."""
+    from oamipc.passes.costs import count_costs
+
+    gm = trace(model, (torch.zeros(1, *shape),))
+    macs, layers = count_costs(gm).macs, plan_refit.fittable_layers(gm)
+    per = {name: sum(plan_refit.candidate_work(macs, layers, len(f), len(j)) for j, f in split)
+           for name, split in (("folds", judge_split(n, 0)), ("split", plan_refit.one_split(n, 0)))}
+    return per["folds"], per["split"]
+
+
+def test_the_cost_rule_takes_the_cheap_judgement_for_fashion_networks() -> None:
+    lenet = oamipc.load_model(ROOT / "examples" / "fashion_lenet5.pt")
+    folds, split = _work(lenet, (1, 28, 28), 60_000)
+    # Closed form: 416,520 MACs, 5 layers; folds of 2,048 fitting + 1,024 judged, three times; one split of 512 + 2,048.
+    assert folds == pytest.approx(3 * 416_520 * (5 * 2048 + 1024))
+    assert split == pytest.approx(416_520 * (5 * 512 + 2048))
+    mode, k = plan_refit.choose_mode(60_000, folds, split, plan_refit.WORK_MACS, plan_refit.SPLIT_WORK_MACS)
+    assert (mode, k) == ("split", int(plan_refit.SPLIT_WORK_MACS // split)) and k >= plan_refit.SPLIT_MIN_CANDIDATES
+    # The same network with a train split too small for the split: no selection.
+    assert plan_refit.choose_mode(2000, folds, split, plan_refit.WORK_MACS, plan_refit.SPLIT_WORK_MACS) == ("none", 0)
+    # The digits MLP keeps the folds (its behaviour before the cheap judgement).
+    mlp = oamipc.load_model(ROOT / "examples" / "digits_mlp.pt")
+    folds, split = _work(mlp, (1, 8, 8), 1258)
+    assert plan_refit.choose_mode(1258, folds, split, plan_refit.WORK_MACS, plan_refit.SPLIT_WORK_MACS)[0] == "folds"
+
+
+def test_one_split_is_disjoint_seeded_and_sized() -> None:
+    [(judge, fit)] = plan_refit.one_split(10_000, seed=5)
+    assert len(judge) == plan_refit.SPLIT_JUDGE_SAMPLES and len(fit) == plan_refit.SPLIT_FIT_SAMPLES
+    assert not set(judge.tolist()) & set(fit.tolist())
+    [(again, fit2)] = plan_refit.one_split(10_000, seed=5)
+    assert torch.equal(judge, again) and torch.equal(fit, fit2)
+
+
+@pytest.fixture(scope="module")
+def big_digits(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor]) -> DataSplits:
+    """The digits with a train split of 3,774 (the images three times, seeded noise on the copies)."""
+    _, data, _ = digits
+    gen = torch.Generator().manual_seed(0)
+    x = data.train.x.float()
+    big = torch.cat([x, x + 0.5 * torch.randn(x.shape, generator=gen), x + 0.5 * torch.randn(x.shape, generator=gen)])
+    return DataSplits(Dataset("train", big, data.train.y.repeat(3)), data.test)
+
+
+def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
+        digits: tuple[torch.nn.Module, DataSplits, torch.Tensor], big_digits: DataSplits,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, example = digits
+    monkeypatch.setattr(plan_refit, "WORK_MACS", 1.0)  # the folds never fit: the cost rule takes the split
+    res = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
+    record = res.report["refit_select"]
+    assert record["ran"] and record["mode"] == "split" and record["folds"] == 1
+    assert record["judge_samples"] == plan_refit.SPLIT_JUDGE_SAMPLES and record["fit_samples"] == [512]
+    assert len(record["candidates"]) >= plan_refit.SPLIT_MIN_CANDIDATES and res.plan is not None
+    x, y = big_digits.train.x.float(), big_digits.train.y
+    # The split, as specified: the seeded order of the train split, its first 2,048 judged, the next 512 fit.
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7919))
+    judge, fit = order[:2048].sort().values, order[2048:2560].sort().values
+    split = DataSplits(Dataset("fit", x[fit], y[fit]), Dataset("judge", x[judge], y[judge]))
+    rows = []
+    for cand in record["candidates"]:
+        net = oamipc.compile(model, example, data=split, plan=_plan(res.plan, cand["kept"]),
+                             reconstruct=ReconstructPass(samples=0)).module
+        with torch.no_grad():
+            correct = int((net(x[judge]).argmax(1) == y[judge]).sum())
+        assert correct == cand["correct"], cand["name"]
+        rows.append((-correct, cand["hinge"]))
+    best = min(range(len(rows)), key=lambda i: rows[i])
+    assert record["chosen"] == record["candidates"][best]["name"]
+    assert {g.name: g.kept for g in res.plan.groups if g.name in record["candidates"][best]["kept"]} == \
+        record["candidates"][best]["kept"]
+    again = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
+    assert again.plan is not None and again.plan.groups == res.plan.groups  # deterministic

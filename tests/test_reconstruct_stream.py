@@ -109,7 +109,8 @@ def test_kept_passes_change_the_time_never_the_fit(monkeypatch: pytest.MonkeyPat
     for cache in (0, 20_000, 1 << 31):
         res = _compile(monkeypatch, _SMALL | {"CACHE_BYTES": cache}, model, x, y, plan, samples=0, max_rows=500)
         runs[cache] = (res.module.state_dict(), res.report["reconstruct"])
-    batches, layers = 6, 5  # ceil(40 / 7); stem, a, b, dw, fc
+    batches, layers = 6, 4  # ceil(40 / 7); a, b, dw, fc (the stem is the dense stem: no samples run for it)
+    assert [f["name"] for f in runs[0][1]["layers"] if f["note"] == rec_mod.SAME_NOTE] == ["stem"]
     assert runs[1 << 31][1]["forward_passes"] == 2 * batches
     assert runs[0][1]["forward_passes"] == 2 * batches * layers
     assert 2 * batches < runs[20_000][1]["forward_passes"] < 2 * batches * layers

@@ -1,0 +1,158 @@
+"""The refit selection's cheap judgement (one fit/judge split): every candidate's test accuracy.
+
+For each network and MAC budget, one default ``mip`` compile runs with the cheap judgement's
+work limit lifted (``--split-work-macs``, default 1e12: all 12 candidates), and every candidate
+the selection judged is then replayed (its plan pruned and reconstructed as the compile does)
+and measured on the test split.  A smaller work limit judges a prefix of the same candidate
+list (the bases first, then the width splits in order), so the table gives, for every candidate
+count ``k``, the test accuracy of the plan the rule would choose among the first ``k``: the
+evidence for ``SPLIT_WORK_MACS``.  The planner's own plan is candidate 1 (``k = 1``: the
+selection off).  Candidates other than the planner's are replayed without a bias shift, as the
+selection's own refits judge them.
+
+Run::
+
+    nice -n 5 python benchmarks/refit_split.py --family tune --budgets 0.3,0.15 \
+        --out benchmarks/results/refit_split_tune.json
+    nice -n 5 python benchmarks/refit_split.py --models fashion_lenet5,fashion_mlp --budgets 0.5,0.3,0.15
+
+Without ``--family`` the shipped Fashion-MNIST examples; ``--family tune|report`` takes that
+half's Fashion-MNIST members (``--members`` to name some, ``--seeds``).  With
+``--split-work-macs 1.2e10 --only-chosen``: the default rule's own choice against the planner's
+plan, the other candidates not measured on test::
+
+    nice -n 5 python benchmarks/refit_split.py --family report --seeds 0 --budgets 0.3,0.15 \
+        --split-work-macs 1.2e10 --only-chosen --out benchmarks/results/refit_split_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import oamipc
+from oamipc.atomic import atomic_output
+from oamipc.passes import plan_refit
+from oamipc.plan import Plan
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import family  # noqa: E402
+import mip_quality  # noqa: E402
+
+
+def _replayed(like: Plan, kept: dict[str, list[int]]) -> Plan:
+    out = copy.deepcopy(like)
+    for g in out.groups:
+        if g.name in kept:
+            g.kept = list(kept[g.name])
+    out.bias_shift = {}
+    return out
+
+
+def winners(cands: list[dict[str, Any]]) -> list[int]:
+    """For every prefix length ``k`` (1..n), the index the rule picks among the first ``k``."""
+    out = []
+    for k in range(1, len(cands) + 1):
+        out.append(min(range(k), key=lambda i: (-cands[i]["correct"], cands[i]["hinge"], i)))
+    return out
+
+
+def run_one(net: mip_quality.Network, budget: float, seed: int, only_planner: bool = False) -> dict[str, Any]:
+    start = time.perf_counter()
+    res = oamipc.compile(net.model, net.example, data=net.data, importance="mip", flops_budget=budget, seed=seed)
+    seconds = time.perf_counter() - start
+    rec = res.report["refit_select"]
+    assert res.plan is not None
+    row: dict[str, Any] = {"model": net.name, **{k: v for k, v in net.info.items() if k != "training"},
+                           "budget": budget, "seconds": seconds, "mode": rec.get("mode"),
+                           "selection_seconds": rec.get("seconds"), "chosen": rec.get("chosen"),
+                           "accuracy_dense": res.report["accuracy"]["before"],
+                           "accuracy_chosen": res.report["accuracy"]["after"], "candidates": []}
+    if not rec.get("ran"):
+        row["reason"] = rec.get("reason")
+        return row
+    planner = Plan.from_dict(rec["planner_plan"]) if rec.get("changed") else res.plan
+    for i, cand in enumerate(rec["candidates"]):
+        plan = planner if i == 0 else _replayed(res.plan, cand["kept"])
+        if only_planner and i > 0 and cand["name"] != rec["chosen"]:
+            test = float("nan")
+        elif cand["name"] == rec["chosen"]:
+            test = res.report["accuracy"]["after"]
+        else:
+            again = oamipc.compile(net.model, net.example, data=net.data, plan=plan, seed=seed)
+            test = again.report["accuracy"]["after"]
+        row["candidates"].append({k: cand[k] for k in ("name", "origin", "widths", "macs_kept", "accuracy", "correct",
+                                                      "hinge")} | {"test_accuracy": test})
+    row["prefix_winner"] = winners(row["candidates"])
+    return row
+
+
+def table(rows: list[dict[str, Any]], ks: list[int]) -> str:
+    head = "| model | MACs | " + " | ".join(f"k={k}" for k in ks) + " | best candidate on test |"
+    lines = [head, "|" + "---|" * (len(ks) + 3)]
+    for r in rows:
+        c, w = r["candidates"], r.get("prefix_winner", [])
+        cells = [f"{100 * c[w[min(k, len(c)) - 1]]['test_accuracy']:.2f}%" if c else "-" for k in ks]
+        top = max(c, key=lambda x: x["test_accuracy"]) if c else None
+        lines.append(f"| {r['model']} | {r['budget']:.2f} | " + " | ".join(cells)
+                     + (f" | {100 * top['test_accuracy']:.2f}% ({top['name']}) |" if top else " | - |"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="fashion_lenet5,fashion_mlp")
+    parser.add_argument("--family", choices=("tune", "report"), default=None)
+    parser.add_argument("--members", default=None, help="with --family: architectures or member names")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--budgets", default="0.5,0.3,0.15")
+    parser.add_argument("--split-work-macs", type=float, default=1e12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only-chosen", action="store_true",
+                        help="measure on test only the chosen plan and the planner's (the rule's own outcome, quicker)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "refit_split.json")
+    args = parser.parse_args(argv)
+    plan_refit.SPLIT_WORK_MACS = args.split_work_macs
+    torch.set_num_threads(1)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    if args.family:
+        members = [m for m in family.members(args.family, seeds=tuple(int(s) for s in args.seeds.split(",")),
+                                             names=tuple(args.members.split(",")) if args.members else None)
+                   if m.data == "fashion-mnist"]
+        networks = mip_quality.family_networks(members, family.cache_dir(), {})
+    else:
+        networks = mip_quality.shipped_networks(args.models.split(","))
+    rows: list[dict[str, Any]] = []
+    for net in networks:
+        for b in budgets:
+            rows.append(run_one(net, b, args.seed, args.only_chosen))
+            r = rows[-1]
+            print(f"  {r['model']} {b:.2f}: chosen {r['chosen']} {100 * r['accuracy_chosen']:.2f}% "
+                  f"({r['seconds']:.1f} s, selection {r['selection_seconds']:.1f} s)", file=sys.stderr, flush=True)
+            with atomic_output(args.out) as tmp:
+                Path(tmp).write_text(json.dumps({"setting": vars(args) | {"out": str(args.out)}, "rows": rows},
+                                                indent=1))
+    if args.only_chosen:
+        print("| model | MACs | planner's plan | chosen | difference | chosen plan | candidates | selection s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            c = r["candidates"]
+            own = c[0]["test_accuracy"] if c else r["accuracy_chosen"]
+            print(f"| {r['model']} | {r['budget']:.2f} | {100 * own:.2f}% | {100 * r['accuracy_chosen']:.2f}% | "
+                  f"{100 * (r['accuracy_chosen'] - own):+.2f} | {r['chosen']} | {len(c)} | "
+                  f"{r['selection_seconds']:.1f} |")
+    else:
+        print(table(rows, [1, 5, 6, 7, 8, 10, 12]))
+
+
+if __name__ == "__main__":
+    main()
