@@ -307,3 +307,64 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
         record["candidates"][best]["kept"]
     again = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
     assert again.plan is not None and again.plan.groups == res.plan.groups  # deterministic
+
+
+# ------------------------------------------------------------------------------------------------
+# later rounds of one-group growths (the cheap judgement's coordinate search)
+
+
+def _search(rounds: int, want: tuple[int, int, int] | None) -> tuple[Any, list[Any]]:
+    """The width splits of a uniform 30% plan of the 20-40-30-20-5 MLP, judged by a closed form:
+    correct = 10,000 minus 10 per unit of distance from the widths ``want`` (None: the uniform plan's)."""
+    from oamipc.passes.plan_refit import Candidate, Judged, PlanRefitSelectAnalysis, planner_for
+
+    gm, graph = _mlp_graph()
+    target = Target(flops_budget=0.3, round_to=1)
+    pos = group_positions(graph)
+    groups = sorted((g for g in graph.groups if g.prunable), key=lambda g: pos[g.id])
+
+    start = width_split(graph, np.arange(graph.n_units, dtype=np.float64)[::-1].copy(), target,
+                        tilt_weights(graph, 0.0))
+    assert start is not None
+    goal = want or tuple(int(start[g.units].sum()) for g in groups)
+
+    def judge(c: Any) -> Any:
+        dist = sum(abs(int(c.kept[g.units].sum()) - w) for g, w in zip(groups, goal))
+        return Judged(c, 10_000 - 10 * dist, 10_000, float(dist))
+    first = judge(Candidate("uniform", "planner", start))
+    sel = PlanRefitSelectAnalysis(target=target, inner=planner_for("l1", target), tilts=())
+    return graph, [first, *sel._width_splits(gm, graph, [first], judge, 11, rounds)]
+
+
+def test_later_rounds_grow_from_the_best_so_far_while_it_improves() -> None:
+    from oamipc.passes.plan_refit import best
+
+    want = (10, 22, 20)  # a narrow first layer, wide later ones: several growths from the uniform split
+    graph, got = _search(12, want)
+    _, first_round = _search(1, want)
+    # One round is a prefix of the search: the later rounds only add candidates.
+    assert [j.candidate.name for j in first_round] == [j.candidate.name for j in got[:len(first_round)]]
+    assert all(j.candidate.grow_round <= 1 for j in first_round)
+    rounds = sorted({j.candidate.grow_round for j in got})
+    assert rounds[-1] >= 2, [j.candidate.name for j in got]
+    for r in rounds:
+        if r < 2:
+            continue
+        before = [j for j in got if j.candidate.grow_round < r]
+        lead = best(before)
+        this = [j for j in got if j.candidate.grow_round == r]
+        # every candidate of round r grows one group of the best plan of the rounds before ...
+        assert all(j.candidate.name.startswith(lead.candidate.name + ", ") for j in this)
+        assert all(j.candidate.name.count(" x1.3") == r for j in this)
+        # ... and round r ran only because round r - 1 improved on the best before it
+        assert best([j for j in got if j.candidate.grow_round < r - 1]).correct < lead.correct
+    assert best(got).correct > best(first_round).correct  # the search went further than one round
+    limit = 0.3 * graph.macs()
+    assert all(graph.macs(j.candidate.kept) <= limit for j in got)
+    masks = [j.candidate.kept.tobytes() for j in got]
+    assert len(set(masks)) == len(masks)  # no plan judged twice
+
+
+def test_the_search_stops_where_no_growth_improves() -> None:
+    _, got = _search(12, None)  # the uniform split is the goal: every growth moves away from it
+    assert [j.candidate.grow_round for j in got] == [0, 1, 1, 1]
