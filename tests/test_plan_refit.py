@@ -288,6 +288,7 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
     assert record["ran"] and record["mode"] == "split" and record["folds"] == 1
     assert record["judge_samples"] == plan_refit.SPLIT_JUDGE_SAMPLES and record["fit_samples"] == [512]
     assert len(record["candidates"]) >= plan_refit.SPLIT_MIN_CANDIDATES and res.plan is not None
+    assert record["grow_rounds"] > 1 and any(c["round"] >= 2 for c in record["candidates"])  # rebuilt below too
     x, y = big_digits.train.x.float(), big_digits.train.y
     # The split, as specified: the seeded order of the train split, its first 2,048 judged, the next 512 fit.
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7919))
