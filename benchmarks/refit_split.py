@@ -16,6 +16,9 @@ Run::
         --out benchmarks/results/refit_split_tune.json
     nice -n 5 python benchmarks/refit_split.py --models fashion_lenet5,fashion_mlp --budgets 0.5,0.3,0.15
 
+``--grow-rounds 12`` turns on the later rounds of one-group growths (off by default); the table's
+"one round" column is then the rule without them, from the same run.
+
 Without ``--family`` the shipped Fashion-MNIST examples; ``--family tune|report`` takes that
 half's Fashion-MNIST members (``--members`` to name some, ``--seeds``).  With
 ``--split-work-macs 1.2e10 --only-chosen``: the default rule's own choice against the planner's
@@ -127,12 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--budgets", default="0.5,0.3,0.15")
     parser.add_argument("--split-work-macs", type=float, default=1e12)
+    parser.add_argument("--grow-rounds", type=int, default=None,
+                        help="rounds of one-group growths under the cheap judgement (default: the library's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-chosen", action="store_true",
                         help="measure on test only the chosen plan and the planner's (the rule's own outcome, quicker)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "refit_split.json")
     args = parser.parse_args(argv)
     plan_refit.SPLIT_WORK_MACS = args.split_work_macs
+    if args.grow_rounds is not None:
+        plan_refit.GROW_ROUNDS = {**plan_refit.GROW_ROUNDS, "split": args.grow_rounds}
     torch.set_num_threads(1)
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.family:

@@ -18,11 +18,11 @@ How:
   (``p`` the group's place in graph order scaled to ``[-1, 1]``, first group -1: ``t = 0`` the
   same fraction everywhere, ``t > 0`` front-heavy); then, from the best after those, each group
   in turn grown to :data:`GROW` times its fraction while the others shrink to fit (earliest
-  groups first).  Where the cheap judgement runs (below) and candidates are left, more rounds of
-  growths follow, each from the best plan so far and only while the round before found a better
-  one (:data:`GROW_ROUNDS`; the other groups before the one the best plan grew last): a coordinate
-  search, for the splits further from the planner's than one move (the Fashion MLP at 15%: the
-  MILP's 34-30-12 against 30-56-45).  ``s`` is the largest scale whose plan fits the budget (bisection), after
+  groups first).  Optionally (:data:`GROW_ROUNDS`, off by default: it did not help on the tune
+  half) more rounds of growths follow while candidates are left, each from the best plan so far
+  and only while the round before found a better one (the other groups before the one the best
+  plan grew last): a coordinate search, for splits further from the planner's than one move.
+  ``s`` is the largest scale whose plan fits the budget (bisection), after
   which single rounding steps are given back while they fit.  Inside a group a width split keeps
   its source plan's ranking: that plan's kept units first, then by the L2 norm of their
   incoming weights.  Counts respect ``min_keep``, ``round_to``, pinned units, grouped-convolution
@@ -123,10 +123,11 @@ SPLIT_JUDGE_SAMPLES = 2048
 SPLIT_WORK_MACS = 1.2e10
 #: and only when this many candidates fit (the planner's plan, the solver-free plans, one width split).
 SPLIT_MIN_CANDIDATES = 6
-#: Rounds of one-group growths, by the judgement's mode: the folds one (their constants were chosen on the
-#: digits MLPs with one round); the cheap judgement continues from the best growth while it improves and
-#: candidates are left (a coordinate search; in practice the Fashion MLPs, the only networks it leaves room).
-GROW_ROUNDS = {"folds": 1, "split": MAX_CANDIDATES}
+#: Rounds of one-group growths, by the judgement's mode (more rounds continue from the best growth while it
+#: improves and candidates are left: a coordinate search).  One for both: tried with up to 12 rounds under the
+#: cheap judgement on the family's tune half (benchmarks/RESULTS.md, "A second round of growths"), the only
+#: rows it changed (the Fashion MLPs, the networks the cost rule leaves room) moved by +0.03 and -0.03 points.
+GROW_ROUNDS = {"folds": 1, "split": 1}
 _BATCH = 1024
 
 

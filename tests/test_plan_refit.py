@@ -283,6 +283,7 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
         monkeypatch: pytest.MonkeyPatch) -> None:
     model, _, example = digits
     monkeypatch.setattr(plan_refit, "WORK_MACS", 1.0)  # the folds never fit: the cost rule takes the split
+    monkeypatch.setattr(plan_refit, "GROW_ROUNDS", {"folds": 1, "split": 12})  # later rounds, judged and rebuilt too
     res = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
     record = res.report["refit_select"]
     assert record["ran"] and record["mode"] == "split" and record["folds"] == 1
