@@ -298,7 +298,8 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
     """The inner planner's plan, or a candidate that is more accurate after the refit (module docstring).
 
     ``inner`` plans; ``refit`` is the reconstruction the compile will run (its options are used
-    for the candidates' refits, on the fitting samples).  ``work_macs`` is the cost rule's limit.
+    for the candidates' refits, on the fitting samples).  ``work_macs`` is the cost rule's limit;
+    ``grow_rounds`` the rounds of one-group growths (None: :data:`GROW_ROUNDS` of the judgement's mode).
     """
 
     name: ClassVar[str] = "plan-refit-select"
