@@ -31,7 +31,6 @@ plan, the other candidates not measured on test::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -50,15 +49,6 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 import family  # noqa: E402
 import mip_quality  # noqa: E402
-
-
-def _replayed(like: Plan, kept: dict[str, list[int]]) -> Plan:
-    out = copy.deepcopy(like)
-    for g in out.groups:
-        if g.name in kept:
-            g.kept = list(kept[g.name])
-    out.bias_shift = {}
-    return out
 
 
 def winners(cands: list[dict[str, Any]]) -> list[int]:
@@ -92,7 +82,7 @@ def run_one(net: mip_quality.Network, budget: float, seed: int, only_planner: bo
     planner = Plan.from_dict(rec["planner_plan"]) if rec.get("changed") else res.plan
     one = one_round(rec["candidates"])
     for i, cand in enumerate(rec["candidates"]):
-        plan = planner if i == 0 else _replayed(res.plan, cand["kept"])
+        plan = planner if i == 0 else res.plan.with_kept(cand["kept"])
         if only_planner and i > 0 and cand["name"] != rec["chosen"] and i != one:
             test = float("nan")
         elif cand["name"] == rec["chosen"]:

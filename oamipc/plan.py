@@ -8,7 +8,9 @@ analysis of that copy must find the same groups with the same sizes, or the plan
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,16 @@ class Plan:
         groups = [GroupPlan(g.key, g.name, g.size, [i for i, u in enumerate(g.units) if kept[u]])
                   for g in graph.groups]
         return cls(groups, criterion, dict(settings or {}), dict(bias_shift or {}))
+
+    def with_kept(self, kept: Mapping[str, Sequence[int]]) -> Plan:
+        """A copy whose groups named in ``kept`` keep those units instead.
+
+        Used to replay a candidate that a report lists by its kept units (the refit selection's
+        candidates).  The bias shift is dropped: it belongs to the units this plan removed.
+        """
+        groups = [GroupPlan(g.key, g.name, g.size, list(kept[g.name]) if g.name in kept else list(g.kept))
+                  for g in self.groups]
+        return Plan(groups, self.criterion, copy.deepcopy(self.settings))
 
     def kept_mask(self, graph: UnitGraph) -> np.ndarray:
         """The plan as a mask over ``graph``'s units; PlanError if it does not fit the graph."""

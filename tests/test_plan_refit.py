@@ -45,15 +45,6 @@ def selected(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor]) -> oamipc
                           refit_select=True)
 
 
-def _plan(like: Plan, kept: dict[str, list[int]]) -> Plan:
-    out = copy.deepcopy(like)
-    for g in out.groups:
-        if g.name in kept:
-            g.kept = list(kept[g.name])
-    out.bias_shift = {}
-    return out
-
-
 def test_the_chosen_candidate_is_the_most_accurate_after_its_refit(
         digits: tuple[torch.nn.Module, DataSplits, torch.Tensor], selected: oamipc.CompileResult) -> None:
     model, data, example = digits
@@ -68,7 +59,7 @@ def test_the_chosen_candidate_is_the_most_accurate_after_its_refit(
         dense = model.eval()(x)
     rows: list[tuple[int, float]] = []
     for cand in record["candidates"]:
-        plan = _plan(selected.plan, cand["kept"])
+        plan = selected.plan.with_kept(cand["kept"])
         correct, hinge, n = 0, 0.0, 0
         for i, judge in enumerate(parts):
             fit = torch.cat([parts[j] for j in range(3) if j != i]).sort().values
@@ -297,7 +288,7 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
     split = DataSplits(Dataset("fit", x[fit], y[fit]), Dataset("judge", x[judge], y[judge]))
     rows = []
     for cand in record["candidates"]:
-        net = oamipc.compile(model, example, data=split, plan=_plan(res.plan, cand["kept"]),
+        net = oamipc.compile(model, example, data=split, plan=res.plan.with_kept(cand["kept"]),
                              reconstruct=ReconstructPass(samples=0)).module
         with torch.no_grad():
             correct = int((net(x[judge]).argmax(1) == y[judge]).sum())
@@ -370,3 +361,16 @@ def test_later_rounds_grow_from_the_best_so_far_while_it_improves() -> None:
 def test_the_search_stops_where_no_growth_improves() -> None:
     _, got = _search(12, None)  # the uniform split is the goal: every growth moves away from it
     assert [j.candidate.grow_round for j in got] == [0, 1, 1, 1]
+
+
+def test_with_kept_replaces_only_the_named_groups_and_leaves_the_original_alone(
+        selected: oamipc.CompileResult) -> None:
+    plan = copy.deepcopy(selected.plan)  # the fixture is shared
+    plan.bias_shift = {"dummy": [1.0]}
+    first, *rest = plan.groups
+    other = plan.with_kept({first.name: [0]})
+    assert other.groups[0].kept == [0] and plan.groups[0].kept == first.kept
+    assert [g.kept for g in other.groups[1:]] == [g.kept for g in rest]
+    assert other.bias_shift == {} and plan.bias_shift == {"dummy": [1.0]}
+    other.settings["changed"] = True
+    assert "changed" not in plan.settings
