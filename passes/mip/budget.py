@@ -378,8 +378,7 @@ class BudgetSolver:
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
         enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}",
                       bounds=self.opts.bounds, means=self.means)
-        logits = enc.logits()
-        xi = margin_hinge(prob, enc, logits, self.calib.y, self.calib.margin)
+        xi = margin_hinge(prob, enc, enc.logits(), self.calib.y, self.calib.margin)  # the logits go before the solves
         self._target(prob, group, free, m, current)
         mags = self.magnitude[free]
         scale = mags.max() if len(mags) and mags.max() > 0 else 1.0
