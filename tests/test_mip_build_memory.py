@@ -106,3 +106,44 @@ def test_walk_that_drops_values_gives_the_same_logits(name: str, size: int | Non
     assert live["keeping"] >= nodes - 2  # every value to the end: the walk before
     assert live["dropping"] < live["keeping"] / 2
     assert np.isfinite(float(walks["dropping"][0].hi.max()))
+
+
+def _highs_model(prob: pulp.LpProblem, build: Any) -> dict[str, Any]:
+    """The HiGHS model ``build`` makes of ``prob`` (a PuLP ``buildSolverModel``), as arrays."""
+    from oamipc.solver.highs import _HighsSolver
+
+    solver = _HighsSolver(msg=False)
+    solver.mip = True
+    solver.createAndConfigureSolver(prob)
+    build(solver, prob)
+    lp = prob.solverModel.getLp()
+    a = lp.a_matrix_
+    return {"cols": (list(lp.col_cost_), list(lp.col_lower_), list(lp.col_upper_), list(lp.integrality_)),
+            "rows": (list(lp.row_lower_), list(lp.row_upper_)),
+            "matrix": (a.format_, list(a.start_), list(a.index_), list(a.value_))}
+
+
+@pytest.mark.parametrize("block", [1 << 22, 7])
+def test_highs_model_in_blocks_is_pulps(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks of rows give HiGHS PuLP's own model: the same columns, rows and entries (a block
+    of 7 entries splits the rows into many calls; zero coefficients are dropped as PuLP does)."""
+    from oamipc.solver import highs
+
+    monkeypatch.setattr(highs, "ROW_BLOCK_NONZEROS", block)
+    gm, graph, x = _setup("lenet5", n=2)
+    with torch.no_grad():
+        y = gm(x).argmax(1)
+    prob = pulp.LpProblem("model", pulp.LpMinimize)
+    enc = Encoder(gm, graph, x, graph.all_kept(), _free(graph, "last"), prob)
+    xi = margin_hinge(prob, enc, enc.logits(), y, torch.ones(2, dtype=torch.float64))
+    extra = pulp.LpVariable("spare", lowBound=-1, cat=pulp.LpInteger)
+    prob += pulp.LpAffineExpression([(xi[0], 0.0), (extra, 2.0)]) <= 3  # a zero coefficient, an integer column
+    prob += pulp.lpSum(xi) + extra
+    ours = _highs_model(prob, highs._HighsSolver.buildSolverModel)
+    theirs = _highs_model(prob, pulp.HiGHS.buildSolverModel)
+    assert ours == theirs
+    import highspy
+
+    kinds = {int(k.value) for k in theirs["cols"][3]}
+    assert len(theirs["matrix"][2]) > 100 and kinds == {int(highspy.HighsVarType.kContinuous.value),
+                                                          int(highspy.HighsVarType.kInteger.value)}
