@@ -147,3 +147,23 @@ def test_highs_model_in_blocks_is_pulps(block: int, monkeypatch: pytest.MonkeyPa
     kinds = {int(k.value) for k in theirs["cols"][3]}
     assert len(theirs["matrix"][2]) > 100 and kinds == {int(highspy.HighsVarType.kContinuous.value),
                                                           int(highspy.HighsVarType.kInteger.value)}
+
+
+def test_subproblem_too_large_for_a_dense_walk_is_left_to_the_joint_stage() -> None:
+    """The size gate counts, per sample, the elements downstream of the group's readers: for the
+    last hidden layer of an MLP that is the logits alone, so samples x free units x classes x 8."""
+    from types import SimpleNamespace
+
+    from oamipc.passes.mip.budget import elements_after, exact_too_large
+
+    gm, graph, x = _setup("mlp", n=4)
+    last = [g for g in graph.groups if g.prunable][-1]
+    free = [u for u in last.units if not graph.pinned_mask()[u]]
+    classes = int(gm(x).shape[1])
+    assert elements_after(gm, graph, last) == classes
+    size = 8 * 4 * len(free) * classes
+    solver = SimpleNamespace(gm=gm, graph=graph, calib=SimpleNamespace(x=x),
+                             opts=SimpleNamespace(exact_binaries=4000, exact_bytes=float(size)))
+    assert exact_too_large(solver, last, free) is None  # at the bound: solved
+    solver.opts.exact_bytes = float(size - 1)
+    assert "left to the joint stage" in (exact_too_large(solver, last, free) or "")
