@@ -211,6 +211,42 @@ def nonlinear_elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGr
     return total
 
 
+def elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> int:
+    """Tensor elements per sample of every node downstream of the layers reading ``group``'s units.
+
+    Each becomes, in the group's sub-problem, a value whose coefficients cover every variable for
+    every element (:class:`.encoder.Sym`); times the samples and the free units this bounds the
+    size of the encoder's walk before anything is encoded.
+    """
+    units = set(group.units)
+    readers = {layer.node for layer in graph.layers if any(int(u) in units for u in layer.in_units.tolist())}
+    seen: set[str] = set()
+    stack = [n for n in gm.graph.nodes if n.name in readers]
+    total = 0
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        shape = ir.tensor_shape(node) if node.op != "output" else None  # the output is its input's value
+        total += ir.prod(shape[1:]) if shape else 0
+        stack.extend(node.users)
+    return total
+
+
+def exact_too_large(solver: BudgetSolver, group: UnitGroup, free: list[int]) -> str | None:
+    """Why ``group``'s sub-problem is left to the joint stage before encoding it, or None."""
+    samples = len(solver.calib.x)
+    binaries = samples * nonlinear_elements_after(solver.gm, solver.graph, group)
+    if binaries > solver.opts.exact_binaries:
+        return f"up to {binaries} ReLU/max-pool binaries (> {solver.opts.exact_binaries}); left to the joint stage"
+    size = 8.0 * samples * len(free) * elements_after(solver.gm, solver.graph, group)
+    if size > solver.opts.exact_bytes:
+        return (f"symbolic values of up to {size / 2**30:.1f} GiB (> {solver.opts.exact_bytes / 2**30:.1f}); "
+                "left to the joint stage")
+    return None
+
+
 def unit_magnitude(gm: fx.GraphModule, graph: UnitGraph) -> np.ndarray:
     """L2 norm of each unit's outgoing weights and bias (summed over coupled producers)."""
     out = np.zeros(graph.n_units)
@@ -298,11 +334,9 @@ class BudgetSolver:
                     self.progress(f"MILP {group.name}", done - 1, steps)
                 if not free or left <= 0.5 or self.solver_error:
                     continue
-                binaries = len(self.calib.x) * nonlinear_elements_after(self.gm, self.graph, group)
-                if binaries > self.opts.exact_binaries:
-                    limit = self.opts.exact_binaries
-                    record.solve = {"status": f"up to {binaries} ReLU/max-pool binaries (> {limit}); "
-                                              "left to the joint stage"}
+                too_large = exact_too_large(self, group, free)
+                if too_large:
+                    record.solve = {"status": too_large}
                     continue
                 try:
                     candidate = self.ahead.solve(group, free, current, min(self.opts.time_limit, left), record, order)
@@ -378,8 +412,7 @@ class BudgetSolver:
         m = {u: pulp.LpVariable(f"m{u}", cat=pulp.LpBinary) for u in free}
         enc = Encoder(self.gm, self.graph, self.calib.x, current, m, prob, name=f"g{group.id}",
                       bounds=self.opts.bounds, means=self.means)
-        logits = enc.logits()
-        xi = margin_hinge(prob, enc, logits, self.calib.y, self.calib.margin)
+        xi = margin_hinge(prob, enc, enc.logits(), self.calib.y, self.calib.margin)  # the logits go before the solves
         self._target(prob, group, free, m, current)
         mags = self.magnitude[free]
         scale = mags.max() if len(mags) and mags.max() > 0 else 1.0

@@ -66,14 +66,13 @@ class SubProblemsAhead:
 
     def upcoming(self, group: UnitGroup, order: list[UnitGroup]) -> list[tuple[UnitGroup, list[int]]]:
         """The groups after ``group`` in ``order`` whose turn will solve a sub-problem (as :meth:`run` decides)."""
-        from .budget import nonlinear_elements_after
+        from .budget import exact_too_large
 
         solver = self.solver
         out = []
         for g in order[next(i for i, g in enumerate(order) if g is group) + 1:]:
             free = [u for u in g.units if not solver.pinned[u] and u not in solver.forced]
-            binaries = len(solver.calib.x) * nonlinear_elements_after(solver.gm, solver.graph, g)
-            if free and binaries <= solver.opts.exact_binaries:
+            if free and exact_too_large(solver, g, free) is None:
                 out.append((g, free))
         return out
 
