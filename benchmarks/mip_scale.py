@@ -41,43 +41,30 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import resource
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import oamipc
-from oamipc.atomic import atomic_output
-from oamipc.data import Dataset, DataSplits
 from oamipc.hardware import cpu_model
-from oamipc.models import MobileNetV2, ResNet18, ResNet50
 
-ROOT = Path(__file__).resolve().parent.parent
-
-NETS: dict[str, Callable[[], nn.Module]] = {
-    "resnet18": lambda: ResNet18(seed=0),
-    "resnet50": lambda: ResNet50(seed=0),
-    "mobilenetv2": lambda: MobileNetV2(seed=0),
-}
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the scale benchmarks' shared parts live beside them
+    sys.path.insert(0, str(HERE))
+import imagenet_common as common  # noqa: E402
 
 
 def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], reconstruct: bool = True
         ) -> dict[str, Any]:
     """Compile ``net`` once in this process; the row, with this process's peak memory."""
-    model = NETS[net]().eval()
-    x = torch.randn(samples, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = torch.cat([model(x[i:i + 16]).argmax(1) for i in range(0, samples, 16)])
-    data = DataSplits(train=Dataset("random images", x, y), test=Dataset("random images", x[:16], y[:16]))
-    start, start_cpu = time.perf_counter(), _cpu_seconds(0.0)
+    model = common.NETS[net]().eval()
+    x, y = common.labelled_images(model, samples, size)
+    data = common.random_image_splits(x, y)
+    start, start_cpu = time.perf_counter(), common.cpu_seconds()
     res = oamipc.compile(model, x[:1], data=data, importance="mip", flops_budget=budget, calib_samples=samples,
                          mip_options=opts, reconstruct="auto" if reconstruct else False)
     seconds = time.perf_counter() - start
@@ -88,8 +75,8 @@ def one(net: str, size: int, samples: int, budget: float, opts: dict[str, Any], 
             "jobs": opts.get("jobs", 1), "plan_sha256": hashlib.sha256(plan.encode()).hexdigest(),
             "size": size, "samples": samples, "budget": budget,
             "seconds": seconds,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "cpu_seconds": _cpu_seconds(start_cpu), "load_average": os.getloadavg()[0],
+            "peak_rss_gib": common.peak_rss_gib(),
+            "cpu_seconds": common.cpu_seconds(start_cpu), "load_average": common.load_average(),
             "mip_seconds": mip["seconds"], "device": mip.get("device", "cpu"),
             "macs": res.report["before"]["macs"],
             "macs_kept": res.report["after"]["macs"] / res.report["before"]["macs"],
@@ -117,20 +104,10 @@ def _reconstruct_seconds(row: dict[str, Any]) -> str:
     return f"{seconds:.0f}" if seconds is not None else "-"
 
 
-def _cpu_seconds(since: float) -> float:
-    """User and system CPU seconds of this process since ``since`` (all its threads)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime - since
-
-
 def _child(net: str, args: argparse.Namespace, opts: dict[str, Any]) -> dict[str, Any]:
     spec = json.dumps({"net": net, "size": args.size, "samples": args.samples, "budget": args.budget, "opts": opts,
                        "reconstruct": args.reconstruct})
-    done = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
-    if done.returncode != 0:  # show why: the child's own error, not only its exit status
-        tail = "\n".join(done.stderr.strip().splitlines()[-30:])
-        raise SystemExit(f"{net}: the compile exited with status {done.returncode}; its last output:\n{tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, ["--one", spec], net)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -173,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="compile without layer reconstruction (the MIP analysis's share alone)")
     parser.add_argument("--executor", default="local", help="where the MIP's tasks run: local | ray")
     parser.add_argument("--jobs", default="1", help="worker counts, comma-separated (one compile each)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mip_scale.json")
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "mip_scale.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:  # a child: one compile, its row as the last line of stdout
@@ -189,14 +166,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for net in args.nets.split(","):
-        if net not in NETS:
-            parser.error(f"unknown net {net!r}; known: {', '.join(NETS)}")
+        if net not in common.NETS:
+            parser.error(f"unknown net {net!r}; known: {', '.join(common.NETS)}")
         for jobs in (int(j) for j in args.jobs.split(",")):
             rows.append(_child(net, args, opts | {"jobs": jobs}))
             print(f"  {net} ({args.executor} x {jobs}): {rows[-1]['seconds']:.0f} s, "
                   f"{rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
-            with atomic_output(args.out.with_suffix(".partial.json")) as tmp:  # what finished, should a later row not
-                tmp.write_text(json.dumps({"rows": rows}, indent=1))
+            common.write_json(args.out.with_suffix(".partial.json"), {"rows": rows})  # kept should a later row fail
     result = {"setting": {"reconstruct": args.reconstruct, "size": args.size, "samples": args.samples,
                           "budget": args.budget, "mip_options": opts,
                           "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
@@ -204,9 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
               "rows": rows}
     print(table(rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(args.out) as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
+    common.write_json(args.out, result)
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     return result
 
