@@ -13,6 +13,7 @@ import torch
 
 from oamipc.passes import UnitGroupAnalysis
 from oamipc.passes.mip import encoder as encoder_module
+from oamipc.passes.mip.budget import ROW_ENTRY_BYTES
 from oamipc.passes.mip.encoder import Encoder, Sym, margin_hinge
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.tracing import trace
@@ -161,9 +162,37 @@ def test_subproblem_too_large_for_a_dense_walk_is_left_to_the_joint_stage() -> N
     free = [u for u in last.units if not graph.pinned_mask()[u]]
     classes = int(gm(x).shape[1])
     assert elements_after(gm, graph, last) == classes
-    size = 8 * 4 * len(free) * classes
+    size = 8 * 4 * len(free) * classes + ROW_ENTRY_BYTES * 4 * (classes - 1) * len(free)
     solver = SimpleNamespace(gm=gm, graph=graph, calib=SimpleNamespace(x=x),
                              opts=SimpleNamespace(exact_binaries=4000, exact_bytes=float(size)))
     assert exact_too_large(solver, last, free) is None  # at the bound: solved
     solver.opts.exact_bytes = float(size - 1)
     assert "left to the joint stage" in (exact_too_large(solver, last, free) or "")
+
+
+def test_hinge_rows_of_a_wide_classifier_count_in_the_size_gate() -> None:
+    """A group read straight by a 1000-class classifier is in every hinge row: its sub-problem's
+    rows alone (samples x 999 x free units terms) can pass the bound with a small walk."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from oamipc.passes.mip.budget import elements_after, exact_too_large, output_elements
+    from oamipc.tracing import trace
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 1000)).eval()
+    x = torch.randn(16, 8)
+    gm = trace(net, (x[:1],))
+    am = AnalysisManager(CompileContext((x[:1],), x, net(x).argmax(1), seed=0))
+    graph = am.get(UnitGroupAnalysis(), gm)
+    (hidden,) = [g for g in graph.groups if g.prunable]
+    free = list(hidden.units)
+    assert output_elements(gm) == 1000 == elements_after(gm, graph, hidden)
+    walk = 8 * 16 * len(free) * 1000
+    rows = ROW_ENTRY_BYTES * 16 * 999 * len(free)
+    solver = SimpleNamespace(gm=gm, graph=graph, calib=SimpleNamespace(x=x),
+                             opts=SimpleNamespace(exact_binaries=4000, exact_bytes=float(walk + rows)))
+    assert exact_too_large(solver, hidden, free) is None
+    solver.opts.exact_bytes = float(walk + rows // 2)  # the walk alone fits; with the rows it does not
+    assert "hinge rows" in (exact_too_large(solver, hidden, free) or "")

@@ -234,16 +234,43 @@ def elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> in
     return total
 
 
+# Bytes one nonzero of a hinge row holds while the MILP is built and handed to HiGHS: measured on
+# MobileNetV2's 1000-class head (RESULTS, "MobileNetV2's head sub-problem"): about 54 in PuLP's
+# rows and 13 in HiGHS's model, before HiGHS's working copies.
+ROW_ENTRY_BYTES = 67
+
+
+def output_elements(gm: fx.GraphModule) -> int:
+    """Elements per sample of the network's (first) output: the classes the hinge rows compare."""
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            first = node.args[0]
+            while isinstance(first, (tuple, list)):
+                first = first[0]
+            shape = ir.tensor_shape(first) if isinstance(first, fx.Node) else None
+            return ir.prod(shape[1:]) if shape else 0
+    return 0
+
+
 def exact_too_large(solver: BudgetSolver, group: UnitGroup, free: list[int]) -> str | None:
-    """Why ``group``'s sub-problem is left to the joint stage before encoding it, or None."""
+    """Why ``group``'s sub-problem is left to the joint stage before encoding it, or None.
+
+    Three bounds, all read off the graph before anything is encoded: ReLU/max-pool binaries
+    (``exact_binaries``), and the bytes of the encoder's symbolic values plus those of the hinge
+    rows (``exact_bytes``).  A group read straight by a wide classifier has few binaries and a
+    small walk, but every one of its ``samples x (classes - 1)`` hinge rows holds a term per free
+    unit: MobileNetV2's 1280-unit head before 1000 classes is 82 million terms, about 10 GiB to
+    build and solve, and its LP did not finish within its time limit anyway.
+    """
     samples = len(solver.calib.x)
     binaries = samples * nonlinear_elements_after(solver.gm, solver.graph, group)
     if binaries > solver.opts.exact_binaries:
         return f"up to {binaries} ReLU/max-pool binaries (> {solver.opts.exact_binaries}); left to the joint stage"
-    size = 8.0 * samples * len(free) * elements_after(solver.gm, solver.graph, group)
-    if size > solver.opts.exact_bytes:
-        return (f"symbolic values of up to {size / 2**30:.1f} GiB (> {solver.opts.exact_bytes / 2**30:.1f}); "
-                "left to the joint stage")
+    walk = 8.0 * samples * len(free) * elements_after(solver.gm, solver.graph, group)
+    rows = float(ROW_ENTRY_BYTES) * samples * max(output_elements(solver.gm) - 1, 1) * len(free)
+    if walk + rows > solver.opts.exact_bytes:
+        return (f"symbolic values and hinge rows of up to {(walk + rows) / 2**30:.1f} GiB "
+                f"(> {solver.opts.exact_bytes / 2**30:.1f}); left to the joint stage")
     return None
 
 

@@ -65,8 +65,9 @@ class MipOptions:
     device: str = "auto"  # torch device of the analysis's forward passes: auto (CUDA when usable) | cpu | cuda[:N]
     # Layer sub-problems with more possible ReLU/max-pool binaries are left to the joint stage.
     exact_binaries: int = 4000
-    # ... and so are those whose symbolic values would hold more (bytes, samples x free units x the
-    # elements downstream of the group's readers x 8): the encoder's per-sample coefficients are dense.
+    # ... and so are those whose symbolic values and hinge rows would hold more (bytes: samples x free
+    # units x (8 x the elements downstream of the group's readers + 67 x (classes - 1))): the encoder's
+    # per-sample coefficients are dense, and a group read by the classifier is in every hinge row.
     exact_bytes: float = 2.0 * 2**30
     margin_cap: float = 1.0  # hinge targets capped at this quantile of the original margins (1: no cap)
     # Held-out acceptance (:mod:`.evidence`): paired (accuracy not lower, and accuracy or hinge better
