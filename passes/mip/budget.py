@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,28 +187,38 @@ def group_order(gm: fx.GraphModule, graph: UnitGraph) -> list[UnitGroup]:
 _NONLINEAR_OPS = {"relu", "relu_", "max_pool1d", "max_pool2d"}
 
 
+def _downstream(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> Iterator[fx.Node]:
+    """Every node from the layers reading ``group``'s units to the output, each once."""
+    units = set(group.units)
+    readers = {layer.node for layer in graph.layers if any(int(u) in units for u in layer.in_units.tolist())}
+    seen: set[str] = set()
+    stack = [n for n in gm.graph.nodes if n.name in readers]
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        yield node
+        stack.extend(node.users)
+
+
+def _per_sample(node: fx.Node) -> int:
+    shape = ir.tensor_shape(node)
+    return ir.prod(shape[1:]) if shape else 0
+
+
 def nonlinear_elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> int:
     """ReLU/max-pool elements per sample downstream of the layers reading ``group``'s units.
 
     An upper bound on the binaries per sample of the group's sub-problem (the encoder creates one
     only for elements whose bounds leave the phase open), known before encoding anything.
     """
-    units = set(group.units)
-    readers = {layer.node for layer in graph.layers if any(int(u) in units for u in layer.in_units.tolist())}
-    seen: set[str] = set()
-    stack = [n for n in gm.graph.nodes if n.name in readers]
     total = 0
-    while stack:
-        node = stack.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
+    for node in _downstream(gm, graph, group):
         mod = ir.get_module(gm, str(node.target)) if node.op == "call_module" else None
         name = ir.op_name(node) if mod is None else ""
         if isinstance(mod, (torch.nn.ReLU, torch.nn.MaxPool1d, torch.nn.MaxPool2d)) or name in _NONLINEAR_OPS:
-            shape = ir.tensor_shape(node)
-            total += ir.prod(shape[1:]) if shape else 0
-        stack.extend(node.users)
+            total += _per_sample(node)
     return total
 
 
@@ -218,20 +229,8 @@ def elements_after(gm: fx.GraphModule, graph: UnitGraph, group: UnitGroup) -> in
     every element (:class:`.encoder.Sym`); times the samples and the free units this bounds the
     size of the encoder's walk before anything is encoded.
     """
-    units = set(group.units)
-    readers = {layer.node for layer in graph.layers if any(int(u) in units for u in layer.in_units.tolist())}
-    seen: set[str] = set()
-    stack = [n for n in gm.graph.nodes if n.name in readers]
-    total = 0
-    while stack:
-        node = stack.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        shape = ir.tensor_shape(node) if node.op != "output" else None  # the output is its input's value
-        total += ir.prod(shape[1:]) if shape else 0
-        stack.extend(node.users)
-    return total
+    # the output node is its input's value, counted already
+    return sum(_per_sample(node) for node in _downstream(gm, graph, group) if node.op != "output")
 
 
 # Bytes one nonzero of a hinge row holds while the MILP is built and handed to HiGHS: measured on
