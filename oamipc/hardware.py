@@ -32,6 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from oamipc.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 
@@ -167,7 +169,7 @@ def probe_key() -> str:
 
 
 def _probe_cache() -> Path:
-    return Path(os.environ.get("OAMIPC_CACHE_DIR") or Path.home() / ".cache" / "oamipc") / PROBE_FILE
+    return cache_root() / PROBE_FILE
 
 
 @lru_cache(maxsize=1)

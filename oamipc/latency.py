@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from oamipc.cache import cache_root
 from oamipc.runtime import CPU, Device, import_onnxruntime, make_session
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,7 @@ def context_key(dense: bytes, layers: list[str], widths: list[list[list[int]]], 
 
 
 def cache_path() -> Path:
-    root = os.environ.get("OAMIPC_CACHE_DIR") or str(Path.home() / ".cache" / "oamipc")
-    return Path(root) / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 class _Cache:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import pickle
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from oamipc.atomic import atomic_output
+from oamipc.cache import cache_root
 from oamipc.checkpoint import import_object
 from oamipc.data import Dataset
 from oamipc.errors import UsageError
@@ -102,11 +102,6 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, seed: int) -> Finetun
     """Train ``model`` in place on ``data`` as ``recipe`` says (:meth:`Recipe.config`); the loop
     is oamipc's fine-tuning loop, :func:`oamipc.finetune.finetune`."""
     return finetune(model, data, recipe.config(seed))
-
-
-def cache_root() -> Path:
-    """Where oamipc caches what it computed once: ``$OAMIPC_CACHE_DIR``, else ``~/.cache/oamipc``."""
-    return Path(os.environ.get("OAMIPC_CACHE_DIR") or Path.home() / ".cache" / "oamipc")
 
 
 def load_or_train(path: Path, make: Callable[[], nn.Module],
