@@ -11,10 +11,11 @@ import torch
 
 from oamipc.errors import UnsupportedGraphError
 from oamipc.passes import UnitGroupAnalysis
+from oamipc.passes.mip import masked
 from oamipc.passes.mip.budget import group_order, nonlinear_elements_after, unit_magnitude
 from oamipc.passes.mip.evidence import HeldOut
 from oamipc.passes.mip.joint import JointStage
-from oamipc.passes.mip.masked import MaskedNetwork, margins
+from oamipc.passes.mip.masked import FlipShare, MaskedNetwork, margins
 from oamipc.passmanager import AnalysisManager, CompileContext
 from oamipc.surgery import apply_plan
 from oamipc.target import Target
@@ -100,6 +101,41 @@ def test_unmasked_cross_channel_normalisation_is_refused_with_the_node_named() -
     gm.gn2 = torch.nn.InstanceNorm2d(8)  # what no unit analysis would let through, put behind its back
     with pytest.raises(UnsupportedGraphError, match="normalises across channels"):
         MaskedNetwork(gm, graph)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_flip_shares_split_one_calls_batches_without_changing_a_logit(name: str, parts: int,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shares of ``each_flip`` (what Ray tasks measure) are disjoint, cover every flip, and give each
+    flip the very logits of the whole call; batches, not layers, are dealt, so no share is idle."""
+    gm, graph, x = _setup(name, n=4)
+    monkeypatch.setattr(masked, "CHUNK_ELEMENTS", 4 * 2 * x[0].numel() * 8)  # several batches per layer
+    net = MaskedNetwork(gm, graph)
+    current = _random_plan(graph, np.random.default_rng(1)).astype(np.float64)
+    units = [u for g in graph.groups for u in g.units if u not in g.pinned]
+    costs = (net.flip_costs(current) * graph.macs(current))[units].astype(float).tolist()
+    whole: dict[int, torch.Tensor] = {}
+
+    def keep(into: dict[int, torch.Tensor]):
+        def take(block: torch.Tensor, slots: list[int]) -> None:
+            for s, b in zip(slots, block):
+                assert s not in into
+                into[s] = b
+        return take
+
+    net.each_flip(x, current, units, keep(whole))
+    shares = []
+    for k in range(parts):
+        got: dict[int, torch.Tensor] = {}
+        assert net.each_flip(x, current, units, keep(got), share=FlipShare(k, parts, costs)) is None
+        shares.append(got)
+    read = {s for s, u in enumerate(units) if net.first_reader[u] < len(gm.graph.nodes)}
+    assert all(shares), "every share gets batches"
+    assert sum(len(g) for g in shares) == len(read) and set().union(*shares) == read
+    for got in shares:
+        for s, b in got.items():
+            assert torch.equal(b, whole[s])
 
 
 def test_nonlinear_elements_after_counts_downstream_relus() -> None:

@@ -50,10 +50,11 @@ both with a MILP that is linear in the keep variables by construction:
   one worker would have: the plan does not depend on ``jobs``; only solves a jump past them
   makes useless are wasted.  Flip effects are measured once per plan.
 * **On Ray** (``--executor ray``, :mod:`.remote`): the radii are Ray tasks, and so are the exact
-  flip effects when the network runs on the CPU: the layers where flips start are cut into
-  ``jobs`` runs of about equal cost, and each task measures its run's flips in the very batches
-  one call of :meth:`.masked.MaskedNetwork.each_flip` would, so the effects, hence the plan, are
-  those of one local worker.  The stage (network, samples) goes to the object store once.
+  flip effects when the network runs on the CPU: ``jobs`` tasks walk the batches one call of
+  :meth:`.masked.MaskedNetwork.each_flip` would make, and each measures the batches its share
+  gives it (:class:`.masked.FlipShare`: batch by batch, to the least loaded share by flip cost),
+  so the effects, hence the plan, are those of one local worker.  The stage (network, samples)
+  goes to the object store once.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph
 
 from .evidence import HeldOut
-from .masked import MaskedNetwork
+from .masked import FlipShare, MaskedNetwork
 from .remote import Dispatch, LocalDispatch, resolve, solver_threads
 from .rows import Keep, flip_macs, group_rows, mac_expression, plan_violations, single_flip_macs
 
@@ -244,13 +245,13 @@ class JointStage:
     def _remote_flips(self, current: np.ndarray, pool: list[int], costs: np.ndarray,
                       at: tuple[np.ndarray, np.ndarray, float],
                       store: Callable[[list[int], np.ndarray, np.ndarray], None], deadline: float) -> None:
-        """The flips of ``pool`` as remote tasks, one per run of consecutive first-reading layers.
+        """The flips of ``pool`` as remote tasks, each measuring a share of their batches.
 
-        The layers where flips start are cut into ``workers`` runs of about equal flip cost; a task
-        runs the pass at ``current`` up to the end of its run and the flips starting there, in the
-        batches :meth:`.masked.MaskedNetwork.each_flip` makes of them in one call, so the logits
-        are the same as measured here.  Units no layer reads change nothing: they are handed over
-        here with the current logits.  Past ``deadline`` the tasks measure nothing more.
+        Every task runs the pass at ``current`` up to the last layer a flip starts at and, of the
+        batches :meth:`.masked.MaskedNetwork.each_flip` makes of the flips in one call, those its
+        :class:`.masked.FlipShare` gives it (balanced by each flip's MACs), so the logits are the
+        same as measured here.  Units no layer reads change nothing: they are handed over here
+        with the current logits.  Past ``deadline`` the tasks measure nothing more.
         """
         cols, z0, base_hinge = at
         starts = self.net.first_reader[pool]
@@ -260,11 +261,14 @@ class JointStage:
             store(unread, *self.flip_rows(z.expand(len(unread), *z.shape), cols, z0, base_hinge))
         read = np.array(sorted(set(range(len(pool))) - set(unread)), dtype=np.int64)
         units = np.asarray(pool, dtype=np.int64)[read]
-        tasks = [units[part].tolist() for part in _start_runs(starts[read], costs[units], self.where.workers)]
+        if len(units) == 0:
+            return
+        parts = min(self.where.workers, len(units))
         slot = {u: i for i, u in enumerate(pool)}
         wall_deadline = time.time() + (deadline - time.perf_counter())
-        shared = (self.worker_state(), current, tasks, at, wall_deadline)
-        for measured, losses, changes in self.where.map(_flip_task, shared, len(tasks)):
+        shared = (self.worker_state(), current, (units.tolist(), costs[units].astype(float).tolist(), parts), at,
+                  wall_deadline)
+        for measured, losses, changes in self.where.map(_flip_task, shared, parts):
             store([slot[u] for u in measured], losses, changes)
 
     def estimated_loss_change(self, current: np.ndarray) -> np.ndarray:
@@ -472,14 +476,14 @@ def _round_task(shared: tuple[JointStage, np.ndarray, Effects, list[int], float]
     return candidate, rec
 
 
-def _flip_task(shared: tuple[Any, np.ndarray, list[list[int]], tuple[np.ndarray, np.ndarray, float], float],
+def _flip_task(shared: tuple[Any, np.ndarray, tuple[list[int], list[float], int],
+                             tuple[np.ndarray, np.ndarray, float], float],
                index: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """Measure the flips of ``tasks[index]`` in a worker (:meth:`JointStage._remote_flips`): the
+    """Measure share ``index`` of the flips in a worker (:meth:`JointStage._remote_flips`): the
     units it measured (in order; fewer past the deadline), their hinge and logit changes."""
-    stored, current, tasks, (cols, z0, base_hinge), wall_deadline = shared
+    stored, current, (units, costs, parts), (cols, z0, base_hinge), wall_deadline = shared
     stage = resolve(stored)
     current = np.array(current)  # writable (an array from the object store is not)
-    units = tasks[index]
     measured: list[int] = []
     losses: list[np.ndarray] = []
     changes: list[np.ndarray] = []
@@ -490,27 +494,11 @@ def _flip_task(shared: tuple[Any, np.ndarray, list[list[int]], tuple[np.ndarray,
         losses.append(loss)
         changes.append(d)
 
-    stage.net.each_flip(stage.x, current, units, take, stop=lambda: time.time() > wall_deadline, prefix_only=True)
+    stage.net.each_flip(stage.x, current, units, take, stop=lambda: time.time() > wall_deadline,
+                        share=FlipShare(index, parts, costs))
     if not measured:
         return [], np.zeros(0), np.zeros((0, *cols.shape))
     return measured, np.concatenate(losses), np.concatenate(changes)
-
-
-def _start_runs(starts: np.ndarray, costs: np.ndarray, parts: int) -> list[np.ndarray]:
-    """Positions of ``starts`` cut into at most ``parts`` runs of consecutive start layers with about
-    equal total ``costs`` (each run's positions in their given order); the cuts fall between layers."""
-    layers = np.unique(starts)
-    if len(layers) == 0:
-        return []
-    weight = np.array([costs[starts == s].sum() for s in layers])
-    share = np.cumsum(weight) / max(float(weight.sum()), 1e-300)
-    run = np.minimum((share * parts - 1e-9).astype(np.int64), parts - 1)  # which run each layer falls in
-    run = np.maximum.accumulate(run)
-    out = []
-    for k in np.unique(run):
-        mine = set(layers[run == k].tolist())
-        out.append(np.array([i for i, s in enumerate(starts.tolist()) if s in mine], dtype=np.int64))
-    return out
 
 
 def _ranked(estimate: np.ndarray, free: list[int], current: np.ndarray, flip_macs: np.ndarray) -> list[int]:

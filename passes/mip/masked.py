@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,34 @@ CHUNK_ELEMENTS = 1 << 24  # input elements per forward call (bounds memory on bi
 #: 4,800 held-out samples ran about twice as fast in batches of 512 as in one of 4,096.  The outputs
 #: were bitwise the same either way on the shipped examples (benchmarks/RESULTS.md, issue 15).
 CPU_BATCH = 512
+
+
+@dataclass
+class FlipShare:
+    """One task's share of the flip batches of an :meth:`MaskedNetwork.each_flip` call.
+
+    Every task of a call walks the same batches in the same order (the whole call's batches, so
+    their logits are the same as in one call) and runs only those :meth:`mine` gives it.  Each
+    batch goes to the part with the least cost so far (ties to the lowest index), by ``costs``
+    (one per unit of the call): the same rule in every task, so the parts are disjoint and cover
+    every batch.  The assignment is made batch by batch, not layer by layer: where most flips start
+    at one layer (ResNet-18's second plan: 41 flips, about all in one run of layers), cutting at
+    layers left one task with nearly all of them.
+    """
+
+    index: int
+    parts: int
+    costs: Sequence[float]
+    loads: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loads = [0.0] * self.parts
+
+    def mine(self, slots: Sequence[int]) -> bool:
+        """Whether the batch of the call's ``slots`` is this task's (and book its cost)."""
+        part = min(range(self.parts), key=lambda k: (self.loads[k], k))
+        self.loads[part] += float(sum(self.costs[s] for s in slots))
+        return part == self.index
 _CROSS_CHANNEL_MODULES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
                           torch.nn.LocalResponseNorm, torch.nn.Softmax, torch.nn.LogSoftmax)
 _CROSS_CHANNEL_OPS = {"group_norm", "layer_norm", "instance_norm", "local_response_norm", "softmax", "log_softmax",
@@ -299,7 +328,7 @@ class MaskedNetwork:
 
     def each_flip(self, x: torch.Tensor, current: np.ndarray, units: list[int],
                   take: Callable[[torch.Tensor, list[int]], None], stop: Callable[[], bool] | None = None,
-                  prefix_only: bool = False) -> torch.Tensor | None:
+                  share: FlipShare | None = None) -> torch.Tensor | None:
         """Run the network with each of ``units`` flipped alone; return the logits at ``current``.
 
         ``take(block, slots)`` receives the logits of a batch of flips, (len(slots), samples,
@@ -310,9 +339,10 @@ class MaskedNetwork:
         pass at ``current`` is run once and kept at each such layer, and every flip runs only the
         rest of the network from there (many flips in one batch).  Where a value held across
         that point does not carry the samples first (a shape read off the input, say), those
-        flips run the whole network.  With ``prefix_only`` the pass at ``current`` stops after the
-        last layer a flip starts at, and nothing is returned (a Ray task measuring a share of the
-        flips, :mod:`.joint`): the flips' batches are the same as in a whole call, so are their logits.
+        flips run the whole network.  With ``share`` only that share's batches are run, the pass at
+        ``current`` stops after the last layer a flip starts at, and nothing is returned (a Ray task
+        measuring a share of the flips, :mod:`.joint`): the flips' batches are the same as in a whole
+        call, so are their logits.
         """
         n = x.shape[0]
         base = torch.from_numpy(current).to(self.device, self.dtype)
@@ -329,8 +359,8 @@ class MaskedNetwork:
             for i, node in enumerate(nodes):
                 if i in by_start:
                     self._flips_from(i, interp.env, xd, base, [units[j] for j in by_start[i]], by_start[i], take,
-                                     stop)
-                if prefix_only and i >= last:
+                                     stop, share)
+                if share is not None and i >= last:
                     return None
                 interp.env[node] = interp.run_node(node)
                 for dead in interp.user_to_last_uses.get(node, []):
@@ -346,8 +376,9 @@ class MaskedNetwork:
 
     def _flips_from(self, start: int, env: dict[fx.Node, Any], x: torch.Tensor, base: torch.Tensor,
                     units: list[int], slots: list[int], take: Callable[[torch.Tensor, list[int]], None],
-                    stop: Callable[[], bool] | None) -> None:
-        """Run each flip of ``units`` from node ``start`` on, with ``env`` the base pass's live values."""
+                    stop: Callable[[], bool] | None, share: FlipShare | None = None) -> None:
+        """Run each flip of ``units`` from node ``start`` on, with ``env`` the base pass's live values
+        (only the batches of ``share``, when given)."""
         n = x.shape[0]
         live = {node: v for node, v in env.items() if node in self.batched}
         resumable = all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n for v in live.values())
@@ -360,6 +391,8 @@ class MaskedNetwork:
                 return
             chunk = units[lo:lo + per_plan]
             p = len(chunk)
+            if share is not None and not share.mine(slots[lo:lo + p]):
+                continue
             masks = base.repeat(p * n, 1)
             for j, u in enumerate(chunk):
                 masks[j * n:(j + 1) * n, u] = 1.0 - base[u]
