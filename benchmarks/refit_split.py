@@ -16,6 +16,12 @@ Run::
         --out benchmarks/results/refit_split_tune.json
     nice -n 5 python benchmarks/refit_split.py --models fashion_lenet5,fashion_mlp --budgets 0.5,0.3,0.15
 
+``--rank loss`` or ``--rank hinge`` ranks the candidates by a continuous measure instead of the
+count (``plan_refit.RANK``); whatever the run's ranking, the second table gives what each ranking
+picks among the candidates the default work limit judges.  ``--judge-samples`` and
+``--fit-samples`` change the cheap judgement's split (the cost rule counts them, so the second
+table's ``k`` follows).
+
 ``--grow-rounds 12`` turns on the later rounds of one-group growths (off by default); the table's
 "one round" column is then the rule without them, from the same run.
 
@@ -169,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="rounds of one-group growths under the cheap judgement (default: the library's)")
     parser.add_argument("--rank", choices=plan_refit.RANKS, default=None,
                         help="how the selection ranks its candidates (default: the library's)")
+    parser.add_argument("--judge-samples", type=int, default=None,
+                        help="judged samples of the cheap split (default: the library's; the cost rule counts them)")
+    parser.add_argument("--fit-samples", type=int, default=None,
+                        help="fitting samples of the cheap split (default: the library's; the cost rule counts them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-chosen", action="store_true",
                         help="measure on test only the chosen plan and the planner's (the rule's own outcome, quicker)")
@@ -177,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     plan_refit.SPLIT_WORK_MACS = args.split_work_macs
     if args.rank is not None:
         plan_refit.RANK = args.rank
+    if args.judge_samples is not None:
+        plan_refit.SPLIT_JUDGE_SAMPLES = args.judge_samples
+    if args.fit_samples is not None:
+        plan_refit.SPLIT_FIT_SAMPLES = args.fit_samples
     if args.grow_rounds is not None:
         plan_refit.GROW_ROUNDS = {**plan_refit.GROW_ROUNDS, "split": args.grow_rounds}
     torch.set_num_threads(1)
