@@ -16,6 +16,12 @@ Run::
         --out benchmarks/results/refit_split_tune.json
     nice -n 5 python benchmarks/refit_split.py --models fashion_lenet5,fashion_mlp --budgets 0.5,0.3,0.15
 
+``--rank loss`` or ``--rank hinge`` ranks the candidates by a continuous measure instead of the
+count (``plan_refit.RANK``); whatever the run's ranking, the second table gives what each ranking
+picks among the candidates the default work limit judges.  ``--judge-samples`` and
+``--fit-samples`` change the cheap judgement's split (the cost rule counts them, so the second
+table's ``k`` follows).
+
 ``--grow-rounds 12`` turns on the later rounds of one-group growths (off by default); the table's
 "one round" column is then the rule without them, from the same run.
 
@@ -50,19 +56,32 @@ if str(HERE) not in sys.path:
 import family  # noqa: E402
 import mip_quality  # noqa: E402
 
+#: The library's own work limit of the cheap judgement (the command line lifts it for the run).
+DEFAULT_SPLIT_WORK_MACS = plan_refit.SPLIT_WORK_MACS
 
-def winners(cands: list[dict[str, Any]]) -> list[int]:
-    """For every prefix length ``k`` (1..n), the index the rule picks among the first ``k``."""
-    out = []
-    for k in range(1, len(cands) + 1):
-        out.append(min(range(k), key=lambda i: (-cands[i]["correct"], cands[i]["hinge"], i)))
-    return out
+
+def rank_key(cand: dict[str, Any], rank: str) -> tuple[float, ...]:
+    """A recorded candidate's sort key under the ranking ``rank`` (``plan_refit.Judged.key``)."""
+    return plan_refit.rank_key(cand["correct"], cand["hinge"], cand.get("loss", 0.0), rank)
+
+
+def winners(cands: list[dict[str, Any]], rank: str | None = None) -> list[int]:
+    """For every prefix length ``k`` (1..n), the index the ranking ``rank`` (None: the library's) picks among
+    the first ``k``."""
+    how = plan_refit.RANK if rank is None else rank
+    return [min(range(k), key=lambda i: (*rank_key(cands[i], how), i)) for k in range(1, len(cands) + 1)]
+
+
+def default_count(row: dict[str, Any]) -> int:
+    """How many candidates the library's default work limit judges for this row's network."""
+    per = row.get("work_macs_per_candidate") or 1.0
+    return max(1, min(plan_refit.MAX_CANDIDATES, int(DEFAULT_SPLIT_WORK_MACS // per), len(row["candidates"])))
 
 
 def one_round(cands: list[dict[str, Any]]) -> int:
     """The index the rule picks among the candidates of at most one growth round (the rule before later rounds)."""
     keep = [i for i, c in enumerate(cands) if c.get("round", 0) <= 1]
-    return min(keep, key=lambda i: (-cands[i]["correct"], cands[i]["hinge"], i))
+    return min(keep, key=lambda i: (*rank_key(cands[i], plan_refit.RANK), i))
 
 
 def run_one(net: mip_quality.Network, budget: float, seed: int, only_planner: bool = False) -> dict[str, Any]:
@@ -74,6 +93,7 @@ def run_one(net: mip_quality.Network, budget: float, seed: int, only_planner: bo
     row: dict[str, Any] = {"model": net.name, **{k: v for k, v in net.info.items() if k != "training"},
                            "budget": budget, "seconds": seconds, "mode": rec.get("mode"),
                            "selection_seconds": rec.get("seconds"), "chosen": rec.get("chosen"),
+                           "rank": rec.get("rank"), "work_macs_per_candidate": rec.get("work_macs_per_candidate"),
                            "accuracy_dense": res.report["accuracy"]["before"],
                            "accuracy_chosen": res.report["accuracy"]["after"], "candidates": []}
     if not rec.get("ran"):
@@ -91,7 +111,8 @@ def run_one(net: mip_quality.Network, budget: float, seed: int, only_planner: bo
             again = oamipc.compile(net.model, net.example, data=net.data, plan=plan, seed=seed)
             test = again.report["accuracy"]["after"]
         row["candidates"].append({k: cand.get(k, 0) for k in ("name", "origin", "round", "widths", "macs_kept",
-                                                             "accuracy", "correct", "hinge")} | {"test_accuracy": test})
+                                                             "accuracy", "correct", "hinge", "loss")}
+                                 | {"test_accuracy": test})
     row["prefix_winner"] = winners(row["candidates"])
     row["one_round_winner"] = one
     return row
@@ -112,6 +133,36 @@ def table(rows: list[dict[str, Any]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def rank_table(rows: list[dict[str, Any]]) -> str:
+    """Per row, the test accuracy of the plan each ranking picks among the candidates the default work limit
+    judges (their list as this run's ranking built it), and the best of them on test; then the mean and worst
+    change from the planner's plan per ranking."""
+    ranks = list(plan_refit.RANKS)
+    lines = ["| model | MACs | k | planner's plan | " + " | ".join(ranks) + " | best of the k on test |",
+             "|" + "---|" * (len(ranks) + 5)]
+    gains: dict[str, list[float]] = {r: [] for r in [*ranks, "best"]}
+    for r in rows:
+        c = r["candidates"]
+        if not c or any(x["test_accuracy"] != x["test_accuracy"] for x in c):  # nan: not measured
+            continue
+        k = default_count(r)
+        own = c[0]["test_accuracy"]
+        cells = []
+        for rank in ranks:
+            i = winners(c[:k], rank)[-1]
+            gains[rank].append(100 * (c[i]["test_accuracy"] - own))
+            cells.append(f"{100 * c[i]['test_accuracy']:.2f}% ({c[i]['name']})")
+        top = max(c[:k], key=lambda x: x["test_accuracy"])
+        gains["best"].append(100 * (top["test_accuracy"] - own))
+        lines.append(f"| {r['model']} | {r['budget']:.2f} | {k} | {100 * own:.2f}% | " + " | ".join(cells)
+                     + f" | {100 * top['test_accuracy']:.2f}% |")
+    if gains["best"]:
+        lines.append("| mean / worst change (points) | | | | " + " | ".join(
+            f"{sum(gains[x]) / len(gains[x]):+.2f} / {min(gains[x]):+.2f}" for x in ranks)
+            + f" | {sum(gains['best']) / len(gains['best']):+.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="fashion_lenet5,fashion_mlp")
@@ -122,12 +173,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split-work-macs", type=float, default=1e12)
     parser.add_argument("--grow-rounds", type=int, default=None,
                         help="rounds of one-group growths under the cheap judgement (default: the library's)")
+    parser.add_argument("--rank", choices=plan_refit.RANKS, default=None,
+                        help="how the selection ranks its candidates (default: the library's)")
+    parser.add_argument("--judge-samples", type=int, default=None,
+                        help="judged samples of the cheap split (default: the library's; the cost rule counts them)")
+    parser.add_argument("--fit-samples", type=int, default=None,
+                        help="fitting samples of the cheap split (default: the library's; the cost rule counts them)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-chosen", action="store_true",
                         help="measure on test only the chosen plan and the planner's (the rule's own outcome, quicker)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "refit_split.json")
     args = parser.parse_args(argv)
     plan_refit.SPLIT_WORK_MACS = args.split_work_macs
+    if args.rank is not None:
+        plan_refit.RANK = args.rank
+    if args.judge_samples is not None:
+        plan_refit.SPLIT_JUDGE_SAMPLES = args.judge_samples
+    if args.fit_samples is not None:
+        plan_refit.SPLIT_FIT_SAMPLES = args.fit_samples
     if args.grow_rounds is not None:
         plan_refit.GROW_ROUNDS = {**plan_refit.GROW_ROUNDS, "split": args.grow_rounds}
     torch.set_num_threads(1)
@@ -162,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(c)} | {r['selection_seconds']:.1f} |")
     else:
         print(table(rows, [1, 5, 6, 7, 8, 10, 12]))
+        print()
+        print(rank_table(rows))
 
 
 if __name__ == "__main__":

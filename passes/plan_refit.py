@@ -37,7 +37,8 @@ How:
   refit that never saw it (on digits, a single third held out was too few samples to tell the
   splits apart).  The plan with the most correct samples wins, the lower mean hinge (drop of
   the label margin below the dense network's) breaks ties, then candidate order (the inner
-  planner's plan first).  The final network is refit afterwards as before, on the
+  planner's plan first) (:data:`RANK`; the record also holds every candidate's mean
+  cross-entropy, a ranking that was measured and not taken).  The final network is refit afterwards as before, on the
   reconstruction's own samples.  The pool is train data the network was trained on, so its
   accuracies run higher than test accuracies; only their order is used.
 * **The cheap judgement** (``mode: "split"``), where the folds cost too much (Fashion-MNIST's
@@ -128,6 +129,13 @@ SPLIT_MIN_CANDIDATES = 6
 #: cheap judgement on the family's tune half (benchmarks/RESULTS.md, "A second round of growths"), the only
 #: rows it changed (the Fashion MLPs, the networks the cost rule leaves room) moved by +0.03 and -0.03 points.
 GROW_ROUNDS = {"folds": 1, "split": 1}
+#: How judged candidates are ranked (:meth:`Judged.key`): ``"correct"`` (most correct judged samples, then the
+#: lower mean hinge), ``"loss"`` (the lower mean cross-entropy of the label, then most correct) or ``"hinge"``
+#: (the lower mean hinge, then most correct); candidate order breaks the remaining ties.  ``"correct"``: the
+#: continuous measures were compared with it on the family's tune half (benchmarks/RESULTS.md, "Ranking the
+#: refit selection's candidates by a continuous measure") and did not beat it.
+RANK = "correct"
+RANKS = ("correct", "loss", "hinge")
 _BATCH = 1024
 
 
@@ -150,19 +158,32 @@ class Judged:
     correct: int
     samples: int
     hinge: float
+    loss: float = 0.0  # mean cross-entropy of the label (natural log) on the judging samples
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.samples if self.samples else 0.0
 
-    def key(self) -> tuple[int, float]:
-        """Sort key of the rule: more correct samples first, then the lower mean hinge."""
-        return (-self.correct, self.hinge)
+    def key(self, rank: str = "correct") -> tuple[float, ...]:
+        """Sort key of the ranking ``rank`` (:func:`rank_key`)."""
+        return rank_key(self.correct, self.hinge, self.loss, rank)
 
 
-def best(judged: list[Judged]) -> Judged:
-    """The winner: most correct, then lowest hinge, then the earliest candidate."""
-    return min(judged, key=lambda j: j.key())  # min keeps the first of equals
+def rank_key(correct: int, hinge: float, loss: float, rank: str = "correct") -> tuple[float, ...]:
+    """Sort key of a judged candidate under the ranking ``rank`` (:data:`RANK`): ``correct`` more correct
+    samples first, then the lower mean hinge; ``loss`` the lower mean cross-entropy, then more correct;
+    ``hinge`` the lower mean hinge, then more correct."""
+    if rank == "loss":
+        return (loss, -correct)
+    if rank == "hinge":
+        return (hinge, -correct)
+    return (-correct, hinge)
+
+
+def best(judged: list[Judged], rank: str | None = None) -> Judged:
+    """The winner by the ranking ``rank`` (None: :data:`RANK`), then the earliest candidate."""
+    how = RANK if rank is None else rank
+    return min(judged, key=lambda j: j.key(how))  # min keeps the first of equals
 
 
 def judge_split(n: int, seed: int, folds: int = FOLDS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -362,12 +383,11 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
             judged += self._width_splits(gm, graph, judged, judge, budget - len(bases), rounds)
         win = best(judged)
         total = graph.macs()
-        record.update(ran=True, rule="most correct judging samples after the refit, then lower mean hinge, "
-                                     "then candidate order",
+        record.update(ran=True, rank=RANK, rule=_RULES[RANK],
                       candidates=[{"name": j.candidate.name, "origin": j.candidate.origin,
                                    "round": j.candidate.grow_round, "widths": group_widths(graph, j.candidate.kept),
                                    "macs_kept": graph.macs(j.candidate.kept) / total if total else 1.0,
-                                   "accuracy": j.accuracy, "correct": j.correct, "hinge": j.hinge,
+                                   "accuracy": j.accuracy, "correct": j.correct, "hinge": j.hinge, "loss": j.loss,
                                    "kept": {g.name: [i for i, u in enumerate(g.units) if j.candidate.kept[u]]
                                             for g in graph.groups if g.prunable}} for j in judged],
                       chosen=win.candidate.name, changed=win.candidate is not own,
@@ -455,6 +475,12 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
         return out
 
 
+_RULES = {"correct": "most correct judging samples after the refit, then lower mean hinge, then candidate order",
+          "loss": "lowest mean cross-entropy on the judging samples after the refit, then most correct, then "
+                  "candidate order",
+          "hinge": "lowest mean hinge on the judging samples after the refit, then most correct, then candidate order"}
+
+
 def _normalised(gm: fx.GraphModule, graph: UnitGraph) -> np.ndarray:
     """Each unit's incoming-weight norm over its group's largest, in [0, 1]."""
     mags = unit_magnitude(gm, graph)
@@ -485,7 +511,7 @@ class _Judge:
         assert ctx.train_x is not None and ctx.train_y is not None
         self.gm, self.graph, self.owner, self.ctx = gm, graph, owner, ctx
         self.folds = [(ctx.train_x[j].float(), ctx.train_y[j], ctx.train_x[f].float()) for j, f in folds]
-        self.targets = [margins_of(gm, x, y) for x, y, _ in self.folds]
+        self.targets = [outputs_of(gm, x, y)[0] for x, y, _ in self.folds]
 
     def network(self, cand: Candidate, fit_x: torch.Tensor) -> fx.GraphModule:
         """The candidate's network after the refit on ``fit_x``."""
@@ -499,23 +525,30 @@ class _Judge:
         return PassManager(steps, verify=True).run(copy.deepcopy(self.gm), AnalysisManager(ctx))
 
     def __call__(self, cand: Candidate) -> Judged:
-        correct, n, hinge = 0, 0, 0.0
+        correct, n, hinge, loss = 0, 0, 0.0, 0.0
         for (x, y, fit_x), target in zip(self.folds, self.targets):
-            m = margins_of(self.network(cand, fit_x), x, y)
+            m, nll = outputs_of(self.network(cand, fit_x), x, y)
             correct += int((m > 0).sum())
             n += len(m)
             hinge += float((target - m).clamp(min=0).sum())
-        return Judged(cand, correct, n, hinge / n if n else 0.0)
+            loss += float(nll.sum())
+        return Judged(cand, correct, n, hinge / n if n else 0.0, loss / n if n else 0.0)
 
 
-def margins_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The label margin ``z_y - max_{c != y} z_c`` of every sample (float64)."""
-    got = []
+def outputs_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label margin ``z_y - max_{c != y} z_c`` and the cross-entropy ``-log softmax(z)_y`` of every
+    sample (float64)."""
+    got, nll = [], []
     net.eval()
     with torch.no_grad():
         for lo in range(0, len(x), _BATCH):
             out = net(x[lo:lo + _BATCH])
             while isinstance(out, (tuple, list)):
                 out = out[0]
-            got.append(margins(out.double(), y[lo:lo + _BATCH]))
-    return torch.cat(got) if got else torch.zeros(0, dtype=torch.float64)
+            z, t = out.double(), y[lo:lo + _BATCH]
+            got.append(margins(z, t))
+            idx = t.expand(*z.shape[:-1]).unsqueeze(-1)
+            nll.append(-torch.log_softmax(z, dim=-1).gather(-1, idx).squeeze(-1))
+    if not got:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(got), torch.cat(nll)

@@ -269,15 +269,17 @@ def big_digits(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor]) -> Data
     return DataSplits(Dataset("train", big, data.train.y.repeat(3)), data.test)
 
 
+@pytest.mark.parametrize("rank", ["correct", "loss"])
 def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
         digits: tuple[torch.nn.Module, DataSplits, torch.Tensor], big_digits: DataSplits,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, rank: str) -> None:
     model, _, example = digits
     monkeypatch.setattr(plan_refit, "WORK_MACS", 1.0)  # the folds never fit: the cost rule takes the split
+    monkeypatch.setattr(plan_refit, "RANK", rank)
     monkeypatch.setattr(plan_refit, "GROW_ROUNDS", {"folds": 1, "split": 12})  # later rounds, judged and rebuilt too
     res = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
     record = res.report["refit_select"]
-    assert record["ran"] and record["mode"] == "split" and record["folds"] == 1
+    assert record["ran"] and record["mode"] == "split" and record["folds"] == 1 and record["rank"] == rank
     assert record["judge_samples"] == plan_refit.SPLIT_JUDGE_SAMPLES and record["fit_samples"] == [512]
     assert len(record["candidates"]) >= plan_refit.SPLIT_MIN_CANDIDATES and res.plan is not None
     assert record["grow_rounds"] > 1 and any(c["round"] >= 2 for c in record["candidates"])  # rebuilt below too
@@ -291,9 +293,12 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
         net = oamipc.compile(model, example, data=split, plan=res.plan.with_kept(cand["kept"]),
                              reconstruct=ReconstructPass(samples=0)).module
         with torch.no_grad():
-            correct = int((net(x[judge]).argmax(1) == y[judge]).sum())
+            logits = net(x[judge]).double()
+        correct = int((logits.argmax(1) == y[judge]).sum())
+        loss = float(torch.nn.functional.cross_entropy(logits, y[judge]))
         assert correct == cand["correct"], cand["name"]
-        rows.append((-correct, cand["hinge"]))
+        assert loss == pytest.approx(cand["loss"], rel=1e-6), cand["name"]
+        rows.append((-correct, cand["hinge"]) if rank == "correct" else (loss, -correct))
     best = min(range(len(rows)), key=lambda i: rows[i])
     assert record["chosen"] == record["candidates"][best]["name"]
     assert {g.name: g.kept for g in res.plan.groups if g.name in record["candidates"][best]["kept"]} == \
