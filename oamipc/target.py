@@ -28,8 +28,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from oamipc.errors import UsageError
-from oamipc.units import UnitGraph
+from oamipc.units import UnitGraph, UnitGroup
 
 if TYPE_CHECKING:
     from oamipc.hardware import ConvPaths
@@ -158,10 +160,15 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     target gets 1 everywhere under ``"auto"``: it fixes every group's count by itself, and rounding
     would silently change what was asked, where a budget lets the planner spend the difference
     elsewhere (an integer ``round_to`` still rounds a ratio's counts up).
-    A group of exactly one block keeps multiples of the input alignment, not of the block (with
-    the block it could only stay whole).  Measured on the trained-network family: with one-block
-    groups kept whole, a digits CNN with convolutions of 16 and 32 channels met 15% of its MACs
-    only by cutting the 32 to one channel, and ``mip`` fell from 82% to 26% test accuracy.
+    A group of exactly one block stays whole under a MAC budget unless the budget would otherwise
+    force some group below a useful width (:func:`below_block`); then it, or as few such groups
+    as needed, keep multiples of the input alignment instead.  Widths below the block are read by
+    the slower direct kernel (SmallVGG at half its MACs: 0.57 of the dense latency at batch 64
+    with its two 16-channel groups whole, 0.64 with them cut to 8), but keeping them whole
+    always can starve the rest: a digits CNN with convolutions of 16 and 32 channels met 15% of
+    its MACs only by cutting the 32 to one channel, and ``mip`` fell from 82% to 26% test
+    accuracy.  Latency targets let one-block groups go below the block: their planner reads the
+    measured cost of every width.
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
@@ -179,13 +186,11 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
         if layer.kind == "depthwise":
             depthwise.update(int(u) for u in layer.out_units.tolist() if u >= 0)
     steps = {}
+    below: dict[int, int] = {}  # group id -> its step where a MAC budget lets it go below the block
     for g in graph.groups:
         units = set(g.units)
         if not conv_units & units or not (conv_read | depthwise) & units:
             steps[g.id] = 1  # no convolution reads it: every width keeps every kernel on its fast path
-            continue
-        if g.size % paths.block == 0 and g.size > paths.block:
-            steps[g.id] = paths.block
             continue
         # What keeps every member and reader on the blocked path: readers need widths below the
         # block or multiples of the input alignment, depthwise members multiples of theirs.
@@ -194,5 +199,81 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             align = paths.in_align
         if depthwise.intersection(g.units):
             align = math.lcm(align, paths.depthwise_align)
-        steps[g.id] = align if g.size % align == 0 else 1
+        if g.size % paths.block == 0 and (g.size > paths.block or target.flops_budget is not None):
+            steps[g.id] = paths.block
+            if target.flops_budget is not None and align < paths.block and g.size % align == 0:
+                below[g.id] = align
+        else:
+            steps[g.id] = align if g.size % align == 0 else 1
+    if below:
+        for gid in below_block(target, graph, steps, below):
+            steps[gid] = below[gid]
     return steps
+
+
+#: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
+#: that would force that lets one-block groups go below the block (:func:`below_block`).
+#: Chosen on the trained-network family's tune half (benchmarks/RESULTS.md).
+USEFUL_FRACTION = 0.25
+
+
+def _floor_count(group: UnitGroup, step: int, min_keep: int) -> int:
+    """The group's kept count at its useful floor: ``USEFUL_FRACTION`` of its width (at least
+    ``min_keep`` and its pinned units), rounded up to its step (or the whole group)."""
+    want = max(math.ceil(USEFUL_FRACTION * group.size), min_keep, len(group.pinned), 1)
+    if step > 1:
+        want = math.ceil(want / step) * step
+    return min(want, group.size)
+
+
+def _floor_mask(graph: UnitGraph, counts: dict[int, int]) -> np.ndarray:
+    """A kept mask with ``counts[g]`` units of each group listed (pinned units first; in equal
+    numbers per block for blocked groups), every other unit kept.  MACs depend on counts only."""
+    kept = graph.all_kept()
+    for g in graph.groups:
+        n = counts.get(g.id)
+        if n is None or n >= g.size:
+            continue
+        blocks = g.blocks or [list(g.units)]
+        per_block = math.ceil(n / len(blocks))
+        for block in blocks:
+            order = sorted(block, key=lambda u: (u not in g.pinned, u))
+            kept[order[per_block:]] = False
+    return kept
+
+
+def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: dict[int, int]) -> list[int]:
+    """The block-rounded groups (``below``: group id -> its step below the block) that a MAC budget
+    lets go below the block, given every group's ``steps``.
+
+    The floor plan keeps every prunable group at :data:`USEFUL_FRACTION` of its width, rounded
+    up to its step.  When it fits the budget, no group has to go below a useful width for the
+    block-rounded groups to keep multiples of the block, and they do.  Otherwise groups are let
+    go below the block one at a time until the floor plan fits (or none is left): among those
+    that alone make it fit, the one whose own floor frees the fewest MACs, else the one that
+    frees the most (ties: lower group id).  So as few channels as the budget needs leave the
+    fast kernels, and where they can, in cheap layers (on SmallResNet at half its MACs, a
+    32-channel group at 14x14 rather than the 16-channel stream at 28x28).
+    """
+    assert target.flops_budget is not None
+    limit = target.flops_budget * graph.macs() * (1 + 1e-9)
+    by_id = {g.id: g for g in graph.groups}
+    counts = {g.id: _floor_count(g, steps[g.id], target.min_keep) for g in graph.groups if g.prunable}
+    low = {gid: _floor_count(by_id[gid], step, target.min_keep) for gid, step in below.items()
+           if by_id[gid].prunable}
+
+    def floor_macs(extra: dict[int, int]) -> float:
+        return graph.macs(_floor_mask(graph, {**counts, **extra}))
+
+    relaxed: list[int] = []
+    now = floor_macs({})
+    while now > limit:
+        options = [(floor_macs({gid: n}), gid) for gid, n in low.items() if gid not in relaxed]
+        options = [(m, gid) for m, gid in options if m < now]
+        if not options:
+            break
+        fitting = [(-m, gid) for m, gid in options if m <= limit]
+        now, gid = (-min(fitting)[0], min(fitting)[1]) if fitting else min(options)
+        relaxed.append(gid)
+        counts[gid] = low[gid]
+    return sorted(relaxed)
