@@ -160,15 +160,17 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     target gets 1 everywhere under ``"auto"``: it fixes every group's count by itself, and rounding
     would silently change what was asked, where a budget lets the planner spend the difference
     elsewhere (an integer ``round_to`` still rounds a ratio's counts up).
-    A group of exactly one block stays whole under a MAC budget unless the budget would otherwise
-    force some group below a useful width (:func:`below_block`); then it, or as few such groups
-    as needed, keep multiples of the input alignment instead.  Widths below the block are read by
-    the slower direct kernel (SmallVGG at half its MACs: 0.57 of the dense latency at batch 64
-    with its two 16-channel groups whole, 0.64 with them cut to 8), but keeping them whole
-    always can starve the rest: a digits CNN with convolutions of 16 and 32 channels met 15% of
-    its MACs only by cutting the 32 to one channel, and ``mip`` fell from 82% to 26% test
-    accuracy.  Latency targets let one-block groups go below the block: their planner reads the
-    measured cost of every width.
+    Under a MAC budget, a group of one block keeps multiples of the block too (it stays whole),
+    unless the budget would otherwise force some group below a useful width
+    (:func:`below_block`): then as few block-rounded groups as needed, those freeing the fewest
+    MACs first, keep multiples of the input alignment instead and may go below the block.
+    Widths below the block are read by a slower direct kernel: at half their MACs, SmallVGG ran
+    at 0.64 of the dense latency at batch 64 with its two 16-channel groups cut to 8 and 0.56
+    with them whole; SmallResNet at 0.68 with its 28x28 stream cut to 12 and 0.59 with two
+    14x14 groups at 12 instead.  Keeping one-block groups whole at any budget starves the rest:
+    a digits CNN with convolutions of 16 and 32 channels met 15% of its MACs only by cutting
+    the 32 to one channel, and ``mip`` fell from 82% to 26% test accuracy.  A latency target
+    lets one-block groups go below the block: its planner reads the measured cost of every width.
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
@@ -212,15 +214,16 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
 
 
 #: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
-#: that would force that lets one-block groups go below the block (:func:`below_block`).
-#: Chosen on the trained-network family's tune half (benchmarks/RESULTS.md).
-USEFUL_FRACTION = 0.25
+#: that would force that lets block-rounded groups go below the block (:func:`below_block`).
+#: Chosen on the trained-network family's tune half (0.125, 0.25 and 0.5 tried on its digits
+#: CNNs; benchmarks/RESULTS.md).
+USEFUL_FRACTION = 0.5
 
 
-def _floor_count(group: UnitGroup, step: int, min_keep: int) -> int:
-    """The group's kept count at its useful floor: ``USEFUL_FRACTION`` of its width (at least
-    ``min_keep`` and its pinned units), rounded up to its step (or the whole group)."""
-    want = max(math.ceil(USEFUL_FRACTION * group.size), min_keep, len(group.pinned), 1)
+def _floor_count(group: UnitGroup, step: int, min_keep: int, width: int | None = None) -> int:
+    """The group's kept count at its useful floor: ``USEFUL_FRACTION`` of ``width`` (default: the
+    group's; at least ``min_keep`` and its pinned units), rounded up to its step (or the whole group)."""
+    want = max(math.ceil(USEFUL_FRACTION * (width or group.size)), min_keep, len(group.pinned), 1)
     if step > 1:
         want = math.ceil(want / step) * step
     return min(want, group.size)
@@ -249,18 +252,20 @@ def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: 
     The floor plan keeps every prunable group at :data:`USEFUL_FRACTION` of its width, rounded
     up to its step.  When it fits the budget, no group has to go below a useful width for the
     block-rounded groups to keep multiples of the block, and they do.  Otherwise groups are let
-    go below the block one at a time until the floor plan fits (or none is left): among those
-    that alone make it fit, the one whose own floor frees the fewest MACs, else the one that
-    frees the most (ties: lower group id).  So as few channels as the budget needs leave the
-    fast kernels, and where they can, in cheap layers (on SmallResNet at half its MACs, a
-    32-channel group at 14x14 rather than the 16-channel stream at 28x28).
+    go below the block one at a time until the floor plan fits (or none is left), each at its
+    floor below the block (``USEFUL_FRACTION`` of one block, rounded up to its step below it):
+    each time the one that frees the fewest MACs, but some (ties: lower group id).  So as few
+    MACs as the budget needs run on the slower kernels, in the cheap layers first: on
+    SmallResNet at half its MACs, 32-channel groups at 14x14 rather than the 16-channel stream
+    at 28x28.
     """
     assert target.flops_budget is not None
     limit = target.flops_budget * graph.macs() * (1 + 1e-9)
     by_id = {g.id: g for g in graph.groups}
     counts = {g.id: _floor_count(g, steps[g.id], target.min_keep) for g in graph.groups if g.prunable}
-    low = {gid: _floor_count(by_id[gid], step, target.min_keep) for gid, step in below.items()
-           if by_id[gid].prunable}
+    block = max(steps[gid] for gid in below)
+    low = {gid: min(_floor_count(by_id[gid], step, target.min_keep, width=block), counts[gid])
+           for gid, step in below.items() if by_id[gid].prunable}
 
     def floor_macs(extra: dict[int, int]) -> float:
         return graph.macs(_floor_mask(graph, {**counts, **extra}))
@@ -269,11 +274,11 @@ def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: 
     now = floor_macs({})
     while now > limit:
         options = [(floor_macs({gid: n}), gid) for gid, n in low.items() if gid not in relaxed]
-        options = [(m, gid) for m, gid in options if m < now]
+        options = [(-m, gid) for m, gid in options if m < now]
         if not options:
             break
-        fitting = [(-m, gid) for m, gid in options if m <= limit]
-        now, gid = (-min(fitting)[0], min(fitting)[1]) if fitting else min(options)
+        m, gid = min(options)
+        now = -m
         relaxed.append(gid)
         counts[gid] = low[gid]
     return sorted(relaxed)

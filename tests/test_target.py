@@ -203,13 +203,14 @@ def test_one_block_group_stays_whole_unless_the_budget_forces_a_group_below_a_us
         assert result.report["after"]["macs"] <= budget * dense
 
 
-def test_below_block_lets_the_cheapest_group_that_suffices_go_below_the_block() -> None:
-    """SmallResNet (16, 32, 64) at 28x28, half its MACs.  Closed form for widths s (stem and
+def test_below_block_lets_the_groups_that_free_the_fewest_macs_go_below_the_block() -> None:
+    """SmallResNet (16, 32, 64) at 28x28, half its MACs, by closed form.  Widths s (stem and the
     first block's stream), m0 (first block's inner conv), m1, r1 (second block: inner, stream),
-    m2, r2 (third): with every group at its useful floor and multiples of 16 it keeps 0.526 of the
-    MACs, over budget.  Letting the second block's stream (r1) go to 8 gives 0.493, its inner conv
-    (m1) 0.478: both fit, and the rule takes the one that moves fewer MACs below the block, r1,
-    and leaves the 28x28 groups (the costly ones below a block) whole."""
+    m2, r2 (third).  The floor plan (half of every width, in multiples of 16 for the conv-read
+    groups; r2 is read by the Linear only) keeps 0.576 of the MACs, over budget.  Each group let
+    go below the block counts at half a block (8); the rule takes, until the floor fits, the
+    group whose floor frees the fewest MACs: r1, then m1.  The 28x28 groups, where widths below
+    the block cost the most time, stay whole."""
     from oamipc.models import SmallResNet
     from oamipc.passes import UnitGroupAnalysis
     from oamipc.passmanager import AnalysisManager, CompileContext
@@ -217,23 +218,30 @@ def test_below_block_lets_the_cheapest_group_that_suffices_go_below_the_block() 
     from oamipc.tracing import trace
 
     target = Target(flops_budget=0.5, channel_block=16)
-    if conv_paths_for(target).in_align != 4 or USEFUL_FRACTION != 0.25:
-        pytest.skip("the closed form below is for an input alignment of 4 and a useful width of a quarter")
+    if conv_paths_for(target).in_align != 4 or USEFUL_FRACTION != 0.5:
+        pytest.skip("the closed form below is for an input alignment of 4 and a useful width of a half")
     x = torch.zeros(1, 1, 28, 28)
     gm = trace(SmallResNet().eval(), (x,))
     graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
     by = {p: g for g in graph.groups for p in g.producers}
 
-    def macs(s: int, m0: int, m1: int, r1: int, m2: int, r2: int) -> int:
+    def macs(w: dict[str, int]) -> int:
+        s, m0, m1, r1, m2, r2 = (w[k] for k in ("s", "m0", "m1", "r1", "m2", "r2"))
         return (9 * 784 * (s + 2 * s * m0) + 9 * 196 * (s * m1 + m1 * r1) + 196 * s * r1
                 + 9 * 49 * (r1 * m2 + m2 * r2) + 49 * r1 * r2 + 10 * r2)
 
-    dense = macs(16, 16, 32, 32, 64, 64)
+    dense = macs({"s": 16, "m0": 16, "m1": 32, "r1": 32, "m2": 64, "r2": 64})
     assert graph.macs() == dense
-    floor, r1, m1 = (macs(*w) / dense for w in ((16,) * 6, (16, 16, 16, 8, 16, 16), (16, 16, 8, 16, 16, 16)))
-    assert floor > 0.5 >= r1 > m1
+    floor = {"s": 16, "m0": 16, "m1": 16, "r1": 16, "m2": 32, "r2": 32}
+    assert macs(floor) / dense == pytest.approx(0.5758, abs=1e-4)
+    relaxed = []
+    while macs(floor) > 0.5 * dense:  # the rule, by hand: the fewest MACs freed first
+        _, name = max((macs({**floor, k: 8}), k) for k in ("s", "m0", "m1", "r1", "m2") if k not in relaxed)
+        relaxed.append(name)
+        floor[name] = 8
+    assert relaxed == ["r1", "m1"]
     steps = granularity(target, graph)
-    assert steps[by["blocks.1.body.3"].id] == 4  # r1
-    assert steps[by["stem.0"].id] == steps[by["blocks.0.body.0"].id] == 16  # s, m0: whole
-    assert steps[by["blocks.1.body.0"].id] == steps[by["blocks.2.body.0"].id] == 16  # m1, m2
+    assert steps[by["blocks.1.body.3"].id] == steps[by["blocks.1.body.0"].id] == 4  # r1, m1
+    assert steps[by["stem.0"].id] == steps[by["blocks.0.body.0"].id] == 16  # s, m0: the 28x28 groups
+    assert steps[by["blocks.2.body.0"].id] == 16  # m2
     assert steps[by["head.2"].id] == 1
