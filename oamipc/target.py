@@ -229,18 +229,14 @@ def _floor_count(group: UnitGroup, step: int, min_keep: int, width: int | None =
     return min(want, group.size)
 
 
-def _floor_mask(graph: UnitGraph, counts: dict[int, int]) -> np.ndarray:
-    """A kept mask with ``counts[g]`` units of each group listed (pinned units first; in equal
-    numbers per block for blocked groups), every other unit kept.  MACs depend on counts only."""
+def _floor_mask(graph: UnitGraph, orders: dict[int, list[list[int]]], counts: dict[int, int]) -> np.ndarray:
+    """A kept mask with ``counts[g]`` units of each group listed, taken in ``orders[g]`` (per block,
+    pinned units first; equal numbers per block), every other unit kept.  MACs depend on counts only."""
     kept = graph.all_kept()
-    for g in graph.groups:
-        n = counts.get(g.id)
-        if n is None or n >= g.size:
-            continue
-        blocks = g.blocks or [list(g.units)]
+    for gid, n in counts.items():
+        blocks = orders[gid]
         per_block = math.ceil(n / len(blocks))
-        for block in blocks:
-            order = sorted(block, key=lambda u: (u not in g.pinned, u))
+        for order in blocks:
             kept[order[per_block:]] = False
     return kept
 
@@ -267,8 +263,11 @@ def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: 
     low = {gid: min(_floor_count(by_id[gid], step, target.min_keep, width=block), counts[gid])
            for gid, step in below.items() if by_id[gid].prunable}
 
+    orders = {g.id: [sorted(b, key=lambda u, g=g: (u not in g.pinned, u)) for b in (g.blocks or [list(g.units)])]
+              for g in graph.groups if g.id in counts}
+
     def floor_macs(extra: dict[int, int]) -> float:
-        return graph.macs(_floor_mask(graph, {**counts, **extra}))
+        return graph.macs(_floor_mask(graph, orders, {**counts, **extra}))
 
     relaxed: list[int] = []
     now = floor_macs({})
