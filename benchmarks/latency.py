@@ -27,8 +27,8 @@ the pairwise ratio is above 1 is marked slower.
 
 A budget that a ``round_to`` cannot reach is not an error of the run: the row records the
 planner's message under ``error`` and the table says "not reached".  (``"auto"``, the default,
-lets a group of exactly one channel block go below the block only when a MAC budget is out of
-reach otherwise, so it reaches every budget that ``round_to=1`` reaches.)
+lets block-rounded groups go below the block where a MAC budget would otherwise force a group
+below a useful width, so it reaches every budget that ``round_to=1`` reaches.)
 
 Run::
 

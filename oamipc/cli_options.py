@@ -156,7 +156,7 @@ def target_group() -> OptionGroup:
         _param("latency_budget", Annotated[float | None, typer.Option("--latency-budget", help="Keep at most this fraction of the dense network's latency at --latency-batch, predicted by a latency model measured with onnxruntime on this machine (cached on disk).", rich_help_panel=_TARGET)], None),
         _param("latency_batch", Annotated[int, typer.Option("--latency-batch", help="Batch size of --latency-budget.", rich_help_panel=_TARGET)], 64),
         _param("min_keep", Annotated[int, typer.Option("--min-keep", help="Units every group keeps at least.", rich_help_panel=_TARGET)], 1),
-        _param("round_to", Annotated[str, typer.Option("--round-to", help="Kept widths are multiples of this where the layer allows. auto (the default): what onnxruntime's fast convolution kernels on this machine need, probed: multiples of the channel block (16 with AVX-512) for conv widths that are multiples of it, of the input alignment (4) for other aligned conv widths; Linear layers are not rounded. 1: no rounding.", rich_help_panel=_TARGET)], "auto"),
+        _param("round_to", Annotated[str, typer.Option("--round-to", help="Kept widths are multiples of this where the layer allows. auto (the default): what onnxruntime's fast convolution kernels on this machine need, probed: multiples of the channel block (16 with AVX-512) for conv widths that are multiples of it, of the input alignment (4) for other aligned conv widths; a MAC budget lets block-rounded widths go below the block only where it would otherwise cut some group below half its width; Linear layers are not rounded. 1: no rounding.", rich_help_panel=_TARGET)], "auto"),
     )
 
     def build(**v: Any) -> Any:

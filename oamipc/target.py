@@ -28,8 +28,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from oamipc.errors import UsageError
-from oamipc.units import UnitGraph
+from oamipc.units import UnitGraph, UnitGroup
 
 if TYPE_CHECKING:
     from oamipc.hardware import ConvPaths
@@ -158,10 +160,17 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
     target gets 1 everywhere under ``"auto"``: it fixes every group's count by itself, and rounding
     would silently change what was asked, where a budget lets the planner spend the difference
     elsewhere (an integer ``round_to`` still rounds a ratio's counts up).
-    A group of exactly one block keeps multiples of the input alignment, not of the block (with
-    the block it could only stay whole).  Measured on the trained-network family: with one-block
-    groups kept whole, a digits CNN with convolutions of 16 and 32 channels met 15% of its MACs
-    only by cutting the 32 to one channel, and ``mip`` fell from 82% to 26% test accuracy.
+    Under a MAC budget, a group of one block keeps multiples of the block too (it stays whole),
+    unless the budget would otherwise force some group below a useful width
+    (:func:`below_block`): then as few block-rounded groups as needed, those freeing the fewest
+    MACs first, keep multiples of the input alignment instead and may go below the block.
+    Widths below the block are read by a slower direct kernel: at half their MACs, SmallVGG ran
+    at 0.64 of the dense latency at batch 64 with its two 16-channel groups cut to 8 and 0.56
+    with them whole; SmallResNet at 0.68 with its 28x28 stream cut to 12 and 0.59 with two
+    14x14 groups at 12 instead.  Keeping one-block groups whole at any budget starves the rest:
+    a digits CNN with convolutions of 16 and 32 channels met 15% of its MACs only by cutting
+    the 32 to one channel, and ``mip`` fell from 82% to 26% test accuracy.  A latency target
+    lets one-block groups go below the block: its planner reads the measured cost of every width.
     """
     if not isinstance(target.round_to, str):
         return {g.id: int(target.round_to) for g in graph.groups}
@@ -179,13 +188,11 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
         if layer.kind == "depthwise":
             depthwise.update(int(u) for u in layer.out_units.tolist() if u >= 0)
     steps = {}
+    below: dict[int, int] = {}  # group id -> its step where a MAC budget lets it go below the block
     for g in graph.groups:
         units = set(g.units)
         if not conv_units & units or not (conv_read | depthwise) & units:
             steps[g.id] = 1  # no convolution reads it: every width keeps every kernel on its fast path
-            continue
-        if g.size % paths.block == 0 and g.size > paths.block:
-            steps[g.id] = paths.block
             continue
         # What keeps every member and reader on the blocked path: readers need widths below the
         # block or multiples of the input alignment, depthwise members multiples of theirs.
@@ -194,5 +201,83 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             align = paths.in_align
         if depthwise.intersection(g.units):
             align = math.lcm(align, paths.depthwise_align)
-        steps[g.id] = align if g.size % align == 0 else 1
+        if g.size % paths.block == 0 and (g.size > paths.block or target.flops_budget is not None):
+            steps[g.id] = paths.block
+            if target.flops_budget is not None and align < paths.block and g.size % align == 0:
+                below[g.id] = align
+        else:
+            steps[g.id] = align if g.size % align == 0 else 1
+    if below:
+        for gid in below_block(target, graph, steps, below):
+            steps[gid] = below[gid]
     return steps
+
+
+#: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
+#: that would force that lets block-rounded groups go below the block (:func:`below_block`).
+#: Chosen on the trained-network family's tune half (0.125, 0.25 and 0.5 tried on its digits
+#: CNNs; benchmarks/RESULTS.md).
+USEFUL_FRACTION = 0.5
+
+
+def _floor_count(group: UnitGroup, step: int, min_keep: int, width: int | None = None) -> int:
+    """The group's kept count at its useful floor: ``USEFUL_FRACTION`` of ``width`` (default: the
+    group's; at least ``min_keep`` and its pinned units), rounded up to its step (or the whole group)."""
+    want = max(math.ceil(USEFUL_FRACTION * (width or group.size)), min_keep, len(group.pinned), 1)
+    if step > 1:
+        want = math.ceil(want / step) * step
+    return min(want, group.size)
+
+
+def _floor_mask(graph: UnitGraph, orders: dict[int, list[list[int]]], counts: dict[int, int]) -> np.ndarray:
+    """A kept mask with ``counts[g]`` units of each group listed, taken in ``orders[g]`` (per block,
+    pinned units first; equal numbers per block), every other unit kept.  MACs depend on counts only."""
+    kept = graph.all_kept()
+    for gid, n in counts.items():
+        blocks = orders[gid]
+        per_block = math.ceil(n / len(blocks))
+        for order in blocks:
+            kept[order[per_block:]] = False
+    return kept
+
+
+def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: dict[int, int]) -> list[int]:
+    """The block-rounded groups (``below``: group id -> its step below the block) that a MAC budget
+    lets go below the block, given every group's ``steps``.
+
+    The floor plan keeps every prunable group at :data:`USEFUL_FRACTION` of its width, rounded
+    up to its step.  When it fits the budget, no group has to go below a useful width for the
+    block-rounded groups to keep multiples of the block, and they do.  Otherwise groups are let
+    go below the block one at a time until the floor plan fits (or none is left), each at its
+    floor below the block (``USEFUL_FRACTION`` of one block, rounded up to its step below it):
+    each time the one that frees the fewest MACs, but some (ties: lower group id).  So as few
+    MACs as the budget needs run on the slower kernels, in the cheap layers first: on
+    SmallResNet at half its MACs, 32-channel groups at 14x14 rather than the 16-channel stream
+    at 28x28.
+    """
+    assert target.flops_budget is not None
+    limit = target.flops_budget * graph.macs() * (1 + 1e-9)
+    by_id = {g.id: g for g in graph.groups}
+    counts = {g.id: _floor_count(g, steps[g.id], target.min_keep) for g in graph.groups if g.prunable}
+    block = max(steps[gid] for gid in below)
+    low = {gid: min(_floor_count(by_id[gid], step, target.min_keep, width=block), counts[gid])
+           for gid, step in below.items() if by_id[gid].prunable}
+
+    orders = {g.id: [sorted(b, key=lambda u, g=g: (u not in g.pinned, u)) for b in (g.blocks or [list(g.units)])]
+              for g in graph.groups if g.id in counts}
+
+    def floor_macs(extra: dict[int, int]) -> float:
+        return graph.macs(_floor_mask(graph, orders, {**counts, **extra}))
+
+    relaxed: list[int] = []
+    now = floor_macs({})
+    while now > limit:
+        options = [(floor_macs({gid: n}), gid) for gid, n in low.items() if gid not in relaxed]
+        options = [(-m, gid) for m, gid in options if m < now]
+        if not options:
+            break
+        m, gid = min(options)
+        now = -m
+        relaxed.append(gid)
+        counts[gid] = low[gid]
+    return sorted(relaxed)

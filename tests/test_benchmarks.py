@@ -267,3 +267,28 @@ def test_scale_child_failure_shows_its_error(tmp_path: Path) -> None:
     assert common.run_child(str(script), ["pass"], "net") == {"ok": 1}
     with pytest.raises(SystemExit, match=r"(?s)net: the run exited with status 1.*out of patience at layer 7"):
         common.run_child(str(script), ["fail"], "net")
+
+
+def test_first_conv_layout_smoke_and_its_two_sessions_differ_in_layout(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The script writes one row per width, and its two sessions are what it says: onnxruntime's
+    own optimised graph holds a blocked (``com.microsoft.nchwc``) Conv at the default level and
+    none at ``ORT_ENABLE_EXTENDED``."""
+    import onnx
+
+    mod = _load("first_conv_layout")
+    out = tmp_path / "f.json"
+    mod.main(["--batch", "2", "--max-width", "3", "--runs", "2", "--front", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["width"] for r in rows] == [1, 2, 3] and all(r["all_ms"] > 0 and r["extended_ms"] > 0 for r in rows)
+    assert "| width |" in capsys.readouterr().out
+    from oamipc.hardware import conv_paths
+
+    domains = {}
+    for level in mod.LEVELS:
+        mod.session(mod.conv_graph(6, 2, True), level, optimized_to=str(tmp_path / f"{level}.onnx"))
+        graph = onnx.load(str(tmp_path / f"{level}.onnx")).graph
+        domains[level] = {n.domain for n in graph.node if n.op_type == "Conv"}
+    assert "com.microsoft.nchwc" not in domains["extended"]
+    if conv_paths() is not None:  # blocked kernels on this machine
+        assert "com.microsoft.nchwc" in domains["all"]

@@ -126,9 +126,10 @@ def _widths_graph():
 
 
 def test_auto_steps_follow_the_probed_kernel_rules() -> None:
-    """Block multiples keep the block, other aligned conv widths keep the kernels' alignment
-    (depthwise included), unaligned conv widths and Linear layers are not rounded, and a prune
-    ratio is never rounded by ``auto``."""
+    """Block multiples keep the block (one block included, at a budget that leaves every group a
+    useful width), other aligned conv widths keep the kernels' alignment (depthwise included),
+    unaligned conv widths and Linear layers are not rounded, and a prune ratio is never rounded
+    by ``auto``."""
     from oamipc.target import conv_paths_for, granularity
 
     by, graph = _widths_graph()
@@ -139,8 +140,108 @@ def test_auto_steps_follow_the_probed_kernel_rules() -> None:
     assert steps[by["a"].id] == 1
     assert steps[by["b"].id] == (align24 if 24 % align24 == 0 else 1)  # b and dw write one group
     assert steps[by["c"].id] == 16  # two blocks
-    assert steps[by["d"].id] == paths.in_align  # one block: with the block it could only stay whole
+    assert steps[by["d"].id] == 16  # one block: whole, as half the MACs leaves every group a useful width
+    latency = granularity(Target(latency_budget=0.5, channel_block=16), graph)
+    assert latency[by["d"].id] == paths.in_align  # a latency plan reads the cost of every width
     assert steps[by["e"].id] == 1  # read by no convolution: any width keeps the kernels fast
     assert steps[by["fc"].id] == 1
     assert set(granularity(Target(prune_ratio=0.5), graph).values()) == {1}
 
+
+
+class _OneBlock(torch.nn.Module):
+    """conv 1->16 then 16->32 (3x3, 8x8, no bias), a global mean and a Linear 32->10: the first
+    conv writes one channel block of 16 that the second reads; the second is read by the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.b = torch.nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(32, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_one_block_group_stays_whole_unless_the_budget_forces_a_group_below_a_useful_width() -> None:
+    """Closed form: MACs are 576 * (16 a + 16 a b) + 10 b for widths a (first conv) and b
+    (second).  The floor plan keeps the second conv at ``USEFUL_FRACTION`` of 32 and the first
+    whole; a budget at or above it keeps the one-block group whole (step 16), a budget below it
+    lets it go below the block in multiples of the input alignment, and the plan then obeys."""
+    from oamipc.passes import UnitGroupAnalysis
+    from oamipc.passmanager import AnalysisManager, CompileContext
+    from oamipc.target import USEFUL_FRACTION, conv_paths_for, granularity
+    from oamipc.tracing import trace
+
+    x = torch.zeros(1, 1, 8, 8)
+    model = _OneBlock().eval()
+    gm = trace(model, (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    by = {p: g for g in graph.groups for p in g.producers}
+    paths = conv_paths_for(Target(flops_budget=0.5, channel_block=16))
+    if paths.in_align >= 16:
+        pytest.skip("onnxruntime here reads no input width below the block with a finer alignment")
+
+    def macs(a: int, b: int) -> int:
+        return 576 * (a + a * b) + 10 * b
+
+    dense = macs(16, 32)
+    assert graph.macs() == dense
+    floor = macs(16, math.ceil(USEFUL_FRACTION * 32)) / dense
+    above = granularity(Target(flops_budget=floor + 0.01, channel_block=16), graph)
+    below = granularity(Target(flops_budget=floor - 0.01, channel_block=16), graph)
+    assert above[by["a"].id] == 16 and below[by["a"].id] == paths.in_align
+    assert above[by["b"].id] == below[by["b"].id] == 1  # read by the Linear only: never rounded
+    # a latency target reads the measured cost of every width: the group may go below the block
+    assert granularity(Target(latency_budget=0.5, channel_block=16), graph)[by["a"].id] == paths.in_align
+    for budget, whole in ((floor + 0.01, True), (floor - 0.01, False)):
+        result = oamipc.compile(_OneBlock().eval(), x, importance="l1",
+                                target=Target(flops_budget=budget, channel_block=16))
+        a = result.report["widths"]["a"]["after"]
+        assert (a == 16) if whole else (a % paths.in_align == 0), (budget, a)
+        assert result.report["after"]["macs"] <= budget * dense
+
+
+def test_below_block_lets_the_groups_that_free_the_fewest_macs_go_below_the_block() -> None:
+    """SmallResNet (16, 32, 64) at 28x28, half its MACs, by closed form.  Widths s (stem and the
+    first block's stream), m0 (first block's inner conv), m1, r1 (second block: inner, stream),
+    m2, r2 (third).  The floor plan (half of every width, in multiples of 16 for the conv-read
+    groups; r2 is read by the Linear only) keeps 0.576 of the MACs, over budget.  Each group let
+    go below the block counts at half a block (8); the rule takes, until the floor fits, the
+    group whose floor frees the fewest MACs: r1, then m1.  The 28x28 groups, where widths below
+    the block cost the most time, stay whole."""
+    from oamipc.models import SmallResNet
+    from oamipc.passes import UnitGroupAnalysis
+    from oamipc.passmanager import AnalysisManager, CompileContext
+    from oamipc.target import USEFUL_FRACTION, conv_paths_for, granularity
+    from oamipc.tracing import trace
+
+    target = Target(flops_budget=0.5, channel_block=16)
+    if conv_paths_for(target).in_align != 4 or USEFUL_FRACTION != 0.5:
+        pytest.skip("the closed form below is for an input alignment of 4 and a useful width of a half")
+    x = torch.zeros(1, 1, 28, 28)
+    gm = trace(SmallResNet().eval(), (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    by = {p: g for g in graph.groups for p in g.producers}
+
+    def macs(w: dict[str, int]) -> int:
+        s, m0, m1, r1, m2, r2 = (w[k] for k in ("s", "m0", "m1", "r1", "m2", "r2"))
+        return (9 * 784 * (s + 2 * s * m0) + 9 * 196 * (s * m1 + m1 * r1) + 196 * s * r1
+                + 9 * 49 * (r1 * m2 + m2 * r2) + 49 * r1 * r2 + 10 * r2)
+
+    dense = macs({"s": 16, "m0": 16, "m1": 32, "r1": 32, "m2": 64, "r2": 64})
+    assert graph.macs() == dense
+    floor = {"s": 16, "m0": 16, "m1": 16, "r1": 16, "m2": 32, "r2": 32}
+    assert macs(floor) / dense == pytest.approx(0.5758, abs=1e-4)
+    relaxed = []
+    while macs(floor) > 0.5 * dense:  # the rule, by hand: the fewest MACs freed first
+        _, name = max((macs({**floor, k: 8}), k) for k in ("s", "m0", "m1", "r1", "m2") if k not in relaxed)
+        relaxed.append(name)
+        floor[name] = 8
+    assert relaxed == ["r1", "m1"]
+    steps = granularity(target, graph)
+    assert steps[by["blocks.1.body.3"].id] == steps[by["blocks.1.body.0"].id] == 4  # r1, m1
+    assert steps[by["stem.0"].id] == steps[by["blocks.0.body.0"].id] == 16  # s, m0: the 28x28 groups
+    assert steps[by["blocks.2.body.0"].id] == 16  # m2
+    assert steps[by["head.2"].id] == 1
