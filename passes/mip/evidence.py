@@ -182,7 +182,9 @@ class HeldOut:
     """Judges plans of ``gm`` on held-out samples ``x`` with labels ``y`` and hinge targets ``target``.
 
     ``measure(kept)`` runs the physically pruned network (with the mean replacement's bias shift
-    when ``means`` are given) and caches the last few plans; ``judge(candidate, current)`` is
+    when ``means`` are given) and caches the last few plans; a plan that shares its first layers
+    with one measured before starts its passes after them (:mod:`.prefix`: the same values, to the
+    last bit); ``judge(candidate, current)`` is
     :func:`compare` under the configured rule.  ``loss(kept)`` is the mean hinge, for reports.
     """
 
