@@ -41,9 +41,11 @@ _unique = itertools.count()  # fingerprints no other node has (see :func:`_unsha
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     """dtype, shape and contents of a tensor, as bytes to hash."""
+    head = f"{t.dtype}{tuple(t.shape)}".encode()
+    if t.numel() == 0:
+        return head
     flat = t.detach().reshape(-1).contiguous()
-    data = flat.view(torch.uint8) if flat.numel() else flat
-    return f"{t.dtype}{tuple(t.shape)}".encode() + data.cpu().numpy().tobytes()
+    return head + flat.view(torch.uint8).cpu().numpy().tobytes()  # any dtype, bfloat16 included
 
 
 def _unshareable() -> str:
