@@ -198,7 +198,6 @@ class PrefixRuns:
         if start is not None:
             self.store.move_to_end(keys[begin])
         later = {p.index: p for p in points if p.index > begin and keys[p.index] not in self.store}
-        capture: list[ResumePoint] = []  # decided at batch 0, from the sizes of its values
         fresh: dict[str, _Entry] = {}
         room = self.budget // 2
         interp = fx.Interpreter(net)
@@ -212,17 +211,15 @@ class PrefixRuns:
                 interp.env, interp.args_iter = {n: _copy(v) for n, v in zip(start.live, kept)}, iter(())
             for i in range(begin, len(nodes)):
                 point = later.get(i)
-                if point is not None:
-                    values = tuple(interp.env[n] for n in point.live)
+                if point is not None:  # no local name holds the live values: they are freed at their last use
                     if b == 0:
-                        size = sum(_nbytes(v) for v in values) * self.batches
-                        if all(_storable(v) for v in values) and size <= room:
-                            capture.append(point)
+                        size = sum(_nbytes(interp.env[n]) for n in point.live) * self.batches
+                        if all(_storable(interp.env[n]) for n in point.live) and size <= room:
                             fresh[keys[i]] = _Entry()
                             room -= size
                     if keys[i] in fresh:
                         entry = fresh[keys[i]]
-                        entry.values.append(tuple(_copy(v) for v in values))
+                        entry.values.append(tuple(_copy(interp.env[n]) for n in point.live))
                         entry.nbytes += sum(_nbytes(v) for v in entry.values[-1])
                 node = nodes[i]
                 interp.env[node] = interp.run_node(node)
