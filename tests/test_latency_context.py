@@ -6,6 +6,8 @@ kernel time), closed-form curves, and the plans' widths."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,9 @@ def test_a_plan_made_under_a_latency_budget_replays_from_its_file(cnn_plan: Any,
     assert replay.report["after"]["macs"] == first.report["after"]["macs"]
     x = torch.randn(5, 1, 8, 8)
     assert torch.allclose(replay.module(x), first.module(x), atol=1e-5)
+
+
+def test_the_passes_load_without_onnx() -> None:
+    """A compile imports the pass library; onnx (0.6 s to import) loads only when a profile or an export reads it."""
+    code = "import sys, oamipc.passes, oamipc.driver; sys.exit(1 if 'onnx' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

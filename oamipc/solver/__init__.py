@@ -53,6 +53,7 @@ from oamipc.solver.core import (
     problem_size,
     require_solver,
     solve,
+    variables_listed_once,
 )
 from oamipc.solver.highs import reset_after_fork
 
@@ -70,4 +71,5 @@ __all__ = [
     "reset_after_fork",
     "row_slacks",
     "solve",
+    "variables_listed_once",
 ]

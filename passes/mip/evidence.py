@@ -49,6 +49,7 @@ from oamipc.units import UnitGraph
 
 from .masked import CPU_BATCH, margins
 from .means import bias_shift
+from .prefix import PrefixRuns
 
 RULES = ("paired", "hinge", "accuracy")
 #: MACs of dense forward passes one held-out judgement may cost (``holdout`` unset): the sample count
@@ -181,7 +182,9 @@ class HeldOut:
     """Judges plans of ``gm`` on held-out samples ``x`` with labels ``y`` and hinge targets ``target``.
 
     ``measure(kept)`` runs the physically pruned network (with the mean replacement's bias shift
-    when ``means`` are given) and caches the last few plans; ``judge(candidate, current)`` is
+    when ``means`` are given) and caches the last few plans; a plan that shares its first layers
+    with one measured before starts its passes after them (:mod:`.prefix`: the same values, to the
+    last bit); ``judge(candidate, current)`` is
     :func:`compare` under the configured rule.  ``loss(kept)`` is the mean hinge, for reports.
     """
 
@@ -196,6 +199,8 @@ class HeldOut:
         self.means = means or {}
         self.device = device or torch.device("cpu")  # the analysis's device; margins come back to the CPU
         self._cache: OrderedDict[tuple[bytes, bool], Measure] = OrderedDict()
+        step = CPU_BATCH if self.device.type == "cpu" else _BATCH
+        self.runs = PrefixRuns(self.x, step, self.device)  # plans share the passes of their common prefix
 
     def __len__(self) -> int:
         return len(self.x)
@@ -220,14 +225,10 @@ class HeldOut:
             self._cache.move_to_end(key)
             return hit
         net = self.network(kept).to(self.device)
-        got = []
-        step = CPU_BATCH if self.device.type == "cpu" else _BATCH
+        step = self.runs.step
         with torch.no_grad():
-            for start in range(0, len(self.x), step):
-                out = net(self.x[start:start + step].to(self.device))
-                while isinstance(out, (tuple, list)):
-                    out = out[0]
-                got.append(margins(out.double().cpu(), self.y[start:start + step]))
+            outs = self.runs.run(net)
+        got = [margins(out.double().cpu(), self.y[i * step:(i + 1) * step]) for i, out in enumerate(outs)]
         m = torch.cat(got) if got else torch.zeros(0, dtype=torch.float64)
         result = Measure((m > 0).numpy(), (self.target - m).clamp(min=0).numpy())
         self._cache[key] = result

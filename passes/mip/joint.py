@@ -71,7 +71,7 @@ import pulp
 import torch
 
 from oamipc.errors import SolverError
-from oamipc.solver import complete_solution, solve
+from oamipc.solver import complete_solution, solve, variables_listed_once
 from oamipc.target import Target, granularity
 from oamipc.units import UnitGraph
 
@@ -423,21 +423,22 @@ class JointStage:
                 reward.append((t[u], sign * w))
         prob += pulp.LpAffineExpression([(v, 1.0 / n) for v in xi] + reward)
         rec.build_seconds = time.perf_counter() - t0
-        try:
-            completed = complete_solution(prob, {v: 0.0 for v in tvars}, solver=self.solver, time_limit=time_limit,
-                                          threads=self.threads)
-        except SolverError as exc:
-            return self._solver_failed(rec, exc)
-        if completed is None:  # cannot happen for a plan within budget; guard the solver's word anyway
-            rec.outcome = "no-incumbent"
-            rec.solve = {"status": "current plan infeasible in the joint model"}
-            return None
-        rec.warm_objective = completed[1]
-        try:
-            result = solve(prob, solver=self.solver, time_limit=time_limit, gap=self.gap, threads=self.threads,
-                           warm_start=completed[0], node_limit=self.node_limit)
-        except SolverError as exc:
-            return self._solver_failed(rec, exc)
+        with variables_listed_once(prob):  # the completion and the solve read one listing
+            try:
+                completed = complete_solution(prob, {v: 0.0 for v in tvars}, solver=self.solver,
+                                              time_limit=time_limit, threads=self.threads)
+            except SolverError as exc:
+                return self._solver_failed(rec, exc)
+            if completed is None:  # cannot happen for a plan within budget; guard the solver's word anyway
+                rec.outcome = "no-incumbent"
+                rec.solve = {"status": "current plan infeasible in the joint model"}
+                return None
+            rec.warm_objective = completed[1]
+            try:
+                result = solve(prob, solver=self.solver, time_limit=time_limit, gap=self.gap, threads=self.threads,
+                               warm_start=completed[0], node_limit=self.node_limit)
+            except SolverError as exc:
+                return self._solver_failed(rec, exc)
         rec.solve = result.to_dict()
         rec.time_limited = result.stopped_by_time(time_limit)
         if not result.has_solution():
