@@ -85,6 +85,14 @@ CONV_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
 BATCHNORM_MODULES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
+def first_output(value: Any) -> Any:
+    """A network's main output: the first element of (nested) tuples and lists, as the analyses read
+    a model that returns several outputs (the logits first)."""
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    return value
+
+
 def op_name(node: fx.Node) -> str:
     """One name for an op however it was spelled (function, method, ATen overload)."""
     target = node.target

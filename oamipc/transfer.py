@@ -44,6 +44,7 @@ from torch import nn
 from oamipc.data import Dataset, DataSplits, accuracy, resize_images
 from oamipc.errors import DataError, UsageError
 from oamipc.finetune import FinetuneConfig, finetune
+from oamipc.ir import first_output
 from oamipc.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,7 @@ def _splits_for(splits: DataSplits, shape: tuple[int, ...], train_samples: int |
 
 def _check_classes(model: nn.Module, example: torch.Tensor, splits: DataSplits, role: str) -> None:
     with torch.no_grad():
-        out = model(example)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
+        out = first_output(model(example))
     classes = int(out.shape[-1])
     labels = int(max(int(splits.train.y.max()), int(splits.test.y.max()))) + 1  # type: ignore[union-attr]
     if labels > classes:

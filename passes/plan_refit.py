@@ -80,7 +80,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 
+from oamipc import ir
 from oamipc.passmanager import AnalysisManager, CompileContext, PassManager
 from oamipc.plan import Plan, Planned
 from oamipc.target import Target, granularity
@@ -542,13 +544,9 @@ def outputs_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     net.eval()
     with torch.no_grad():
         for lo in range(0, len(x), _BATCH):
-            out = net(x[lo:lo + _BATCH])
-            while isinstance(out, (tuple, list)):
-                out = out[0]
-            z, t = out.double(), y[lo:lo + _BATCH]
+            z, t = ir.first_output(net(x[lo:lo + _BATCH])).double(), y[lo:lo + _BATCH]
             got.append(margins(z, t))
-            idx = t.expand(*z.shape[:-1]).unsqueeze(-1)
-            nll.append(-torch.log_softmax(z, dim=-1).gather(-1, idx).squeeze(-1))
+            nll.append(F.cross_entropy(z, t, reduction="none"))
     if not got:
         return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     return torch.cat(got), torch.cat(nll)

@@ -150,10 +150,7 @@ def network_logits(gm: torch.nn.Module, x: torch.Tensor, device: torch.device | 
         per = min(per, CPU_BATCH)
     parts = []
     for lo in range(0, len(x), per):
-        out = gm(x[lo:lo + per].to(device or x.device))
-        while isinstance(out, (tuple, list)):
-            out = out[0]
-        parts.append(out.double().cpu())
+        parts.append(ir.first_output(gm(x[lo:lo + per].to(device or x.device))).double().cpu())
     return torch.cat(parts) if parts else torch.zeros(0)
 
 

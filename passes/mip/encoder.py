@@ -331,9 +331,7 @@ class Encoder:
             elif node.op == "get_attr":
                 env[node.name] = _fetch_attr(self.gm, str(node.target))
             elif node.op == "output":
-                out = node.args[0]
-                while isinstance(out, (tuple, list)):
-                    out = out[0]
+                out = ir.first_output(node.args[0])
                 value = env[out.name] if isinstance(out, fx.Node) else out
                 return self._as_syms(value)
             else:

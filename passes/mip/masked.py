@@ -173,12 +173,6 @@ def _batched_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return batched
 
 
-def _first_output(y: Any) -> torch.Tensor:
-    while isinstance(y, (tuple, list)):
-        y = y[0]
-    return y
-
-
 class MaskedNetwork:
     """``logits(x, keep)``: the network's first output for every (plan, sample) pair.
 
@@ -293,7 +287,7 @@ class MaskedNetwork:
     def _run(self, masks: torch.Tensor, x: torch.Tensor | None = None, start: int = 0,
              env: dict[fx.Node, Any] | None = None) -> torch.Tensor:
         interp = _Masked(self.run_gm, self.reading, masks, self.run_means, self.norms)
-        return _first_output(interp.run_from(start, {} if env is None else env, x))
+        return ir.first_output(interp.run_from(start, {} if env is None else env, x))
 
     def logits(self, x: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
         """Shape (plans, samples, classes) for ``keep`` of shape (plans, n_units), float64 on the CPU."""
@@ -366,7 +360,7 @@ class MaskedNetwork:
                 for dead in interp.user_to_last_uses.get(node, []):
                     del interp.env[dead]
                 if node.op == "output":
-                    z0 = _first_output(interp.env[node]).double().cpu()
+                    z0 = ir.first_output(interp.env[node]).double().cpu()
                     break
         assert z0 is not None
         unread = by_start.get(len(nodes), [])

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from oamipc.ir import first_output
+
 #: Bytes of kept values (all runs together); half of it at most for one run's values.
 STORE_BYTES = 1 << 26
 
@@ -226,10 +228,7 @@ class PrefixRuns:
                 for dead in interp.user_to_last_uses.get(node, []):
                     del interp.env[dead]
                 if node.op == "output":
-                    out = interp.env[node]
-                    while isinstance(out, (tuple, list)):
-                        out = out[0]
-                    outputs.append(out)
+                    outputs.append(first_output(interp.env[node]))
                     break
             interp.env = {}
         self.stats["runs"] += 1
