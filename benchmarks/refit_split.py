@@ -22,6 +22,9 @@ picks among the candidates the default work limit judges.  ``--judge-samples`` a
 ``--fit-samples`` change the cheap judgement's split (the cost rule counts them, so the second
 table's ``k`` follows).
 
+``--no-refit-aware`` leaves out the refit-aware candidate (the rule before it, for an A/B);
+``--digits`` adds the half's digits members (the three folds, every candidate they afford).
+
 ``--grow-rounds 12`` turns on the later rounds of one-group growths (off by default); the table's
 "one round" column is then the rule without them, from the same run.
 
@@ -73,9 +76,11 @@ def winners(cands: list[dict[str, Any]], rank: str | None = None) -> list[int]:
 
 
 def default_count(row: dict[str, Any]) -> int:
-    """How many candidates the library's default work limit judges for this row's network."""
+    """How many candidates the library's default work limit judges for this row's network (the folds' limit
+    where the row ran the folds: the digits networks)."""
     per = row.get("work_macs_per_candidate") or 1.0
-    return max(1, min(plan_refit.MAX_CANDIDATES, int(DEFAULT_SPLIT_WORK_MACS // per), len(row["candidates"])))
+    limit = plan_refit.WORK_MACS if row.get("mode") == "folds" else DEFAULT_SPLIT_WORK_MACS
+    return max(1, min(plan_refit.MAX_CANDIDATES, int(limit // per), len(row["candidates"])))
 
 
 def one_round(cands: list[dict[str, Any]]) -> int:
@@ -179,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="judged samples of the cheap split (default: the library's; the cost rule counts them)")
     parser.add_argument("--fit-samples", type=int, default=None,
                         help="fitting samples of the cheap split (default: the library's; the cost rule counts them)")
+    parser.add_argument("--no-refit-aware", action="store_true",
+                        help="leave the refit-aware candidate out (plan_refit.REFIT_AWARE), the rule before it")
+    parser.add_argument("--digits", action="store_true",
+                        help="with --family: also the half's digits members (they run the three folds)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only-chosen", action="store_true",
                         help="measure on test only the chosen plan and the planner's (the rule's own outcome, quicker)")
@@ -191,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         plan_refit.SPLIT_JUDGE_SAMPLES = args.judge_samples
     if args.fit_samples is not None:
         plan_refit.SPLIT_FIT_SAMPLES = args.fit_samples
+    if args.no_refit_aware:
+        plan_refit.REFIT_AWARE = False
     if args.grow_rounds is not None:
         plan_refit.GROW_ROUNDS = {**plan_refit.GROW_ROUNDS, "split": args.grow_rounds}
     torch.set_num_threads(1)
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family:
         members = [m for m in family.members(args.family, seeds=tuple(int(s) for s in args.seeds.split(",")),
                                              names=tuple(args.members.split(",")) if args.members else None)
-                   if m.data == "fashion-mnist"]
+                   if m.data == "fashion-mnist" or args.digits]
         networks = mip_quality.family_networks(members, family.cache_dir(), {})
     else:
         networks = mip_quality.shipped_networks(args.models.split(","))

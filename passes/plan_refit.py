@@ -13,7 +13,11 @@ How:
 
 * **Candidates.**  The inner planner's plan (``inner``: the MILP, or a criterion's greedy plan)
   and the solver-free greedy plans of :data:`WARM_CRITERIA` (the MILP's warm starts; cached
-  analyses) come first.  For a MAC budget, width splits follow, built from the best plan so far:
+  analyses) come first.  For a MAC budget the refit-aware plan follows (:mod:`.refit_orders`:
+  units ranked, and widths split, by how much of their readers' dense outputs a least-squares
+  refit could still reproduce without them, measured on the first fitting samples;
+  :data:`REFIT_AWARE`), the one candidate built for the refit rather than only judged after it.
+  Then width splits, built from the best plan so far:
   first :data:`TILTS`, every prunable group keeping a fraction ``s * exp(-t * p)`` of its units
   (``p`` the group's place in graph order scaled to ``[-1, 1]``, first group -1: ``t = 0`` the
   same fraction everywhere, ``t > 0`` front-heavy); then, from the best after those, each group
@@ -95,6 +99,7 @@ from .plan_greedy import _apply, _GroupChooser, floor_units
 from .planner_base import PlannerAnalysis, planner_for
 from .prune_units import PruneUnitsPass
 from .reconstruct import ReconstructPass
+from .refit_orders import allocate, refit_orders
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +142,8 @@ GROW_ROUNDS = {"folds": 1, "split": 1}
 #: continuous measures were compared with it on the family's tune half (benchmarks/RESULTS.md, "Ranking the
 #: refit selection's candidates by a continuous measure") and did not beat it.
 RANK = "correct"
+#: Judge the refit-aware candidate (:mod:`.refit_orders`) after the solver-free plans.
+REFIT_AWARE = True
 RANKS = ("correct", "loss", "hinge")
 _BATCH = 1024
 
@@ -333,6 +340,7 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
     tilts: tuple[float, ...] = TILTS
     grow: float = GROW
     grow_rounds: int | None = None  # None: GROW_ROUNDS of the judgement's mode
+    refit_aware: bool | None = None  # the refit-aware candidate; None: REFIT_AWARE
 
     def run(self, gm: fx.GraphModule, am: AnalysisManager) -> Planned:
         return self.plan(gm, am)  # the inner planner does its own lossless step
@@ -377,7 +385,13 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
         judge = _Judge(gm, graph, self, ctx, folds)
         own = Candidate(planned.plan.criterion or "planner", "planner", planned.plan.kept_mask(graph),
                         dict(planned.plan.bias_shift))
-        bases = [own, *self._solver_free(gm, am, graph, own)][:budget]
+        bases = [own, *self._solver_free(gm, am, graph, own)]
+        if self.inner.target.kind == "macs" and (REFIT_AWARE if self.refit_aware is None else self.refit_aware):
+            aware = self._refit_aware(gm, graph, judge)
+            record["refit_aware"] = aware is not None
+            if aware is not None:
+                bases.append(aware)
+        bases = bases[:budget]
         judged = _dedup_judge(bases, judge)
         if self.inner.target.kind == "macs":
             rounds = self.grow_rounds if self.grow_rounds is not None else GROW_ROUNDS[mode]
@@ -460,6 +474,22 @@ class PlanRefitSelectAnalysis(PlannerAnalysis):
             if room <= 0:
                 break
         return out + more
+
+    def _refit_aware(self, gm: fx.GraphModule, graph: UnitGraph, judge: _Judge) -> Candidate | None:
+        """The plan the refit-aware ranking and widths give (:mod:`.refit_orders`), from the first
+        fitting samples; None where they cannot be measured or the budget cannot be met."""
+        target = self.inner.target if self.inner is not None else self.target
+        assert target.flops_budget is not None
+        fit_x = judge.folds[0][2]
+        found = refit_orders(gm, graph, fit_x, ridge=self.refit.ridge, max_rows=self.refit.max_rows,
+                             seed=judge.ctx.seed, example_batch=int(judge.ctx.example_inputs[0].shape[0]))
+        if found is None:
+            return None
+        weights = allocate(graph, found, target.flops_budget * graph.macs() * (1 + 1e-9))
+        if weights is None:
+            return None
+        kept = width_split(graph, found.ranking(graph), target, weights)
+        return None if kept is None else Candidate("refit-aware", "refit-aware", kept)
 
     def _solver_free(self, gm: fx.GraphModule, am: AnalysisManager, graph: UnitGraph,
                      own: Candidate) -> list[Candidate]:

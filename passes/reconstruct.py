@@ -307,6 +307,36 @@ class ReconstructPass(Pass):
         return fit(err_after, True)
 
 
+def layer_statistics(gm: fx.GraphModule, targets: list[str], x: torch.Tensor, max_rows: int, seed: int,
+                     example_batch: int, batch_size: int = 256
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+    """The normal equations of each layer in ``targets`` on the network's own inputs and outputs.
+
+    Per layer ``(X^T X, X^T Y, sum Y^2, rows)`` in float64, the rows laid out as the refit lays
+    them out (a Linear's input features; a convolution's unfolded windows, channel then kernel row
+    then column, at most ``max_rows`` rows over the samples), with the intercept's column of ones
+    last; a grouped convolution keeps its first axis (groups).  What a layer's refit could
+    reproduce from any subset of its input columns follows from these alone, which is what the
+    refit-aware ranking (:mod:`.refit_orders`) reads.  Only Linear/Conv layers called once.
+    ``example_batch`` is the batch of the traced graph's shape metadata (the forward batch's bound).
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+    gm.eval()
+    batch = forward_batch(gm, batch_size, example_batch)
+    calls = _calls(gm)
+    with torch.no_grad():
+        streams = _Frontiers(gm, gm, x, batch, CACHE_BYTES)
+        for i, target in enumerate(targets):
+            mod = ir.get_module(gm, target)
+            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or len(calls.get(target, ())) != 1:
+                continue
+            layer = _Layer(target, mod, mod, np.arange(_out_width(mod), dtype=np.int64))
+            stats = _accumulate(streams.pairs(target), layer, len(x), max_rows, True, seed + i)
+            out[target] = (stats.xtx, stats.xty, stats.yy, stats.rows)
+        streams.close()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # which samples, which layers, and which of their outputs
 
