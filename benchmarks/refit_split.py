@@ -23,7 +23,8 @@ picks among the candidates the default work limit judges.  ``--judge-samples`` a
 table's ``k`` follows).
 
 ``--no-refit-aware`` leaves out the refit-aware candidate (the rule before it, for an A/B);
-``--digits`` adds the half's digits members (the three folds, every candidate they afford).
+``--digits`` adds the half's digits members (the three folds, every candidate they afford);
+``--refit-aware-folds`` judges the refit-aware candidate under the folds too (off by default).
 
 ``--grow-rounds 12`` turns on the later rounds of one-group growths (off by default); the table's
 "one round" column is then the rule without them, from the same run.
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="fitting samples of the cheap split (default: the library's; the cost rule counts them)")
     parser.add_argument("--no-refit-aware", action="store_true",
                         help="leave the refit-aware candidate out (plan_refit.REFIT_AWARE), the rule before it")
+    parser.add_argument("--refit-aware-folds", action="store_true",
+                        help="judge the refit-aware candidate under the folds too (the digits networks)")
     parser.add_argument("--digits", action="store_true",
                         help="with --family: also the half's digits members (they run the three folds)")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         plan_refit.SPLIT_JUDGE_SAMPLES = args.judge_samples
     if args.fit_samples is not None:
         plan_refit.SPLIT_FIT_SAMPLES = args.fit_samples
+    if args.refit_aware_folds:
+        plan_refit.REFIT_AWARE = {**plan_refit.REFIT_AWARE, "folds": True}
     if args.no_refit_aware:
-        plan_refit.REFIT_AWARE = False
+        plan_refit.REFIT_AWARE = {mode: False for mode in plan_refit.REFIT_AWARE}
     if args.grow_rounds is not None:
         plan_refit.GROW_ROUNDS = {**plan_refit.GROW_ROUNDS, "split": args.grow_rounds}
     torch.set_num_threads(1)

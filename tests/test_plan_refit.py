@@ -91,6 +91,12 @@ def test_every_candidate_and_the_result_keep_within_the_budget(selected: oamipc.
     assert report["after"]["macs"] <= BUDGET * report["before"]["macs"] * (1 + 1e-9)
 
 
+def test_the_folds_leave_the_refit_aware_candidate_out(selected: oamipc.CompileResult) -> None:
+    record = selected.report["refit_select"]
+    assert record["mode"] == "folds" and record["refit_aware"] == "off"
+    assert not any(c["origin"] == "refit-aware" for c in record["candidates"])
+
+
 def test_the_off_switch_gives_the_planners_own_plan(digits: tuple[torch.nn.Module, DataSplits, torch.Tensor],
                                                     selected: oamipc.CompileResult) -> None:
     model, data, example = digits
@@ -277,15 +283,17 @@ def test_the_cheap_judgements_winner_is_a_direct_rebuilds_best(
     monkeypatch.setattr(plan_refit, "WORK_MACS", 1.0)  # the folds never fit: the cost rule takes the split
     monkeypatch.setattr(plan_refit, "RANK", rank)
     monkeypatch.setattr(plan_refit, "GROW_ROUNDS", {"folds": 1, "split": 12})  # later rounds, judged and rebuilt too
-    # Without the refit-aware candidate, so that later rounds run under both rankings (with it, under the loss
-    # ranking no growth of the first round improves on it and no later round runs).
-    monkeypatch.setattr(plan_refit, "REFIT_AWARE", False)
+    # Under the loss ranking no growth of the first round improves on the refit-aware candidate and no later
+    # round runs: leave it out there, so that the later rounds' rebuild is checked under both rankings.
+    monkeypatch.setattr(plan_refit, "REFIT_AWARE", {"folds": False, "split": rank == "correct"})
     res = oamipc.compile(model, example, data=big_digits, importance="l1", flops_budget=BUDGET, lossless=False)
     record = res.report["refit_select"]
     assert record["ran"] and record["mode"] == "split" and record["folds"] == 1 and record["rank"] == rank
     assert record["judge_samples"] == plan_refit.SPLIT_JUDGE_SAMPLES and record["fit_samples"] == [512]
     assert len(record["candidates"]) >= plan_refit.SPLIT_MIN_CANDIDATES and res.plan is not None
     assert record["grow_rounds"] > 1 and any(c["round"] >= 2 for c in record["candidates"])  # rebuilt below too
+    assert record["refit_aware"] == ("built" if rank == "correct" else "off")
+    assert (rank == "correct") == any(c["origin"] == "refit-aware" for c in record["candidates"])  # rebuilt below
     x, y = big_digits.train.x.float(), big_digits.train.y
     # The split, as specified: the seeded order of the train split, its first 2,048 judged, the next 512 fit.
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7919))
