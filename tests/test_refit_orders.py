@@ -111,3 +111,28 @@ def test_the_same_inputs_give_the_same_orders() -> None:
     assert one.orders == two.orders
     for gid in one.curves:
         np.testing.assert_array_equal(one.curves[gid], two.curves[gid])
+
+
+def test_conv_and_flatten_readers_follow_the_refit_rows() -> None:
+    """A conv read by a conv (windows of 3x3 per channel) and by a Linear through a flatten (16
+    features per channel): the curves are the ridge residuals of numpy's fit on unfolded rows."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 6, 3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(6 * 4 * 4, 3))
+    gm = trace(net, (torch.randn(1, 1, 6, 6),))
+    x = torch.randn(200, 1, 6, 6)
+    graph, found = _orders(gm, x)
+    with torch.no_grad():
+        a = torch.relu(net[0](x))
+        rows_a = torch.nn.functional.unfold(a, 3).transpose(1, 2).reshape(-1, 4 * 9).double().numpy()
+        y_a = net[2](a).permute(0, 2, 3, 1).reshape(-1, 6).double().numpy()
+        h_b = torch.relu(net[2](a)).flatten(1).double().numpy()
+        y_b = net[5](torch.relu(net[2](a)).flatten(1)).double().numpy()
+    for producer, h, y, width in (("0", rows_a, y_a, 9), ("2", h_b, y_b, 16)):
+        group = next(g for g in graph.groups if g.prunable and producer in g.producers)
+        order, curve = found.orders[group.id], found.curves[group.id]
+        base = _ridge_residual(h, y, [])
+        for k in range(len(order) + 1):
+            starts = [group.units.index(u) * width for u in order[:k]]
+            cols = [c for s in starts for c in range(s, s + width)]
+            assert curve[k] == pytest.approx(_ridge_residual(h, y, cols) / base, rel=1e-5, abs=1e-8)
