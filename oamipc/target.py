@@ -203,7 +203,9 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             align = math.lcm(align, paths.depthwise_align)
         if g.size % paths.block == 0 and (g.size > paths.block or target.flops_budget is not None):
             steps[g.id] = paths.block
-            if target.flops_budget is not None and align < paths.block and g.size % align == 0:
+            blocks = g.size // paths.block
+            if (target.flops_budget is not None and align < paths.block and g.size % align == 0
+                    and (BELOW_BLOCK_MAX_BLOCKS is None or blocks <= BELOW_BLOCK_MAX_BLOCKS)):
                 below[g.id] = align
         else:
             steps[g.id] = align if g.size % align == 0 else 1
@@ -212,6 +214,11 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             steps[gid] = below[gid]
     return steps
 
+
+#: The block-rounded groups that a MAC budget may let go below the block (:func:`below_block`):
+#: those of at most this many blocks, or any (None).  benchmarks/below_block_rule.py compares
+#: None with 1 (benchmarks/RESULTS.md, issue 12).
+BELOW_BLOCK_MAX_BLOCKS: int | None = None
 
 #: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
 #: that would force that lets block-rounded groups go below the block (:func:`below_block`).
