@@ -260,7 +260,10 @@ def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: 
     each time the one that frees the fewest MACs, but some (ties: lower group id).  So as few
     MACs as the budget needs run on the slower kernels, in the cheap layers first: on
     SmallResNet at half its MACs, 32-channel groups at 14x14 rather than the 16-channel stream
-    at 28x28.
+    at 28x28.  Groups of several blocks take part too: keeping them on the block
+    (:data:`BELOW_BLOCK_MAX_BLOCKS` = 1) was measured and not taken.  It made ResNet-18 at 15% of
+    its MACs faster, but SmallResNet at half its MACs slower (its 28x28 group goes below the block
+    instead), and it was no more accurate on the trained SmallVGG (benchmarks/RESULTS.md, issue 12).
     """
     assert target.flops_budget is not None
     limit = target.flops_budget * graph.macs() * (1 + 1e-9)
