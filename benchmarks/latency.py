@@ -315,30 +315,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     round_tos: tuple[int | str, ...] = tuple(r for r in ROUND_TO if str(r) in args.round_to.split(","))
     if not round_tos or set(args.round_to.split(",")) - {str(r) for r in ROUND_TO}:
         raise SystemExit(f"--round-to must be a comma list of 1 and auto, got {args.round_to!r}")
-    if args.below_block_max_blocks != "any":
-        try:
-            target_rules.BELOW_BLOCK_MAX_BLOCKS = int(args.below_block_max_blocks)
-        except ValueError:
-            raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
-                             f"{args.below_block_max_blocks!r}") from None
+    try:
+        max_blocks = None if args.below_block_max_blocks == "any" else int(args.below_block_max_blocks)
+    except ValueError:
+        raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
+                         f"{args.below_block_max_blocks!r}") from None
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
-        for name in names:
-            large = NETWORKS[name].large
-            runs = args.runs_large if large else args.runs
-            warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
-            rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
-                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
-                                    latency_budget=args.latency_budget, methods=methods,
-                                    flops_rows=not (args.latency_only and args.latency_budget is not None),
-                                    round_tos=round_tos)
+    previous, target_rules.BELOW_BLOCK_MAX_BLOCKS = target_rules.BELOW_BLOCK_MAX_BLOCKS, max_blocks
+    try:
+        with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
+            for name in names:
+                large = NETWORKS[name].large
+                runs = args.runs_large if large else args.runs
+                warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
+                rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
+                                        runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
+                                        latency_budget=args.latency_budget, methods=methods,
+                                        flops_rows=not (args.latency_only and args.latency_budget is not None),
+                                        round_tos=round_tos)
+    finally:  # the rule is this run's, not the importing process's
+        target_rules.BELOW_BLOCK_MAX_BLOCKS = previous
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
         "budget": args.budget, "latency_budget": args.latency_budget, "importance": "l1",
-        "round_to": list(round_tos), "below_block_max_blocks": target_rules.BELOW_BLOCK_MAX_BLOCKS,
+        "round_to": list(round_tos), "below_block_max_blocks": max_blocks,
         "networks": list(names),
         "descriptions": {n: NETWORKS[n].description for n in names},
         "cpu": cpu_model(), "channel_block": cpu_channel_block(),

@@ -364,19 +364,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="compile nothing: merge the --also files (an earlier file wins) into --out and summarise")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.below_block_max_blocks != "any":
-        try:
-            target_rules.BELOW_BLOCK_MAX_BLOCKS = int(args.below_block_max_blocks)
-        except ValueError:
-            raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
-                             f"{args.below_block_max_blocks!r}") from None
+    try:
+        max_blocks = None if args.below_block_max_blocks == "any" else int(args.below_block_max_blocks)
+    except ValueError:
+        raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
+                         f"{args.below_block_max_blocks!r}") from None
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
     budgets = [float(b) for b in _names(args.budgets)]
     opts = {"time_limit": args.time_limit, "total_time_limit": args.total_time_limit, "samples": args.mip_samples,
             "jobs": args.jobs}
     setting: dict[str, Any] = {"budgets": budgets, "criteria": criteria, "mip_options": opts, "seed": args.seed,
                                "round_to": args.round_to,
-                               "below_block_max_blocks": target_rules.BELOW_BLOCK_MAX_BLOCKS,
+                               "below_block_max_blocks": max_blocks,
                                "reconstruct": not args.no_reconstruct,
                                "torch": torch.__version__, "python": platform.python_version(),
                                "machine": platform.machine(), "threads": torch.get_num_threads(), "cpu": cpu_model(),
@@ -411,9 +410,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
-    rows = [] if args.merge_only else run(networks, budgets, criteria, opts, args.seed,
-                                          done=lambda rows: _write_json(out, result(rows, False)), round_to=round_to,
-                                          reconstruct=False if args.no_reconstruct else "auto")
+    previous, target_rules.BELOW_BLOCK_MAX_BLOCKS = target_rules.BELOW_BLOCK_MAX_BLOCKS, max_blocks
+    try:
+        rows = [] if args.merge_only else run(networks, budgets, criteria, opts, args.seed,
+                                              done=lambda rows: _write_json(out, result(rows, False)),
+                                              round_to=round_to, reconstruct=False if args.no_reconstruct else "auto")
+    finally:  # the rule is this run's, not the importing process's
+        target_rules.BELOW_BLOCK_MAX_BLOCKS = previous
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:

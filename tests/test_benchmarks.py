@@ -144,6 +144,33 @@ def test_latency_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sum(line.startswith("| lenet5 | 1x28x28 |") for line in printed.splitlines()) == 4
 
 
+def test_latency_below_block_rule_flag(tmp_path: Path) -> None:
+    """``--round-to auto --below-block-max-blocks 1``: one row per network, the rule recorded in the
+    JSON and in force for the run only.  SmallResNet at half its MACs, seeded: with the rule limited
+    to one-block groups its 32-channel groups keep multiples of 16 (oamipc.target's closed-form
+    test gives the steps), while the default lets them go below the block."""
+    from oamipc import target as rules
+    from oamipc.hardware import conv_paths
+
+    paths = conv_paths()
+    if paths is None or paths.block != 16 or paths.in_align != 4:
+        pytest.skip("the widths below are for a channel block of 16 and an input alignment of 4")
+    bench = _load("latency")
+    widths = {}
+    for rule in ("1", "any"):
+        out = tmp_path / f"latency_{rule}.json"
+        result = bench.main(["--networks", "resnet", "--round-to", "auto", "--below-block-max-blocks", rule,
+                             "--runs", "2", "--warmup", "1", "--batches", "1", "--out", str(out)])
+        assert rules.BELOW_BLOCK_MAX_BLOCKS is None  # restored after the run
+        assert result["below_block_max_blocks"] == (1 if rule == "1" else None)
+        assert [(r["network"], r["round_to"]) for r in result["rows"]] == [("resnet", "auto")]
+        widths[rule] = result["rows"][0]["widths"]
+    assert all(widths["1"][k][1] % 16 == 0 for k in ("blocks.1.body.0", "blocks.1.body.3"))
+    assert any(widths["any"][k][1] % 16 for k in ("blocks.1.body.0", "blocks.1.body.3"))
+    with pytest.raises(SystemExit, match="below-block-max-blocks"):
+        bench.main(["--below-block-max-blocks", "two", "--out", str(tmp_path / "x.json")])
+
+
 def test_latency_table_marks_an_unreachable_budget() -> None:
     row = {"network": "resnet", "input_shape": [1, 1, 28, 28], "round_to": "auto", "budget": 0.5,
            "error": "the MAC budget 0.5 is unreachable", "batches": {}, "slower_batches": []}
