@@ -216,8 +216,9 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
 
 
 #: The block-rounded groups that a MAC budget may let go below the block (:func:`below_block`):
-#: those of at most this many blocks, or any (None).  benchmarks/below_block_rule.py compares
-#: None with 1 (benchmarks/RESULTS.md, issue 12).
+#: those of at most this many blocks, or any (None).  ``--below-block-max-blocks`` of
+#: benchmarks/latency.py and benchmarks/mip_quality.py compares None with 1 (benchmarks/RESULTS.md,
+#: issue 12; None kept).
 BELOW_BLOCK_MAX_BLOCKS: int | None = None
 
 #: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
