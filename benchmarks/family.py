@@ -26,6 +26,13 @@ the shipped examples' (``examples/train_examples.py``: AdamW, cosine learning ra
 two cores.  Pruning and accuracy use the whole data sets (``oamipc.load_data``), as the CLI's
 ``--data digits`` / ``--data fashion-mnist`` would.
 
+Two wider CNNs, :data:`WIDE` (SmallVGG and SmallResNet on Fashion-MNIST, convolutions of 16,
+32 and 64 channels), sit outside the twelve: the twelve's CNNs are 8 or 16 channels wide, so
+none of them has a group of several channel blocks, which is what the rule of
+:func:`oamipc.target.below_block` for such groups needs to be judged on.  They are split the
+same way (SmallVGG tune, SmallResNet report) but are members of a half only when named
+(``--members fashion-vgg``), so that the family's runs and their numbers stay as they were.
+
 Used by ``benchmarks/mip_quality.py --family tune|report|all``.
 """
 
@@ -42,8 +49,8 @@ from torch import nn
 from oamipc.data import DataSplits, load_data
 from oamipc.training import Recipe, cache_root, trained
 
-__all__ = ["ARCHITECTURES", "HALVES", "SEEDS", "Member", "cache_dir", "example_input", "half_of", "members", "network",
-           "splits"]
+__all__ = ["ARCHITECTURES", "HALVES", "SEEDS", "WIDE", "Member", "cache_dir", "example_input", "half_of", "members",
+           "network", "splits"]
 
 SEEDS: tuple[int, ...] = (0, 1)
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "fashion-mnist": (1, 28, 28)}
@@ -73,7 +80,11 @@ def _lenet(name: str, pool: str) -> Recipe:
     return Recipe(name, "oamipc.models:LeNet5", {"pool": pool}, **_FASHION)
 
 
-#: The twelve architectures (one recipe each), by name.
+def _wide(name: str, model_class: str) -> Recipe:
+    return Recipe(name, f"oamipc.models:{model_class}", {"widths": [16, 32, 64]}, **_FASHION)
+
+
+#: The twelve architectures and the two wide CNNs (one recipe each), by name.
 ARCHITECTURES: dict[str, Recipe] = {r.name: r for r in (
     _mlp("digits-mlp2x128", (128, 128), _DIGITS),
     _mlp("digits-mlp3x96", (96, 96, 96), _DIGITS),
@@ -87,6 +98,8 @@ ARCHITECTURES: dict[str, Recipe] = {r.name: r for r in (
     _cnn("fashion-cnn", False, _FASHION),
     _lenet("fashion-lenet5-max", "max"),
     _lenet("fashion-lenet5-avg", "avg"),
+    _wide("fashion-vgg", "SmallVGG"),
+    _wide("fashion-resnet", "SmallResNet"),
 )}
 
 #: The split, by architecture.  tune: the shipped examples' shapes (digits MLP 128-128, digits
@@ -99,6 +112,9 @@ HALVES: dict[str, tuple[str, ...]] = {
     "report": ("digits-mlp3x96", "digits-cnn", "fashion-mlp2x256", "fashion-mlp4x128", "fashion-cnn-bn",
                "fashion-lenet5-avg"),
 }
+
+#: The wider CNNs (groups of 16, 32 and 64 channels), by half; members only when named (module docstring).
+WIDE: dict[str, tuple[str, ...]] = {"tune": ("fashion-vgg",), "report": ("fashion-resnet",)}
 
 
 @dataclass(frozen=True)
@@ -129,9 +145,10 @@ class Member:
 
 def half_of(architecture: str) -> str:
     """The half (``tune`` or ``report``) that holds ``architecture``."""
-    for half, names in HALVES.items():
-        if architecture in names:
-            return half
+    for halves in (HALVES, WIDE):
+        for half, names in halves.items():
+            if architecture in names:
+                return half
     raise KeyError(f"{architecture} is in no half of the family")
 
 
@@ -139,12 +156,15 @@ def members(half: str = "all", seeds: tuple[int, ...] = SEEDS, names: tuple[str,
             epochs: int | None = None) -> list[Member]:
     """The family's members of ``half`` (``tune``, ``report`` or ``all``), architecture by architecture.
 
-    ``names`` keeps only those architectures or members (``digits-cnn`` or ``digits-cnn-s1``);
+    ``names`` keeps only those architectures or members (``digits-cnn`` or ``digits-cnn-s1``; the
+    :data:`WIDE` ones are members only when named);
     ``epochs`` overrides every recipe's epochs (a quick run; a separate cache entry).
     """
     if half not in ("all", *HALVES):
         raise ValueError(f"unknown half {half!r}: choose from all, {', '.join(HALVES)}")
     chosen = [a for h, archs in HALVES.items() if half in ("all", h) for a in archs]
+    if names is not None:
+        chosen += [a for h, archs in WIDE.items() if half in ("all", h) for a in archs]
     out = []
     for arch in chosen:
         recipe = ARCHITECTURES[arch] if epochs is None else ARCHITECTURES[arch].with_epochs(epochs)

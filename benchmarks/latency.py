@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 import oamipc
+from oamipc import target as target_rules
 from oamipc.atomic import atomic_output
 from oamipc.bench import benchmark, cpu_model
 from oamipc.errors import PlanError
@@ -108,13 +109,13 @@ def _log(message: str) -> None:
 
 
 def variants(budget: float, latency_budget: float | None, latency_batch: int, methods: Sequence[str] = ("context",),
-             flops_rows: bool = True) -> list[tuple[int | str, Target, str]]:
+             flops_rows: bool = True, round_tos: Sequence[int | str] = ROUND_TO) -> list[tuple[int | str, Target, str]]:
     """The plans measured per network: the MAC budget with each ``round_to`` (unless not
     ``flops_rows``), and with ``--latency-budget`` a latency target (auto rounding) at the largest
     batch measured, once per latency-model method (the layers timed in context or alone)."""
     out: list[tuple[int | str, Target, str]] = []
     if flops_rows:
-        out += [(r, Target(flops_budget=budget, round_to=r), "") for r in ROUND_TO]
+        out += [(r, Target(flops_budget=budget, round_to=r), "") for r in round_tos]
     if latency_budget is not None:
         for method in methods:
             label = f"latency {latency_budget:g}" + (f" ({method})" if len(methods) > 1 else "")
@@ -125,7 +126,7 @@ def variants(budget: float, latency_budget: float | None, latency_batch: int, me
 
 def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: int, warmup: int, seed: int,
                     scratch: Path, latency_budget: float | None = None, methods: Sequence[str] = ("context",),
-                    flops_rows: bool = True) -> list[dict[str, Any]]:
+                    flops_rows: bool = True, round_tos: Sequence[int | str] = ROUND_TO) -> list[dict[str, Any]]:
     """Compile ``name`` for each variant (a ``round_to`` at the MAC ``budget``, or a latency target)
     and time dense vs pruned: one row per variant."""
     spec = NETWORKS[name]
@@ -134,7 +135,7 @@ def measure_network(name: str, *, budget: float, batches: Sequence[int], runs: i
     dense = scratch / f"{name}_dense.onnx"
     export_onnx(net, example, dense)
     rows: list[dict[str, Any]] = []
-    for round_to, target, method in variants(budget, latency_budget, max(batches), methods, flops_rows):
+    for round_to, target, method in variants(budget, latency_budget, max(batches), methods, flops_rows, round_tos):
         start = time.perf_counter()
         load_before = os.getloadavg()[0]
         latency_model.DEFAULT_METHOD = method or "context"
@@ -282,6 +283,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "and alone (each layer timed as a one-node graph, the model before)")
     parser.add_argument("--latency-only", action="store_true",
                         help="with --latency-budget: leave out the MAC-budget rows")
+    parser.add_argument("--round-to", default="1,auto",
+                        help="the MAC-budget rows' round_to values, a comma list of 1 and auto (default 1,auto)")
+    parser.add_argument("--below-block-max-blocks", default="any",
+                        help="with auto: the block-rounded groups a MAC budget may let go below the block, those "
+                             "of at most this many blocks, or any (the default; oamipc.target.BELOW_BLOCK_MAX_BLOCKS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
@@ -306,23 +312,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not methods or any(m not in ("context", "alone") for m in methods):
         raise SystemExit(f"--latency-methods must be a comma list of context and alone, got {args.latency_methods!r}")
     batches, large_batches = _batches(args.batches), _batches(args.large_batches)
+    round_tos: tuple[int | str, ...] = tuple(r for r in ROUND_TO if str(r) in args.round_to.split(","))
+    if not round_tos or set(args.round_to.split(",")) - {str(r) for r in ROUND_TO}:
+        raise SystemExit(f"--round-to must be a comma list of 1 and auto, got {args.round_to!r}")
+    try:
+        max_blocks = None if args.below_block_max_blocks == "any" else int(args.below_block_max_blocks)
+    except ValueError:
+        raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
+                         f"{args.below_block_max_blocks!r}") from None
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
-        for name in names:
-            large = NETWORKS[name].large
-            runs = args.runs_large if large else args.runs
-            warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
-            rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
-                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
-                                    latency_budget=args.latency_budget, methods=methods,
-                                    flops_rows=not (args.latency_only and args.latency_budget is not None))
+    previous, target_rules.BELOW_BLOCK_MAX_BLOCKS = target_rules.BELOW_BLOCK_MAX_BLOCKS, max_blocks
+    try:
+        with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
+            for name in names:
+                large = NETWORKS[name].large
+                runs = args.runs_large if large else args.runs
+                warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
+                rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
+                                        runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
+                                        latency_budget=args.latency_budget, methods=methods,
+                                        flops_rows=not (args.latency_only and args.latency_budget is not None),
+                                        round_tos=round_tos)
+    finally:  # the rule is this run's, not the importing process's
+        target_rules.BELOW_BLOCK_MAX_BLOCKS = previous
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),
         "budget": args.budget, "latency_budget": args.latency_budget, "importance": "l1",
-        "round_to": list(ROUND_TO), "networks": list(names),
+        "round_to": list(round_tos), "below_block_max_blocks": max_blocks,
+        "networks": list(names),
         "descriptions": {n: NETWORKS[n].description for n in names},
         "cpu": cpu_model(), "channel_block": cpu_channel_block(),
         "onnxruntime": next((r["onnxruntime"] for r in rows if "onnxruntime" in r), None),

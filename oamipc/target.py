@@ -203,7 +203,9 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             align = math.lcm(align, paths.depthwise_align)
         if g.size % paths.block == 0 and (g.size > paths.block or target.flops_budget is not None):
             steps[g.id] = paths.block
-            if target.flops_budget is not None and align < paths.block and g.size % align == 0:
+            blocks = g.size // paths.block
+            if (target.flops_budget is not None and align < paths.block and g.size % align == 0
+                    and (BELOW_BLOCK_MAX_BLOCKS is None or blocks <= BELOW_BLOCK_MAX_BLOCKS)):
                 below[g.id] = align
         else:
             steps[g.id] = align if g.size % align == 0 else 1
@@ -212,6 +214,12 @@ def granularity(target: Target, graph: UnitGraph) -> dict[int, int]:
             steps[gid] = below[gid]
     return steps
 
+
+#: The block-rounded groups that a MAC budget may let go below the block (:func:`below_block`):
+#: those of at most this many blocks, or any (None).  ``--below-block-max-blocks`` of
+#: benchmarks/latency.py and benchmarks/mip_quality.py compares None with 1 (benchmarks/RESULTS.md,
+#: issue 12; None kept).
+BELOW_BLOCK_MAX_BLOCKS: int | None = None
 
 #: A group kept at less than this fraction of its width is cut below a useful width: a MAC budget
 #: that would force that lets block-rounded groups go below the block (:func:`below_block`).
@@ -253,7 +261,10 @@ def below_block(target: Target, graph: UnitGraph, steps: dict[int, int], below: 
     each time the one that frees the fewest MACs, but some (ties: lower group id).  So as few
     MACs as the budget needs run on the slower kernels, in the cheap layers first: on
     SmallResNet at half its MACs, 32-channel groups at 14x14 rather than the 16-channel stream
-    at 28x28.
+    at 28x28.  Groups of several blocks take part too: keeping them on the block
+    (:data:`BELOW_BLOCK_MAX_BLOCKS` = 1) was measured and not taken.  It made ResNet-18 at 15% of
+    its MACs faster, but SmallResNet at half its MACs slower (its 28x28 group goes below the block
+    instead), and it was no more accurate on the trained SmallVGG (benchmarks/RESULTS.md, issue 12).
     """
     assert target.flops_budget is not None
     limit = target.flops_budget * graph.macs() * (1 + 1e-9)

@@ -144,6 +144,33 @@ def test_latency_quick_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sum(line.startswith("| lenet5 | 1x28x28 |") for line in printed.splitlines()) == 4
 
 
+def test_latency_below_block_rule_flag(tmp_path: Path) -> None:
+    """``--round-to auto --below-block-max-blocks 1``: one row per network, the rule recorded in the
+    JSON and in force for the run only.  SmallResNet at half its MACs, seeded: with the rule limited
+    to one-block groups its 32-channel groups keep multiples of 16 (oamipc.target's closed-form
+    test gives the steps), while the default lets them go below the block."""
+    from oamipc import target as rules
+    from oamipc.hardware import conv_paths
+
+    paths = conv_paths()
+    if paths is None or paths.block != 16 or paths.in_align != 4:
+        pytest.skip("the widths below are for a channel block of 16 and an input alignment of 4")
+    bench = _load("latency")
+    widths = {}
+    for rule in ("1", "any"):
+        out = tmp_path / f"latency_{rule}.json"
+        result = bench.main(["--networks", "resnet", "--round-to", "auto", "--below-block-max-blocks", rule,
+                             "--runs", "2", "--warmup", "1", "--batches", "1", "--out", str(out)])
+        assert rules.BELOW_BLOCK_MAX_BLOCKS is None  # restored after the run
+        assert result["below_block_max_blocks"] == (1 if rule == "1" else None)
+        assert [(r["network"], r["round_to"]) for r in result["rows"]] == [("resnet", "auto")]
+        widths[rule] = result["rows"][0]["widths"]
+    assert all(widths["1"][k][1] % 16 == 0 for k in ("blocks.1.body.0", "blocks.1.body.3"))
+    assert any(widths["any"][k][1] % 16 for k in ("blocks.1.body.0", "blocks.1.body.3"))
+    with pytest.raises(SystemExit, match="below-block-max-blocks"):
+        bench.main(["--below-block-max-blocks", "two", "--out", str(tmp_path / "x.json")])
+
+
 def test_latency_table_marks_an_unreachable_budget() -> None:
     row = {"network": "resnet", "input_shape": [1, 1, 28, 28], "round_to": "auto", "budget": 0.5,
            "error": "the MAC budget 0.5 is unreachable", "batches": {}, "slower_batches": []}
@@ -170,10 +197,11 @@ def test_latency_accuracy_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_family_halves_split_by_architecture() -> None:
     family = _load("family")
     tune, report = set(family.HALVES["tune"]), set(family.HALVES["report"])
-    assert not tune & report and tune | report == set(family.ARCHITECTURES)
+    wide = {a for archs in family.WIDE.values() for a in archs}
+    assert not tune & report and not (tune | report) & wide and tune | report | wide == set(family.ARCHITECTURES)
     assert len(tune) == len(report) == 6
     members = family.members("all")
-    assert len(members) == len(family.ARCHITECTURES) * len(family.SEEDS) >= 12
+    assert len(members) == (len(family.ARCHITECTURES) - len(wide)) * len(family.SEEDS) >= 12
     for half, archs in (("tune", tune), ("report", report)):
         ms = family.members(half)
         assert {m.architecture for m in ms} == archs and all(m.half == half for m in ms)
@@ -186,6 +214,10 @@ def test_family_halves_split_by_architecture() -> None:
         assert depths == {2, 3, 4}
     assert [m.name for m in family.members("all")] == [m.name for m in members]  # a fixed order, no draw
     assert [m.name for m in family.members("report", names=("digits-cnn-s1",))] == ["digits-cnn-s1"]
+    # the wide CNNs are members of their half only when named
+    assert [(m.name, m.half) for m in family.members("all", names=("fashion-vgg-s0", "fashion-resnet"))] == [
+        ("fashion-vgg-s0", "tune"), ("fashion-resnet-s0", "report"), ("fashion-resnet-s1", "report")]
+    assert family.members("tune", names=("fashion-resnet",)) == []
     with pytest.raises(ValueError, match="unknown family member"):
         family.members("all", names=("digits-cnn-s9",))
 

@@ -245,3 +245,42 @@ def test_below_block_lets_the_groups_that_free_the_fewest_macs_go_below_the_bloc
     assert steps[by["stem.0"].id] == steps[by["blocks.0.body.0"].id] == 16  # s, m0: the 28x28 groups
     assert steps[by["blocks.2.body.0"].id] == 16  # m2
     assert steps[by["head.2"].id] == 1
+
+
+def test_below_block_limited_to_one_block_groups_keeps_wider_groups_on_the_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmallResNet at half its MACs with ``BELOW_BLOCK_MAX_BLOCKS = 1`` (the rule compared in
+    benchmarks/RESULTS.md, issue 12): the 32-channel groups r1 and m1, which the default lets go
+    below the block, are two blocks and keep multiples of 16.  By the closed form of the test
+    above, the floor plan with r1 and m1 at 16 keeps 0.576 of the MACs; only the one-block groups
+    s and m0 may be let go.  Either alone at 8 brings the floor under the budget (0.350 with s,
+    0.383 with m0); m0 frees the fewer MACs, so m0 alone goes below the block: a 28x28 group,
+    which the default spares."""
+    from oamipc import target as rules
+    from oamipc.models import SmallResNet
+    from oamipc.passes import UnitGroupAnalysis
+    from oamipc.passmanager import AnalysisManager, CompileContext
+    from oamipc.tracing import trace
+
+    target = Target(flops_budget=0.5, channel_block=16)
+    if rules.conv_paths_for(target).in_align != 4 or rules.USEFUL_FRACTION != 0.5:
+        pytest.skip("the closed form below is for an input alignment of 4 and a useful width of a half")
+    x = torch.zeros(1, 1, 28, 28)
+    gm = trace(SmallResNet().eval(), (x,))
+    graph = AnalysisManager(CompileContext((x,))).get(UnitGroupAnalysis(), gm)
+    by = {p: g for g in graph.groups for p in g.producers}
+
+    def macs(s: int, m0: int) -> int:  # the floor plan, r1 = m1 = 16, m2 = r2 = 32, by the closed form above
+        m1, r1, m2, r2 = 16, 16, 32, 32
+        return (9 * 784 * (s + 2 * s * m0) + 9 * 196 * (s * m1 + m1 * r1) + 196 * s * r1
+                + 9 * 49 * (r1 * m2 + m2 * r2) + 49 * r1 * r2 + 10 * r2)
+
+    dense = graph.macs()
+    assert macs(16, 16) > 0.5 * dense >= macs(16, 8) > macs(8, 16)
+    monkeypatch.setattr(rules, "BELOW_BLOCK_MAX_BLOCKS", 1)
+    steps = rules.granularity(target, graph)
+    assert steps[by["blocks.0.body.0"].id] == 4 and steps[by["stem.0"].id] == 16  # m0 goes, s stays whole
+    assert steps[by["blocks.1.body.0"].id] == steps[by["blocks.1.body.3"].id] == 16  # m1, r1: two blocks
+    assert steps[by["blocks.2.body.0"].id] == 16
+    monkeypatch.setattr(rules, "BELOW_BLOCK_MAX_BLOCKS", None)
+    assert rules.granularity(target, graph)[by["blocks.1.body.0"].id] == 4  # the default: any group
