@@ -126,7 +126,8 @@ def refit_orders(gm: fx.GraphModule, graph: UnitGraph, x: torch.Tensor, *, ridge
                  seed: int, example_batch: int) -> RefitOrders | None:
     """Greedy refit-aware orders and curves of every prunable group (module docstring), or None."""
     readers = [layer for layer in graph.layers if layer.kind in ("linear", "conv") and (layer.in_units >= 0).any()]
-    stats = layer_statistics(gm, sorted({r.target for r in readers}), x, max_rows, seed, example_batch)
+    # In graph order: the statistics' paused forward passes then run each network once.
+    stats = layer_statistics(gm, list(dict.fromkeys(r.target for r in readers)), x, max_rows, seed, example_batch)
     group_of = graph.unit_group
     orders: dict[int, list[int]] = {}
     curves: dict[int, np.ndarray] = {}
