@@ -58,7 +58,6 @@ import torch
 from torch import nn
 
 import oamipc
-from oamipc import target as target_rules
 from oamipc.atomic import atomic_output
 from oamipc.bench import benchmark, cpu_model
 from oamipc.errors import PlanError
@@ -71,6 +70,7 @@ from oamipc.target import Target
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the sweep's networks are imported from its script, not copied
     sys.path.insert(0, str(HERE))
+import below_block_option  # noqa: E402
 import sweep  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "latency.json"
@@ -285,9 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="with --latency-budget: leave out the MAC-budget rows")
     parser.add_argument("--round-to", default="1,auto",
                         help="the MAC-budget rows' round_to values, a comma list of 1 and auto (default 1,auto)")
-    parser.add_argument("--below-block-max-blocks", default="any",
-                        help="with auto: the block-rounded groups a MAC budget may let go below the block, those "
-                             "of at most this many blocks, or any (the default; oamipc.target.BELOW_BLOCK_MAX_BLOCKS)")
+    below_block_option.add(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     parser.add_argument("--quick", action="store_true",
@@ -315,28 +313,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     round_tos: tuple[int | str, ...] = tuple(r for r in ROUND_TO if str(r) in args.round_to.split(","))
     if not round_tos or set(args.round_to.split(",")) - {str(r) for r in ROUND_TO}:
         raise SystemExit(f"--round-to must be a comma list of 1 and auto, got {args.round_to!r}")
-    try:
-        max_blocks = None if args.below_block_max_blocks == "any" else int(args.below_block_max_blocks)
-    except ValueError:
-        raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
-                         f"{args.below_block_max_blocks!r}") from None
+    max_blocks = below_block_option.value(args)
 
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    previous, target_rules.BELOW_BLOCK_MAX_BLOCKS = target_rules.BELOW_BLOCK_MAX_BLOCKS, max_blocks
-    try:
-        with tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
-            for name in names:
-                large = NETWORKS[name].large
-                runs = args.runs_large if large else args.runs
-                warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
-                rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
-                                        runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
-                                        latency_budget=args.latency_budget, methods=methods,
-                                        flops_rows=not (args.latency_only and args.latency_budget is not None),
-                                        round_tos=round_tos)
-    finally:  # the rule is this run's, not the importing process's
-        target_rules.BELOW_BLOCK_MAX_BLOCKS = previous
+    with below_block_option.applied(max_blocks), tempfile.TemporaryDirectory(prefix="oamipc-latency-") as tmp:
+        for name in names:
+            large = NETWORKS[name].large
+            runs = args.runs_large if large else args.runs
+            warmup = args.warmup if args.warmup is not None else max(3, runs // 10)
+            rows += measure_network(name, budget=args.budget, batches=large_batches if large else batches,
+                                    runs=runs, warmup=warmup, seed=args.seed, scratch=Path(tmp),
+                                    latency_budget=args.latency_budget, methods=methods,
+                                    flops_rows=not (args.latency_only and args.latency_budget is not None),
+                                    round_tos=round_tos)
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/latency.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -50,13 +50,13 @@ import torch
 from torch import nn
 
 import oamipc
-from oamipc import target as target_rules
 from oamipc.atomic import atomic_output
 from oamipc.hardware import cpu_model  # plans can differ in the last bits of float kernels between CPUs
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the family's networks are defined in their own module
     sys.path.insert(0, str(HERE))
+import below_block_option  # noqa: E402
 import family  # noqa: E402
 
 ROOT = HERE.parent
@@ -355,20 +355,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="MIP worker processes (paper: class problems; budget: the joint stage's trust radii)")
     parser.add_argument("--seed", type=int, default=0, help="the compile's seed (calibration samples, random)")
     parser.add_argument("--round-to", default="auto", help="the compile's round_to (auto, the default, or an integer)")
-    parser.add_argument("--below-block-max-blocks", default="any",
-                        help="with auto: the block-rounded groups a MAC budget may let go below the block, those "
-                             "of at most this many blocks, or any (the default; oamipc.target.BELOW_BLOCK_MAX_BLOCKS)")
+    below_block_option.add(parser)
     parser.add_argument("--no-reconstruct", action="store_true",
                         help="leave the pruned layers as they are (no refit): the plans alone are compared")
     parser.add_argument("--merge-only", action="store_true",
                         help="compile nothing: merge the --also files (an earlier file wins) into --out and summarise")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    try:
-        max_blocks = None if args.below_block_max_blocks == "any" else int(args.below_block_max_blocks)
-    except ValueError:
-        raise SystemExit(f"--below-block-max-blocks must be an integer or any, got "
-                         f"{args.below_block_max_blocks!r}") from None
+    max_blocks = below_block_option.value(args)
     criteria = _names(args.criteria or (FAMILY_CRITERIA if args.family else SHIPPED_CRITERIA))
     budgets = [float(b) for b in _names(args.budgets)]
     opts = {"time_limit": args.time_limit, "total_time_limit": args.total_time_limit, "samples": args.mip_samples,
@@ -410,13 +404,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
 
     round_to: int | str = args.round_to if args.round_to == "auto" else int(args.round_to)
-    previous, target_rules.BELOW_BLOCK_MAX_BLOCKS = target_rules.BELOW_BLOCK_MAX_BLOCKS, max_blocks
-    try:
+    with below_block_option.applied(max_blocks):
         rows = [] if args.merge_only else run(networks, budgets, criteria, opts, args.seed,
                                               done=lambda rows: _write_json(out, result(rows, False)),
                                               round_to=round_to, reconstruct=False if args.no_reconstruct else "auto")
-    finally:  # the rule is this run's, not the importing process's
-        target_rules.BELOW_BLOCK_MAX_BLOCKS = previous
     res = result(rows, True)
     _write_json(out, res)
     if not args.family:
