@@ -595,10 +595,17 @@ class _Frontiers:
             self.held += size
 
     def pairs(self, target: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Per batch: (pruned input of ``target``, dense output of ``target``)."""
+        """Per batch: (pruned input of ``target``, dense output of ``target``).  When both networks
+        are one (:func:`layer_statistics`), one pass per batch gives both."""
         node, dense_node = self.calls[0][target][0], self.calls[1][target][0]
         for i, sl in enumerate(_batches(len(self.x), self.batch)):
-            pruned, dense = self._stepper(0, i, sl, node), self._stepper(1, i, sl, dense_node)
+            pruned = self._stepper(0, i, sl, node)
+            if self.nets[0] is self.nets[1]:
+                xin = pruned.input_of(node)
+                yield xin, pruned.output_of(node)
+                self._keep(0, i, pruned)
+                continue
+            dense = self._stepper(1, i, sl, dense_node)
             yield pruned.input_of(node), dense.output_of(dense_node)
             self._keep(0, i, pruned)
             self._keep(1, i, dense)
